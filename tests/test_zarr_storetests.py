@@ -1,0 +1,89 @@
+"""zarr-python's own store contract, ``zarr.testing.store.StoreTests``, for every store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from zarr.abc.store import Store
+from zarr.core.sync import sync
+from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
+from zarr.testing.store import StoreTests
+
+from zarr_anyio import LocalStore, MemoryStore
+
+pytestmark = pytest.mark.anyio
+
+
+class OpenedOnZarrsLoop:
+    """The harness's ``store`` fixtures are async, which sync tests cannot use under anyio's
+    plugin. These open the store the way zarr's sync API does, on zarr's own event-loop thread;
+    the async tests then use it from asyncio or trio, a different loop, as users will."""
+
+    store_cls: type[Store]
+
+    @pytest.fixture
+    def store(self, open_kwargs: dict[str, Any]) -> Store:
+        return sync(self.store_cls.open(**open_kwargs))
+
+    @pytest.fixture
+    def store_not_open(self, store_kwargs: dict[str, Any]) -> Store:
+        return self.store_cls(**store_kwargs)
+
+
+class TestMemoryStore(OpenedOnZarrsLoop, StoreTests[MemoryStore, cpu.Buffer]):
+    store_cls = MemoryStore
+    buffer_cls = cpu.Buffer
+
+    async def set(self, store: MemoryStore, key: str, value: Buffer) -> None:
+        store._store_dict[key] = value
+
+    async def get(self, store: MemoryStore, key: str) -> Buffer:
+        return store._store_dict[key]
+
+    @pytest.fixture
+    def store_kwargs(self) -> dict[str, Any]:
+        return {"store_dict": {}}
+
+    def test_store_repr(self, store: MemoryStore) -> None:
+        assert str(store) == f"memory://{id(store._store_dict)}"
+        assert repr(store) == f"MemoryStore('memory://{id(store._store_dict)}')"
+
+    def test_store_supports_writes(self, store: MemoryStore) -> None:
+        assert store.supports_writes
+
+    def test_store_supports_listing(self, store: MemoryStore) -> None:
+        assert store.supports_listing
+
+
+class TestLocalStore(OpenedOnZarrsLoop, StoreTests[LocalStore, cpu.Buffer]):
+    store_cls = LocalStore
+    buffer_cls = cpu.Buffer
+
+    async def set(self, store: LocalStore, key: str, value: Buffer) -> None:
+        path = store.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(value.to_bytes())
+
+    async def get(self, store: LocalStore, key: str) -> Buffer:
+        return default_buffer_prototype().buffer.from_bytes((store.root / key).read_bytes())
+
+    @pytest.fixture
+    def store_kwargs(self, tmp_path: Path) -> dict[str, Any]:
+        return {"root": str(tmp_path)}
+
+    def test_store_repr(self, store: LocalStore) -> None:
+        assert str(store) == f"file://{store.root.as_posix()}"
+        assert repr(store) == f"LocalStore('file://{store.root.as_posix()}')"
+
+    def test_store_supports_writes(self, store: LocalStore) -> None:
+        assert store.supports_writes
+
+    def test_store_supports_listing(self, store: LocalStore) -> None:
+        assert store.supports_listing
+
+    def test_leaves_no_temporary_files(self, store: LocalStore) -> None:
+        store.set_sync("a/b", cpu.Buffer.from_bytes(b"x"))
+        assert os.listdir(store.root / "a") == ["b"]

@@ -1,0 +1,8 @@
+"""Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio."""
+
+from ._base import AnyioStore, FetchRequest
+from .local import LocalStore
+from .memory import MemoryStore
+
+__all__ = ["AnyioStore", "FetchRequest", "LocalStore", "MemoryStore"]
+__version__ = "0.1.0"

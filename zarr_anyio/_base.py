@@ -1,0 +1,398 @@
+"""The store base every zarr_anyio store builds on.
+
+`AnyioStore` is a ``zarr.abc.store.Store`` that does, once for all backends, what is not
+particular to a backend: opening, read-only enforcement, key and byte-range validation, the
+concurrency limit, and the bulk operations (each a pool of at most ``max_concurrency`` worker
+tasks in one task group, pulling from the request iterator). A backend fills in a handful of
+``_backend_*`` hooks that receive input already validated.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+)
+from contextlib import asynccontextmanager, contextmanager
+from itertools import islice
+from typing import Any, Self, TypeVar
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+
+from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
+from ._limits import ConcurrencyLimit
+from ._threads import HopCoalescer
+
+__all__ = ["AnyioStore", "FetchRequest", "single_error"]
+
+T = TypeVar("T")
+
+FetchRequest = str | tuple[str, ByteRequest | None]
+"""What `AnyioStore.fetch_many` takes per item: a key, or a key and a byte range."""
+
+
+@contextmanager
+def single_error() -> Generator[None, None, None]:
+    """Raise a task group's lone error as itself, as a single call would have raised it."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        errors = _leaves(group)
+        if len(errors) == 1:
+            raise errors[0] from errors[0].__cause__
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            found.extend(_leaves(error))
+        else:
+            found.append(error)
+    return found
+
+
+def _as_request(item: FetchRequest) -> tuple[str, ByteRequest | None]:
+    if isinstance(item, str):
+        return item, None
+    key, byte_range = item
+    return key, byte_range
+
+
+class AnyioStore(Store, abc.ABC):
+    """A zarr store whose I/O is bounded by a limiter and written against anyio.
+
+    Parameters
+    ----------
+    read_only
+        Refuse every write with zarr's ``ValueError``.
+    max_concurrency
+        How many backend operations may be in flight at once, per event loop (default 32).
+    limiter
+        An ``anyio.CapacityLimiter`` to draw tokens from instead, shared with other stores. It
+        belongs to the event loop that first uses it, like any anyio limiter.
+    """
+
+    supports_writes: bool = True
+    supports_deletes: bool = True
+    supports_listing: bool = True
+
+    def __init__(
+        self,
+        *,
+        read_only: bool = False,
+        max_concurrency: int | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        super().__init__(read_only=read_only)
+        self._limit = ConcurrencyLimit(max_concurrency, limiter)
+        self._hops = HopCoalescer(self._limit)
+
+    # ----------------------------------------------------------------- state and identity
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_hops"]
+        state["_is_open"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._hops = HopCoalescer(self._limit)
+
+    def _store_kwargs(self) -> dict[str, Any]:
+        """Constructor keywords that keep this store's concurrency settings (for copies)."""
+        if self._limit.shared is not None:
+            return {"limiter": self._limit.shared}
+        return {"max_concurrency": self._limit.total_tokens}
+
+    @property
+    def max_concurrency(self) -> int:
+        """How many backend operations may be in flight at once."""
+        return self._limit.total_tokens
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        """The limiter of the running event loop; read its ``statistics()`` to watch the store."""
+        return self._limit.current()
+
+    async def __aenter__(self) -> Self:
+        await self._ensure_open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def _ensure_open(self) -> None:
+        # Concurrent first calls may all get here; opening is idempotent, and going through
+        # `_open` would make all but the first fail with "store is already open".
+        if not self._is_open:
+            await self._backend_open()
+            self._is_open = True
+
+    async def _open(self) -> None:
+        if self._is_open:
+            raise ValueError("store is already open")
+        await self._backend_open()
+        self._is_open = True
+
+    # ----------------------------------------------------------------- backend hooks
+
+    async def _backend_open(self) -> None:
+        """Make the store ready (create or check its root); called once, idempotent."""
+
+    @abc.abstractmethod
+    async def _backend_get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> Buffer | None: ...
+
+    @abc.abstractmethod
+    async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
+        """Write ``value``; with ``exclusive``, leave an existing value as it is."""
+
+    @abc.abstractmethod
+    async def _backend_delete(self, key: str) -> None:
+        """Delete ``key``; a missing key is not an error."""
+
+    @abc.abstractmethod
+    async def _backend_exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def _backend_getsize(self, key: str) -> int:
+        """The size of ``key`` in bytes; ``FileNotFoundError`` if it does not exist."""
+
+    @abc.abstractmethod
+    async def _backend_list_prefix(self, prefix: str) -> Iterable[str]:
+        """Every key that starts with ``prefix`` (a plain string prefix)."""
+
+    @abc.abstractmethod
+    async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
+        """The names directly under ``prefix`` (``""`` or ending in ``/``), keys and folders."""
+
+    async def _backend_delete_dir(self, prefix: str) -> None:
+        """Delete every key under ``prefix`` (``""`` or ending in ``/``)."""
+        keys = list(await self._backend_list_prefix(prefix))
+        await self._for_each(keys, self._backend_delete)
+
+    # ----------------------------------------------------------------- the worker pool
+
+    async def _for_each(self, items: Iterable[T], action: Callable[[T], Awaitable[None]]) -> None:
+        """Run ``action`` on every item, at most ``max_concurrency`` at a time, in one task group.
+
+        Workers pull from the shared iterator, so a million items cost memory for the workers,
+        not for a million tasks. The first error cancels the rest and is raised as itself.
+        """
+        iterator = iter(items)
+
+        async def worker(first: T) -> None:
+            await action(first)
+            for item in iterator:
+                await action(item)
+
+        with single_error():
+            async with anyio.create_task_group() as tg:
+                for first in islice(iterator, self._limit.total_tokens):
+                    tg.start_soon(worker, first)
+
+    async def _get_all(
+        self,
+        requests: Iterable[tuple[str, ByteRequest | None]],
+        prototype: BufferPrototype,
+    ) -> list[Buffer | None]:
+        results: dict[int, Buffer | None] = {}
+
+        async def fetch(item: tuple[int, tuple[str, ByteRequest | None]]) -> None:
+            index, (key, byte_range) = item
+            results[index] = await self.get(key, prototype, byte_range)
+
+        await self._for_each(enumerate(requests), fetch)
+        return [results[index] for index in range(len(results))]
+
+    # ----------------------------------------------------------------- reads
+
+    async def get(
+        self,
+        key: str,
+        prototype: BufferPrototype | None = None,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
+        validate_key(key)
+        check_byte_range(byte_range)
+        await self._ensure_open()
+        return await self._backend_get(key, prototype or default_buffer_prototype(), byte_range)
+
+    async def get_partial_values(
+        self,
+        prototype: BufferPrototype,
+        key_ranges: Iterable[tuple[str, ByteRequest | None]],
+    ) -> list[Buffer | None]:
+        """Values (or parts) of many keys, in order; ``None`` where a key does not exist."""
+        return await self._get_all(key_ranges, prototype)
+
+    async def _get_many(
+        self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
+    ) -> AsyncGenerator[tuple[str, Buffer | None], None]:
+        # A generator must not yield while it holds a task group open, so the requests are
+        # fetched a window at a time, each window in its own task group, and yielded after.
+        iterator = iter(requests)
+        window = 4 * self._limit.total_tokens
+        while batch := list(islice(iterator, window)):
+            results: list[Buffer | None] = [None] * len(batch)
+
+            async def fetch(index: int) -> None:
+                key, prototype, byte_range = batch[index]  # noqa: B023 -- awaited in this loop
+                results[index] = await self.get(key, prototype, byte_range)  # noqa: B023
+
+            await self._for_each(range(len(batch)), fetch)
+            for (key, _, _), result in zip(batch, results, strict=True):
+                yield key, result
+
+    @asynccontextmanager
+    async def fetch_many(
+        self,
+        requests: Iterable[FetchRequest],
+        *,
+        prototype: BufferPrototype | None = None,
+    ) -> AsyncIterator[MemoryObjectReceiveStream[tuple[str, Buffer | None]]]:
+        """Fetch many keys, giving ``(key, buffer or None)`` pairs as they complete.
+
+        ::
+
+            async with store.fetch_many(keys) as results:
+                async for key, buffer in results:
+                    ...
+
+        At most ``max_concurrency`` fetches run at once and at most as many results wait to be
+        taken, so memory stays bounded however many requests there are. Leaving the block early
+        cancels the fetches still running; the first error cancels the rest and is raised.
+        """
+        prototype = prototype or default_buffer_prototype()
+        send, receive = anyio.create_memory_object_stream[tuple[str, Buffer | None]](
+            self._limit.total_tokens
+        )
+
+        async def produce() -> None:
+            async def fetch(item: FetchRequest) -> None:
+                key, byte_range = _as_request(item)
+                await send.send((key, await self.get(key, prototype, byte_range)))
+
+            async with send:
+                await self._for_each(requests, fetch)
+
+        with single_error():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce)
+                try:
+                    with receive:
+                        yield receive
+                finally:
+                    tg.cancel_scope.cancel()
+
+    async def exists(self, key: str) -> bool:
+        validate_key(key)
+        await self._ensure_open()
+        return await self._backend_exists(key)
+
+    async def getsize(self, key: str) -> int:
+        validate_key(key)
+        await self._ensure_open()
+        return await self._backend_getsize(key)
+
+    async def getsize_prefix(self, prefix: str) -> int:
+        prefix = directory_prefix(prefix)
+        await self._ensure_open()
+        sizes: list[int] = []
+
+        async def size_of(key: str) -> None:
+            sizes.append(await self._backend_getsize(key))
+
+        await self._for_each(await self._backend_list_prefix(prefix), size_of)
+        return sum(sizes)
+
+    # ----------------------------------------------------------------- listing
+
+    async def list(self) -> AsyncIterator[str]:
+        await self._ensure_open()
+        for key in await self._backend_list_prefix(""):
+            yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        validate_prefix(prefix)
+        await self._ensure_open()
+        for key in await self._backend_list_prefix(prefix):
+            yield key
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        prefix = directory_prefix(prefix)
+        await self._ensure_open()
+        for name in await self._backend_list_dir(prefix):
+            yield name
+
+    # ----------------------------------------------------------------- writes
+
+    def _check_value(self, value: Buffer) -> None:
+        if not isinstance(value, Buffer):
+            raise TypeError(
+                f"{type(self).__name__}.set(): `value` must be a Buffer instance. "
+                f"Got an instance of {type(value)} instead."
+            )
+
+    async def set(self, key: str, value: Buffer) -> None:
+        self._check_writable()
+        validate_key(key)
+        self._check_value(value)
+        await self._ensure_open()
+        await self._backend_set(key, value, exclusive=False)
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        """Write ``value`` unless ``key`` exists; atomic against concurrent writers."""
+        self._check_writable()
+        validate_key(key)
+        self._check_value(value)
+        await self._ensure_open()
+        await self._backend_set(key, value, exclusive=True)
+
+    async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
+        # Every key is checked before anything is written, so bad input writes nothing.
+        self._check_writable()
+        items = list(values)
+        for key, value in items:
+            validate_key(key)
+            self._check_value(value)
+        await self._ensure_open()
+
+        async def put(item: tuple[str, Buffer]) -> None:
+            await self._backend_set(item[0], item[1], exclusive=False)
+
+        await self._for_each(items, put)
+
+    async def set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
+        """Write many ``(key, value)`` pairs concurrently; no write starts if any key is bad."""
+        await self._set_many(values)
+
+    async def delete(self, key: str) -> None:
+        self._check_writable()
+        validate_key(key)
+        await self._ensure_open()
+        await self._backend_delete(key)
+
+    async def delete_dir(self, prefix: str) -> None:
+        """Delete every key under the node ``prefix`` (``"a"`` means ``"a/…"``, not ``"ab"``)."""
+        self._check_writable()
+        prefix = directory_prefix(prefix)
+        await self._ensure_open()
+        await self._backend_delete_dir(prefix)
+
+    async def clear(self) -> None:
+        self._check_writable()
+        await self._ensure_open()
+        await self._backend_delete_dir("")

@@ -1,0 +1,146 @@
+"""MemoryStore: a dict of buffers, drop-in for ``zarr.storage.MemoryStore``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, MutableMapping
+
+import anyio
+import anyio.lowlevel
+from zarr.abc.store import ByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+
+from ._base import AnyioStore
+from ._keys import byte_range_slice, check_byte_range, validate_key
+
+__all__ = ["MemoryStore"]
+
+
+def _copy(value: Buffer) -> Buffer:
+    # An uncompressed chunk can be a view of the caller's array; keep a copy, not an alias.
+    return type(value).from_array_like(value.as_array_like().copy())
+
+
+class MemoryStore(AnyioStore):
+    """Store for local memory: keys map to buffers in ``store_dict``.
+
+    Parameters
+    ----------
+    store_dict
+        The mapping to keep data in; shared with the caller when given.
+    read_only
+        Refuse every write.
+    max_concurrency, limiter
+        As for every zarr_anyio store; a memory store never waits for I/O, so these only matter
+        for a limiter shared with other stores.
+    """
+
+    _store_dict: MutableMapping[str, Buffer]
+
+    def __init__(
+        self,
+        store_dict: MutableMapping[str, Buffer] | None = None,
+        *,
+        read_only: bool = False,
+        max_concurrency: int | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        super().__init__(read_only=read_only, max_concurrency=max_concurrency, limiter=limiter)
+        self._store_dict = {} if store_dict is None else store_dict
+
+    def with_read_only(self, read_only: bool = False) -> MemoryStore:
+        return type(self)(self._store_dict, read_only=read_only, **self._store_kwargs())
+
+    def __str__(self) -> str:
+        return f"memory://{id(self._store_dict)}"
+
+    def __repr__(self) -> str:
+        return f"MemoryStore('{self}')"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, type(self))
+            and self._store_dict == other._store_dict
+            and self.read_only == other.read_only
+        )
+
+    # A dict lookup never blocks: each call is one checkpoint, so a caller can still be cancelled.
+
+    def _read(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> Buffer | None:
+        value = self._store_dict.get(key)
+        if value is None:
+            return None
+        return prototype.buffer.from_buffer(value[byte_range_slice(byte_range, len(value))])
+
+    async def _backend_get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> Buffer | None:
+        await anyio.lowlevel.checkpoint()
+        return self._read(key, prototype, byte_range)
+
+    async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
+        await anyio.lowlevel.checkpoint()
+        if not exclusive or key not in self._store_dict:
+            self._store_dict[key] = _copy(value)
+
+    async def _backend_delete(self, key: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._store_dict.pop(key, None)
+
+    async def _backend_exists(self, key: str) -> bool:
+        await anyio.lowlevel.checkpoint()
+        return key in self._store_dict
+
+    async def _backend_getsize(self, key: str) -> int:
+        await anyio.lowlevel.checkpoint()
+        try:
+            return len(self._store_dict[key])
+        except KeyError:
+            raise FileNotFoundError(key) from None
+
+    async def _backend_list_prefix(self, prefix: str) -> Iterable[str]:
+        await anyio.lowlevel.checkpoint()
+        # A snapshot, so a caller may delete while iterating.
+        return [key for key in list(self._store_dict) if key.startswith(prefix)]
+
+    async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
+        await anyio.lowlevel.checkpoint()
+        names = {
+            key[len(prefix) :].split("/", 1)[0]
+            for key in list(self._store_dict)
+            if key.startswith(prefix) and len(key) > len(prefix)
+        }
+        return sorted(names)
+
+    async def _backend_delete_dir(self, prefix: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        for key in [key for key in self._store_dict if key.startswith(prefix)]:
+            del self._store_dict[key]
+
+    # ------------------------------------------------------------ zarr >= 3.4's sync surface
+
+    def get_sync(
+        self,
+        key: str,
+        *,
+        prototype: BufferPrototype | None = None,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
+        validate_key(key)
+        check_byte_range(byte_range)
+        self._is_open = True
+        return self._read(key, prototype or default_buffer_prototype(), byte_range)
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        self._check_writable()
+        validate_key(key)
+        self._check_value(value)
+        self._is_open = True
+        self._store_dict[key] = _copy(value)
+
+    def delete_sync(self, key: str) -> None:
+        self._check_writable()
+        validate_key(key)
+        self._is_open = True
+        self._store_dict.pop(key, None)
