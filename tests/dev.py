@@ -52,9 +52,11 @@ def main(argv: list[str]) -> int:
     if job == "demo":
         return _run(py, "-m", "zarr_anyio.cli", "demo", *extra)
     if job == "test":
-        _run(py, "-c", "import zarr, anyio, trio; print('zarr', zarr.__version__, "
-             "'anyio', anyio.__version__ if hasattr(anyio, '__version__') else '', "
-             "'trio', trio.__version__)")
+        versions = "; ".join(
+            f"print('{name}', importlib.metadata.version('{name}'))"
+            for name in ("zarr", "anyio", "trio", "numpy")
+        )
+        _run(py, "-c", f"import importlib.metadata; {versions}")
         return _run(py, "-m", "pytest", *extra)
     if job == "bench":
         return _run(py, "benchmarks/run.py", *extra)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from zarr.abc.store import Store
-from zarr.core.sync import sync
 from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.testing.store import StoreTests
 
 from zarr_anyio import LocalStore, MemoryStore

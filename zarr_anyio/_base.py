@@ -249,7 +249,7 @@ class AnyioStore(Store, abc.ABC):
             results: list[Buffer | None] = [None] * len(batch)
 
             async def fetch(index: int) -> None:
-                key, prototype, byte_range = batch[index]  # noqa: B023 -- awaited in this loop
+                key, prototype, byte_range = batch[index]
                 results[index] = await self.get(key, prototype, byte_range)  # noqa: B023
 
             await self._for_each(range(len(batch)), fetch)
@@ -292,10 +292,12 @@ class AnyioStore(Store, abc.ABC):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(produce)
                 try:
-                    with receive:
-                        yield receive
+                    yield receive
                 finally:
+                    # Cancel the fetches before closing the stream, so that none of them
+                    # fails on a closed stream instead of ending quietly.
                     tg.cancel_scope.cancel()
+                    receive.close()
 
     async def exists(self, key: str) -> bool:
         validate_key(key)

@@ -34,13 +34,15 @@ T = TypeVar("T")
 HOP_COST = 100e-6
 HOP_SHARE = 0.25
 MAX_BATCH = 32
+FIRST_GUESS = 1e-3
 
 
 class _Call(Generic[T]):
-    __slots__ = ("done", "error", "fn", "finished", "result", "wakeup")
+    __slots__ = ("error", "finished", "fn", "result", "taken", "wakeup")
 
     def __init__(self, fn: Callable[[], T]) -> None:
         self.fn = fn
+        self.taken = False  # in some leader's batch
         self.finished = False
         self.result: T | None = None
         self.error: BaseException | None = None
@@ -86,14 +88,12 @@ class HopCoalescer:
     def __init__(self, limit: ConcurrencyLimit) -> None:
         self._limit = limit
         self._queues = LoopLocal(_Queue)
-        # Mean seconds per call, over recent batches; starts as "short".
-        self._call_seconds = 0.0
+        # Mean seconds per call over recent batches. It starts as "slow", one call per hop, so
+        # slow I/O never queues behind itself; a few hops of short calls bring it down.
+        self._call_seconds = FIRST_GUESS
 
     def _batch_size(self, waiting: int) -> int:
-        if self._call_seconds <= 0:
-            wanted = MAX_BATCH
-        else:
-            wanted = math.ceil(HOP_COST / HOP_SHARE / self._call_seconds)
+        wanted = math.ceil(HOP_COST / HOP_SHARE / max(self._call_seconds, 1e-9))
         return max(1, min(wanted, MAX_BATCH, waiting))
 
     async def run(self, fn: Callable[[], T]) -> T:
@@ -102,7 +102,7 @@ class HopCoalescer:
         call: _Call[T] = _Call(fn)
         queue.pending.append(call)
         while not call.finished:
-            if not queue.gathering:
+            if not call.taken and not queue.gathering:
                 await self._lead(queue, call)
                 continue
             call.wakeup = anyio.Event()
@@ -111,7 +111,7 @@ class HopCoalescer:
             except BaseException:
                 # Cancelled while waiting: leave the queue, and if we had been woken to lead,
                 # hand that on to the next waiting call.
-                if call in queue.pending:
+                if not call.taken:
                     queue.pending.remove(call)
                 self._promote(queue)
                 raise
@@ -124,6 +124,7 @@ class HopCoalescer:
 
     async def _lead(self, queue: _Queue, own: _Call[Any]) -> None:
         queue.gathering = True
+        gathering = True
         batch: list[_Call[Any]] = []
         try:
             # Acquiring the token is also the checkpoint that lets other calls join this batch.
@@ -132,16 +133,17 @@ class HopCoalescer:
                 batch.append(own)
                 for _ in range(self._batch_size(len(queue.pending) + 1) - 1):
                     batch.append(queue.pending.popleft())
-                queue.gathering = False
+                for call in batch:
+                    call.taken = True
+                queue.gathering = gathering = False
                 self._promote(queue)
                 seconds = await anyio.to_thread.run_sync(_run_batch, batch)
                 self._call_seconds = 0.5 * self._call_seconds + 0.5 * (seconds / len(batch))
         finally:
-            if queue.gathering:
+            if gathering:
                 # Cancelled before taking a batch: someone else must gather the rest.
                 queue.gathering = False
-                if own in queue.pending:
-                    queue.pending.remove(own)
+                queue.pending.remove(own)
                 self._promote(queue)
             for call in batch:
                 call.wake()

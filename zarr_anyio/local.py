@@ -8,6 +8,7 @@ sees the old value or the new one, never part of one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -91,10 +92,8 @@ def _write_file(
             os.replace(temp, path)
     finally:
         # After replace the temporary name is gone; after link or a failure it is not.
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-        except FileNotFoundError:
-            pass
 
 
 def _delete_file(path: Path) -> None:
@@ -166,11 +165,9 @@ def _list_dir(folder: Path) -> list[str]:
 
 
 def _remove_tree(folder: str) -> None:
-    try:
+    # Gone already, or a file: no keys lie under it either way.
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         shutil.rmtree(folder)
-    except (FileNotFoundError, NotADirectoryError):
-        # Gone already, or a file: no keys lie under it.
-        pass
 
 
 def _delete_tree(root: Path, prefix: str) -> None:
@@ -225,12 +222,13 @@ class LocalStore(AnyioStore):
             root = Path(root)
         if not isinstance(root, Path):
             raise TypeError(
-                f"'root' must be a string or Path instance. Got an instance of {type(root)} instead."
+                "'root' must be a string or Path instance. "
+                f"Got an instance of {type(root)} instead."
             )
         self.root = root
 
     @classmethod
-    async def open(  # type: ignore[override]
+    async def open(
         cls,
         root: Path | str,
         *,

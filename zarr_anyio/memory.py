@@ -17,7 +17,7 @@ __all__ = ["MemoryStore"]
 
 def _copy(value: Buffer) -> Buffer:
     # An uncompressed chunk can be a view of the caller's array; keep a copy, not an alias.
-    return type(value).from_array_like(value.as_array_like().copy())
+    return type(value).from_bytes(value.to_bytes())
 
 
 class MemoryStore(AnyioStore):
