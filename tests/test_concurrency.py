@@ -1,0 +1,269 @@
+"""Limits, cancellation and crash safety, with a test double standing in for the disk.
+
+The doubles replace LocalStore's blocking calls (`_read_file`, `_write_piece`) and count how many
+are running at once in worker threads. Nothing here asserts a duration.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from zarr.core.buffer import cpu, default_buffer_prototype
+
+import zarr_anyio.local
+from zarr_anyio import LocalStore
+
+pytestmark = pytest.mark.anyio
+PROTO = default_buffer_prototype()
+
+
+class InFlight:
+    """Wraps a blocking function; counts calls running at once, and can hold them at a gate.
+
+    A held call waits until ``hold_until`` calls are running together (or a safety timeout),
+    so the most-seen count says what the store allowed, not how fast threads happened to run.
+    It then lasts a couple of milliseconds, like a read from a slow disk, which the store's
+    batching sees as too long to put several such calls in one thread hop.
+    """
+
+    def __init__(self, function: Callable[..., Any], hold_until: int = 0) -> None:
+        self.function = function
+        self.hold_until = hold_until
+        self.now = 0
+        self.most = 0
+        self.calls = 0
+        self.release = threading.Event()
+        self._changed = threading.Condition()
+
+    def __call__(self, *args: Any) -> Any:
+        with self._changed:
+            self.now += 1
+            self.calls += 1
+            self.most = max(self.most, self.now)
+            self._changed.notify_all()
+            if self.hold_until:
+                self._changed.wait_for(
+                    lambda: self.now >= self.hold_until or self.release.is_set(), timeout=0.5
+                )
+        if self.hold_until:
+            time.sleep(0.002)
+        try:
+            return self.function(*args)
+        finally:
+            with self._changed:
+                self.now -= 1
+                self._changed.notify_all()
+
+    def wait_for_running(self, count: int) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.now >= count, timeout=10)
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], InFlight]]:
+    def install(hold_until: int) -> InFlight:
+        double = InFlight(zarr_anyio.local._read_file, hold_until)
+        monkeypatch.setattr(zarr_anyio.local, "_read_file", double)
+        return double
+
+    yield install
+
+
+async def _fill(store: LocalStore, count: int) -> list[str]:
+    keys = [f"c/{i}" for i in range(count)]
+    await store.set_many((key, cpu.Buffer.from_bytes(b"x" * 64)) for key in keys)
+    return keys
+
+
+@pytest.mark.parametrize("limit", [1, 4, 8])
+async def test_bulk_read_holds_max_concurrency(
+    tmp_path: Path, reads: Callable[[int], InFlight], limit: int
+) -> None:
+    store = LocalStore(tmp_path, max_concurrency=limit)
+    keys = await _fill(store, 120)
+    double = reads(limit)
+    results = await store.get_partial_values(PROTO, [(key, None) for key in keys])
+    assert all(result is not None for result in results)
+    assert double.calls == 120
+    assert double.most == limit
+
+
+async def test_single_calls_from_zarr_style_gather_hold_the_limit(
+    tmp_path: Path, reads: Callable[[int], InFlight]
+) -> None:
+    # zarr-python issues one `get` per chunk from its own concurrency; the limit applies there too.
+    store = LocalStore(tmp_path, max_concurrency=3)
+    keys = await _fill(store, 60)
+    double = reads(3)
+    async with anyio.create_task_group() as tg:
+        for key in keys:
+            tg.start_soon(store.get, key, PROTO)
+    assert double.calls == 60
+    assert double.most == 3
+
+
+async def test_two_stores_share_one_limiter(
+    tmp_path: Path, reads: Callable[[int], InFlight]
+) -> None:
+    shared = anyio.CapacityLimiter(3)
+    first = LocalStore(tmp_path / "a", limiter=shared)
+    second = LocalStore(tmp_path / "b", limiter=shared)
+    assert first.limiter is second.limiter is shared
+    keys = await _fill(first, 60)
+    await _fill(second, 60)
+    double = reads(3)
+    async with anyio.create_task_group() as tg:
+        for store in (first, second):
+            tg.start_soon(store.get_partial_values, PROTO, [(key, None) for key in keys])
+    assert double.calls == 120
+    assert double.most == 3
+
+
+async def test_limiter_statistics_show_the_store_at_work(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, max_concurrency=5)
+    assert store.limiter.total_tokens == 5
+    assert store.limiter.statistics().borrowed_tokens == 0
+
+
+async def test_cancelling_a_bulk_read_stops_it_and_leaves_nothing_running(
+    tmp_path: Path, reads: Callable[[int], InFlight]
+) -> None:
+    store = LocalStore(tmp_path, max_concurrency=4)
+    keys = await _fill(store, 400)
+    double = reads(4)
+    tasks_before = len(anyio.get_running_tasks())
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.get_partial_values, PROTO, [(key, None) for key in keys])
+            await anyio.to_thread.run_sync(double.wait_for_running, 4)
+            scope.cancel()
+            double.release.set()
+    assert scope.cancelled_caught
+    # Every call that started has returned: no worker thread is still reading for us...
+    assert double.now == 0
+    started = double.calls
+    assert started < 400
+    # ...no task of ours is left, and nothing starts later.
+    assert len(anyio.get_running_tasks()) == tasks_before
+    await anyio.sleep(0.05)
+    assert double.calls == started
+
+
+async def test_cancelled_fetch_many_leaves_no_task(
+    tmp_path: Path, reads: Callable[[int], InFlight]
+) -> None:
+    store = LocalStore(tmp_path, max_concurrency=4)
+    keys = await _fill(store, 200)
+    double = reads(4)
+    tasks_before = len(anyio.get_running_tasks())
+    with anyio.move_on_after(0.01):
+        async with store.fetch_many(keys) as results:
+            async for _ in results:
+                await anyio.sleep_forever()
+    double.release.set()
+    assert double.now == 0
+    assert len(anyio.get_running_tasks()) == tasks_before
+
+
+class BlockingWrites:
+    """Stands in for `os.write`: writes the first piece, then waits to be let go."""
+
+    def __init__(self) -> None:
+        self.first_piece_written = threading.Event()
+        self.go_on = threading.Event()
+        self.pieces = 0
+
+    def __call__(self, fd: int, piece: memoryview) -> int:
+        import os
+
+        written = os.write(fd, piece)
+        self.pieces += 1
+        self.first_piece_written.set()
+        assert self.go_on.wait(timeout=10)
+        return written
+
+
+async def test_a_write_cancelled_midway_leaves_the_old_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path)
+    await store.set("c/0", cpu.Buffer.from_bytes(b"old value"))
+    writes = BlockingWrites()
+    monkeypatch.setattr(zarr_anyio.local, "_write_piece", writes)
+    monkeypatch.setattr(zarr_anyio.local, "WRITE_PIECE", 4)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.set, "c/0", cpu.Buffer.from_bytes(b"a much longer new value"))
+            await anyio.to_thread.run_sync(writes.first_piece_written.wait)
+            scope.cancel()
+            writes.go_on.set()
+    assert scope.cancelled_caught
+    assert writes.pieces == 1  # the write stopped after the piece it was in
+    monkeypatch.undo()
+    value = await store.get("c/0", PROTO)
+    assert value is not None
+    assert value.to_bytes() == b"old value"
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["0"]  # no temporary left
+
+
+async def test_a_write_that_fails_midway_leaves_the_old_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path)
+    await store.set("c/0", cpu.Buffer.from_bytes(b"old value"))
+    pieces: list[int] = []
+
+    def disk_full(fd: int, piece: memoryview) -> int:
+        if pieces:
+            raise OSError(28, "No space left on device")
+        pieces.append(len(piece))
+        import os
+
+        return os.write(fd, piece)
+
+    monkeypatch.setattr(zarr_anyio.local, "_write_piece", disk_full)
+    monkeypatch.setattr(zarr_anyio.local, "WRITE_PIECE", 4)
+    with pytest.raises(OSError, match="No space left"):
+        await store.set("c/0", cpu.Buffer.from_bytes(b"a much longer new value"))
+    with pytest.raises(OSError, match="No space left"):
+        store.set_sync("c/0", cpu.Buffer.from_bytes(b"a much longer new value"))
+    monkeypatch.undo()
+    value = await store.get("c/0", PROTO)
+    assert value is not None
+    assert value.to_bytes() == b"old value"
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["0"]
+
+
+def test_one_store_from_asyncio_trio_and_zarrs_loop_at_once(tmp_path: Path) -> None:
+    from zarr.core.sync import sync
+
+    store = LocalStore(tmp_path, max_concurrency=4)
+    sync(store.set_many([(f"c/{i}", cpu.Buffer.from_bytes(bytes([i]))) for i in range(100)]))
+    errors: list[BaseException] = []
+
+    async def read_all() -> None:
+        for _ in range(5):
+            results = await store.get_partial_values(PROTO, [(f"c/{i}", None) for i in range(100)])
+            assert [r.to_bytes() for r in results if r is not None] == [
+                bytes([i]) for i in range(100)
+            ]
+
+    def in_thread(backend: str) -> None:
+        try:
+            anyio.run(read_all, backend=backend)
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=in_thread, args=(b,)) for b in ("asyncio", "trio")]
+    for thread in threads:
+        thread.start()
+    sync(read_all())
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
