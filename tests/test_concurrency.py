@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,13 @@ class InFlight:
 
 
 @pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], InFlight]]:
+def reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], InFlight]:
     def install(hold_until: int) -> InFlight:
         double = InFlight(zarr_anyio.local._read_file, hold_until)
         monkeypatch.setattr(zarr_anyio.local, "_read_file", double)
         return double
 
-    yield install
+    return install
 
 
 async def _fill(store: LocalStore, count: int) -> list[str]:
@@ -197,12 +197,20 @@ async def test_a_write_cancelled_midway_leaves_the_old_value(
     writes = BlockingWrites()
     monkeypatch.setattr(zarr_anyio.local, "_write_piece", writes)
     monkeypatch.setattr(zarr_anyio.local, "WRITE_PIECE", 4)
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(store.set, "c/0", cpu.Buffer.from_bytes(b"a much longer new value"))
-            await anyio.to_thread.run_sync(writes.first_piece_written.wait)
-            scope.cancel()
-            writes.go_on.set()
+
+    async def let_the_write_go_on() -> None:
+        # Once the cancelled writer is blocked waiting for its thread, the cancellation has
+        # reached it; only then may the thread take its next step.
+        await anyio.wait_all_tasks_blocked()
+        writes.go_on.set()
+
+    async with anyio.create_task_group() as outer:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.set, "c/0", cpu.Buffer.from_bytes(b"a much longer new value"))
+                await anyio.to_thread.run_sync(writes.first_piece_written.wait)
+                scope.cancel()
+                outer.start_soon(let_the_write_go_on)
     assert scope.cancelled_caught
     assert writes.pieces == 1  # the write stopped after the piece it was in
     monkeypatch.undo()

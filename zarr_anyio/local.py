@@ -15,18 +15,19 @@ import stat
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
-import anyio.from_thread
-import anyio.to_thread
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._base import AnyioStore
 from ._keys import byte_range_slice, check_byte_range, validate_key
+from ._threads import CheckCancelled, run_in_worker
 
 __all__ = ["LocalStore"]
+
+T = TypeVar("T")
 
 # Temporary files of writes in progress start with this, and listings leave them out.
 TEMP_MARK = ".__zarr_anyio_tmp__."
@@ -241,7 +242,7 @@ class LocalStore(AnyioStore):
         # decides what the returned store may do.
         must_exist = mode in ("r", "r+") if mode is not None else read_only
         if must_exist:
-            await anyio.to_thread.run_sync(lambda: _prepare_root(Path(root), create=False))
+            await run_in_worker(lambda _: _prepare_root(Path(root), create=False))
         store = cls(root, read_only=read_only, **kwargs)
         await store._open()
         return store
@@ -268,19 +269,19 @@ class LocalStore(AnyioStore):
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(self.root, dest)
 
-        await self._blocking(move)
+        await self._blocking(lambda _: move())
         self.root = dest
 
-    async def _blocking(self, function: Callable[[], Any]) -> Any:
+    async def _blocking(self, function: Callable[[CheckCancelled], T]) -> T:
         """One blocking call in a worker thread, holding a token."""
         async with self._limit.current():
-            return await anyio.to_thread.run_sync(function)
+            return await run_in_worker(function)
 
     # ------------------------------------------------------------------ backend hooks
 
     async def _backend_open(self) -> None:
         root, create = self.root, not self.read_only
-        await anyio.to_thread.run_sync(lambda: _prepare_root(root, create=create))
+        await run_in_worker(lambda _: _prepare_root(root, create=create))
 
     async def _backend_get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
@@ -293,14 +294,12 @@ class LocalStore(AnyioStore):
         path = self.root / key
         view = memoryview(value.as_buffer_like()).cast("B")
         await self._blocking(
-            lambda: _write_file(
-                path, view, exclusive=exclusive, check_cancelled=anyio.from_thread.check_cancelled
-            )
+            lambda check: _write_file(path, view, exclusive=exclusive, check_cancelled=check)
         )
 
     async def _backend_delete(self, key: str) -> None:
         path = self.root / key
-        await self._blocking(lambda: _delete_file(path))
+        await self._blocking(lambda _: _delete_file(path))
 
     async def _backend_exists(self, key: str) -> bool:
         path = self.root / key
@@ -314,17 +313,15 @@ class LocalStore(AnyioStore):
 
     async def _backend_list_prefix(self, prefix: str) -> Iterable[str]:
         root = self.root
-        keys: list[str] = await self._blocking(lambda: _list_prefix(root, prefix))
-        return keys
+        return await self._blocking(lambda _: _list_prefix(root, prefix))
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
         folder = self.root / prefix
-        names: list[str] = await self._blocking(lambda: _list_dir(folder))
-        return names
+        return await self._blocking(lambda _: _list_dir(folder))
 
     async def _backend_delete_dir(self, prefix: str) -> None:
         root = self.root
-        await self._blocking(lambda: _delete_tree(root, prefix.rstrip("/")))
+        await self._blocking(lambda _: _delete_tree(root, prefix.rstrip("/")))
 
     # ------------------------------------------------------------ zarr >= 3.4's sync surface
 
