@@ -28,8 +28,8 @@ class InFlight:
 
     A held call waits until ``hold_until`` calls are running together (or a safety timeout),
     so the most-seen count says what the store allowed, not how fast threads happened to run.
-    It then lasts a couple of milliseconds, like a read from a slow disk, which the store's
-    batching sees as too long to put several such calls in one thread hop.
+    It then spends a couple of milliseconds of CPU, like a read that decompresses, which the
+    store's batching sees as too long to put several such calls in one thread hop.
     """
 
     def __init__(self, function: Callable[..., Any], hold_until: int = 0) -> None:
@@ -52,7 +52,9 @@ class InFlight:
                     lambda: self.now >= self.hold_until or self.release.is_set(), timeout=0.5
                 )
         if self.hold_until:
-            time.sleep(0.002)
+            busy_until = time.thread_time() + 0.002
+            while time.thread_time() < busy_until:
+                pass
         try:
             return self.function(*args)
         finally:

@@ -17,6 +17,7 @@ from collections.abc import (
     Callable,
     Generator,
     Iterable,
+    Iterator,
 )
 from contextlib import asynccontextmanager, contextmanager
 from itertools import islice
@@ -203,19 +204,41 @@ class AnyioStore(Store, abc.ABC):
                 for first in islice(iterator, self._limit.total_tokens):
                     tg.start_soon(worker, first)
 
+    def _read_batch_size(self) -> int:
+        """How many reads one step of a bulk read takes; 1 unless the backend batches them."""
+        return 1
+
+    async def _backend_get_batch(
+        self, requests: list[tuple[str, ByteRequest | None]], prototype: BufferPrototype
+    ) -> list[Buffer | None]:
+        """Several reads as one step of a bulk read; a backend may do them in one hop."""
+        return [await self._backend_get(key, prototype, byte_range) for key, byte_range in requests]
+
+    def _checked_batches(
+        self, requests: Iterable[tuple[str, ByteRequest | None]]
+    ) -> Iterator[list[tuple[str, ByteRequest | None]]]:
+        # Lazy, so workers validate as they pull, and each batch is sized by the latest estimate.
+        iterator = iter(requests)
+        while batch := list(islice(iterator, self._read_batch_size())):
+            for key, byte_range in batch:
+                validate_key(key)
+                check_byte_range(byte_range)
+            yield batch
+
     async def _get_all(
         self,
         requests: Iterable[tuple[str, ByteRequest | None]],
         prototype: BufferPrototype,
     ) -> list[Buffer | None]:
-        results: dict[int, Buffer | None] = {}
+        await self._ensure_open()
+        results: dict[int, list[Buffer | None]] = {}
 
-        async def fetch(item: tuple[int, tuple[str, ByteRequest | None]]) -> None:
-            index, (key, byte_range) = item
-            results[index] = await self.get(key, prototype, byte_range)
+        async def fetch(item: tuple[int, list[tuple[str, ByteRequest | None]]]) -> None:
+            index, batch = item
+            results[index] = await self._backend_get_batch(batch, prototype)
 
-        await self._for_each(enumerate(requests), fetch)
-        return [results[index] for index in range(len(results))]
+        await self._for_each(enumerate(self._checked_batches(requests)), fetch)
+        return [result for index in range(len(results)) for result in results[index]]
 
     # ----------------------------------------------------------------- reads
 

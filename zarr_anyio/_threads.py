@@ -5,8 +5,10 @@ costs ~8 µs. So when many short blocking calls are waiting at once (zarr readin
 read), running each in its own hop makes the hop the whole cost. `HopCoalescer` queues the calls
 of one event loop and lets one waiting task (the "leader") take a batch of them to a worker thread
 under one limiter token, while later arrivals form the next batch. How many calls a hop takes
-follows how long the calls have been taking: short calls are batched, calls much longer than a hop
-go one per hop, so slow I/O still gets every token of parallelism.
+follows how much CPU time the calls have been taking: short calls are batched, calls much longer
+than a hop go one per hop and get every token of parallelism. A call that mostly waits on a slow
+device costs little CPU and is batched like a fast one: the price of not mistaking a busy GIL
+for slow I/O.
 
 Only idempotent calls (reads) belong in a batch: a task cancelled while its call is in a batch
 stops waiting, but the call itself still completes in the thread and its result is dropped.
@@ -37,7 +39,7 @@ import anyio.to_thread
 
 from ._limits import ConcurrencyLimit, LoopLocal, current_loop_key
 
-__all__ = ["CheckCancelled", "HopCoalescer", "run_in_worker"]
+__all__ = ["CheckCancelled", "HopCoalescer", "run_in_worker", "thread_seconds"]
 
 T = TypeVar("T")
 
@@ -135,11 +137,23 @@ class _Queue:
         self.gathering = False
 
 
+def thread_seconds(function: Callable[[], T]) -> tuple[T, float]:
+    """``function()`` and the CPU time this thread spent in it."""
+    started = time.thread_time()
+    result = function()
+    return result, time.thread_time() - started
+
+
 def _run_batch(batch: list[_Call[Any]]) -> float:
-    started = time.perf_counter()
-    for call in batch:
-        call.run()
-    return time.perf_counter() - started
+    # CPU time of this thread, not wall time: a worker thread that returns from a syscall waits
+    # for the GIL while the event loop is busy, and counting that wait as the call's cost makes
+    # busy moments look like slow I/O, which shrinks batches, which makes more hops and more
+    # waiting (seen here: 4 KiB reads stuck at 1-2 per hop and 5x slower).
+    def run_all() -> None:
+        for call in batch:
+            call.run()
+
+    return thread_seconds(run_all)[1]
 
 
 class HopCoalescer:
@@ -152,9 +166,14 @@ class HopCoalescer:
         # slow I/O never queues behind itself; a few hops of short calls bring it down.
         self._call_seconds = FIRST_GUESS
 
-    def _batch_size(self, waiting: int) -> int:
+    def batch_size(self, waiting: int = MAX_BATCH) -> int:
+        """How many calls one hop should take, given the calls seen so far."""
         wanted = math.ceil(HOP_COST / HOP_SHARE / max(self._call_seconds, 1e-9))
         return max(1, min(wanted, MAX_BATCH, waiting))
+
+    def record(self, cpu_seconds: float, calls: int) -> None:
+        """Take the CPU time of ``calls`` calls made in one hop into the estimate."""
+        self._call_seconds = 0.5 * self._call_seconds + 0.5 * (cpu_seconds / calls)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` in a worker thread, possibly in one hop with other waiting calls."""
@@ -191,14 +210,13 @@ class HopCoalescer:
             async with self._limit.current():
                 queue.pending.remove(own)
                 batch.append(own)
-                for _ in range(self._batch_size(len(queue.pending) + 1) - 1):
+                for _ in range(self.batch_size(len(queue.pending) + 1) - 1):
                     batch.append(queue.pending.popleft())
                 for call in batch:
                     call.taken = True
                 queue.gathering = gathering = False
                 self._promote(queue)
-                seconds = await run_in_worker(lambda _: _run_batch(batch))
-                self._call_seconds = 0.5 * self._call_seconds + 0.5 * (seconds / len(batch))
+                self.record(await run_in_worker(lambda _: _run_batch(batch)), len(batch))
         finally:
             if gathering:
                 # Cancelled before taking a batch: someone else must gather the rest.
