@@ -1,0 +1,27 @@
+"""Every ```python block of the docs and the README runs, so the examples cannot rot."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+TOP = Path(__file__).resolve().parent.parent
+PAGES = sorted([TOP / "README.md", *(TOP / "docs").glob("*.md")])
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def test_the_docs_have_examples() -> None:
+    assert sum(len(BLOCK.findall(page.read_text())) for page in PAGES) >= 5
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
+def test_page_examples_run(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "__docs__"}
+    for number, block in enumerate(BLOCK.findall(page.read_text()), start=1):
+        code = compile(block, f"{page.name}, python block {number}", "exec")
+        exec(code, namespace)
