@@ -1,0 +1,22 @@
+"""The benchmark script runs (on small arrays) and prints its ratios; it asserts no timing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_script_runs_quick() -> None:
+    done = subprocess.run(
+        [sys.executable, str(TOP / "benchmarks" / "run.py"), "--quick", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("ratio arr[:] ours/theirs") == 2
+    assert done.stdout.count("ratio our bulk read trio/asyncio") == 2
