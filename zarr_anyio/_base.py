@@ -186,7 +186,12 @@ class AnyioStore(Store, abc.ABC):
 
     # ----------------------------------------------------------------- the worker pool
 
-    async def _for_each(self, items: Iterable[T], action: Callable[[T], Awaitable[None]]) -> None:
+    async def _for_each(
+        self,
+        items: Iterable[T],
+        action: Callable[[T], Awaitable[None]],
+        workers: int | None = None,
+    ) -> None:
         """Run ``action`` on every item, at most ``max_concurrency`` at a time, in one task group.
 
         Workers pull from the shared iterator, so a million items cost memory for the workers,
@@ -201,12 +206,16 @@ class AnyioStore(Store, abc.ABC):
 
         with single_error():
             async with anyio.create_task_group() as tg:
-                for first in islice(iterator, self._limit.total_tokens):
+                for first in islice(iterator, workers or self._limit.total_tokens):
                     tg.start_soon(worker, first)
 
     def _read_batch_size(self) -> int:
         """How many reads one step of a bulk read takes; 1 unless the backend batches them."""
         return 1
+
+    def _read_parallelism(self) -> int:
+        """How many steps of a bulk read run at once; every token unless the backend knows."""
+        return self._limit.total_tokens
 
     async def _backend_get_batch(
         self, requests: list[tuple[str, ByteRequest | None]], prototype: BufferPrototype
@@ -237,7 +246,9 @@ class AnyioStore(Store, abc.ABC):
             index, batch = item
             results[index] = await self._backend_get_batch(batch, prototype)
 
-        await self._for_each(enumerate(self._checked_batches(requests)), fetch)
+        await self._for_each(
+            enumerate(self._checked_batches(requests)), fetch, self._read_parallelism()
+        )
         return [result for index in range(len(results)) for result in results[index]]
 
     # ----------------------------------------------------------------- reads

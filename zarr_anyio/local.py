@@ -23,7 +23,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._base import AnyioStore
 from ._keys import byte_range_slice, check_byte_range, validate_key
-from ._threads import CheckCancelled, run_in_worker, thread_seconds
+from ._threads import CheckCancelled, run_in_worker, timed
 
 __all__ = ["LocalStore"]
 
@@ -293,6 +293,9 @@ class LocalStore(AnyioStore):
     def _read_batch_size(self) -> int:
         return self._hops.batch_size()
 
+    def _read_parallelism(self) -> int:
+        return self._hops.parallel_hops(self._limit.total_tokens)
+
     async def _backend_get_batch(
         self, requests: list[tuple[str, ByteRequest | None]], prototype: BufferPrototype
     ) -> list[Buffer | None]:
@@ -301,9 +304,9 @@ class LocalStore(AnyioStore):
         def read_all() -> list[bytes | None]:
             return [_read_file(os.path.join(root, key), byte_range) for key, byte_range in requests]
 
-        found, seconds = await self._blocking(lambda _: thread_seconds(read_all))
-        self._hops.record(seconds, len(requests))
-        return [None if data is None else prototype.buffer.from_bytes(data) for data in found]
+        hop = await self._blocking(lambda _: timed(read_all))
+        self._hops.record(hop, len(requests))
+        return [None if data is None else prototype.buffer.from_bytes(data) for data in hop.result]
 
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
         path = self.root / key
