@@ -30,9 +30,9 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
 from ._limits import ConcurrencyLimit
-from ._threads import HopCoalescer
+from ._threads import CheckCancelled, HopCoalescer, run_in_worker, timed
 
-__all__ = ["AnyioStore", "FetchRequest", "single_error"]
+__all__ = ["AnyioStore", "BlockingStore", "FetchRequest", "single_error"]
 
 T = TypeVar("T")
 
@@ -96,19 +96,16 @@ class AnyioStore(Store, abc.ABC):
     ) -> None:
         super().__init__(read_only=read_only)
         self._limit = ConcurrencyLimit(max_concurrency, limiter)
-        self._hops = HopCoalescer(self._limit)
 
     # ----------------------------------------------------------------- state and identity
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        del state["_hops"]
         state["_is_open"] = False
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._hops = HopCoalescer(self._limit)
 
     def _store_kwargs(self) -> dict[str, Any]:
         """Constructor keywords that keep this store's concurrency settings (for copies)."""
@@ -131,6 +128,10 @@ class AnyioStore(Store, abc.ABC):
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the store without blocking the event loop (``close()`` may write, as a zip's)."""
         self.close()
 
     async def _ensure_open(self) -> None:
@@ -432,3 +433,67 @@ class AnyioStore(Store, abc.ABC):
         self._check_writable()
         await self._ensure_open()
         await self._backend_delete_dir("")
+
+
+class BlockingStore(AnyioStore):
+    """A store whose backend is blocking calls (files, ``zipfile``), made in worker threads.
+
+    A backend gives `_read_blocking`, one read as a blocking call. Single reads go through a
+    `HopCoalescer`, so reads waiting at the same time share a hop to a worker thread; bulk reads
+    take batches of reads to each hop, sized by what reads have been costing. Every other call
+    is one hop holding one token (`_blocking`).
+    """
+
+    def __init__(
+        self,
+        *,
+        read_only: bool = False,
+        max_concurrency: int | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        super().__init__(read_only=read_only, max_concurrency=max_concurrency, limiter=limiter)
+        self._hops = HopCoalescer(self._limit)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        del state["_hops"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._hops = HopCoalescer(self._limit)
+
+    @abc.abstractmethod
+    def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> bytes | None:
+        """Read ``key`` (or the part ``byte_range`` asks for); ``None`` if it does not exist."""
+
+    async def _blocking(self, function: Callable[[CheckCancelled], T]) -> T:
+        """One blocking call in a worker thread, holding a token.
+
+        ``function`` gets a ``check_cancelled()`` to call between steps: it raises once the
+        caller is cancelled, so a long call can stop early; either way the caller waits for it.
+        """
+        async with self._limit.current():
+            return await run_in_worker(function)
+
+    async def _backend_get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> Buffer | None:
+        data = await self._hops.run(lambda: self._read_blocking(key, byte_range))
+        return None if data is None else prototype.buffer.from_bytes(data)
+
+    def _read_batch_size(self) -> int:
+        return self._hops.batch_size()
+
+    def _read_parallelism(self) -> int:
+        return self._hops.parallel_hops(self._limit.total_tokens)
+
+    async def _backend_get_batch(
+        self, requests: list[tuple[str, ByteRequest | None]], prototype: BufferPrototype
+    ) -> list[Buffer | None]:
+        def read_all() -> list[bytes | None]:
+            return [self._read_blocking(key, byte_range) for key, byte_range in requests]
+
+        hop = await self._blocking(lambda _: timed(read_all))
+        self._hops.record(hop, len(requests))
+        return [None if data is None else prototype.buffer.from_bytes(data) for data in hop.result]

@@ -21,9 +21,9 @@ import anyio
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
-from ._base import AnyioStore
+from ._base import BlockingStore
 from ._keys import byte_range_slice, check_byte_range, validate_key
-from ._threads import CheckCancelled, run_in_worker, timed
+from ._threads import run_in_worker
 
 __all__ = ["LocalStore"]
 
@@ -194,7 +194,7 @@ def _prepare_root(root: Path, *, create: bool) -> None:
         raise FileNotFoundError(f"{root} does not exist")
 
 
-class LocalStore(AnyioStore):
+class LocalStore(BlockingStore):
     """Store for the local file system.
 
     Parameters
@@ -272,41 +272,14 @@ class LocalStore(AnyioStore):
         await self._blocking(lambda _: move())
         self.root = dest
 
-    async def _blocking(self, function: Callable[[CheckCancelled], T]) -> T:
-        """One blocking call in a worker thread, holding a token."""
-        async with self._limit.current():
-            return await run_in_worker(function)
-
     # ------------------------------------------------------------------ backend hooks
 
     async def _backend_open(self) -> None:
         root, create = self.root, not self.read_only
         await run_in_worker(lambda _: _prepare_root(root, create=create))
 
-    async def _backend_get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
-    ) -> Buffer | None:
-        path = os.path.join(self.root, key)
-        data = await self._hops.run(lambda: _read_file(path, byte_range))
-        return None if data is None else prototype.buffer.from_bytes(data)
-
-    def _read_batch_size(self) -> int:
-        return self._hops.batch_size()
-
-    def _read_parallelism(self) -> int:
-        return self._hops.parallel_hops(self._limit.total_tokens)
-
-    async def _backend_get_batch(
-        self, requests: list[tuple[str, ByteRequest | None]], prototype: BufferPrototype
-    ) -> list[Buffer | None]:
-        root = self.root
-
-        def read_all() -> list[bytes | None]:
-            return [_read_file(os.path.join(root, key), byte_range) for key, byte_range in requests]
-
-        hop = await self._blocking(lambda _: timed(read_all))
-        self._hops.record(hop, len(requests))
-        return [None if data is None else prototype.buffer.from_bytes(data) for data in hop.result]
+    def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> bytes | None:
+        return _read_file(os.path.join(self.root, key), byte_range)
 
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
         path = self.root / key
