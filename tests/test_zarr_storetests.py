@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.testing.store import StoreTests
 
-from zarr_anyio import LocalStore, MemoryStore
+from zarr_anyio import LocalStore, MemoryStore, ZipStore
 
 pytestmark = pytest.mark.anyio
 
@@ -87,3 +88,51 @@ class TestLocalStore(OpenedOnZarrsLoop, StoreTests[LocalStore, cpu.Buffer]):
     def test_leaves_no_temporary_files(self, store: LocalStore) -> None:
         store.set_sync("a/b", cpu.Buffer.from_bytes(b"x"))
         assert os.listdir(store.root / "a") == ["b"]
+
+
+class TestZipStore(OpenedOnZarrsLoop, StoreTests[ZipStore, cpu.Buffer]):
+    store_cls = ZipStore
+    buffer_cls = cpu.Buffer
+
+    async def set(self, store: ZipStore, key: str, value: Buffer) -> None:
+        # The store owns the open archive; its blocking internals are the only other way in.
+        store._write_blocking(key, value.to_bytes(), exclusive=False)
+
+    async def get(self, store: ZipStore, key: str) -> Buffer:
+        data = store._read_blocking(key, None)
+        assert data is not None
+        return cpu.Buffer.from_bytes(data)
+
+    @pytest.fixture
+    def store_kwargs(self, tmp_path: Path) -> dict[str, Any]:
+        return {"path": str(tmp_path / "store.zip"), "mode": "w", "read_only": False}
+
+    def test_store_repr(self, store: ZipStore) -> None:
+        assert str(store) == f"zip://{store.path}"
+        assert repr(store) == f"ZipStore('zip://{store.path}')"
+
+    def test_store_supports_writes(self, store: ZipStore) -> None:
+        assert store.supports_writes
+
+    def test_store_supports_listing(self, store: ZipStore) -> None:
+        assert store.supports_listing
+
+    # As in zarr's own tests of its ZipStore: a read-only zip store reads an archive that
+    # exists, so these two make one first instead of opening with mode="w".
+    async def test_read_only_store_raises(self, store_kwargs: dict[str, Any]) -> None:
+        (await self.store_cls.open(**store_kwargs)).close()
+        store = await self.store_cls.open(**{**store_kwargs, "mode": "a", "read_only": True})
+        assert store.read_only
+        with pytest.raises(ValueError, match="read-only"):
+            await store.set("foo", cpu.Buffer.from_bytes(b"bar"))
+        with pytest.raises(ValueError, match="read-only"):
+            await store.delete("foo")
+
+    @pytest.mark.parametrize("read_only", [True, False])
+    async def test_store_open_read_only(
+        self, store_kwargs: dict[str, Any], read_only: bool
+    ) -> None:
+        if read_only:
+            with zipfile.ZipFile(store_kwargs["path"], mode="w"):
+                pass
+        await super().test_store_open_read_only(store_kwargs, read_only)

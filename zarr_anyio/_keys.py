@@ -7,12 +7,15 @@ reads as a separator, a NUL that truncates a C string) is refused before any bac
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
 __all__ = [
     "byte_range_slice",
     "check_byte_range",
     "directory_prefix",
+    "names_under",
     "validate_key",
     "validate_prefix",
 ]
@@ -65,6 +68,21 @@ def directory_prefix(prefix: str) -> str:
     """
     stripped = validate_prefix(prefix).rstrip("/")
     return f"{stripped}/" if stripped else ""
+
+
+def names_under(keys: Iterable[str], prefix: str) -> list[str]:
+    """The sorted names directly under ``prefix`` (``""`` or ending in ``/``): keys and folders.
+
+    For stores that hold a flat set of keys, where folders exist only as parts of keys.
+    """
+    start = len(prefix)
+    return sorted(
+        {
+            key[start:].split("/", 1)[0]
+            for key in keys
+            if key.startswith(prefix) and len(key) > start
+        }
+    )
 
 
 def _non_negative_int(value: object, field: str, byte_range: ByteRequest) -> int:

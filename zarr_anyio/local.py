@@ -15,7 +15,7 @@ import stat
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import anyio
 from zarr.abc.store import ByteRequest
@@ -26,8 +26,6 @@ from ._keys import byte_range_slice, check_byte_range, validate_key
 from ._threads import run_in_worker
 
 __all__ = ["LocalStore"]
-
-T = TypeVar("T")
 
 # Temporary files of writes in progress start with this, and listings leave them out.
 TEMP_MARK = ".__zarr_anyio_tmp__."

@@ -10,7 +10,7 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._base import AnyioStore
-from ._keys import byte_range_slice, check_byte_range, validate_key
+from ._keys import byte_range_slice, check_byte_range, names_under, validate_key
 
 __all__ = ["MemoryStore"]
 
@@ -106,12 +106,7 @@ class MemoryStore(AnyioStore):
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
         await anyio.lowlevel.checkpoint()
-        names = {
-            key[len(prefix) :].split("/", 1)[0]
-            for key in list(self._store_dict)
-            if key.startswith(prefix) and len(key) > len(prefix)
-        }
-        return sorted(names)
+        return names_under(list(self._store_dict), prefix)
 
     async def _backend_delete_dir(self, prefix: str) -> None:
         await anyio.lowlevel.checkpoint()
