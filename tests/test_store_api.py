@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import pytest
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 
-from zarr_anyio import AnyioStore, LocalStore, MemoryStore
+from zarr_anyio import AnyioStore, LocalStore, MemoryStore, ZipStore
 
 pytestmark = pytest.mark.anyio
 
@@ -24,11 +24,27 @@ def buf(data: bytes) -> Buffer:
     return cpu.Buffer.from_bytes(data)
 
 
-@pytest.fixture(params=["memory", "local"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> AnyioStore:
+@pytest.fixture(params=["memory", "local", "zip"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyioStore]:
     if request.param == "memory":
-        return MemoryStore()
-    return LocalStore(tmp_path / "store")
+        yield MemoryStore()
+    elif request.param == "local":
+        yield LocalStore(tmp_path / "store")
+    else:
+        (tmp_path / "store").mkdir()
+        zip_store = ZipStore(tmp_path / "store" / "data.zip", mode="w")
+        yield zip_store
+        zip_store.close()
+
+
+def read_only_view(store: AnyioStore) -> AnyioStore:
+    """The same data through a read-only store (a zip is closed and reopened for reading)."""
+    if isinstance(store, ZipStore):
+        store.close()
+        return ZipStore(store.path, mode="r")
+    reader = store.with_read_only(True)
+    assert isinstance(reader, AnyioStore)
+    return reader
 
 
 async def fill(store: AnyioStore, keys: dict[str, bytes]) -> None:
@@ -310,8 +326,7 @@ async def test_local_store_never_touches_outside_its_root(tmp_path: Path) -> Non
 
 async def test_read_only_refuses_every_write_and_changes_nothing(store: AnyioStore) -> None:
     await fill(store, {"a/c/0": b"old", "zarr.json": b"{}"})
-    reader = store.with_read_only(True)
-    assert isinstance(reader, AnyioStore)
+    reader = read_only_view(store)
     writes: list[Callable[[], Coroutine[Any, Any, Any]]] = [
         lambda: reader.set("a/c/0", buf(b"new")),
         lambda: reader.set("new", buf(b"new")),
