@@ -96,6 +96,39 @@ def bench_array(folder: Path, chunk_bytes: int, chunks: int, repeat: int) -> lis
     return lines
 
 
+def bench_zip(folder: Path, chunk_bytes: int, chunks: int, repeat: int) -> list[str]:
+    """zarr-python reading one array from a zip through zarr's ZipStore and through ours."""
+    items = chunk_bytes // 8
+    path = folder / f"array-{chunk_bytes}.zip"
+    data = np.arange(items * chunks, dtype="float64")
+    with zarr.storage.ZipStore(path, mode="w") as writer:
+        zarr.create_array(
+            store=writer, shape=data.shape, chunks=(items,), dtype="float64", compressors=None
+        )[:] = data
+    theirs = zarr.storage.ZipStore(path, mode="r")
+    ours = zarr_anyio.ZipStore(path, mode="r")
+
+    def read_array(store: Any) -> None:
+        result = zarr.open_array(store=store, mode="r")[:]
+        assert result[-1] == data[-1]
+
+    timings = median_seconds(
+        {
+            "zarr arr[:] via zarr.storage.ZipStore": lambda: read_array(theirs),
+            "zarr arr[:] via zarr_anyio.ZipStore": lambda: read_array(ours),
+        },
+        repeat,
+    )
+    theirs.close()
+    ours.close()
+    lines = [f"\n## zip: {chunks} chunks of {chunk_bytes // 1024} KiB (median of {repeat})"]
+    for name, seconds in timings.items():
+        lines.append(f"{name:48s} {seconds * 1000:9.1f} ms  {seconds / chunks * 1e6:8.1f} µs/chunk")
+    first, second = timings.values()
+    lines.append(f"ratio zip arr[:] ours/theirs:        {second / first:.2f}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small arrays, few repetitions")
@@ -108,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         for chunk_bytes, chunks in cases:
             for line in bench_array(Path(folder), chunk_bytes, chunks, repeat):
                 print(line, flush=True)
+        for line in bench_zip(Path(folder), 4096, 100 if args.quick else 1000, repeat):
+            print(line, flush=True)
     return 0
 
 
