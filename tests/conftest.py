@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+
+from servers import HTTPServer, S3Server
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server on a free loopback port, for the whole session."""
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def http_server_session() -> Iterator[HTTPServer]:
+    server = HTTPServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http_server(http_server_session: HTTPServer) -> HTTPServer:
+    """The loopback HTTP server, emptied and with no faults, for one test."""
+    http_server_session.reset()
+    return http_server_session

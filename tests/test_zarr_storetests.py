@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 from zarr.abc.store import Store
 from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.testing.store import StoreTests
 
-from zarr_anyio import LocalStore, MemoryStore, ZipStore
+from servers import S3Server
+from zarr_anyio import FsspecStore, LocalStore, MemoryStore, ZipStore
 
 pytestmark = pytest.mark.anyio
 
@@ -136,3 +140,69 @@ class TestZipStore(OpenedOnZarrsLoop, StoreTests[ZipStore, cpu.Buffer]):
             with zipfile.ZipFile(store_kwargs["path"], mode="w"):
                 pass
         await super().test_store_open_read_only(store_kwargs, read_only)
+
+
+class FsspecHarness(OpenedOnZarrsLoop):
+    """Reads and writes for the harness go straight to the filesystem, not through the store."""
+
+    async def set(self, store: FsspecStore, key: str, value: Buffer) -> None:
+        fs = store.fs
+        path = f"{store.path.rstrip('/')}/{key}"
+        if getattr(fs, "asynchronous", False):
+            await anyio.to_thread.run_sync(lambda: sync_fs(fs).pipe_file(path, value.to_bytes()))
+        else:
+            await anyio.to_thread.run_sync(lambda: fs.pipe_file(path, value.to_bytes()))
+
+    async def get(self, store: FsspecStore, key: str) -> Buffer:
+        fs = sync_fs(store.fs) if getattr(store.fs, "asynchronous", False) else store.fs
+        path = f"{store.path.rstrip('/')}/{key}"
+        return cpu.Buffer.from_bytes(await anyio.to_thread.run_sync(lambda: fs.cat_file(path)))
+
+    def test_store_repr(self, store: FsspecStore) -> None:
+        assert repr(store) == f"<FsspecStore({type(store.fs).__name__}, {store.path})>"
+
+    def test_store_supports_writes(self, store: FsspecStore) -> None:
+        assert store.supports_writes
+
+    def test_store_supports_listing(self, store: FsspecStore) -> None:
+        assert store.supports_listing
+
+
+def sync_fs(fs: Any) -> Any:
+    """A blocking twin of an async filesystem instance, for the harness's own reads/writes."""
+    return type(fs)(*fs.storage_args, **{**fs.storage_options, "asynchronous": False})
+
+
+class TestFsspecStoreS3(FsspecHarness, StoreTests[FsspecStore, cpu.Buffer]):
+    store_cls = FsspecStore
+    buffer_cls = cpu.Buffer
+
+    @pytest.fixture
+    def store_kwargs(self, s3_server: S3Server) -> dict[str, Any]:
+        bucket = s3_server.new_bucket()
+        return {"fs": s3_server.s3fs(asynchronous=False), "path": f"{bucket}/root"}
+
+
+class TestFsspecStoreS3Async(FsspecHarness, StoreTests[FsspecStore, cpu.Buffer]):
+    """An ``asynchronous=True`` s3fs, as ``from_url`` makes: it runs on the bridge's loop."""
+
+    store_cls = FsspecStore
+    buffer_cls = cpu.Buffer
+
+    @pytest.fixture
+    def store_kwargs(self, s3_server: S3Server) -> dict[str, Any]:
+        bucket = s3_server.new_bucket()
+        return {"fs": s3_server.s3fs(asynchronous=True), "path": f"{bucket}/root"}
+
+
+class TestFsspecStoreMemory(FsspecHarness, StoreTests[FsspecStore, cpu.Buffer]):
+    """A sync filesystem: its calls run in worker threads."""
+
+    store_cls = FsspecStore
+    buffer_cls = cpu.Buffer
+
+    @pytest.fixture
+    def store_kwargs(self) -> dict[str, Any]:
+        import fsspec
+
+        return {"fs": fsspec.filesystem("memory"), "path": f"/{uuid.uuid4().hex}"}

@@ -1,9 +1,22 @@
 """Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio."""
 
-from ._base import AnyioStore, FetchRequest
+from ._base import AnyioStore, FetchRequest, RemoteStore
+from ._limits import NO_RETRY, RateLimit, Retry
+from .fsspec import FsspecStore
 from .local import LocalStore
 from .memory import MemoryStore
 from .zip import ZipStore
 
-__all__ = ["AnyioStore", "FetchRequest", "LocalStore", "MemoryStore", "ZipStore"]
+__all__ = [
+    "NO_RETRY",
+    "AnyioStore",
+    "FetchRequest",
+    "FsspecStore",
+    "LocalStore",
+    "MemoryStore",
+    "RateLimit",
+    "RemoteStore",
+    "Retry",
+    "ZipStore",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,220 @@
+"""Real protocol peers on 127.0.0.1 for the remote-store tests: moto's S3 server, and a small
+HTTP server with Range support that can count requests in flight and inject faults."""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import requests
+
+
+class S3Server:
+    """moto's S3 server in a thread, on a free loopback port."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+
+    def start(self) -> None:
+        self._server.start()
+        self.endpoint = f"http://127.0.0.1:{self._server._server.server_port}"
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def new_bucket(self) -> str:
+        name = f"b-{uuid.uuid4().hex[:16]}"
+        response = requests.put(f"{self.endpoint}/{name}", timeout=10)
+        response.raise_for_status()
+        return name
+
+    def s3fs(self, **options: Any) -> Any:
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            key="testing",
+            secret="testing",
+            client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+            **options,
+        )
+
+    def obstore(self, bucket: str, **options: Any) -> Any:
+        from obstore.store import S3Store
+
+        return S3Store(
+            bucket,
+            endpoint=self.endpoint,
+            access_key_id="testing",
+            secret_access_key="testing",
+            region="us-east-1",
+            client_options={"allow_http": True},
+            **options,
+        )
+
+
+@dataclass
+class Faults:
+    """What share of requests the HTTP server spoils, and how."""
+
+    slow_down: float = 0.0  # 503 SlowDown
+    server_error: float = 0.0  # 500
+    drop: float = 0.0  # close the connection without an answer
+    delay: float = 0.0  # seconds to wait before answering every request
+    seed: int = 0
+    _random: random.Random = field(default_factory=random.Random, repr=False)
+
+    def __post_init__(self) -> None:
+        self._random.seed(self.seed)
+
+    def pick(self) -> str | None:
+        roll = self._random.random()
+        for kind, share in (
+            ("503", self.slow_down),
+            ("500", self.server_error),
+            ("drop", self.drop),
+        ):
+            if roll < share:
+                return kind
+            roll -= share
+        return None
+
+
+class HTTPServer:
+    """Serves a dict of objects over HTTP/1.1 on loopback, with Range, HEAD, PUT and DELETE.
+
+    Counts requests and how many were in flight at once, and can spoil a share of them
+    (`Faults`); every count is the server's own, not the client's.
+    """
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.faults = Faults()
+        self.requests = 0
+        self.spoiled: dict[str, int] = {"503": 0, "500": 0, "drop": 0}
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.times: list[float] = []
+        self.paths: list[str] = []
+        self._lock = threading.Lock()
+        self.cancelled_mid_request = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _enter(self) -> str | None:
+                with server._lock:
+                    server.requests += 1
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                    server.times.append(time.monotonic())
+                    server.paths.append(self.path)
+                    fault = server.faults.pick()
+                    if fault:
+                        server.spoiled[fault] += 1
+                return fault
+
+            def _leave(self) -> None:
+                with server._lock:
+                    server.in_flight -= 1
+
+            def _answer(
+                self, status: int, body: bytes = b"", headers: dict[str, str] | None = None
+            ) -> None:
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _handle(self, read: bool) -> None:
+                fault = self._enter()
+                try:
+                    if server.faults.delay:
+                        time.sleep(server.faults.delay)
+                    if fault == "drop":
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    if fault in ("503", "500"):
+                        body = (
+                            b"<Error><Code>SlowDown</Code></Error>" if fault == "503" else b"oops"
+                        )
+                        self._answer(int(fault), body)
+                        return
+                    key = self.path.lstrip("/").split("?")[0]
+                    data = server.objects.get(key)
+                    if data is None:
+                        self._answer(404, b"not found")
+                        return
+                    self._serve(data, read)
+                finally:
+                    self._leave()
+
+            def _serve(self, data: bytes, read: bool) -> None:
+                wanted = self.headers.get("Range")
+                if not wanted:
+                    self._answer(200, data, {"Accept-Ranges": "bytes"})
+                    return
+                spec = wanted.removeprefix("bytes=")
+                first, _, last = spec.partition("-")
+                size = len(data)
+                if first == "":
+                    start, end = max(0, size - int(last)), size
+                else:
+                    start = int(first)
+                    end = min(size, int(last) + 1) if last else size
+                if start >= size and size > 0:
+                    self._answer(416, b"", {"Content-Range": f"bytes */{size}"})
+                    return
+                self._answer(
+                    206,
+                    data[start:end],
+                    {
+                        "Content-Range": f"bytes {start}-{max(start, end - 1)}/{size}",
+                        "Accept-Ranges": "bytes",
+                    },
+                )
+
+            def do_GET(self) -> None:
+                self._handle(read=True)
+
+            def do_HEAD(self) -> None:
+                self._handle(read=False)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.objects.clear()
+            self.faults = Faults()
+            self.requests = 0
+            self.spoiled = {"503": 0, "500": 0, "drop": 0}
+            self.most_in_flight = 0
+            self.times.clear()
+            self.paths.clear()

@@ -1,0 +1,270 @@
+"""FsspecStore: any fsspec filesystem, drop-in for ``zarr.storage.FsspecStore``.
+
+An async filesystem (s3fs, http, gcsfs, …) runs its coroutines on an asyncio loop through the
+bridge: its own loop if it has one (created with ``asynchronous=False``), otherwise the bridge's
+loop, so its network session lives on one loop whoever calls. A sync filesystem (memory, local,
+zip, …) runs in worker threads. Either way each request holds a token of the store's limiter,
+waits its turn under ``rate_limit=`` and is retried under ``retry=``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import posixpath
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
+
+import anyio
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
+
+from ._base import RemoteStore
+from ._bridge import run_on_loop
+from ._limits import RateLimit, Retry
+from ._threads import run_in_worker
+
+__all__ = ["ALLOWED_EXCEPTIONS", "FsspecStore"]
+
+T = TypeVar("T")
+
+ALLOWED_EXCEPTIONS: tuple[type[Exception], ...] = (
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+def _join(root: str, key: str) -> str:
+    root = root.rstrip("/")
+    return f"{root}/{key}" if root else key
+
+
+def _fetch_limits(byte_range: ByteRequest | None) -> tuple[int | None, int | None]:
+    """fsspec's ``start``/``end`` for a byte range (a negative start is a suffix)."""
+    if byte_range is None:
+        return None, None
+    if isinstance(byte_range, RangeByteRequest):
+        return byte_range.start, byte_range.end
+    if isinstance(byte_range, OffsetByteRequest):
+        return byte_range.offset, None
+    if isinstance(byte_range, SuffixByteRequest):
+        return -byte_range.suffix, None
+    raise TypeError(f"Unexpected byte_range, got {byte_range!r}.")
+
+
+def _is_empty_range(byte_range: ByteRequest | None) -> bool:
+    # HTTP cannot ask for zero bytes ("bytes=3-2" is the whole object on many servers).
+    return (isinstance(byte_range, RangeByteRequest) and byte_range.start == byte_range.end) or (
+        isinstance(byte_range, SuffixByteRequest) and byte_range.suffix == 0
+    )
+
+
+class FsspecStore(RemoteStore):
+    """Store for any fsspec filesystem.
+
+    Parameters
+    ----------
+    fs
+        An fsspec filesystem (async or not), or an ``FSMap`` from ``fs.get_mapper(path)``.
+    read_only
+        Refuse every write.
+    path
+        The root of the store in ``fs`` (no scheme).
+    allowed_exceptions
+        Errors that mean "no such key" when reading.
+    max_concurrency, limiter, retry, rate_limit
+        See `RemoteStore`.
+    """
+
+    fs: Any
+    path: str
+    allowed_exceptions: tuple[type[Exception], ...]
+
+    def __init__(
+        self,
+        fs: Any,
+        read_only: bool = False,
+        path: str = "/",
+        allowed_exceptions: tuple[type[Exception], ...] = ALLOWED_EXCEPTIONS,
+        *,
+        max_concurrency: int | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        retry: Retry | int | None = None,
+        rate_limit: RateLimit | float | None = None,
+    ) -> None:
+        super().__init__(
+            read_only=read_only,
+            max_concurrency=max_concurrency,
+            limiter=limiter,
+            retry=retry,
+            rate_limit=rate_limit,
+        )
+        mapper_fs = getattr(fs, "fs", None)
+        if mapper_fs is not None and hasattr(fs, "root"):
+            # An FSMap: its filesystem, rooted where the mapping is.
+            path, fs = fs.root, mapper_fs
+        if not hasattr(fs, "protocol") or not hasattr(fs, "async_impl"):
+            raise TypeError(f"fs must be an fsspec filesystem or FSMap, got {type(fs).__name__}")
+        if not isinstance(path, str):
+            raise TypeError(f"path must be a str, got {type(path).__name__}")
+        if "://" in path:
+            raise ValueError(f"path must not include a scheme, got {path!r}")
+        self.fs = fs
+        self.path = path
+        self.allowed_exceptions = allowed_exceptions
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        read_only: bool = False,
+        allowed_exceptions: tuple[type[Exception], ...] = ALLOWED_EXCEPTIONS,
+        **kwargs: Any,
+    ) -> FsspecStore:
+        """A store for ``url`` (``s3://bucket/path``, ``https://…``, ``memory://…``, …)."""
+        from fsspec import url_to_fs  # type: ignore[import-untyped]
+
+        fs, path = url_to_fs(url, **{"asynchronous": True, **(storage_options or {})})
+        return cls(
+            fs, read_only=read_only, path=path, allowed_exceptions=allowed_exceptions, **kwargs
+        )
+
+    @classmethod
+    def from_mapper(cls, fs_map: Any, read_only: bool = False, **kwargs: Any) -> FsspecStore:
+        return cls(fs_map, read_only=read_only, **kwargs)
+
+    def with_read_only(self, read_only: bool = False) -> FsspecStore:
+        return type(self)(
+            self.fs,
+            read_only=read_only,
+            path=self.path,
+            allowed_exceptions=self.allowed_exceptions,
+            **self._store_kwargs(),
+        )
+
+    def __repr__(self) -> str:
+        return f"<FsspecStore({type(self.fs).__name__}, {self.path})>"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, type(self))
+            and self.path == other.path
+            and self.read_only == other.read_only
+            and self.fs == other.fs
+        )
+
+    # ---------------------------------------------------------------- calling the filesystem
+
+    def _loop(self) -> asyncio.AbstractEventLoop | None:
+        # A sync instance of an async filesystem has its own loop thread (fsspec's); an async
+        # instance gets the bridge's loop, so its session stays on one loop.
+        asynchronous = getattr(self.fs, "asynchronous", False)
+        loop: asyncio.AbstractEventLoop | None = None if asynchronous else self.fs.loop
+        return loop
+
+    async def _fs(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``fs.<method>`` (or its coroutine ``fs._<method>``) as one request."""
+        if self.fs.async_impl:
+            coroutine_function = getattr(self.fs, f"_{method}")
+            loop = self._loop()
+
+            def start() -> Awaitable[Any]:
+                return run_on_loop(lambda: coroutine_function(*args, **kwargs), loop)
+
+            return await self._request(start)
+        function = getattr(self.fs, method)
+        return await self._request(lambda: run_in_worker(lambda _: function(*args, **kwargs)))
+
+    async def _files_under(self, folder: str) -> list[str]:
+        """Every file under ``folder`` (a path in ``fs``), as paths in ``fs``."""
+        try:
+            found = await self._fs("find", folder, withdirs=False, detail=False)
+        except self.allowed_exceptions:
+            return []
+        return list(found)
+
+    def _key_of(self, path: str) -> str:
+        root = self.path.rstrip("/")
+        path = path.lstrip("/") if not root.startswith("/") else path
+        return path[len(root) + 1 :] if root else path
+
+    # ---------------------------------------------------------------- backend hooks
+
+    async def _backend_get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> Buffer | None:
+        path = _join(self.path, key)
+        try:
+            if _is_empty_range(byte_range):
+                if not await self._fs("isfile", path):
+                    return None
+                return prototype.buffer.from_bytes(b"")
+            start, end = _fetch_limits(byte_range)
+            data = await self._fs("cat_file", path, start=start, end=end)
+        except self.allowed_exceptions:
+            return None
+        except OSError as error:
+            # A range that starts past the end: HTTP 416. zarr's answer is "what exists": none.
+            if "not satisfiable" in str(error) or "416" in str(error):
+                return prototype.buffer.from_bytes(b"")
+            raise
+        return prototype.buffer.from_bytes(data)
+
+    async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
+        path = _join(self.path, key)
+        data = value.to_bytes()
+        if not exclusive:
+            await self._fs("pipe_file", path, data)
+            return
+        if self.fs.protocol in ("s3", "s3a") or "s3" in self.fs.protocol:
+            # A conditional PUT (If-None-Match: *): atomic on S3.
+            try:
+                await self._fs("pipe_file", path, data, mode="create")
+            except FileExistsError:
+                pass
+            except OSError as error:
+                if "PreconditionFailed" not in str(error) and "412" not in str(error):
+                    raise
+            return
+        # Elsewhere fsspec has no atomic create: check, then write (documented).
+        if not await self._fs("isfile", path):
+            await self._fs("pipe_file", path, data)
+
+    async def _backend_delete(self, key: str) -> None:
+        with contextlib.suppress(*self.allowed_exceptions):
+            await self._fs("rm_file", _join(self.path, key))
+
+    async def _backend_exists(self, key: str) -> bool:
+        return bool(await self._fs("isfile", _join(self.path, key)))
+
+    async def _backend_getsize(self, key: str) -> int:
+        info = await self._fs("info", _join(self.path, key))
+        if info.get("type") != "file":
+            raise FileNotFoundError(key)
+        return int(info["size"])
+
+    async def _backend_list_prefix(self, prefix: str) -> Iterable[str]:
+        # Keys that start with the string prefix: list the folder the prefix ends in, filter.
+        folder = posixpath.dirname(prefix)
+        paths = await self._files_under(_join(self.path, folder) if folder else self.path)
+        keys = (self._key_of(path) for path in paths)
+        return [key for key in keys if key.startswith(prefix)]
+
+    async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
+        folder = _join(self.path, prefix.rstrip("/")) if prefix else self.path
+        try:
+            entries = await self._fs("ls", folder, detail=False)
+        except self.allowed_exceptions:
+            return []
+        names = {posixpath.basename(str(entry).rstrip("/")) for entry in entries}
+        names.discard(posixpath.basename(folder.rstrip("/")) if not entries else "")
+        return sorted(name for name in names if name)
+
+    async def _backend_delete_dir(self, prefix: str) -> None:
+        folder = _join(self.path, prefix.rstrip("/")) if prefix else self.path
+        paths = await self._files_under(folder)
+        if paths:
+            with contextlib.suppress(*self.allowed_exceptions):
+                await self._fs("rm", paths)
