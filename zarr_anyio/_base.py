@@ -10,13 +10,11 @@ tasks in one task group, pulling from the request iterator). A backend fills in 
 from __future__ import annotations
 
 import abc
-import asyncio
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
-    Coroutine,
     Generator,
     Iterable,
     Iterator,
@@ -30,9 +28,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from ._bridge import run_blocking
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
-from ._bridge import bridge_loop
-from ._limits import ConcurrencyLimit, RateLimit, Retry, call_with_retries, running_loop
+from ._limits import ConcurrencyLimit, RateLimit, Retry, call_with_retries
 from ._threads import CheckCancelled, HopCoalescer, run_in_worker, timed
 
 __all__ = [
@@ -556,12 +554,6 @@ class RemoteStore(AnyioStore):
     # at a time instead of ``max_concurrency``.
     _supports_sync_io = False
 
-    def _wait_for(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-        loop = bridge_loop()
-        if running_loop() is loop:
-            raise RuntimeError("a blocking call cannot be made from the bridge's own loop")
-        return asyncio.run_coroutine_threadsafe(make(), loop).result()
-
     def get_sync(
         self,
         key: str,
@@ -569,10 +561,10 @@ class RemoteStore(AnyioStore):
         prototype: BufferPrototype | None = None,
         byte_range: ByteRequest | None = None,
     ) -> Buffer | None:
-        return self._wait_for(lambda: self.get(key, prototype, byte_range))
+        return run_blocking(lambda: self.get(key, prototype, byte_range))
 
     def set_sync(self, key: str, value: Buffer) -> None:
-        self._wait_for(lambda: self.set(key, value))
+        run_blocking(lambda: self.set(key, value))
 
     def delete_sync(self, key: str) -> None:
-        self._wait_for(lambda: self.delete(key))
+        run_blocking(lambda: self.delete(key))

@@ -14,6 +14,7 @@ A caller already on the target loop awaits the coroutine directly: no hop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ import anyio
 
 from ._limits import current_loop_key
 
-__all__ = ["bridge_loop", "run_on_loop"]
+__all__ = ["bridge_loop", "run_blocking", "run_on_loop"]
 
 T = TypeVar("T")
 
@@ -79,7 +80,8 @@ async def run_on_loop(
 
     def start() -> None:
         # On the target loop. The caller waits for this task's end, so it is not left behind.
-        task = target.create_task(make())
+        # A fresh context: the caller's (a trio task's, say) must not leak into asyncio code.
+        task = target.create_task(make(), context=contextvars.Context())
         task.add_done_callback(lambda _: wake(ended.set))
         tasks.append(task)
 
@@ -87,13 +89,13 @@ async def run_on_loop(
         # Also on the target loop, and after start(): callbacks from one thread run in order.
         tasks[0].cancel()
 
-    target.call_soon_threadsafe(start)
+    target.call_soon_threadsafe(start, context=contextvars.Context())
     try:
         await ended.wait()
     except BaseException:
         # Cancelled (or interrupted): stop the bridged task and wait for it to end, shielded,
         # so nothing of this call outlives it.
-        target.call_soon_threadsafe(cancel)
+        target.call_soon_threadsafe(cancel, context=contextvars.Context())
         with anyio.CancelScope(shield=True):
             await ended.wait()
         raise
@@ -104,3 +106,22 @@ async def run_on_loop(
     if error is not None:
         raise error
     return task.result()
+
+
+def run_blocking(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``make()`` on the bridge loop from plain blocking code, and wait for its result."""
+    target = bridge_loop()
+    if threading.current_thread().name == "zarr_anyio-bridge":
+        raise RuntimeError("a blocking call cannot be made from the bridge's own loop")
+    done = threading.Event()
+    tasks: list[asyncio.Task[T]] = []
+
+    def start() -> None:
+        # A fresh context, so that a trio or asyncio caller in this thread does not leak in.
+        task = target.create_task(make(), context=contextvars.Context())
+        task.add_done_callback(lambda _: done.set())
+        tasks.append(task)
+
+    target.call_soon_threadsafe(start, context=contextvars.Context())
+    done.wait()
+    return tasks[0].result()

@@ -9,7 +9,6 @@ to draw on one budget passes a limiter of their own, and that one is used everyw
 
 from __future__ import annotations
 
-import asyncio
 import random
 import re
 import threading
@@ -32,7 +31,6 @@ __all__ = [
     "call_with_retries",
     "current_loop_key",
     "is_transient",
-    "running_loop",
 ]
 
 DEFAULT_MAX_CONCURRENCY = 32
@@ -45,14 +43,6 @@ def current_loop_key() -> Any:
     token = anyio.lowlevel.current_token()
     # anyio >= 4.11 wraps the native token; older releases return it bare.
     return getattr(token, "native_token", token)
-
-
-def running_loop() -> asyncio.AbstractEventLoop | None:
-    """The asyncio loop running in this thread, if any (callable from plain sync code)."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 class LoopLocal(Generic[T]):
