@@ -5,6 +5,7 @@ from ._limits import NO_RETRY, RateLimit, Retry
 from .fsspec import FsspecStore
 from .local import LocalStore
 from .memory import MemoryStore
+from .object import ObjectStore
 from .zip import ZipStore
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "FsspecStore",
     "LocalStore",
     "MemoryStore",
+    "ObjectStore",
     "RateLimit",
     "RemoteStore",
     "Retry",
