@@ -12,7 +12,8 @@ import pytest
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 
-from zarr_anyio import AnyioStore, LocalStore, MemoryStore, ZipStore
+from servers import S3Server
+from zarr_anyio import AnyioStore, FsspecStore, LocalStore, MemoryStore, ObjectStore, ZipStore
 
 pytestmark = pytest.mark.anyio
 
@@ -24,12 +25,18 @@ def buf(data: bytes) -> Buffer:
     return cpu.Buffer.from_bytes(data)
 
 
-@pytest.fixture(params=["memory", "local", "zip"])
+@pytest.fixture(params=["memory", "local", "zip", "fsspec-s3", "obstore-s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyioStore]:
     if request.param == "memory":
         yield MemoryStore()
     elif request.param == "local":
         yield LocalStore(tmp_path / "store")
+    elif request.param == "fsspec-s3":
+        s3: S3Server = request.getfixturevalue("s3_server")
+        yield FsspecStore(s3.s3fs(asynchronous=True), path=f"{s3.new_bucket()}/root")
+    elif request.param == "obstore-s3":
+        s3 = request.getfixturevalue("s3_server")
+        yield ObjectStore(s3.obstore(s3.new_bucket()))
     else:
         (tmp_path / "store").mkdir()
         zip_store = ZipStore(tmp_path / "store" / "data.zip", mode="w")

@@ -148,6 +148,17 @@ _TRANSIENT_CLASS_NAMES = frozenset(
         "IncompleteRead",
     }
 )
+# What clients say when a connection broke (obstore's Rust client, among others).
+_CONNECTION_TROUBLE = (
+    "error sending request",
+    "connection closed",
+    "connection reset",
+    "connection refused",
+    "broken pipe",
+    "incompletemessage",
+    "operation timed out",
+    "unexpected eof",
+)
 _STATUS_IN_MESSAGE = re.compile(r"\b(?:status(?: code)?|HTTP)\W{0,3}(429|5\d\d)\b", re.IGNORECASE)
 
 
@@ -188,6 +199,8 @@ def is_transient(error: BaseException) -> bool:
                 return code in _TRANSIENT_CODES or str(code) in {str(s) for s in _TRANSIENT_STATUS}
         text = str(current)
         if "SlowDown" in text or _STATUS_IN_MESSAGE.search(text):
+            return True
+        if any(trouble in text.lower() for trouble in _CONNECTION_TROUBLE):
             return True
         current = current.__cause__ or current.__context__
     return False

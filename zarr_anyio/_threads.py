@@ -52,6 +52,9 @@ _executor_lock = threading.Lock()
 _EXECUTOR_THREADS = 256
 
 
+_trio_threads = LoopLocal(lambda: anyio.CapacityLimiter(_EXECUTOR_THREADS))
+
+
 class _StopRequested(Exception):
     """Raised in a worker thread whose asyncio caller was cancelled."""
 
@@ -69,7 +72,10 @@ async def run_in_worker(function: Callable[[CheckCancelled], T]) -> T:
     """Run ``function(check_cancelled)`` in a worker thread and return what it returns."""
     loop = current_loop_key()
     if not isinstance(loop, asyncio.AbstractEventLoop):
-        return await anyio.to_thread.run_sync(function, anyio.from_thread.check_cancelled)
+        # anyio's default allows 40 threads; the store's own limiter is the bound that counts.
+        return await anyio.to_thread.run_sync(
+            function, anyio.from_thread.check_cancelled, limiter=_trio_threads.get()
+        )
 
     stop = threading.Event()
 
@@ -180,6 +186,8 @@ class HopCoalescer:
 
     def batch_size(self, waiting: int = MAX_BATCH) -> int:
         """How many calls one hop should take, given the calls seen so far."""
+        if self._wait_ratio > IO_BOUND_RATIO:
+            return 1  # calls that wait for the device wait in parallel, not in a queue
         wanted = math.ceil(HOP_COST / HOP_SHARE / max(self._call_seconds, 1e-9))
         return max(1, min(wanted, MAX_BATCH, waiting))
 

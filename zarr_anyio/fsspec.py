@@ -108,8 +108,6 @@ class FsspecStore(RemoteStore):
             raise TypeError(f"fs must be an fsspec filesystem or FSMap, got {type(fs).__name__}")
         if not isinstance(path, str):
             raise TypeError(f"path must be a str, got {type(path).__name__}")
-        if "://" in path:
-            raise ValueError(f"path must not include a scheme, got {path!r}")
         self.fs = fs
         self.path = path
         self.allowed_exceptions = allowed_exceptions

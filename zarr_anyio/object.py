@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import posixpath
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -30,12 +31,14 @@ __all__ = ["ObjectStore"]
 
 T = TypeVar("T")
 
-_RANGE_ERRORS = ("Invalid range", "not satisfiable", "416", "InvalidRange")
+_RANGE_ERROR = re.compile(
+    r"Invalid range|not satisfiable|InvalidRange|status code: 416", re.IGNORECASE
+)
 
 
 def _is_range_error(error: Exception) -> bool:
-    text = str(error)
-    return any(marker in text for marker in _RANGE_ERRORS)
+    """A range that starts past the end of the object (not any other error)."""
+    return _RANGE_ERROR.search(str(error)) is not None
 
 
 def _options(byte_range: ByteRequest | None) -> Any:
