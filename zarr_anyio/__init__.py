@@ -2,6 +2,7 @@
 
 from ._base import AnyioStore, FetchRequest, RemoteStore
 from ._limits import NO_RETRY, RateLimit, Retry
+from ._open import open_store
 from .fsspec import FsspecStore
 from .local import LocalStore
 from .memory import MemoryStore
@@ -20,5 +21,6 @@ __all__ = [
     "RemoteStore",
     "Retry",
     "ZipStore",
+    "open_store",
 ]
 __version__ = "0.1.0"

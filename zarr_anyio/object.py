@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import re
 import posixpath
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
