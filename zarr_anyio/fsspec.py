@@ -124,7 +124,10 @@ class FsspecStore(RemoteStore):
         """A store for ``url`` (``s3://bucket/path``, ``https://…``, ``memory://…``, …)."""
         from fsspec import url_to_fs  # type: ignore[import-untyped]
 
-        fs, path = url_to_fs(url, **{"asynchronous": True, **(storage_options or {})})
+        # An instance of our own: an async filesystem's session belongs to the loop that first
+        # used it, and fsspec would otherwise hand the same cached instance to other code.
+        options = {"asynchronous": True, "skip_instance_cache": True, **(storage_options or {})}
+        fs, path = url_to_fs(url, **options)
         return cls(
             fs, read_only=read_only, path=path, allowed_exceptions=allowed_exceptions, **kwargs
         )

@@ -1,0 +1,177 @@
+"""Remote stores against servers on loopback, measured in one run against zarr-python's own.
+
+    python3 tests/dev.py bench            # runs this after the local benchmarks
+    python benchmarks/remote.py --quick   # a short run
+
+1. An array on moto's S3 server, read by zarr-python (``arr[:]``) through
+   ``zarr.storage.FsspecStore``, ``zarr.storage.ObjectStore`` and ours (both), and our bulk read
+   under asyncio and under trio.
+2. A latency-bound read: an HTTP server that waits 20 ms per request, N objects of 4 KiB, read
+   with ``get_partial_values`` at several ``max_concurrency``; requests/s against the ideal
+   (concurrency / latency), and zarr's ObjectStore over the same server for comparison.
+
+moto and Python's HTTP server run in this process and use its CPU too: on a 2-core machine the
+servers, not the clients, set the ceiling at high concurrency. Read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import zarr
+import zarr.storage
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+import zarr_anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import median_seconds
+from servers import Faults, HTTPServer, S3Server
+
+PROTO = default_buffer_prototype()
+
+
+def bench_s3(chunks: int, repeat: int) -> list[str]:
+    import fsspec
+    from obstore.store import S3Store
+
+    server = S3Server()
+    server.start()
+    try:
+        bucket = server.new_bucket()
+        options = {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": server.endpoint, "region_name": "us-east-1"},
+        }
+        data = np.arange(512 * chunks, dtype="float64")
+        writer = zarr_anyio.FsspecStore.from_url(f"s3://{bucket}/a", storage_options=options)
+        zarr.create_array(
+            store=writer, shape=data.shape, chunks=(512,), dtype="float64", compressors=None
+        )[:] = data
+
+        def s3store() -> Any:
+            return S3Store(
+                bucket,
+                prefix="a",
+                endpoint=server.endpoint,
+                region="us-east-1",
+                access_key_id="testing",
+                secret_access_key="testing",
+                client_options={"allow_http": True},
+            )
+
+        fs = fsspec.filesystem("s3", asynchronous=True, skip_instance_cache=True, **options)
+        stores: dict[str, Any] = {
+            "zarr.storage.FsspecStore": zarr.storage.FsspecStore(fs, path=f"{bucket}/a"),
+            "zarr.storage.ObjectStore": zarr.storage.ObjectStore(s3store()),
+            "zarr_anyio.FsspecStore": zarr_anyio.FsspecStore.from_url(
+                f"s3://{bucket}/a", storage_options=options
+            ),
+            "zarr_anyio.ObjectStore": zarr_anyio.ObjectStore(s3store()),
+        }
+        keys = [(f"c/{i}", None) for i in range(chunks)]
+        ours = stores["zarr_anyio.ObjectStore"]
+
+        def read(store: Any) -> None:
+            assert zarr.open_array(store=store, mode="r")[-1] == data[-1]
+
+        async def bulk() -> None:
+            results = await ours.get_partial_values(PROTO, keys)
+            assert all(r is not None for r in results)
+
+        runs: dict[str, Callable[[], Any]] = {
+            f"arr[:] via {name}": (lambda store=store: read(store))
+            for name, store in stores.items()
+        }
+        runs["our ObjectStore bulk read, asyncio"] = lambda: anyio.run(bulk)
+        runs["our ObjectStore bulk read, trio"] = lambda: anyio.run(bulk, backend="trio")
+        timings = median_seconds(runs, repeat)
+    finally:
+        server.stop()
+    lines = [f"\n## moto S3: {chunks} chunks of 4 KiB (median of {repeat})"]
+    for name, seconds in timings.items():
+        lines.append(f"{name:44s} {seconds * 1000:8.1f} ms  {chunks / seconds:8.0f} chunks/s")
+    t = list(timings.values())
+    lines.append(f"ratio our FsspecStore / zarr's FsspecStore:   {t[2] / t[0]:.2f}")
+    lines.append(f"ratio our ObjectStore / zarr's ObjectStore:   {t[3] / t[1]:.2f}")
+    lines.append(f"ratio our bulk read trio / asyncio:           {t[5] / t[4]:.2f}")
+    return lines
+
+
+def bench_latency(objects: int, concurrencies: list[int]) -> list[str]:
+    from obstore.store import HTTPStore
+
+    server = HTTPServer()
+    server.start()
+    latency = 0.02
+    try:
+        server.objects.update({f"o/{i}": b"x" * 4096 for i in range(objects)})
+        server.faults = Faults(delay=latency)
+        keys = [(f"o/{i}", None) for i in range(objects)]
+        lines = [f"\n## HTTP, {latency * 1000:.0f} ms per request, {objects} objects of 4 KiB"]
+        lines.append("store                        in flight   requests/s   of ideal")
+
+        def client() -> Any:
+            return HTTPStore.from_url(
+                server.url, client_options={"allow_http": True}, retry_config={"max_retries": 0}
+            )
+
+        for concurrency in concurrencies:
+            ideal = concurrency / latency
+            stores: dict[str, Any] = {
+                "zarr_anyio.ObjectStore": zarr_anyio.ObjectStore(
+                    client(), max_concurrency=concurrency
+                ),
+                "zarr_anyio.FsspecStore": zarr_anyio.FsspecStore.from_url(
+                    server.url, max_concurrency=concurrency
+                ),
+            }
+            for name, store in stores.items():
+
+                async def read(store: Any = store) -> None:
+                    await store.get_partial_values(PROTO, keys)
+
+                started = time.perf_counter()
+                anyio.run(read)
+                rate = objects / (time.perf_counter() - started)
+                lines.append(f"{name:28s} {concurrency:9d} {rate:12.0f} {rate / ideal:9.0%}")
+            # zarr's own ObjectStore, bounded by zarr's async.concurrency.
+            with zarr.config.set({"async.concurrency": concurrency}):
+                theirs = zarr.storage.ObjectStore(client())
+                started = time.perf_counter()
+                sync(theirs.get_partial_values(PROTO, keys))
+                rate = objects / (time.perf_counter() - started)
+            name = "zarr.storage.ObjectStore"
+            lines.append(f"{name:28s} {concurrency:9d} {rate:12.0f} {rate / ideal:9.0%}")
+    finally:
+        server.stop()
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    print(
+        f"# zarr_anyio remote benchmarks (python {sys.version.split()[0]}, zarr {zarr.__version__})"
+    )
+    for line in bench_s3(chunks=20 if args.quick else 200, repeat=1 if args.quick else 5):
+        print(line, flush=True)
+    concurrencies = [8] if args.quick else [8, 32, 64, 128]
+    for line in bench_latency(100 if args.quick else 1000, concurrencies):
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
