@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,11 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 import zarr_anyio
+from zarr_anyio._bridge import run_on_loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import median_seconds
+from run import median_results, median_seconds
 from servers import Faults, HTTPServer, S3Server
 
 PROTO = default_buffer_prototype()
@@ -96,6 +98,8 @@ def bench_s3(chunks: int, repeat: int) -> list[str]:
         runs["our ObjectStore bulk read, asyncio"] = lambda: anyio.run(bulk)
         runs["our ObjectStore bulk read, trio"] = lambda: anyio.run(bulk, backend="trio")
         timings = median_seconds(runs, repeat)
+        writer.close()
+        stores["zarr_anyio.FsspecStore"].close()
     finally:
         server.stop()
     lines = [f"\n## moto S3: {chunks} chunks of 4 KiB (median of {repeat})"]
@@ -145,6 +149,7 @@ def bench_latency(objects: int, concurrencies: list[int]) -> list[str]:
                 anyio.run(read)
                 rate = objects / (time.perf_counter() - started)
                 lines.append(f"{name:28s} {concurrency:9d} {rate:12.0f} {rate / ideal:9.0%}")
+                store.close()
             # zarr's own ObjectStore, bounded by zarr's async.concurrency.
             with zarr.config.set({"async.concurrency": concurrency}):
                 theirs = zarr.storage.ObjectStore(client())
@@ -158,6 +163,93 @@ def bench_latency(objects: int, concurrencies: list[int]) -> list[str]:
     return lines
 
 
+async def _in_flight(calls: int, width: int, call: Callable[[int], Awaitable[object]]) -> float:
+    """Seconds for ``calls`` calls of ``call(i)``, ``width`` at a time, in one task group."""
+    numbers = iter(range(calls))
+
+    async def worker() -> None:
+        for number in numbers:
+            await call(number)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(width):
+            tg.start_soon(worker)
+    return time.perf_counter() - started
+
+
+def bench_bridge_hop(calls: int, repeat: int) -> list[str]:
+    """What one trip through the bridge costs, next to a hop to a worker thread."""
+    import asyncio
+
+    async def nothing() -> None:
+        await asyncio.sleep(0)
+
+    def per_call(backend: str, call: Callable[[int], Awaitable[object]]) -> Callable[[], float]:
+        return lambda: anyio.run(_in_flight, calls, 64, call, backend=backend) / calls
+
+    runs: dict[str, Callable[[], float]] = {}
+    for backend in ("asyncio", "trio"):
+        runs[f"bridge hop (run_on_loop), {backend}"] = per_call(
+            backend, lambda _: run_on_loop(nothing)
+        )
+        runs[f"thread hop (anyio.to_thread), {backend}"] = per_call(
+            backend, lambda _: anyio.to_thread.run_sync(lambda: None)
+        )
+    lines = [f"\n## One hop, 64 in flight, {calls} calls (median of {repeat})"]
+    for name, seconds in median_results(runs, repeat).items():
+        lines.append(f"{name:44s} {seconds * 1e6:8.1f} µs per call")
+    return lines
+
+
+def _obstore_paths(client: Any, keys: list[str], repeat: int) -> dict[str, float]:
+    import obstore
+
+    ours = zarr_anyio.ObjectStore(client, max_concurrency=16)
+    requests = [(key, None) for key in keys]
+
+    async def fetch_async(number: int) -> bytes:
+        result = await obstore.get_async(client, keys[number])
+        return bytes(await result.bytes_async())
+
+    async def fetch_bridged(number: int) -> bytes:
+        return await run_on_loop(lambda: fetch_async(number))
+
+    async def our_store() -> None:
+        await ours.get_partial_values(PROTO, requests)
+
+    def timed_async(call: Callable[[int], Awaitable[object]], backend: str) -> float:
+        return anyio.run(_in_flight, len(keys), 16, call, backend=backend)
+
+    runs: dict[str, Callable[[], Any]] = {
+        "blocking API in threads (ours), asyncio": lambda: anyio.run(our_store),
+        "blocking API in threads (ours), trio": lambda: anyio.run(our_store, backend="trio"),
+        "async API on the bridge, asyncio": lambda: timed_async(fetch_bridged, "asyncio"),
+        "async API on the bridge, trio": lambda: timed_async(fetch_bridged, "trio"),
+        "async API awaited directly, asyncio": lambda: timed_async(fetch_async, "asyncio"),
+    }
+    return median_seconds(runs, repeat)
+
+
+def bench_obstore_paths(objects: int, repeat: int) -> list[str]:
+    """obstore's blocking API in worker threads (what ObjectStore uses) against its async API,
+    on the bridge (how a trio caller would reach it) and awaited directly under asyncio."""
+    import obstore
+    from obstore.store import LocalStore as ObstoreLocal
+
+    lines = [f"\n## obstore call paths, {objects} objects, 16 in flight (median of {repeat})"]
+    with tempfile.TemporaryDirectory() as folder:
+        client = ObstoreLocal(folder)
+        for size in (4096, 1 << 20):
+            keys = [f"{size}/{i}" for i in range(objects)]
+            for key in keys:
+                obstore.put(client, key, b"x" * size)
+            for name, seconds in _obstore_paths(client, keys, repeat).items():
+                label = f"{size // 1024} KiB: {name}"
+                lines.append(f"{label:50s} {seconds / objects * 1e6:8.1f} µs per object")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -165,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# zarr_anyio remote benchmarks (python {sys.version.split()[0]}, zarr {zarr.__version__})"
     )
+    repeat = 1 if args.quick else 5
+    for line in bench_bridge_hop(200 if args.quick else 5000, repeat):
+        print(line, flush=True)
+    for line in bench_obstore_paths(50 if args.quick else 1000, repeat):
+        print(line, flush=True)
     for line in bench_s3(chunks=20 if args.quick else 200, repeat=1 if args.quick else 5):
         print(line, flush=True)
     concurrencies = [8] if args.quick else [8, 32, 64, 128]

@@ -33,15 +33,27 @@ import zarr_anyio
 PROTO = default_buffer_prototype()
 
 
-def median_seconds(runs: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
-    """Run each callable ``repeat`` times, interleaved, and give the median of each."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
+def median_results(runs: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
+    """Run each callable ``repeat`` times, interleaved, and give the median of what each returns."""
+    results: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
         for name, run in runs.items():
+            results[name].append(run())
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def median_seconds(runs: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
+    """Run each callable ``repeat`` times, interleaved, and give the median time of each."""
+
+    def timer(run: Callable[[], Any]) -> Callable[[], float]:
+        def timed() -> float:
             started = time.perf_counter()
             run()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+            return time.perf_counter() - started
+
+        return timed
+
+    return median_results({name: timer(run) for name, run in runs.items()}, repeat)
 
 
 def bench_array(folder: Path, chunk_bytes: int, chunks: int, repeat: int) -> list[str]:

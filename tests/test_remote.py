@@ -265,3 +265,49 @@ async def test_set_if_not_exists_is_a_conditional_put_on_s3(s3_server: S3Server)
         again = await store.get("lock", PROTO)
         assert again is not None
         assert again.to_bytes() == value.to_bytes()
+
+
+# ------------------------------------------------------------------ closing network sessions
+
+
+async def test_closing_a_from_url_store_closes_its_session_and_it_can_reopen(
+    http_server: HTTPServer, s3_server: S3Server
+) -> None:
+    objects = fill(http_server, 1)
+    bucket = s3_server.new_bucket()
+    s3_options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"},
+    }
+    http = FsspecStore.from_url(http_server.url, read_only=True)
+    s3 = FsspecStore.from_url(f"s3://{bucket}/closing", storage_options=s3_options)
+    await s3.set("c/0", PROTO.buffer.from_bytes(objects["c/0"]))
+    for store, attribute in ((http, "_session"), (s3, "_s3")):
+        first = await store.get("c/0", PROTO)
+        assert first is not None
+        assert first.to_bytes() == objects["c/0"]
+        session = getattr(store.fs, attribute)
+        assert session is not None
+        await store.aclose()
+        assert getattr(store.fs, attribute) is None
+        if attribute == "_session":
+            assert session.closed
+        # Used again, the store opens a new session.
+        again = await store.get("c/0", PROTO)
+        assert again is not None
+        assert again.to_bytes() == objects["c/0"]
+        assert getattr(store.fs, attribute) not in (None, session)
+        store.close()  # the blocking close, from inside a running event loop, works too
+        assert getattr(store.fs, attribute) is None
+
+
+async def test_a_filesystem_the_caller_passed_is_left_open(http_server: HTTPServer) -> None:
+    fill(http_server, 1)
+    store = http_store("fsspec", http_server)
+    assert await store.get("c/0", PROTO) is not None
+    session = store.fs._session  # type: ignore[attr-defined]
+    await store.aclose()
+    assert store.fs._session is session  # type: ignore[attr-defined]
+    assert not session.closed
+    await run_on_loop(session.close)

@@ -20,7 +20,7 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Suf
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from ._base import RemoteStore
-from ._bridge import run_on_loop
+from ._bridge import run_blocking, run_on_loop
 from ._limits import RateLimit, Retry
 from ._threads import run_in_worker
 
@@ -51,6 +51,24 @@ def _fetch_limits(byte_range: ByteRequest | None) -> tuple[int | None, int | Non
     if isinstance(byte_range, SuffixByteRequest):
         return -byte_range.suffix, None
     raise TypeError(f"Unexpected byte_range, got {byte_range!r}.")
+
+
+async def _close_session(fs: Any) -> None:
+    """Close the network session of an ``asynchronous=True`` filesystem, on the loop it uses.
+
+    fsspec closes the sessions of its blocking instances when they are garbage-collected, but
+    leaves those of async instances to their owner. Only two shapes are known here: s3fs's
+    aiobotocore client context and the aiohttp session of fsspec's HTTP filesystem. Each is
+    reset to ``None`` first, so the filesystem makes a new one if it is used again.
+    """
+    creator = getattr(fs, "_s3creator", None)
+    if creator is not None and getattr(fs, "_s3", None) is not None:
+        fs._s3 = None
+        await creator.__aexit__(None, None, None)
+    session = getattr(fs, "_session", None)
+    if session is not None and hasattr(session, "close") and hasattr(session, "closed"):
+        fs._session = None
+        await session.close()
 
 
 def _is_empty_range(byte_range: ByteRequest | None) -> bool:
@@ -111,6 +129,8 @@ class FsspecStore(RemoteStore):
         self.fs = fs
         self.path = path
         self.allowed_exceptions = allowed_exceptions
+        # A filesystem that from_url made is ours to close; one the caller passed is theirs.
+        self._owns_fs = False
 
     @classmethod
     def from_url(
@@ -128,9 +148,11 @@ class FsspecStore(RemoteStore):
         # used it, and fsspec would otherwise hand the same cached instance to other code.
         options = {"asynchronous": True, "skip_instance_cache": True, **(storage_options or {})}
         fs, path = url_to_fs(url, **options)
-        return cls(
+        store = cls(
             fs, read_only=read_only, path=path, allowed_exceptions=allowed_exceptions, **kwargs
         )
+        store._owns_fs = True
+        return store
 
     @classmethod
     def from_mapper(cls, fs_map: Any, read_only: bool = False, **kwargs: Any) -> FsspecStore:
@@ -155,6 +177,21 @@ class FsspecStore(RemoteStore):
             and self.read_only == other.read_only
             and self.fs == other.fs
         )
+
+    def _owned_session_on_bridge(self) -> bool:
+        return self._owns_fs and bool(self.fs.async_impl) and self._loop() is None
+
+    def close(self) -> None:
+        """Close the store; a filesystem made by `from_url` also closes its network session
+        (it opens a new one if the store is used again)."""
+        if self._owned_session_on_bridge():
+            run_blocking(lambda: _close_session(self.fs))
+        super().close()
+
+    async def aclose(self) -> None:
+        if self._owned_session_on_bridge():
+            await run_on_loop(lambda: _close_session(self.fs))
+        super().close()
 
     # ---------------------------------------------------------------- calling the filesystem
 
