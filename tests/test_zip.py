@@ -113,7 +113,15 @@ async def test_byte_ranges_of_a_stored_member_read_only_those_bytes(
         requested.append(length)
         return real_pread(fd, length, offset)
 
+    real_preadv = os.preadv
+
+    def counting_preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
+        requested.append(sum(len(buffer) for buffer in buffers))
+        return real_preadv(fd, buffers, offset, flags)
+
+    # Reads from the page cache are made on the event loop (preadv), others in a thread (pread).
     monkeypatch.setattr(os, "pread", counting_pread)
+    monkeypatch.setattr(os, "preadv", counting_preadv)
     for byte_range, expected in [
         (RangeByteRequest(100, 110), data[100:110]),
         (OffsetByteRequest(len(data) - 5), data[-5:]),
@@ -331,3 +339,82 @@ async def test_an_externally_zipped_hierarchy_lists_like_the_other_stores(
             return zarr.open_group(store=zipped, mode="r")["sub/x"][:]  # type: ignore[index]
 
     np.testing.assert_array_equal(await anyio.to_thread.run_sync(read), [1, 2, 3])
+
+
+# ------------------------------------------------------- reads from the page cache, on the loop
+
+
+class ThreadReads:
+    """Counts the reads a ZipStore makes in worker threads."""
+
+    def __init__(self, store: ZipStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = store._read_blocking
+
+        def counted(key: str, byte_range: Any) -> bytes | None:
+            self.calls += 1
+            return real(key, byte_range)
+
+        monkeypatch.setattr(store, "_read_blocking", counted)
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="page-cache reads need Linux")
+async def test_cached_stored_members_are_read_without_a_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ZipStore(tmp_path / "cached.zip", mode="w")
+    await store.set("c/0", buf(b"0123456789"))
+    threads = ThreadReads(store, monkeypatch)
+    value = await store.get("c/0", PROTO, RangeByteRequest(2, 5))
+    assert value is not None
+    assert value.to_bytes() == b"234"
+    assert await store.get("c/missing", PROTO) is None
+    assert threads.calls == 0
+    store.close()
+
+
+async def test_reads_that_would_wait_for_the_disk_go_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ZipStore(tmp_path / "cold.zip", mode="w")
+    await store.set("c/0", buf(b"0123456789"))
+    threads = ThreadReads(store, monkeypatch)
+
+    def not_in_the_page_cache(*args: Any) -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "preadv", not_in_the_page_cache)
+    value = await store.get("c/0", PROTO)
+    assert value is not None
+    assert value.to_bytes() == b"0123456789"
+    assert threads.calls == 1
+    store.close()
+
+
+async def test_reads_on_the_loop_hold_a_token_or_wait_for_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ZipStore(tmp_path / "limited.zip", mode="w", max_concurrency=1)
+    await store.set("c/0", buf(b"0123456789"))
+    threads = ThreadReads(store, monkeypatch)
+    taken, done = anyio.Event(), anyio.Event()
+
+    async def hold_the_token() -> None:
+        async with store.limiter:
+            taken.set()
+            await done.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold_the_token)
+        await taken.wait()
+        # Every token is taken: the read waits for one, in the queue for a thread hop.
+        with anyio.move_on_after(0.05) as waited:
+            await store.get("c/0", PROTO)
+        assert waited.cancelled_caught
+        done.set()
+    assert store.limiter.statistics().borrowed_tokens == 0
+    value = await store.get("c/0", PROTO)
+    assert value is not None
+    assert value.to_bytes() == b"0123456789"
+    assert threads.calls <= 1
+    store.close()

@@ -26,7 +26,7 @@ import anyio
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
-from ._base import BlockingStore
+from ._base import NOT_READY, BlockingStore, Pending
 from ._keys import byte_range_slice, check_byte_range, names_under, validate_key
 from ._threads import run_in_worker
 
@@ -37,6 +37,19 @@ ZipStoreAccessModeLiteral = Literal["r", "w", "a", "x"]
 # A member's local header: fixed part, then the name and the extra field (PKWARE APPNOTE 4.3.7).
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _LOCAL_HEADER_MAGIC = b"PK\x03\x04"
+# Linux's "read only what is in the page cache, else fail at once" flag; None elsewhere.
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
+def _read_cached(handle: int, length: int, offset: int) -> bytes | None:
+    """``length`` bytes at ``offset`` if they are all in the page cache, else ``None``."""
+    assert _RWF_NOWAIT is not None
+    buffer = bytearray(length)
+    try:
+        read = os.preadv(handle, [buffer], offset, _RWF_NOWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    return bytes(buffer) if read == length else None
 
 
 class ZipStore(BlockingStore):
@@ -63,6 +76,7 @@ class ZipStore(BlockingStore):
     supports_writes: bool = True
     supports_deletes: bool = True
     supports_listing: bool = True
+    _reads_on_loop = _RWF_NOWAIT is not None
 
     path: Path
     compression: int
@@ -101,6 +115,8 @@ class ZipStore(BlockingStore):
         self._deleted: set[str] = set()
         # Where each stored member's bytes start, by the member's header offset.
         self._data_offsets: dict[int, int] = {}
+        # A read-only handle for reads made on the event loop from the page cache (Linux).
+        self._cached_reads_handle: int | None = None
 
     # ---------------------------------------------------------------- identity and pickling
 
@@ -116,7 +132,7 @@ class ZipStore(BlockingStore):
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
             state = super().__getstate__()
-        for name in ("_lock", "_zf", "_deleted", "_data_offsets"):
+        for name in ("_lock", "_zf", "_deleted", "_data_offsets", "_cached_reads_handle"):
             state.pop(name, None)
         return state
 
@@ -126,6 +142,10 @@ class ZipStore(BlockingStore):
         self._init_archive_state()
 
     def __del__(self) -> None:
+        handle = getattr(self, "_cached_reads_handle", None)
+        if handle is not None:
+            self._cached_reads_handle = None
+            os.close(handle)
         if getattr(self, "_zf", None) is not None and not self.read_only:
             warnings.warn(
                 f"{self!r} was not closed: closing it now to write the zip's central directory. "
@@ -160,8 +180,19 @@ class ZipStore(BlockingStore):
             ) from None
         if self._zmode in ("w", "x"):
             self._zmode = "a"
+        if _RWF_NOWAIT is not None:
+            self._cached_reads_handle = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self._zf = archive
         return archive
+
+    def _close_archive(self) -> None:
+        """Close the ``ZipFile`` (writing its central directory); call with the lock held."""
+        handle, self._cached_reads_handle = self._cached_reads_handle, None
+        if handle is not None:
+            os.close(handle)
+        archive, self._zf = self._zf, None
+        if archive is not None:
+            archive.close()
 
     def _member(self, key: str) -> zipfile.ZipInfo | None:
         """The newest member named ``key``, unless deleted; call with the lock held."""
@@ -174,17 +205,40 @@ class ZipStore(BlockingStore):
             names = self._archive().NameToInfo
             return [n for n in names if not n.endswith("/") and n not in self._deleted]
 
-    def _data_offset(self, info: zipfile.ZipInfo, handle: int) -> int:
-        offset = self._data_offsets.get(info.header_offset)
-        if offset is None:
-            header = os.pread(handle, _LOCAL_HEADER.size, info.header_offset)
-            fields = _LOCAL_HEADER.unpack(header)
-            if fields[0] != _LOCAL_HEADER_MAGIC:
-                raise zipfile.BadZipFile(f"{self.path}: bad local header for {info.filename!r}")
-            name_length, extra_length = fields[-2], fields[-1]
-            offset = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
-            self._data_offsets[info.header_offset] = offset
+    def _data_offset(self, info: zipfile.ZipInfo, header: bytes) -> int:
+        """Where ``info``'s bytes start, given the first bytes of its local header."""
+        fields = _LOCAL_HEADER.unpack(header)
+        if fields[0] != _LOCAL_HEADER_MAGIC:
+            raise zipfile.BadZipFile(f"{self.path}: bad local header for {info.filename!r}")
+        name_length, extra_length = fields[-2], fields[-1]
+        offset: int = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        self._data_offsets[info.header_offset] = offset
         return offset
+
+    def _read_nowait(
+        self, key: str, byte_range: ByteRequest | None
+    ) -> bytes | Literal[Pending.NOT_READY] | None:
+        # On the event loop: never wait for the lock or the disk, fall back to a thread instead.
+        handle = self._cached_reads_handle
+        if handle is None or not self._lock.acquire(blocking=False):
+            return NOT_READY
+        try:
+            info = self._member(key)
+            if info is None:
+                return None
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+                return NOT_READY
+            offset = self._data_offsets.get(info.header_offset)
+            if offset is None:
+                header = _read_cached(handle, _LOCAL_HEADER.size, info.header_offset)
+                if header is None:
+                    return NOT_READY
+                offset = self._data_offset(info, header)
+            wanted = byte_range_slice(byte_range, info.file_size)
+            data = _read_cached(handle, wanted.stop - wanted.start, offset + wanted.start)
+            return NOT_READY if data is None else data
+        finally:
+            self._lock.release()
 
     def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> bytes | None:
         with self._lock:
@@ -201,7 +255,11 @@ class ZipStore(BlockingStore):
             # close or a rewrite (which replaces the file, not the inode this handle reads).
             handle = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                start = self._data_offset(info, handle) + wanted.start
+                offset = self._data_offsets.get(info.header_offset)
+                if offset is None:
+                    header = os.pread(handle, _LOCAL_HEADER.size, info.header_offset)
+                    offset = self._data_offset(info, header)
+                start = offset + wanted.start
             except BaseException:
                 os.close(handle)
                 raise
@@ -249,8 +307,7 @@ class ZipStore(BlockingStore):
                         new.compress_type = old.compress_type
                         new.external_attr = old.external_attr
                         fresh.writestr(new, archive.read(old))
-                archive.close()
-                self._zf = None
+                self._close_archive()
                 os.replace(temporary, self.path)
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -267,9 +324,7 @@ class ZipStore(BlockingStore):
                     if self._deleted and not self.read_only:
                         self._rewrite_blocking()
                 finally:
-                    if self._zf is not None:
-                        self._zf.close()
-                        self._zf = None
+                    self._close_archive()
             super().close()
 
     async def aclose(self) -> None:
