@@ -10,17 +10,24 @@
    with ``get_partial_values`` at several ``max_concurrency``; requests/s against the ideal
    (concurrency / latency), and zarr's ObjectStore over the same server for comparison.
 
-moto and Python's HTTP server run in this process and use its CPU too: on a 2-core machine the
-servers, not the clients, set the ceiling at high concurrency. Read the ratios.
+3. What one trip through the bridge costs, next to a thread hop; and obstore's blocking API in
+   worker threads (what our ObjectStore uses) against its async API (on the bridge, or awaited
+   directly under asyncio), for 4 KiB and 1 MiB objects.
+
+moto runs in this process and uses its CPU too; the latency-bound server (`slow_http.py`, on
+aiohttp) runs in a process of its own. On a 2-core machine the servers still share the CPU with
+the client at high concurrency: read the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +44,9 @@ from zarr_anyio._bridge import run_on_loop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import median_results, median_seconds
-from servers import Faults, HTTPServer, S3Server
+from servers import S3Server
+
+HERE = Path(__file__).resolve().parent
 
 PROTO = default_buffer_prototype()
 
@@ -85,7 +94,7 @@ def bench_s3(chunks: int, repeat: int) -> list[str]:
         ours = stores["zarr_anyio.ObjectStore"]
 
         def read(store: Any) -> None:
-            assert zarr.open_array(store=store, mode="r")[-1] == data[-1]
+            assert (zarr.open_array(store=store, mode="r")[:] == data).all()
 
         async def bulk() -> None:
             results = await ours.get_partial_values(PROTO, keys)
@@ -112,32 +121,52 @@ def bench_s3(chunks: int, repeat: int) -> list[str]:
     return lines
 
 
+@contextmanager
+def slow_http_server(delay: float, size: int) -> Iterator[str]:
+    """`slow_http.py` in a process of its own; gives its URL, stops it at the end."""
+    command = [sys.executable, str(HERE / "slow_http.py"), f"--delay={delay}", f"--size={size}"]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdin is not None
+    assert process.stdout is not None
+    try:
+        url = process.stdout.readline().strip()
+        if not url.startswith("http://"):
+            raise RuntimeError(f"the benchmark's HTTP server did not start: {url!r}")
+        yield url
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def bench_latency(objects: int, concurrencies: list[int]) -> list[str]:
     from obstore.store import HTTPStore
 
-    server = HTTPServer()
-    server.start()
     latency = 0.02
-    try:
-        server.objects.update({f"o/{i}": b"x" * 4096 for i in range(objects)})
-        server.faults = Faults(delay=latency)
-        keys = [(f"o/{i}", None) for i in range(objects)]
-        lines = [f"\n## HTTP, {latency * 1000:.0f} ms per request, {objects} objects of 4 KiB"]
-        lines.append("store                        in flight   requests/s   of ideal")
+    keys = [(f"o/{i}", None) for i in range(objects)]
+    lines = [f"\n## HTTP, {latency * 1000:.0f} ms per request, {objects} objects of 4 KiB"]
+    lines.append("store                                 in flight   requests/s   of ideal")
+    with slow_http_server(latency, 4096) as url:
 
         def client() -> Any:
             return HTTPStore.from_url(
-                server.url, client_options={"allow_http": True}, retry_config={"max_retries": 0}
+                url, client_options={"allow_http": True}, retry_config={"max_retries": 0}
             )
 
+        def line(name: str, concurrency: int, seconds: float) -> str:
+            rate = objects / seconds
+            return f"{name:37s} {concurrency:9d} {rate:12.0f} {rate * latency / concurrency:9.0%}"
+
         for concurrency in concurrencies:
-            ideal = concurrency / latency
             stores: dict[str, Any] = {
                 "zarr_anyio.ObjectStore": zarr_anyio.ObjectStore(
                     client(), max_concurrency=concurrency
                 ),
                 "zarr_anyio.FsspecStore": zarr_anyio.FsspecStore.from_url(
-                    server.url, max_concurrency=concurrency
+                    url, max_concurrency=concurrency
                 ),
             }
             for name, store in stores.items():
@@ -145,21 +174,19 @@ def bench_latency(objects: int, concurrencies: list[int]) -> list[str]:
                 async def read(store: Any = store) -> None:
                     await store.get_partial_values(PROTO, keys)
 
-                started = time.perf_counter()
-                anyio.run(read)
-                rate = objects / (time.perf_counter() - started)
-                lines.append(f"{name:28s} {concurrency:9d} {rate:12.0f} {rate / ideal:9.0%}")
+                for backend in ("asyncio", "trio"):
+                    started = time.perf_counter()
+                    anyio.run(read, backend=backend)
+                    seconds = time.perf_counter() - started
+                    lines.append(line(f"{name}, {backend}", concurrency, seconds))
                 store.close()
             # zarr's own ObjectStore, bounded by zarr's async.concurrency.
             with zarr.config.set({"async.concurrency": concurrency}):
                 theirs = zarr.storage.ObjectStore(client())
                 started = time.perf_counter()
                 sync(theirs.get_partial_values(PROTO, keys))
-                rate = objects / (time.perf_counter() - started)
-            name = "zarr.storage.ObjectStore"
-            lines.append(f"{name:28s} {concurrency:9d} {rate:12.0f} {rate / ideal:9.0%}")
-    finally:
-        server.stop()
+                seconds = time.perf_counter() - started
+            lines.append(line("zarr.storage.ObjectStore, asyncio", concurrency, seconds))
     return lines
 
 
