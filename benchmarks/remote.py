@@ -14,8 +14,8 @@
    worker threads (what our ObjectStore uses) against its async API (on the bridge, or awaited
    directly under asyncio), for 4 KiB and 1 MiB objects.
 
-moto runs in this process and uses its CPU too; the latency-bound server (`slow_http.py`, on
-aiohttp) runs in a process of its own. On a 2-core machine the servers still share the CPU with
+moto's server and the latency-bound server (`slow_http.py`, on aiohttp) run in processes of
+their own. On a 2-core machine the servers still share the CPU with
 the client at high concurrency: read the ratios.
 """
 
@@ -44,7 +44,7 @@ from zarr_anyio._bridge import run_on_loop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import median_results, median_seconds
-from servers import S3Server
+from servers import S3ServerProcess
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,7 +55,7 @@ def bench_s3(chunks: int, repeat: int) -> list[str]:
     import fsspec
     from obstore.store import S3Store
 
-    server = S3Server()
+    server = S3ServerProcess()
     server.start()
     try:
         bucket = server.new_bucket()

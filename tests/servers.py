@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -60,6 +62,46 @@ class S3Server:
             client_options={"allow_http": True},
             **options,
         )
+
+
+class S3ServerProcess(S3Server):
+    """moto's S3 server in a process of its own, so that its CPU time (and GIL) is not the
+    client's: for benchmarks. Started and stopped like `S3Server`."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        self._process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                requests.get(self.endpoint, timeout=1)
+            except requests.ConnectionError:
+                if time.monotonic() > deadline or self._process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"moto's server did not start on {self.endpoint}") from None
+                time.sleep(0.1)
+            else:
+                return
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
 
 
 @dataclass
