@@ -40,6 +40,7 @@ from zarr.core.sync import sync
 
 import zarr_anyio
 from zarr_anyio._bridge import run_on_loop
+from zarr_anyio._threads import run_in_worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -222,6 +223,9 @@ def bench_bridge_hop(calls: int, repeat: int) -> list[str]:
         )
         runs[f"thread hop (anyio.to_thread), {backend}"] = per_call(
             backend, lambda _: anyio.to_thread.run_sync(lambda: None)
+        )
+        runs[f"thread hop (ours, run_in_worker), {backend}"] = per_call(
+            backend, lambda _: run_in_worker(lambda _: None)
         )
     lines = [f"\n## One hop, 64 in flight, {calls} calls (median of {repeat})"]
     for name, seconds in median_results(runs, repeat).items():

@@ -23,7 +23,7 @@ import anyio
 
 from ._limits import current_loop_key
 
-__all__ = ["bridge_loop", "run_blocking", "run_on_loop"]
+__all__ = ["bridge_loop", "run_blocking", "run_on_loop", "waker"]
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ def bridge_loop() -> asyncio.AbstractEventLoop:
     return _loop
 
 
-def _waker(caller: Any) -> Callable[[Callable[[], object]], None]:
+def waker(caller: Any) -> Callable[[Callable[[], object]], None]:
     """A thread-safe way to run a callback on the caller's event loop."""
     if isinstance(caller, asyncio.AbstractEventLoop):
         loop: asyncio.AbstractEventLoop = caller
@@ -75,7 +75,7 @@ async def run_on_loop(
         return await make()
 
     ended = anyio.Event()
-    wake = _waker(caller)
+    wake = waker(caller)
     tasks: list[asyncio.Task[T]] = []
 
     def start() -> None:
