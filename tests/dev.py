@@ -5,36 +5,54 @@
     python3 tests/dev.py lint     # install, then ruff and mypy --strict
     python3 tests/dev.py bench    # install, then run the benchmarks
 
-The environment lives in ``.venv-<python version>`` at the top of the checkout and is reinstalled
-when ``pyproject.toml`` changes. Extra arguments go to the tool (pytest, the benchmark script).
+    python3 tests/dev.py test --oldest-zarr   # the same, with the oldest zarr pyproject allows
+
+The environment lives in ``.venv-<python version>`` (``.venv-<python version>-zarr<version>``
+with ``--oldest-zarr``) at the top of the checkout and is reinstalled when ``pyproject.toml``
+changes. Other extra arguments go to the tool (pytest, the benchmark script).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parent.parent
-VENV = TOP / f".venv-{sys.version_info.major}.{sys.version_info.minor}"
-BIN = VENV / ("Scripts" if sys.platform == "win32" else "bin")
-PYTHON = BIN / "python"
+PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def _ensure_venv() -> None:
-    stamp = VENV / ".installed"
-    wanted = hashlib.sha256((TOP / "pyproject.toml").read_bytes()).hexdigest()
+def _oldest_zarr() -> str:
+    """The zarr release that pyproject.toml's ``zarr>=X`` names: the oldest we support."""
+    project = tomllib.loads((TOP / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"]:
+        floor = re.fullmatch(r"zarr\s*>=\s*([0-9][\w.]*)", requirement.strip())
+        if floor:
+            return floor.group(1)
+    raise SystemExit("pyproject.toml names no 'zarr>=' requirement")
+
+
+def _ensure_venv(pins: list[str]) -> Path:
+    """The environment for these pins, made or brought up to date; gives its python."""
+    suffix = "".join(f"-{pin.replace('==', '')}" for pin in pins)
+    venv_dir = TOP / f".venv-{PYTHON_VERSION}{suffix}"
+    python = venv_dir / ("Scripts" if sys.platform == "win32" else "bin") / "python"
+    stamp = venv_dir / ".installed"
+    wanted = hashlib.sha256((TOP / "pyproject.toml").read_bytes() + str(pins).encode()).hexdigest()
     if stamp.exists() and stamp.read_text() == wanted:
-        return
-    if not PYTHON.exists():
-        print(f"creating {VENV.name} with {sys.executable}", flush=True)
-        venv.create(VENV, with_pip=True)
-    pip = [str(PYTHON), "-m", "pip", "--disable-pip-version-check", "-q"]
+        return python
+    if not python.exists():
+        print(f"creating {venv_dir.name} with {sys.executable}", flush=True)
+        venv.create(venv_dir, with_pip=True)
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "install", "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "install", "-e", f"{TOP}[test]"], check=True)
+    subprocess.run([*pip, "install", "-e", f"{TOP}[test]", *pins], check=True)
     stamp.write_text(wanted)
+    return python
 
 
 def _run(*command: str) -> int:
@@ -47,8 +65,11 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     job, extra = argv[0], argv[1:]
-    _ensure_venv()
-    py = str(PYTHON)
+    pins: list[str] = []
+    if "--oldest-zarr" in extra:
+        extra.remove("--oldest-zarr")
+        pins.append(f"zarr=={_oldest_zarr()}")
+    py = str(_ensure_venv(pins))
     if job == "demo":
         return _run(py, "-m", "zarr_anyio.cli", "demo", *extra)
     if job == "test":

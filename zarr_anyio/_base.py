@@ -103,6 +103,9 @@ class AnyioStore(Store, abc.ABC):
     supports_writes: bool = True
     supports_deletes: bool = True
     supports_listing: bool = True
+    # zarr 3.1.0's Store still declares partial writes abstract (3.1.1 dropped them); no zarr_anyio
+    # store writes part of a value, as none of zarr's own do any more.
+    supports_partial_writes: Literal[False] = False
 
     def __init__(
         self,
@@ -432,6 +435,10 @@ class AnyioStore(Store, abc.ABC):
     async def set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
         """Write many ``(key, value)`` pairs concurrently; no write starts if any key is bad."""
         await self._set_many(values)
+
+    async def set_partial_values(self, key_start_values: Iterable[tuple[str, int, Any]]) -> None:
+        """Not supported (zarr 3.1.0 declares it; later zarr no longer does)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support partial writes")
 
     async def delete(self, key: str) -> None:
         self._check_writable()
