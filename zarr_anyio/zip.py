@@ -18,7 +18,7 @@ import time
 import uuid
 import warnings
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -205,13 +205,22 @@ class ZipStore(BlockingStore):
             names = self._archive().NameToInfo
             return [n for n in names if not n.endswith("/") and n not in self._deleted]
 
-    def _data_offset(self, info: zipfile.ZipInfo, header: bytes) -> int:
-        """Where ``info``'s bytes start, given the first bytes of its local header."""
+    def _data_offset(
+        self, info: zipfile.ZipInfo, read: Callable[[int, int], bytes | None]
+    ) -> int | None:
+        """Where ``info``'s bytes start, remembered; the first time, its local header is read
+        with ``read(length, offset)``, and if that gives ``None`` so does this."""
+        offset = self._data_offsets.get(info.header_offset)
+        if offset is not None:
+            return offset
+        header = read(_LOCAL_HEADER.size, info.header_offset)
+        if header is None:
+            return None
         fields = _LOCAL_HEADER.unpack(header)
         if fields[0] != _LOCAL_HEADER_MAGIC:
             raise zipfile.BadZipFile(f"{self.path}: bad local header for {info.filename!r}")
         name_length, extra_length = fields[-2], fields[-1]
-        offset: int = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        offset = int(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
         self._data_offsets[info.header_offset] = offset
         return offset
 
@@ -228,12 +237,9 @@ class ZipStore(BlockingStore):
                 return None
             if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
                 return NOT_READY
-            offset = self._data_offsets.get(info.header_offset)
+            offset = self._data_offset(info, lambda length, at: _read_cached(handle, length, at))
             if offset is None:
-                header = _read_cached(handle, _LOCAL_HEADER.size, info.header_offset)
-                if header is None:
-                    return NOT_READY
-                offset = self._data_offset(info, header)
+                return NOT_READY
             wanted = byte_range_slice(byte_range, info.file_size)
             data = _read_cached(handle, wanted.stop - wanted.start, offset + wanted.start)
             return NOT_READY if data is None else data
@@ -255,14 +261,13 @@ class ZipStore(BlockingStore):
             # close or a rewrite (which replaces the file, not the inode this handle reads).
             handle = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                offset = self._data_offsets.get(info.header_offset)
-                if offset is None:
-                    header = os.pread(handle, _LOCAL_HEADER.size, info.header_offset)
-                    offset = self._data_offset(info, header)
-                start = offset + wanted.start
+                offset = self._data_offset(info, lambda length, at: os.pread(handle, length, at))
             except BaseException:
                 os.close(handle)
                 raise
+            # pread waits for the disk rather than give up, so the offset is known.
+            assert offset is not None
+            start = offset + wanted.start
         try:
             return os.pread(handle, wanted.stop - wanted.start, start)
         finally:
