@@ -1,7 +1,14 @@
-"""Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio."""
+"""Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio.
 
+``zarr_anyio.api`` is zarr's async array and group API for both; `AsyncArray` and `AsyncGroup`
+wrap zarr's arrays and groups for it.
+"""
+
+from . import api
 from ._base import AnyioStore, FetchRequest, RemoteStore
+from ._blocks import Block
 from ._limits import NO_RETRY, RateLimit, Retry
+from ._nodes import AsyncArray, AsyncGroup
 from ._open import open_store
 from .fsspec import FsspecStore
 from .local import LocalStore
@@ -12,6 +19,9 @@ from .zip import ZipStore
 __all__ = [
     "NO_RETRY",
     "AnyioStore",
+    "AsyncArray",
+    "AsyncGroup",
+    "Block",
     "FetchRequest",
     "FsspecStore",
     "LocalStore",
@@ -21,6 +31,7 @@ __all__ = [
     "RemoteStore",
     "Retry",
     "ZipStore",
+    "api",
     "open_store",
 ]
 __version__ = "0.1.0"

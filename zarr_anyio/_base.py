@@ -21,6 +21,7 @@ from collections.abc import (
     Iterator,
 )
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from itertools import islice
 from typing import Any, Literal, Self, TypeVar
 
@@ -36,6 +37,7 @@ from ._limits import ConcurrencyLimit, RateLimit, Retry, call_with_retries
 from ._threads import CheckCancelled, HopCoalescer, run_in_worker, timed
 
 __all__ = [
+    "ASYNC_IO_ONLY",
     "AnyioStore",
     "BlockingStore",
     "FetchRequest",
@@ -52,6 +54,11 @@ class Pending(enum.Enum):
 
 NOT_READY = Pending.NOT_READY
 """What `BlockingStore._read_nowait` gives when a read would block: make it in a thread."""
+
+ASYNC_IO_ONLY: ContextVar[bool] = ContextVar("zarr_anyio_async_io_only", default=False)
+"""Set by `zarr_anyio.api` around zarr's coroutines. zarr >= 3.4 may read through a store's
+blocking surface in threads of its own (its fused codec pipeline), outside the store's limit and
+beyond the reach of cancellation; while this is set, the store tells zarr it has no such surface."""
 
 FetchRequest = str | tuple[str, ByteRequest | None]
 """What `AnyioStore.fetch_many` takes per item: a key, or a key and a byte range."""
@@ -106,6 +113,11 @@ class AnyioStore(Store, abc.ABC):
     # zarr 3.1.0's Store still declares partial writes abstract (3.1.1 dropped them); no zarr_anyio
     # store writes part of a value, as none of zarr's own do any more.
     supports_partial_writes: Literal[False] = False
+
+    @property
+    def _supports_sync_io(self) -> bool:
+        # What zarr >= 3.4 asks before taking its blocking fast path (see ASYNC_IO_ONLY).
+        return not ASYNC_IO_ONLY.get()
 
     def __init__(
         self,
