@@ -66,7 +66,7 @@ class CountingStore(MemoryStore):
         copy.delay, copy.stop_delay, copy.fail_on = self.delay, self.stop_delay, self.fail_on
         return copy
 
-    async def _io(self, key: str) -> None:
+    async def _io(self, key: str, *, reading: bool) -> None:
         if not chunk_key(key):
             return
         async with self._limit.current():
@@ -76,7 +76,7 @@ class CountingStore(MemoryStore):
                 self.most = max(self.most, self.now)
                 self.threads.add(threading.current_thread().name)
             try:
-                if key in self.fail_on:
+                if reading and key in self.fail_on:
                     raise OSError(f"injected failure reading {key}")
                 if self.delay:
                     await anyio.sleep(self.delay)
@@ -91,11 +91,11 @@ class CountingStore(MemoryStore):
     async def _backend_get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
     ) -> Buffer | None:
-        await self._io(key)
+        await self._io(key, reading=True)
         return await super()._backend_get(key, prototype, byte_range)
 
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
-        await self._io(key)
+        await self._io(key, reading=False)
         await super()._backend_set(key, value, exclusive=exclusive)
 
     def chunk_keys(self) -> list[str]:

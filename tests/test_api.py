@@ -255,6 +255,17 @@ async def test_nested_groups_and_their_members() -> None:
             break
     assert "x" in str(await root.tree())
 
+    # Left early inside `async with`, zarr's generator is closed at once, on its own loop.
+    async with root.members() as members:
+        async for _ in members:
+            break
+    assert members._generator.ag_frame is None
+    unclosed = root.members()
+    async for _ in unclosed:
+        break
+    assert unclosed._generator.ag_frame is not None  # until it is garbage-collected
+    await unclosed.aclose()
+
     # zarr's sync API sees the same tree
     group = await in_thread(lambda: zarr.open_group(store=store, mode="r"))
     assert (await in_thread(lambda: group["a/b/x"][:].tolist())) == [1, 2, 3, 4]

@@ -21,7 +21,6 @@ from collections.abc import (
     Iterator,
 )
 from contextlib import asynccontextmanager, contextmanager
-from contextvars import ContextVar
 from itertools import islice
 from typing import Any, Literal, Self, TypeVar
 
@@ -32,12 +31,12 @@ from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._bridge import run_blocking
+from ._calls import in_api_call, tracked
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
 from ._limits import ConcurrencyLimit, RateLimit, Retry, call_with_retries
 from ._threads import CheckCancelled, HopCoalescer, run_in_worker, timed
 
 __all__ = [
-    "ASYNC_IO_ONLY",
     "AnyioStore",
     "BlockingStore",
     "FetchRequest",
@@ -54,11 +53,6 @@ class Pending(enum.Enum):
 
 NOT_READY = Pending.NOT_READY
 """What `BlockingStore._read_nowait` gives when a read would block: make it in a thread."""
-
-ASYNC_IO_ONLY: ContextVar[bool] = ContextVar("zarr_anyio_async_io_only", default=False)
-"""Set by `zarr_anyio.api` around zarr's coroutines. zarr >= 3.4 may read through a store's
-blocking surface in threads of its own (its fused codec pipeline), outside the store's limit and
-beyond the reach of cancellation; while this is set, the store tells zarr it has no such surface."""
 
 FetchRequest = str | tuple[str, ByteRequest | None]
 """What `AnyioStore.fetch_many` takes per item: a key, or a key and a byte range."""
@@ -116,8 +110,8 @@ class AnyioStore(Store, abc.ABC):
 
     @property
     def _supports_sync_io(self) -> bool:
-        # What zarr >= 3.4 asks before taking its blocking fast path (see ASYNC_IO_ONLY).
-        return not ASYNC_IO_ONLY.get()
+        # What zarr >= 3.4 asks before taking its blocking fast path: not under zarr_anyio.api.
+        return not in_api_call()
 
     def __init__(
         self,
@@ -286,6 +280,7 @@ class AnyioStore(Store, abc.ABC):
 
     # ----------------------------------------------------------------- reads
 
+    @tracked
     async def get(
         self,
         key: str,
@@ -297,6 +292,7 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         return await self._backend_get(key, prototype or default_buffer_prototype(), byte_range)
 
+    @tracked
     async def get_partial_values(
         self,
         prototype: BufferPrototype,
@@ -366,6 +362,7 @@ class AnyioStore(Store, abc.ABC):
                     tg.cancel_scope.cancel()
                     receive.close()
 
+    @tracked
     async def exists(self, key: str) -> bool:
         validate_key(key)
         await self._ensure_open()
@@ -415,6 +412,7 @@ class AnyioStore(Store, abc.ABC):
                 f"Got an instance of {type(value)} instead."
             )
 
+    @tracked
     async def set(self, key: str, value: Buffer) -> None:
         self._check_writable()
         validate_key(key)
@@ -422,6 +420,7 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         await self._backend_set(key, value, exclusive=False)
 
+    @tracked
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         """Write ``value`` unless ``key`` exists; atomic against concurrent writers."""
         self._check_writable()
@@ -430,6 +429,7 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         await self._backend_set(key, value, exclusive=True)
 
+    @tracked
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
         # Every key is checked before anything is written, so bad input writes nothing.
         self._check_writable()
@@ -452,12 +452,14 @@ class AnyioStore(Store, abc.ABC):
         """Not supported (zarr 3.1.0 declares it; later zarr no longer does)."""
         raise NotImplementedError(f"{type(self).__name__} does not support partial writes")
 
+    @tracked
     async def delete(self, key: str) -> None:
         self._check_writable()
         validate_key(key)
         await self._ensure_open()
         await self._backend_delete(key)
 
+    @tracked
     async def delete_dir(self, prefix: str) -> None:
         """Delete every key under the node ``prefix`` (``"a"`` means ``"a/…"``, not ``"ab"``)."""
         self._check_writable()
@@ -465,6 +467,7 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         await self._backend_delete_dir(prefix)
 
+    @tracked
     async def clear(self) -> None:
         self._check_writable()
         await self._ensure_open()

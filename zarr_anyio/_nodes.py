@@ -24,6 +24,7 @@ holds. Measured: 64 chunk reads in flight with ``max_concurrency=64``, against 1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import threading
@@ -31,6 +32,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar, cast
 
+import anyio
 import numpy as np
 import zarr
 from zarr.abc.store import Store
@@ -58,8 +60,9 @@ except ImportError:  # zarr < 3.1.1
         VindexInvalidSelectionError,
     )
 
-from ._base import ASYNC_IO_ONLY, AnyioStore
+from ._base import AnyioStore
 from ._bridge import run_on_loop
+from ._calls import CURRENT, ApiCall
 from ._limits import current_loop_key
 
 __all__ = [
@@ -80,18 +83,45 @@ T = TypeVar("T")
 async def run_zarr(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Await the zarr coroutine ``make()`` from any anyio backend (see the module docstring)."""
     if isinstance(current_loop_key(), asyncio.AbstractEventLoop):
-        token = ASYNC_IO_ONLY.set(True)
-        try:
-            return await make()
-        finally:
-            ASYNC_IO_ONLY.reset(token)
+        return await _in_a_task_of_its_own(lambda: _as_api_call(make))
+    return await run_on_loop(lambda: _as_api_call(make))
 
-    async def flagged() -> T:
-        # The bridged task runs in a fresh context of its own, so the flag ends with it.
-        ASYNC_IO_ONLY.set(True)
-        return await make()
 
-    return await run_on_loop(flagged)
+async def _in_a_task_of_its_own(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    # On the caller's loop, but in a task of its own, so that zarr's work is cancelled exactly
+    # once. An anyio cancel scope cancels its task again on every turn of the loop, and through
+    # zarr's nested gathers every chunk read would be cancelled again and again: a read waiting
+    # for its worker thread could stop waiting and outlive the call. The task is awaited to its
+    # end on every path, as the bridge's are.
+    task = asyncio.get_running_loop().create_task(make())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.cancel()
+        with anyio.CancelScope(shield=True):
+            while not task.done():
+                # Asked again (native double cancellation): still wait for the end.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: what it raised is superseded by the cancellation
+        raise
+
+
+async def _as_api_call(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    # zarr's tasks inherit the mark, so their store operations count as this call's, and the
+    # call ends only when none is running (zarr's gather does not wait for them: see _calls).
+    call = ApiCall()
+    token = CURRENT.set(call)
+    try:
+        result = await make()
+    except BaseException:
+        await call.settle(cancel=True)
+        raise
+    finally:
+        CURRENT.reset(token)
+    await call.settle(cancel=False)
+    return result
 
 
 _concurrency_lock = threading.Lock()

@@ -1,0 +1,181 @@
+"""zarr_anyio.api against zarr-python's own sync API, on the same zarr_anyio LocalStore, in one run.
+
+    python3 benchmarks/api.py            # 512 x 1 MiB, 8,192 x 4 KiB, 256 x 1 MiB zstd; 1 GiB
+    python3 benchmarks/api.py --quick    # small arrays, as the test suite runs it
+
+Reads: ``await arr.getitem(...)`` of the whole array under trio (zarr's coroutines on the bridge
+loop) and under asyncio (on the caller's loop), against zarr's sync ``arr[:]`` (on zarr's loop
+thread), interleaved and repeated; medians and the ratios ours/zarr's (lower is better).
+
+Memory: ``iter_blocks`` sums an array of 1 GiB in 1 MiB chunks with at most 64 blocks held, in a
+fresh process, and prints its peak RSS growth against the bound 2 x (64 x 1 MiB) + 50 MiB.
+
+Timings on a shared machine are noisy (the load average is printed): read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import zarr
+import zarr.codecs
+
+import zarr_anyio
+import zarr_anyio.api as za
+from run import median_results
+
+MIB = 1 << 20
+
+
+def write_array(path: Path, chunk_bytes: int, chunks: int, compressors: Any) -> None:
+    """A float64 array of ``chunks`` chunks, written a slab at a time (no whole copy in memory)."""
+    items = chunk_bytes // 8
+    arr = zarr.create_array(
+        store=zarr_anyio.LocalStore(path),
+        shape=(items * chunks,),
+        chunks=(items,),
+        dtype="float64",
+        compressors=compressors,
+    )
+    slab = max(1, (64 * MIB) // chunk_bytes) * items
+    for start in range(0, items * chunks, slab):
+        stop = min(start + slab, items * chunks)
+        arr[start:stop] = np.arange(start, stop, dtype="float64")
+
+
+def bench_reads(
+    folder: Path, label: str, chunk_bytes: int, chunks: int, compressors: Any, repeat: int
+) -> list[str]:
+    path = folder / f"{label}-{chunk_bytes}"
+    write_array(path, chunk_bytes, chunks, compressors)
+    store = zarr_anyio.LocalStore(path)
+    last = float(chunk_bytes // 8 * chunks - 1)
+    theirs = zarr.open_array(store=store, mode="r")
+    # Both sides read with zarr's async.concurrency raised to the store's bound, as the API does.
+    zarr_anyio.AsyncArray(theirs)
+
+    def zarr_sync() -> float:
+        started = time.perf_counter()
+        result = theirs[:]
+        elapsed = time.perf_counter() - started
+        assert result[-1] == last
+        return elapsed
+
+    async def ours() -> float:
+        arr = await za.open_array(store=store, mode="r")
+        # A program keeps its loop: this one is new, so its per-loop state (the store's limiter,
+        # its hop queue) is made before the clock starts, as a long-lived loop would have it.
+        await arr.getitem(0)
+        started = time.perf_counter()
+        result = await arr.getitem(...)
+        elapsed = time.perf_counter() - started
+        assert result[-1] == last
+        return elapsed
+
+    timings = median_results(
+        {
+            "zarr's sync arr[:]": zarr_sync,
+            "zarr_anyio.api getitem under trio": lambda: anyio.run(ours, backend="trio"),
+            "zarr_anyio.api getitem under asyncio": lambda: anyio.run(ours, backend="asyncio"),
+        },
+        repeat,
+    )
+    lines = [f"\n## {label}: {chunks} chunks of {chunk_bytes // 1024} KiB (median of {repeat})"]
+    for name, seconds in timings.items():
+        lines.append(f"{name:40s} {seconds * 1000:9.1f} ms  {seconds / chunks * 1e6:8.1f} µs/chunk")
+    sync, trio_run, asyncio_run = timings.values()
+    lines.append(f"ratio getitem under trio / zarr's arr[:]:     {trio_run / sync:.2f}")
+    lines.append(f"ratio getitem under asyncio / zarr's arr[:]:  {asyncio_run / sync:.2f}")
+    return lines
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reduce_in_this_process(path: str, limit: int) -> None:
+    """The child: sum the array with iter_blocks under trio; print the peak RSS growth."""
+
+    async def main() -> float:
+        arr = await za.open_array(store=path, mode="r")
+        baseline = rss_bytes()
+        total = 0.0
+        async with arr.iter_blocks(max_concurrency=limit) as blocks:
+            async for _, data in blocks:
+                total += float(data.sum())
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        print(f"{total} {peak - baseline}")
+        return total
+
+    anyio.run(main, backend="trio")
+
+
+def bench_iter_blocks(folder: Path, chunk_bytes: int, chunks: int, limit: int) -> list[str]:
+    path = folder / "big.zarr"
+    write_array(path, chunk_bytes, chunks, None)
+    done = subprocess.run(
+        [sys.executable, __file__, "--reduce", str(path), str(limit)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    total, growth = done.stdout.split()
+    items = chunk_bytes // 8 * chunks
+    assert float(total) == items * (items - 1) / 2
+    bound = 2 * limit * chunk_bytes + 50 * MIB
+    size = chunk_bytes * chunks
+    return [
+        f"\n## iter_blocks sum: {size / MIB:.0f} MiB in {chunks} chunks of "
+        f"{chunk_bytes // 1024} KiB, at most {limit} blocks held",
+        f"peak RSS growth {int(growth) / MIB:7.1f} MiB; bound 2 x {limit} x chunk + 50 MiB "
+        f"= {bound / MIB:.0f} MiB; the array is {size / bound:.1f}x the bound",
+        f"iter_blocks RSS growth / bound:             {int(growth) / bound:.2f}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small arrays, few repetitions")
+    parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--reduce", nargs=2, metavar=("PATH", "LIMIT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.reduce:
+        reduce_in_this_process(args.reduce[0], int(args.reduce[1]))
+        return 0
+    repeat = args.repeat or (2 if args.quick else 7)
+    scale = 16 if args.quick else 1
+    zstd = zarr.codecs.ZstdCodec()
+    cases = [
+        ("raw", MIB, 512 // scale, None),
+        ("raw", 4096, 8192 // scale, None),
+        ("zstd", MIB, 256 // scale, zstd),
+    ]
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"# zarr_anyio.api benchmarks (python {sys.version.split()[0]}, zarr {zarr.__version__})")
+    print(f"load average before: {load} on {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as folder:
+        for label, chunk_bytes, chunks, compressors in cases:
+            for line in bench_reads(Path(folder), label, chunk_bytes, chunks, compressors, repeat):
+                print(line, flush=True)
+        print(f"zarr async.concurrency during the reads: {zarr.config.get('async.concurrency')}")
+        blocks = 64 if args.quick else 1024
+        for line in bench_iter_blocks(Path(folder), MIB, blocks, 4 if args.quick else 64):
+            print(line, flush=True)
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"\nload average after: {load}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
