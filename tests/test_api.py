@@ -253,7 +253,21 @@ async def test_nested_groups_and_their_members() -> None:
         async for key in names:
             assert key in ("b", "c")
             break
-    assert "x" in str(await root.tree())
+
+    # zarr's tree() (which needs `rich` on zarr 3.1.0): ours gives what zarr's gives, or raises
+    # what it raises.
+    def zarrs_tree() -> Any:
+        try:
+            return str(zarr.open_group(store=store, mode="r").tree())
+        except ImportError as error:
+            return error
+
+    expected_tree = await in_thread(zarrs_tree)
+    if isinstance(expected_tree, ImportError):
+        with pytest.raises(ImportError, match=str(expected_tree)):
+            await root.tree()
+    else:
+        assert str(await root.tree()) == expected_tree
 
     # Left early inside `async with`, zarr's generator is closed at once, on its own loop.
     async with root.members() as members:
@@ -323,11 +337,11 @@ async def test_wrapping_zarrs_own_arrays_and_groups() -> None:
     sync_array = await in_thread(write)
     for wrapped in (
         zarr_anyio.AsyncArray(sync_array),
-        zarr_anyio.AsyncArray(sync_array.async_array),
+        zarr_anyio.AsyncArray(sync_array._async_array),
         zarr_anyio.AsyncArray(zarr_anyio.AsyncArray(sync_array)),
     ):
         np.testing.assert_array_equal(await wrapped.getitem(...), np.arange(6))
-        assert wrapped.async_array is sync_array.async_array
+        assert wrapped.async_array is sync_array._async_array
     group = zarr_anyio.AsyncGroup(await in_thread(lambda: zarr.open_group(store=store, mode="r")))
     assert [key async for key in group.keys()]  # noqa: SIM118 == ["x"]
     again = zarr.Array(zarr_anyio.AsyncArray(sync_array).async_array)

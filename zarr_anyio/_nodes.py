@@ -312,7 +312,7 @@ class AsyncArray(_Node):
         if isinstance(array, AsyncArray):
             array = array._zarr
         elif isinstance(array, zarr.Array):
-            array = array.async_array
+            array = array._async_array  # zarr 3.1.0 has no public name for it
         if not isinstance(array, zarr.AsyncArray):
             raise TypeError(f"expected a zarr array, got {type(array).__name__}")
         self._zarr: zarr.AsyncArray[Any] = array
