@@ -238,6 +238,8 @@ async def test_nested_groups_and_their_members() -> None:
     np.testing.assert_array_equal(await node.getitem(...), [1, 2, 3, 4])
     assert isinstance(await root.getitem("a/b"), zarr_anyio.AsyncGroup)
     assert await root.contains("a/b/x")
+    with pytest.raises(KeyError):  # zarr's own error, as itself
+        await root.getitem("a/missing")
 
     members = {name: type(member) async for name, member in root.members(max_depth=None)}
     assert members == {

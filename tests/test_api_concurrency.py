@@ -60,6 +60,21 @@ async def test_asyncio_runs_zarr_on_the_callers_loop_and_trio_on_the_bridge(
         assert store.threads == {threading.current_thread().name}
 
 
+async def test_waiting_calls_hold_no_thread() -> None:
+    store = CountingStore(max_concurrency=64)
+    arr = await filled(store, 2)
+    await arr.getitem(...)  # the bridge loop and its thread exist from here on
+    store.delay = 0.2
+    threads_before = threading.active_count()
+    async with anyio.create_task_group() as tg:
+        for _ in range(40):
+            tg.start_soon(arr.getitem, Ellipsis)
+        while store.now < 40:
+            await anyio.sleep(0.001)
+        # 40 calls waiting on their reads, under trio as under asyncio: not a thread more.
+        assert threading.active_count() == threads_before
+
+
 @pytest.mark.parametrize(("limit", "zarr_cap", "expected"), [(64, 10, 64), (16, 64, 16)])
 async def test_the_stores_bound_is_the_one_that_holds(
     limit: int, zarr_cap: int, expected: int

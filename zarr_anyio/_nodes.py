@@ -3,10 +3,13 @@
 zarr's async API is asyncio code. Our wrappers forward every attribute to the zarr object and
 run what comes back as a coroutine where asyncio can run it:
 
-* under asyncio (uvloop included), on the caller's own loop, awaited directly: no hop, no thread;
+* under asyncio (uvloop included), on the caller's own loop, in a task of its own (so that a
+  cancellation reaches zarr's work once, however often anyio repeats it): no hop, no thread;
 * under trio, on the bridge's asyncio loop (`._bridge.run_on_loop`): the trio task waits on an
-  event, holding no thread, and cancelling it cancels the zarr task and waits for its end, so no
-  chunk read or write of a cancelled call is left running.
+  event, holding no thread, and cancelling it cancels the zarr task and waits for its end.
+
+Either way the call ends only when every store operation made for it has ended (`._calls`): no
+chunk read or write of a returned, failed or cancelled call is left running.
 
 Forwarding is generic (``__getattr__``): a coroutine method zarr adds later works unchanged, async
 generators (``members()``, ``keys()``) are stepped one item per hop, and zarr nodes coming back are
@@ -160,7 +163,10 @@ def _wrap(value: Any) -> Any:
 
 
 async def _finish(coroutine: Coroutine[Any, Any, Any], owner: _Node | None) -> Any:
-    result = await run_zarr(lambda: coroutine)
+    try:
+        result = await run_zarr(lambda: coroutine)
+    finally:
+        coroutine.close()  # if cancelled before it started, it was never awaited: no warning
     if owner is not None and result is owner._zarr:
         return owner  # update_attributes() and friends return the node itself
     return _wrap(result)
@@ -195,8 +201,8 @@ _END = object()
 
 class NodeIterator(Generic[T]):
     """One of zarr's async generators (``group.members()``, ``group.keys()``, …), stepped from
-    any backend: under trio each item is one hop to the bridge loop, so nothing of the generator
-    runs between items and no task group is held open while an item is handed out.
+    any backend, each item one call of `run_zarr` (under trio, one hop to the bridge loop): the
+    generator runs only while an item is asked for, and nothing is held open between items.
 
     ``async for`` works as on zarr's; ``async with group.members() as members:`` also closes the
     generator when the block is left early (otherwise that happens when it is garbage-collected).
