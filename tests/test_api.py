@@ -208,6 +208,33 @@ async def test_store_takes_what_open_store_takes(tmp_path: Path) -> None:
     assert isinstance(url.store, zarr_anyio.MemoryStore)
 
 
+async def test_every_function_of_zarrs_async_api_is_here(tmp_path: Path) -> None:
+    for name in zarr.api.asynchronous.__all__:
+        if name not in ("copy", "copy_all", "copy_store"):  # zarr has not implemented those
+            assert callable(getattr(za, name)), name
+    path = str(tmp_path / "saved.zarr")
+    await za.save_array(path, np.arange(6))
+    np.testing.assert_array_equal(await za.load(store=path), np.arange(6))
+    source = await za.open_array(store=path, mode="r")
+    like = await za.ones_like(source)
+    assert isinstance(like, zarr_anyio.AsyncArray)
+    assert isinstance(like.store, zarr_anyio.MemoryStore)
+    np.testing.assert_array_equal(await like.getitem(...), np.ones(6))
+    copied = await za.from_array(str(tmp_path / "copy.zarr"), data=source)
+    np.testing.assert_array_equal(await copied.getitem(...), np.arange(6))
+    again = await za.array(source, store={})  # one of our arrays as data
+    np.testing.assert_array_equal(await again.getitem(...), np.arange(6))
+    full = await za.full((3,), fill_value=7, store={}, dtype="i1")
+    np.testing.assert_array_equal(await full.getitem(...), [7, 7, 7])
+    created = [
+        path
+        async for path, _ in za.create_hierarchy(
+            store=zarr_anyio.MemoryStore(), nodes={"": zarr.core.group.GroupMetadata()}
+        )
+    ]
+    assert created == [""]
+
+
 async def test_remote_url_with_storage_options(s3_server: Any) -> None:
     bucket = s3_server.new_bucket()
     options = {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}

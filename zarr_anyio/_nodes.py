@@ -142,7 +142,11 @@ def raise_zarr_concurrency(store: object) -> None:
 
 
 def _unwrap(value: Any) -> Any:
-    if isinstance(value, AsyncArray | AsyncGroup):
+    # An array goes to zarr as a zarr.Array, the form its async functions take as data
+    # (``from_array``, ``array``, ``*_like``), reading it through its async array.
+    if isinstance(value, AsyncArray):
+        return zarr.Array(value._zarr)
+    if isinstance(value, AsyncGroup):
         return value._zarr
     return value
 
