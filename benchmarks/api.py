@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,6 @@ import zarr.codecs
 
 import zarr_anyio
 import zarr_anyio.api as za
-from run import median_results
 
 MIB = 1 << 20
 
@@ -52,6 +54,26 @@ def write_array(path: Path, chunk_bytes: int, chunks: int, compressors: Any) -> 
         arr[start:stop] = np.arange(start, stop, dtype="float64")
 
 
+Timing = tuple[float, float]
+"""Seconds of wall time and of this process's CPU time."""
+
+
+def interleaved_medians(runs: dict[str, Callable[[], Timing]], repeat: int) -> dict[str, Timing]:
+    """Run each ``repeat`` times, interleaved in a new order each round (a fixed order was seen
+    to favour one place in it); the median wall time and CPU time of each."""
+    results: dict[str, list[Timing]] = {name: [] for name in runs}
+    order = list(runs)
+    shuffle = random.Random(0).shuffle
+    for _ in range(repeat):
+        shuffle(order)
+        for name in order:
+            results[name].append(runs[name]())
+    return {
+        name: (statistics.median(t[0] for t in got), statistics.median(t[1] for t in got))
+        for name, got in results.items()
+    }
+
+
 def bench_reads(
     folder: Path, label: str, chunk_bytes: int, chunks: int, compressors: Any, repeat: int
 ) -> list[str]:
@@ -65,25 +87,25 @@ def bench_reads(
     # Both sides read with zarr's async.concurrency raised to the store's bound, as the API does.
     zarr_anyio.AsyncArray(theirs)
 
-    def zarr_sync() -> float:
-        started = time.perf_counter()
+    def zarr_sync() -> Timing:
+        wall, cpu = time.perf_counter(), time.process_time()
         result = theirs[:]
-        elapsed = time.perf_counter() - started
+        timing = (time.perf_counter() - wall, time.process_time() - cpu)
         assert result[-1] == last
-        return elapsed
+        return timing
 
-    async def ours() -> float:
+    async def ours() -> Timing:
         arr = await za.open_array(store=store, mode="r")
         # A program keeps its loop: this one is new, so its per-loop state (the store's limiter,
         # its hop queue) is made before the clock starts, as a long-lived loop would have it.
         await arr.getitem(0)
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         result = await arr.getitem(...)
-        elapsed = time.perf_counter() - started
+        timing = (time.perf_counter() - wall, time.process_time() - cpu)
         assert result[-1] == last
-        return elapsed
+        return timing
 
-    timings = median_results(
+    timings = interleaved_medians(
         {
             "zarr's sync arr[:]": zarr_sync,
             "zarr_anyio.api getitem under trio": lambda: anyio.run(ours, backend="trio"),
@@ -91,12 +113,21 @@ def bench_reads(
         },
         repeat,
     )
-    lines = [f"\n## {label}: {chunks} chunks of {chunk_bytes // 1024} KiB (median of {repeat})"]
-    for name, seconds in timings.items():
-        lines.append(f"{name:40s} {seconds * 1000:9.1f} ms  {seconds / chunks * 1e6:8.1f} µs/chunk")
-    sync, trio_run, asyncio_run = timings.values()
+    lines = [
+        f"\n## {label}: {chunks} chunks of {chunk_bytes // 1024} KiB (median of {repeat})",
+        f"{'':40s} {'wall':>9s}     {'per chunk':>9s}      {'CPU':>9s}",
+    ]
+    for name, (wall, cpu) in timings.items():
+        lines.append(
+            f"{name:40s} {wall * 1000:9.1f} ms  {wall / chunks * 1e6:8.1f} µs  {cpu * 1000:9.1f} ms"
+        )
+    (sync, sync_cpu), (trio_run, trio_cpu), (asyncio_run, asyncio_cpu) = timings.values()
     lines.append(f"ratio getitem under trio / zarr's arr[:]:     {trio_run / sync:.2f}")
     lines.append(f"ratio getitem under asyncio / zarr's arr[:]:  {asyncio_run / sync:.2f}")
+    lines.append(
+        f"(CPU time: trio / zarr's {trio_cpu / sync_cpu:.2f}, "
+        f"asyncio / zarr's {asyncio_cpu / sync_cpu:.2f})"
+    )
     return lines
 
 
@@ -181,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reduce:
         reduce_in_this_process(args.reduce[0], int(args.reduce[1]))
         return 0
-    repeat = args.repeat or (2 if args.quick else 7)
+    repeat = args.repeat or (2 if args.quick else 9)
     scale = 16 if args.quick else 1
     zstd = zarr.codecs.ZstdCodec()
     cases = [

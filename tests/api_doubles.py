@@ -18,11 +18,11 @@ if sys.platform != "win32":
     # Part of the test extra wherever uvloop exists: imported, not skipped, so CI cannot lose it.
     import uvloop
 
-    UVLOOP: list[Any] = [
-        pytest.param(("asyncio", {"loop_factory": uvloop.new_event_loop}), id="uvloop")
-    ]
+    UVLOOP: list[Any] = [pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")]
+    UVLOOP_CLASS = uvloop.Loop
 else:  # pragma: no cover
     UVLOOP = []
+    UVLOOP_CLASS = None
 
 BACKENDS = ["asyncio", "trio", *UVLOOP]
 

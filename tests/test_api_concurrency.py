@@ -4,6 +4,7 @@ Nothing here asserts a duration."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import anyio
 import numpy as np
 import pytest
 import zarr
-from api_doubles import BACKENDS, CountingStore
+from api_doubles import BACKENDS, UVLOOP_CLASS, CountingStore
 from zarr.core.buffer import Buffer, BufferPrototype
 
 import zarr_anyio
@@ -48,8 +49,10 @@ async def filled(store: CountingStore, chunks: int, **kwargs: Any) -> zarr_anyio
 
 
 async def test_asyncio_runs_zarr_on_the_callers_loop_and_trio_on_the_bridge(
-    anyio_backend_name: str,
+    anyio_backend_name: str, anyio_backend_options: dict[str, Any]
 ) -> None:
+    if anyio_backend_options.get("use_uvloop"):
+        assert isinstance(asyncio.get_running_loop(), UVLOOP_CLASS)  # the third loop runs
     store = CountingStore()
     arr = await filled(store, 8)
     np.testing.assert_array_equal(await arr.getitem(...), np.arange(32))

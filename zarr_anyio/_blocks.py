@@ -5,8 +5,10 @@ concurrently. Here ``max_concurrency`` workers in one task group pull blocks (st
 shards, cut to the region) from a shared iterator and hand them over a memory object stream. A
 worker takes a token before it fetches a block and the token comes back only when the loop asks
 for the block after the one it holds, so blocks being fetched, waiting in the stream and held by
-the loop are at most ``max_concurrency`` together: memory is bounded by the limit, not the array
-(measured: 1 GiB summed in 1 MiB chunks with a peak RSS growth of ~2 x 64 MiB for a limit of 64).
+the loop are at most ``max_concurrency`` together: memory is bounded by the limit, not the array.
+A block being fetched holds its output and, for a moment, the raw chunk: ~2 chunks' worth.
+Measured (benchmarks/api.py): 1 GiB summed in 1 MiB chunks, limit 64, peak RSS growth ~170 MiB
+(~120 MiB with malloc's mmap threshold pinned), against 2 x 64 MiB + 50 MiB = 178 MiB.
 
 It is an async context manager over the stream, as `AnyioStore.fetch_many` is, so no generator
 ever yields with the task group open; leaving the block cancels the fetches still running, and
