@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -60,11 +60,15 @@ class _Waiter:
 
     __slots__ = ("event", "granted", "thread", "wake")
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        event: anyio.Event | threading.Event,
+        wake: Callable[[Callable[[], object]], None] | None = None,
+    ) -> None:
+        self.event = event
+        self.wake = wake  # for an anyio event: how to run its set() on the waiter's loop
         self.granted = False
         self.thread = threading.get_ident()
-        self.event: anyio.Event | threading.Event
-        self.wake: Any = None
 
     def notify(self) -> bool:
         """Wake the waiter; ``False`` if its event loop has ended and it never will wake."""
@@ -75,6 +79,7 @@ class _Waiter:
             # A thread runs one event loop at a time: this is the waiter's own loop.
             event.set()
         else:
+            assert self.wake is not None
             try:
                 self.wake(event.set)
             except RuntimeError:  # the loop is closed (trio's RunFinishedError is one too)
@@ -145,15 +150,7 @@ class Limiter:
     async def acquire(self) -> None:
         """Take a token, waiting for one in FIFO order; a checkpoint either way."""
         await anyio.lowlevel.checkpoint_if_cancelled()
-        with self._lock:
-            if not self._waiters and self._borrowed < self._total:
-                self._borrowed += 1
-                waiter = None
-            else:
-                waiter = _Waiter()
-                waiter.event = anyio.Event()
-                waiter.wake = waker(current_loop_key())
-                self._waiters.append(waiter)
+        waiter = self._take_or_queue(lambda: _Waiter(anyio.Event(), waker(current_loop_key())))
         if waiter is None:
             try:
                 await anyio.lowlevel.cancel_shielded_checkpoint()
@@ -172,14 +169,7 @@ class Limiter:
     @contextmanager
     def blocking(self) -> Iterator[None]:
         """Hold a token for a block of blocking code in a plain thread (no event loop)."""
-        with self._lock:
-            if not self._waiters and self._borrowed < self._total:
-                self._borrowed += 1
-                waiter = None
-            else:
-                waiter = _Waiter()
-                waiter.event = threading.Event()
-                self._waiters.append(waiter)
+        waiter = self._take_or_queue(lambda: _Waiter(threading.Event()))
         if waiter is not None:
             waiter.event.wait()
         try:
@@ -203,6 +193,16 @@ class Limiter:
         self.release()
 
     # ------------------------------------------------------------------ internals
+
+    def _take_or_queue(self, make_waiter: Callable[[], _Waiter]) -> _Waiter | None:
+        """Take a token if one is free and nobody waits (``None``), else queue a waiter."""
+        with self._lock:
+            if not self._waiters and self._borrowed < self._total:
+                self._borrowed += 1
+                return None
+            waiter = make_waiter()
+            self._waiters.append(waiter)
+            return waiter
 
     def _grant_locked(self) -> list[_Waiter]:
         woken: list[_Waiter] = []
