@@ -66,10 +66,13 @@ def fresh_store(kind: str, base: Path) -> Iterator[AnyioStore]:
 
 def check_key(store: AnyioStore, key: str, call: Callable[..., object]) -> None:
     value = cpu.Buffer.from_bytes(b"payload:" + key.encode("utf-8", "surrogatepass"))
+    refusal = None
     try:
         call(store.set, key, value)
     except ValueError as error:
-        assert repr(key)[:40] in str(error)
+        refusal = str(error)
+    if refusal is not None:
+        assert repr(key)[:40] in refusal
         for operation in (store.get, store.exists, store.getsize, store.delete):
             with pytest.raises(ValueError, match="key"):
                 call(operation, key)
