@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import anyio
 import pytest
@@ -25,6 +25,8 @@ else:  # pragma: no cover
     UVLOOP_CLASS = None
 
 BACKENDS = ["asyncio", "trio", *UVLOOP]
+
+T = TypeVar("T")
 
 
 def chunk_key(key: str) -> bool:
@@ -66,9 +68,10 @@ class CountingStore(MemoryStore):
         copy.delay, copy.stop_delay, copy.fail_on = self.delay, self.stop_delay, self.fail_on
         return copy
 
-    async def _io(self, key: str, *, reading: bool) -> None:
+    async def _io(self, key: str, action: Callable[[], Awaitable[T]], *, reading: bool) -> T:
+        """``action()`` (the real read or write), counted, after ``delay``, holding a token."""
         if not chunk_key(key):
-            return
+            return await action()
         async with self._limit.current():
             with self._lock:
                 self.now += 1
@@ -80,6 +83,7 @@ class CountingStore(MemoryStore):
                     raise OSError(f"injected failure reading {key}")
                 if self.delay:
                     await anyio.sleep(self.delay)
+                return await action()
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True):
                     await anyio.sleep(self.stop_delay)
@@ -91,12 +95,16 @@ class CountingStore(MemoryStore):
     async def _backend_get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
     ) -> Buffer | None:
-        await self._io(key, reading=True)
-        return await super()._backend_get(key, prototype, byte_range)
+        parent = super()
+        return await self._io(
+            key, lambda: parent._backend_get(key, prototype, byte_range), reading=True
+        )
 
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
-        await self._io(key, reading=False)
-        await super()._backend_set(key, value, exclusive=exclusive)
+        parent = super()
+        await self._io(
+            key, lambda: parent._backend_set(key, value, exclusive=exclusive), reading=False
+        )
 
     def chunk_keys(self) -> list[str]:
         return sorted(key for key in self._store_dict if chunk_key(key))

@@ -7,6 +7,7 @@ wrap zarr's arrays and groups for it.
 from . import api
 from ._base import AnyioStore, FetchRequest, RemoteStore
 from ._blocks import Block
+from ._limit import Limiter
 from ._limits import NO_RETRY, RateLimit, Retry
 from ._nodes import AsyncArray, AsyncGroup
 from ._open import open_store
@@ -24,6 +25,7 @@ __all__ = [
     "Block",
     "FetchRequest",
     "FsspecStore",
+    "Limiter",
     "LocalStore",
     "MemoryStore",
     "ObjectStore",

@@ -92,10 +92,11 @@ async def run_zarr(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 async def _in_a_task_of_its_own(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     # On the caller's loop, but in a task of its own, so that zarr's work is cancelled exactly
-    # once. An anyio cancel scope cancels its task again on every turn of the loop, and through
-    # zarr's nested gathers every chunk read would be cancelled again and again: a read waiting
-    # for its worker thread could stop waiting and outlive the call. The task is awaited to its
-    # end on every path, as the bridge's are.
+    # once, as the bridge does it under trio. An anyio cancel scope cancels its task again on
+    # every turn of the loop, and through zarr's nested gathers each time reaches every chunk
+    # task again, cutting short whatever they await while winding down (before the stores'
+    # waits for their threads were made proof against it, reads outlived the call this way).
+    # The task is awaited to its end on every path, as the bridge's are.
     task = asyncio.get_running_loop().create_task(make())
     try:
         return await asyncio.shield(task)
