@@ -31,7 +31,7 @@ from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._bridge import run_blocking
-from ._calls import in_api_call, tracked
+from ._api_call import in_api_call, tracked
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
 from ._limit import ConcurrencyLimit, Limiter, LimiterLike, OneLoopLimiter
 from ._limits import RateLimit, Retry, call_with_retries

@@ -8,7 +8,7 @@ run what comes back as a coroutine where asyncio can run it:
 * under trio, on the bridge's asyncio loop (`._bridge.run_on_loop`): the trio task waits on an
   event, holding no thread, and cancelling it cancels the zarr task and waits for its end.
 
-Either way the call ends only when every store operation made for it has ended (`._calls`): no
+Either way the call ends only when every store operation made for it has ended (`._api_call`): no
 chunk read or write of a returned, failed or cancelled call is left running.
 
 Forwarding is generic (``__getattr__``): a coroutine method zarr adds later works unchanged, async
@@ -65,7 +65,7 @@ except ImportError:  # zarr < 3.1.1
 
 from ._base import AnyioStore
 from ._bridge import run_on_loop
-from ._calls import CURRENT, ApiCall
+from ._api_call import CURRENT, ApiCall
 from ._limits import current_loop_key
 
 __all__ = [
@@ -114,7 +114,7 @@ async def _in_a_task_of_its_own(make: Callable[[], Coroutine[Any, Any, T]]) -> T
 
 async def _as_api_call(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     # zarr's tasks inherit the mark, so their store operations count as this call's, and the
-    # call ends only when none is running (zarr's gather does not wait for them: see _calls).
+    # call ends only when none is running (zarr's gather does not wait for them: see _api_call).
     call = ApiCall()
     token = CURRENT.set(call)
     try:
