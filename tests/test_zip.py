@@ -187,7 +187,10 @@ async def test_a_truncated_zip_is_recovered_and_a_reader_leaves_it_alone(tmp_pat
     assert digest(path) == before
 
 
-@pytest.mark.parametrize("bad_name", ["../escape", "/etc/passwd", "a/../../b", "a\\..\\b"])
+@pytest.mark.parametrize(
+    "bad_name",
+    ["../escape", "/etc/passwd", "a/../../b", "a\\..\\b", "a/" + "b" * 300, ".__zarr_anyio_x"],
+)
 async def test_a_member_with_an_escaping_name_is_refused(tmp_path: Path, bad_name: str) -> None:
     path = tmp_path / "evil.zip"
     with zipfile.ZipFile(path, "w") as archive:
@@ -383,6 +386,24 @@ async def test_cached_stored_members_are_read_without_a_thread_hop(
     assert value.to_bytes() == b"234"
     assert await store.get("c/missing", PROTO) is None
     assert threads.calls == 0
+    store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="page-cache reads need Linux")
+async def test_reads_over_a_mebibyte_go_to_a_thread_even_when_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ZipStore(tmp_path / "big.zip", mode="w")
+    big = os.urandom(1 << 20) + b"!"
+    await store.set("big", buf(big))
+    threads = ThreadReads(store, monkeypatch)
+    value = await store.get("big", PROTO)
+    assert value is not None
+    assert value.to_bytes() == big
+    assert threads.calls == 1
+    value = await store.get("big", PROTO, RangeByteRequest(0, 1 << 20))
+    assert value is not None
+    assert threads.calls == 1  # a mebibyte is still read on the loop
     store.close()
 
 

@@ -27,6 +27,7 @@ from zarr.core.buffer import cpu, default_buffer_prototype
 from zipdisk import SlowDisk, SmallDisk, small_disk
 
 from zarr_anyio import ZipStore
+from zarr_anyio._zipformat import directory_record, member_record, write_all
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
@@ -390,11 +391,13 @@ async def test_recovery_keeps_whole_members_and_names_the_cut_one(tmp_path: Path
     path = tmp_path / "a.zip"
     async with ZipStore(path, mode="w") as first:
         await first.set("old/0", buf(b"kept from the first session"))
+        await first.set("old/1", buf(b"deleted, never closed"))
         await first.set("c/1", buf(b"first value of c/1"))
     store = ZipStore(path, mode="a")
     await store.set("c/1", buf(b"second value of c/1"))
     await store.set("c/2", buf(pattern(9, 10_000)))
     await store.set("c/cut", buf(pattern(10, 10_000)))
+    await store.delete("old/1")  # deleted, but not closed: a crash brings it back
     # What a crash in the middle of the last write leaves: the file as it is, cut short.
     crashed = tmp_path / "crashed.zip"
     crashed.write_bytes(path.read_bytes()[:-5000])
@@ -407,7 +410,8 @@ async def test_recovery_keeps_whole_members_and_names_the_cut_one(tmp_path: Path
         assert await read(recovered, "c/1") == b"second value of c/1"
         assert await read(recovered, "c/2") == pattern(9, 10_000)
         assert await read(recovered, "c/cut") is None
-        assert sorted([key async for key in recovered.list()]) == ["c/1", "c/2", "old/0"]
+        assert await read(recovered, "old/1") == b"deleted, never closed"
+        assert sorted([key async for key in recovered.list()]) == ["c/1", "c/2", "old/0", "old/1"]
         assert digest(crashed) == before  # opening changes nothing, in either mode
         if mode == "r":
             await recovered.aclose()
@@ -415,7 +419,7 @@ async def test_recovery_keeps_whole_members_and_names_the_cut_one(tmp_path: Path
     await recovered.aclose()  # mode "a": appends a directory for what was recovered
     with zipfile.ZipFile(crashed) as archive:
         assert archive.testzip() is None
-        assert sorted(archive.namelist()) == ["c/1", "c/2", "old/0"]
+        assert sorted(archive.namelist()) == ["c/1", "c/2", "old/0", "old/1"]
         assert archive.read("c/1") == b"second value of c/1"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # repaired: no more warning
@@ -506,7 +510,7 @@ async def test_close_waits_for_the_calls_in_flight(
     path = tmp_path / "busy.zip"
     store = ZipStore(path, mode="w", max_concurrency=4)
     await store.set("first", buf(b"1"))
-    disk = SlowDisk(monkeypatch, delay=0.01)
+    SlowDisk(monkeypatch, delay=0.01)
     done: list[int] = []
     finished_when_closed: list[int] = []
 
@@ -515,8 +519,9 @@ async def test_close_waits_for_the_calls_in_flight(
         done.append(i)
 
     async def close_soon() -> None:
-        while disk.calls == 0:
-            await anyio.sleep(0.001)
+        with anyio.fail_after(10):
+            while not done:  # some calls are done, the others in flight
+                await anyio.sleep(0.001)
         if how == "aclose":
             await store.aclose()
         else:
@@ -532,6 +537,13 @@ async def test_close_waits_for_the_calls_in_flight(
     with zipfile.ZipFile(path) as archive:
         assert archive.testzip() is None
         assert len(archive.namelist()) == 21
+    # A call made after close opens the store again, and it needs closing again.
+    monkeypatch.undo()
+    await store.set("later", buf(b"2"))
+    assert store._session is not None
+    await store.aclose()
+    with zipfile.ZipFile(path) as archive:
+        assert len(archive.namelist()) == 22
 
 
 async def test_close_on_the_loop_with_calls_of_that_loop_in_flight_refuses(
@@ -577,8 +589,9 @@ async def test_a_cancelled_big_write_returns_only_once_it_stopped_and_leaves_not
     if anyio_backend == "asyncio":
         # Native double cancellation, as asyncio.TaskGroup and asyncio.timeout can do.
         task = asyncio.get_running_loop().create_task(store.set("big", value))
-        while disk.calls == 0:
-            await asyncio.sleep(0.001)
+        with anyio.fail_after(10):
+            while disk.calls == 0:
+                await asyncio.sleep(0.001)
         task.cancel()
         await asyncio.sleep(0)
         task.cancel()
@@ -588,8 +601,9 @@ async def test_a_cancelled_big_write_returns_only_once_it_stopped_and_leaves_not
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(store.set, "big", value)
-                while disk.calls == 0:
-                    await anyio.sleep(0.001)
+                with anyio.fail_after(10):
+                    while disk.calls == 0:
+                        await anyio.sleep(0.001)
                 scope.cancel()
                 scope.cancel()
     assert writing == [0]  # nothing is still writing
@@ -628,6 +642,44 @@ async def test_a_cancelled_rewrite_stops_early_and_keeps_the_archive(
         assert archive.testzip() is None
         assert len(archive.namelist()) == 99
         assert "c/0" not in archive.namelist()
+
+
+async def test_a_cancelled_close_leaves_the_store_open_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "close.zip"
+    async with ZipStore(path, mode="w") as first:
+        await first.set_many([(f"c/{i}", buf(pattern(i, 20_000))) for i in range(100)])
+    store = await ZipStore.open(path, mode="a")
+    await store.delete("c/0")
+    SlowDisk(monkeypatch, delay=0.002)
+    with anyio.move_on_after(0.1) as scope:
+        await store.aclose()  # the rewrite that drops c/0 takes longer than that
+    assert scope.cancelled_caught
+    assert store._session is not None
+    assert await read(store, "c/0") is None
+    assert await read(store, "c/1") == pattern(1, 20_000)
+    monkeypatch.undo()
+    await store.aclose()
+    with zipfile.ZipFile(path) as archive:
+        assert len(archive.namelist()) == 99
+
+
+async def test_a_rewrite_left_by_a_crash_is_removed_by_the_next_writer(tmp_path: Path) -> None:
+    path = tmp_path / "data.zip"
+    async with ZipStore(path, mode="w") as first:
+        await first.set("c/0", buf(b"x"))
+    stale = tmp_path / ".__zarr_anyio_rewrite__.data.zip.0123456789abcdef"
+    stale.write_bytes(b"half a copy")
+    other = tmp_path / ".__zarr_anyio_rewrite__.other.zip.0123456789abcdef"
+    other.write_bytes(b"not ours")
+    async with ZipStore(path, mode="r") as reader:
+        assert await read(reader, "c/0") == b"x"
+    assert stale.exists()  # a reader writes nothing, removes nothing
+    async with ZipStore(path, mode="a") as writer:
+        assert await read(writer, "c/0") == b"x"
+    assert not stale.exists()
+    assert other.exists()
 
 
 # --------------------------------------------------------------------------- 11. tmpfs
@@ -684,7 +736,46 @@ async def test_keys_a_zip_cannot_hold_are_refused_and_change_nothing(tmp_path: P
         assert key[:20] in str(caught.value) or repr(key)[:20] in str(caught.value)
         with pytest.raises(ValueError, match="invalid key"):
             store.set_sync(key, buf(b"x"))
+        with pytest.raises(ValueError, match="invalid key"):
+            await store.set_many([("ok", buf(b"x")), (key, buf(b"x"))])
     assert [key async for key in store.list()] == ["zarr.json"]
     await store.aclose()
     with zipfile.ZipFile(path) as archive:
         assert archive.namelist() == ["zarr.json"]
+
+
+# --------------------------------------------------------------------------- zip64
+
+
+def test_directories_beyond_the_zip32_limits(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.zip"
+    far = 5 << 30  # a sparse file: the member sits 5 GiB in, past 32-bit offsets
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, far)
+        info, header, payload = member_record("c/far", b"far away", zipfile.ZIP_STORED, True)
+        info.header_offset = far
+        end = write_all(fd, header + bytes(payload), far, lambda: None)
+        with pytest.raises(zipfile.LargeZipFile):
+            directory_record([info], end, b"", allow_zip64=False)
+        write_all(fd, directory_record([info], end, b"", True), end, lambda: None)
+    finally:
+        os.close(fd)
+    with ZipStore(path, mode="r") as store:
+        value = store.get_sync("c/far")
+        assert value is not None
+        assert value.to_bytes() == b"far away"
+    # More entries than a 16-bit count holds (all naming the same bytes).
+    many = []
+    for i in range(1 << 16):
+        entry = zipfile.ZipInfo(f"{i}", date_time=info.date_time)
+        entry.CRC, entry.file_size, entry.compress_size = info.CRC, 8, 8
+        entry.header_offset = far
+        many.append(entry)
+    size = path.stat().st_size
+    with open(path, "r+b") as file:
+        file.seek(size)
+        file.write(directory_record(many, size, b"", True))
+    with zipfile.ZipFile(path) as archive:
+        assert len(archive.infolist()) == 1 << 16
+        assert archive.getinfo("65535").header_offset == far

@@ -650,7 +650,7 @@ class ZipStore(BlockingStore):
             with self._lock:
                 self._rewrite_session(self._use(), check_cancelled)
 
-        with self._calls.call():
+        with self._calls:
             await self._blocking(rewrite)
 
     @classmethod
@@ -676,7 +676,7 @@ class ZipStore(BlockingStore):
                 os.close(old)
             self._is_open = True
 
-        with self._calls.call():
+        with self._calls:
             await self._blocking(move)
 
     # ---------------------------------------------------------------- backend hooks
@@ -686,24 +686,24 @@ class ZipStore(BlockingStore):
             with self._lock:
                 self._use()
 
-        with self._calls.call():
+        with self._calls:
             await self._blocking(open_archive)
 
     async def _backend_get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
     ) -> Buffer | None:
-        with self._calls.call():
+        with self._calls:
             return await super()._backend_get(key, prototype, byte_range)
 
     async def _backend_get_batch(
         self, requests: list[tuple[str, ByteRequest | None]], prototype: BufferPrototype
     ) -> list[Buffer | None]:
-        with self._calls.call():
+        with self._calls:
             return await super()._backend_get_batch(requests, prototype)
 
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
         data = value.to_bytes()
-        with self._calls.call():
+        with self._calls:
             session = self._session
             # A cancelled write stops between pieces and is cut off: the old value stays.
             await self._blocking(
@@ -717,7 +717,7 @@ class ZipStore(BlockingStore):
             )
 
     async def _backend_delete(self, key: str) -> None:
-        with self._calls.call():
+        with self._calls:
             session = self._session
             await self._blocking(lambda _: self._delete_blocking([key], session))
 
@@ -727,7 +727,7 @@ class ZipStore(BlockingStore):
                 keys = [key for key in self._use(session).live_keys() if key.startswith(prefix)]
                 self._delete_blocking(keys, session)
 
-        with self._calls.call():
+        with self._calls:
             session = self._session
             await self._blocking(lambda _: delete_under(session))
 
@@ -736,7 +736,7 @@ class ZipStore(BlockingStore):
             with self._lock:
                 return self._use().live(key) is not None
 
-        with self._calls.call():
+        with self._calls:
             return await self._hops.run(exists)
 
     async def _backend_getsize(self, key: str) -> int:
@@ -747,7 +747,7 @@ class ZipStore(BlockingStore):
                 raise FileNotFoundError(key)
             return info.file_size
 
-        with self._calls.call():
+        with self._calls:
             return await self._hops.run(size)
 
     def _live_keys(self) -> list[str]:
@@ -755,12 +755,12 @@ class ZipStore(BlockingStore):
             return self._use().live_keys()
 
     async def _backend_list_prefix(self, prefix: str) -> Iterable[str]:
-        with self._calls.call():
+        with self._calls:
             keys = await self._blocking(lambda _: self._live_keys())
         return [key for key in keys if key.startswith(prefix)]
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
-        with self._calls.call():
+        with self._calls:
             keys = await self._blocking(lambda _: self._live_keys())
         return names_under(keys, prefix)
 
@@ -775,7 +775,7 @@ class ZipStore(BlockingStore):
     ) -> Buffer | None:
         validate_key(key)
         check_byte_range(byte_range)
-        with self._calls.call():
+        with self._calls:
             self._is_open = True
             data = self._read_blocking(key, byte_range)
         if data is None:
@@ -786,13 +786,13 @@ class ZipStore(BlockingStore):
         self._check_writable()
         validate_key(key)
         self._check_value(value)
-        with self._calls.call():
+        with self._calls:
             self._is_open = True
             self._write_blocking(key, value.to_bytes(), exclusive=False)
 
     def delete_sync(self, key: str) -> None:
         self._check_writable()
         validate_key(key)
-        with self._calls.call():
+        with self._calls:
             self._is_open = True
             self._delete_blocking([key])
