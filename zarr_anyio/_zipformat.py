@@ -2,7 +2,8 @@
 
 Append only. A ZipStore session never changes a byte that was in the file when it opened: new
 members go after the end of the file, and closing appends a new central directory (the old one
-stays behind as dead bytes, ~50 bytes a member per append session; ``rewrite()`` drops them).
+stays behind as dead bytes, 46 bytes and the name a member, per append session; ``rewrite()``
+drops them).
 zipfile's own append mode writes over the old directory instead, so a crash, a full disk or a
 failed close in an append session leaves a file with no directory at all (zarr's ZipStore: 17 of
 22 archives no longer opened after kill -9). Here the archive as it was stays a prefix of the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import bz2
 import copy
+import errno
 import io
 import lzma
 import os
@@ -90,7 +92,10 @@ def write_all(
     view = memoryview(data)
     written = 0
     while written < len(view):
-        written += _write_at(fd, view[written : written + PIECE], offset + written)
+        count = _write_at(fd, view[written : written + PIECE], offset + written)
+        if count <= 0:
+            raise OSError(errno.EIO, f"a write at offset {offset + written} wrote nothing")
+        written += count
         if written < len(view):
             check_cancelled()
     return offset + written
