@@ -189,7 +189,15 @@ async def test_a_truncated_zip_is_recovered_and_a_reader_leaves_it_alone(tmp_pat
 
 @pytest.mark.parametrize(
     "bad_name",
-    ["../escape", "/etc/passwd", "a/../../b", "a\\..\\b", "a/" + "b" * 300, ".__zarr_anyio_x"],
+    [
+        "../escape",
+        "/etc/passwd",
+        "a/../../b",
+        "a\\..\\b",
+        "a\x00/../x",
+        "a/" + "b" * 300,  # a segment over 255 bytes
+        "/".join(["b" * 200] * 6),  # a key over 1024 bytes
+    ],
 )
 async def test_a_member_with_an_escaping_name_is_refused(tmp_path: Path, bad_name: str) -> None:
     path = tmp_path / "evil.zip"
