@@ -1,8 +1,9 @@
 """Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio."""
 
-from ._base import AnyioStore, FetchRequest, RemoteStore
-from ._limits import NO_RETRY, RateLimit, Retry
+from ._base import AnyioStore, FetchRequest
 from ._open import open_store
+from ._remote import RemoteStore
+from ._retry import NO_RETRY, RateLimit, Retry
 from .fsspec import FsspecStore
 from .local import LocalStore
 from .memory import MemoryStore

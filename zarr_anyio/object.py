@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import pickle
 import posixpath
-import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -24,24 +23,34 @@ import anyio
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
-from ._base import RemoteStore
 from ._bridge import run_on_loop
 from ._keys import check_byte_range, validate_key
-from ._limits import RateLimit, Retry, current_loop_key
+from ._limits import current_loop_key
+from ._remote import RemoteStore
+from ._retry import RateLimit, Retry, http_status
 from ._threads import run_in_worker
 
 __all__ = ["ObjectStore"]
 
 T = TypeVar("T")
 
-_RANGE_ERROR = re.compile(
-    r"Invalid range|not satisfiable|InvalidRange|status code: 416", re.IGNORECASE
-)
-
 
 def _is_range_error(error: Exception) -> bool:
-    """A range that starts past the end of the object (not any other error)."""
-    return _RANGE_ERROR.search(str(error)) is not None
+    """A range that starts past the end of the object: HTTP 416 (not any other error)."""
+    return http_status(error) == 416
+
+
+def _is_panic(error: BaseException) -> bool:
+    """obstore's async API reports a panic of its Rust code as ``RustPanic`` (a class that
+    ``pyo3_async_runtimes`` makes and exports nowhere, so it is known by its name)."""
+    cls = type(error)
+    return cls.__name__ == "RustPanic" and cls.__module__ == "pyo3_async_runtimes"
+
+
+def _holds_a_key(store: Any, folder: str) -> bool:
+    import obstore
+
+    return any(len(batch) > 0 for batch in obstore.list(store, prefix=folder, chunk_size=1))
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:
@@ -201,9 +210,11 @@ class ObjectStore(RemoteStore):
             except FileNotFoundError:
                 return
             except Exception as error:
-                if not _is_range_error(error):
+                # obstore's get_ranges panics when a range starts past the end of the object
+                # (it slices the merged answer); over HTTP that range may also be a 416. Either
+                # way, ask for each range on its own, as single gets would.
+                if not (_is_panic(error) or _is_range_error(error)):
                     raise
-                # One range is past the end: ask for each on its own.
                 for index in indexes:
                     await fetch_single(index)
                 return
@@ -274,14 +285,23 @@ class ObjectStore(RemoteStore):
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
         import obstore
+        import obstore.store
 
         folder = prefix.rstrip("/")
-        found = await self._call_blocking(
-            lambda: obstore.list_with_delimiter(self.store, prefix=folder or None)
-        )
-        names = [posixpath.basename(p.rstrip("/")) for p in found["common_prefixes"]]
-        names += [posixpath.basename(meta["path"]) for meta in found["objects"]]
-        return sorted(set(names))
+        # obstore's LocalStore lists directories as common prefixes, empty ones too (left by
+        # deletes); a zarr store has folders only as parts of keys. Object stores have no empty
+        # folders, so only there is each folder asked for one key.
+        local = isinstance(self.store, obstore.store.LocalStore)
+
+        def names_under() -> list[str]:
+            found = obstore.list_with_delimiter(self.store, prefix=folder or None)
+            folders = [p.rstrip("/") for p in found["common_prefixes"]]
+            if local:
+                folders = [p for p in folders if _holds_a_key(self.store, p)]
+            names = [posixpath.basename(p) for p in folders]
+            return names + [posixpath.basename(meta["path"]) for meta in found["objects"]]
+
+        return sorted(set(await self._call_blocking(names_under)))
 
     async def _backend_delete_dir(self, prefix: str) -> None:
         keys = await self._list_under(prefix.rstrip("/"))
