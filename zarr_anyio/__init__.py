@@ -1,6 +1,7 @@
 """Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio."""
 
 from ._base import AnyioStore, FetchRequest
+from ._limit import Limiter
 from ._open import open_store
 from ._remote import RemoteStore
 from ._retry import NO_RETRY, RateLimit, Retry
@@ -15,6 +16,7 @@ __all__ = [
     "AnyioStore",
     "FetchRequest",
     "FsspecStore",
+    "Limiter",
     "LocalStore",
     "MemoryStore",
     "ObjectStore",

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import anyio
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from ._base import AnyioStore
 from ._bridge import run_blocking
+from ._limit import LimiterLike
 from ._retry import RateLimit, Retry, call_with_retries
 
 __all__ = ["RemoteStore"]
@@ -40,7 +40,7 @@ class RemoteStore(AnyioStore):
         *,
         read_only: bool = False,
         max_concurrency: int | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: LimiterLike | None = None,
         retry: Retry | int | None = None,
         rate_limit: RateLimit | float | None = None,
     ) -> None:
