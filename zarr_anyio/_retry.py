@@ -16,7 +16,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,10 +28,11 @@ __all__ = [
     "Failure",
     "RateLimit",
     "Retry",
-    "call_with_retries",
+    "RetryBudget",
     "describe",
     "http_status",
     "is_transient",
+    "parse_retry_after",
 ]
 
 T = TypeVar("T")
@@ -272,24 +273,81 @@ class Retry:
 
     ``attempts`` counts the first try. Waits grow exponentially from ``base_delay`` up to
     ``max_delay``, with full jitter (a random wait between 0 and the bound), so many clients
-    throttled at once do not come back at once. Permanent errors are raised at once.
+    throttled at once do not come back at once. A server's ``Retry-After`` (seconds or an HTTP
+    date) lengthens the wait to what it asks, up to ``max_retry_after`` seconds. Permanent
+    errors are raised at once.
     """
 
     attempts: int = 4
     base_delay: float = 0.05
     max_delay: float = 2.0
+    max_retry_after: float = 30.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {self.attempts}")
-        if self.base_delay < 0 or self.max_delay < 0:
+        if self.base_delay < 0 or self.max_delay < 0 or self.max_retry_after < 0:
             raise ValueError("delays must not be negative")
 
-    def delay(self, retry_number: int) -> float:
-        return random.uniform(0, min(self.max_delay, self.base_delay * 2**retry_number))
+    def delay(self, retry_number: int, retry_after: float | None = None) -> float:
+        """How long to wait before retry number ``retry_number`` (0 for the first)."""
+        wait = random.uniform(0, min(self.max_delay, self.base_delay * 2**retry_number))
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.max_retry_after))
+        return wait
 
 
 NO_RETRY = Retry(attempts=1)
+
+
+class RetryBudget:
+    """A token bucket that retries draw on, so that a failing server is not sent a retry storm.
+
+    The AWS SDKs' retry quota: it holds ``capacity`` tokens; a retry takes ``retry_cost`` (a
+    retry after a timeout ``timeout_cost``: a server that stopped answering is the costliest to
+    keep trying); an answered request puts one back, or, if it had been retried, the cost of its
+    last retry. With the defaults, 100 retries in a row empty it; while it is empty no request is
+    retried and failures surface at once; every answer refills it. Shareable between stores
+    (``retry_budget=``); works across event loops and threads.
+    """
+
+    def __init__(self, capacity: int = 500, retry_cost: int = 5, timeout_cost: int = 10) -> None:
+        if capacity < 0 or retry_cost < 0 or timeout_cost < 0:
+            raise ValueError("capacity and costs must not be negative")
+        self.capacity = capacity
+        self.retry_cost = retry_cost
+        self.timeout_cost = timeout_cost
+        self._available = float(capacity)
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> float:
+        return self._available
+
+    def take(self, *, timed_out: bool = False) -> int | None:
+        """Take the cost of one retry; ``None`` (and nothing taken) if the budget is spent."""
+        cost = self.timeout_cost if timed_out else self.retry_cost
+        with self._lock:
+            if cost > self._available:
+                return None
+            self._available -= cost
+        return cost
+
+    def refund(self, last_cost: int | None) -> None:
+        """An answered request: give back its last retry's cost, or one token."""
+        with self._lock:
+            self._available = min(
+                float(self.capacity), self._available + (last_cost if last_cost else 1)
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"args": (self.capacity, self.retry_cost, self.timeout_cost)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(*state["args"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"RetryBudget(capacity={self.capacity}, available={self._available:g})"
 
 
 class RateLimit:
@@ -330,19 +388,3 @@ class RateLimit:
 
     def __repr__(self) -> str:
         return f"RateLimit(per_second={self.per_second}, burst={self.burst})"
-
-
-async def call_with_retries(
-    make: Callable[[], Awaitable[T]], retry: Retry, rate_limit: RateLimit | None
-) -> T:
-    """Await ``make()``, again after a transient failure, each try waiting its turn."""
-    for retry_number in range(retry.attempts):
-        if rate_limit is not None:
-            await rate_limit.acquire()
-        try:
-            return await make()
-        except Exception as error:
-            if retry_number + 1 >= retry.attempts or not is_transient(error):
-                raise
-        await anyio.sleep(retry.delay(retry_number))
-    raise AssertionError("unreachable")  # pragma: no cover

@@ -21,8 +21,8 @@ from zarr.core.buffer import Buffer, BufferPrototype
 
 from ._bridge import run_blocking, run_on_loop
 from ._limit import LimiterLike
-from ._remote import RemoteStore
-from ._retry import RateLimit, Retry, describe, http_status
+from ._remote import DEFAULT_TIMEOUT, RemoteStore
+from ._retry import RateLimit, Retry, RetryBudget, describe, http_status
 from ._threads import run_in_worker
 
 __all__ = ["ALLOWED_EXCEPTIONS", "FsspecStore"]
@@ -97,7 +97,7 @@ class FsspecStore(RemoteStore):
         The root of the store in ``fs`` (no scheme).
     allowed_exceptions
         Errors that mean "no such key" when reading.
-    max_concurrency, limiter, retry, rate_limit
+    max_concurrency, limiter, adaptive, retry, retry_budget, timeout, rate_limit
         See `RemoteStore`.
     """
 
@@ -114,14 +114,20 @@ class FsspecStore(RemoteStore):
         *,
         max_concurrency: int | None = None,
         limiter: LimiterLike | None = None,
+        adaptive: bool = True,
         retry: Retry | int | None = None,
+        retry_budget: RetryBudget | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         rate_limit: RateLimit | float | None = None,
     ) -> None:
         super().__init__(
             read_only=read_only,
             max_concurrency=max_concurrency,
             limiter=limiter,
+            adaptive=adaptive,
             retry=retry,
+            retry_budget=retry_budget,
+            timeout=timeout,
             rate_limit=rate_limit,
         )
         mapper_fs = getattr(fs, "fs", None)
@@ -213,8 +219,9 @@ class FsspecStore(RemoteStore):
         loop: asyncio.AbstractEventLoop | None = None if asynchronous else self.fs.loop
         return loop
 
-    async def _fs(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``fs.<method>`` (or its coroutine ``fs._<method>``) as one request."""
+    async def _fs(self, method: str, *args: Any, _sent: int = 0, **kwargs: Any) -> Any:
+        """Call ``fs.<method>`` (or its coroutine ``fs._<method>``) as one request (that sends
+        ``_sent`` bytes)."""
         if self.fs.async_impl:
             coroutine_function = getattr(self.fs, f"_{method}")
             loop = self._loop()
@@ -222,9 +229,11 @@ class FsspecStore(RemoteStore):
             def start() -> Awaitable[Any]:
                 return run_on_loop(lambda: coroutine_function(*args, **kwargs), loop)
 
-            return await self._request(start)
+            return await self._request(start, sent=_sent)
         function = getattr(self.fs, method)
-        return await self._request(lambda: run_in_worker(lambda _: function(*args, **kwargs)))
+        return await self._request(
+            lambda: run_in_worker(lambda _: function(*args, **kwargs)), sent=_sent
+        )
 
     async def _files_under(self, folder: str) -> list[str]:
         """Every file under ``folder`` (a path in ``fs``), as paths in ``fs``."""
@@ -276,12 +285,12 @@ class FsspecStore(RemoteStore):
         path = self._path(key)
         data = value.to_bytes()
         if not exclusive:
-            await self._fs("pipe_file", path, data)
+            await self._fs("pipe_file", path, data, _sent=len(data))
             return
         if self.fs.protocol in ("s3", "s3a") or "s3" in self.fs.protocol:
             # A conditional PUT (If-None-Match: *): atomic on S3.
             try:
-                await self._fs("pipe_file", path, data, mode="create")
+                await self._fs("pipe_file", path, data, mode="create", _sent=len(data))
             except FileExistsError:
                 pass
             except OSError as error:
@@ -293,7 +302,7 @@ class FsspecStore(RemoteStore):
             return
         # Elsewhere fsspec has no atomic create: check, then write (documented).
         if not await self._fs("isfile", path):
-            await self._fs("pipe_file", path, data)
+            await self._fs("pipe_file", path, data, _sent=len(data))
 
     async def _backend_delete(self, key: str) -> None:
         with contextlib.suppress(*self.allowed_exceptions):

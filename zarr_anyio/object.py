@@ -26,8 +26,8 @@ from ._bridge import run_on_loop
 from ._keys import check_byte_range, validate_key
 from ._limit import LimiterLike
 from ._loops import current_loop_key
-from ._remote import RemoteStore
-from ._retry import RateLimit, Retry, http_status
+from ._remote import DEFAULT_TIMEOUT, RemoteStore
+from ._retry import RateLimit, Retry, RetryBudget, http_status
 from ._threads import run_in_worker
 
 __all__ = ["ObjectStore"]
@@ -80,7 +80,7 @@ class ObjectStore(RemoteStore):
         ``LocalStore``, ``MemoryStore``).
     read_only
         Refuse every write.
-    max_concurrency, limiter, retry, rate_limit
+    max_concurrency, limiter, adaptive, retry, retry_budget, timeout, rate_limit
         See `RemoteStore`. obstore's own client retries too (its ``retry_config``); see the docs
         for what each layer does.
     """
@@ -94,7 +94,10 @@ class ObjectStore(RemoteStore):
         read_only: bool = False,
         max_concurrency: int | None = None,
         limiter: LimiterLike | None = None,
+        adaptive: bool = True,
         retry: Retry | int | None = None,
+        retry_budget: RetryBudget | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         rate_limit: RateLimit | float | None = None,
     ) -> None:
         if not type(store).__module__.startswith("obstore"):
@@ -103,7 +106,10 @@ class ObjectStore(RemoteStore):
             read_only=read_only,
             max_concurrency=max_concurrency,
             limiter=limiter,
+            adaptive=adaptive,
             retry=retry,
+            retry_budget=retry_budget,
+            timeout=timeout,
             rate_limit=rate_limit,
         )
         self.store = store
@@ -135,11 +141,11 @@ class ObjectStore(RemoteStore):
 
     # ---------------------------------------------------------------- calling obstore
 
-    async def _call(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    async def _call(self, make: Callable[[], Coroutine[Any, Any, T]], sent: int = 0) -> T:
         """One obstore request (``make()`` awaits its async API), as one `_request`."""
         if isinstance(current_loop_key(), asyncio.AbstractEventLoop):
-            return await self._request(make)
-        return await self._request(lambda: run_on_loop(make))
+            return await self._request(make, sent=sent)
+        return await self._request(lambda: run_on_loop(make), sent=sent)
 
     async def _call_blocking(self, function: Callable[[], T]) -> T:
         """One obstore request made with its blocking API in a worker thread."""
@@ -241,11 +247,14 @@ class ObjectStore(RemoteStore):
 
         data = value.to_bytes()
         if not exclusive:
-            await self._call(lambda: _awaited(obstore.put_async(self.store, key, data)))
+            await self._call(
+                lambda: _awaited(obstore.put_async(self.store, key, data)), sent=len(data)
+            )
             return
         with contextlib.suppress(obstore.exceptions.AlreadyExistsError):
             await self._call(
-                lambda: _awaited(obstore.put_async(self.store, key, data, mode="create"))
+                lambda: _awaited(obstore.put_async(self.store, key, data, mode="create")),
+                sent=len(data),
             )
 
     async def _backend_delete(self, key: str) -> None:
