@@ -120,6 +120,7 @@ class Faults:
     rate_limit: float | None = None  # requests a second admitted; beyond: 503 SlowDown
     rate_burst: int = 1  # how many requests may come at once within the rate
     concurrency_limit: int | None = None  # requests in flight admitted; beyond: 503 SlowDown
+    too_many_first: int = 0  # the first n requests are answered 429 (with `retry_after`)
     retry_after: str | None = None  # the Retry-After header of 429 and 503 answers
     hang_first: int = 0  # the first n requests hang until `release()` (or `hang_for` s)
     hang_for: float = 60.0
@@ -190,7 +191,7 @@ class HTTPServer:
                     server.paths.append(self.path)
                     faults = server.faults
                     hang = server.requests <= faults.hang_first
-                    fault = faults.pick()
+                    fault = "429" if server.requests <= faults.too_many_first else faults.pick()
                     limit = faults.concurrency_limit
                     if fault is None and limit is not None and server.in_flight > limit:
                         fault = "limit"

@@ -5,12 +5,13 @@ throttled one (measured in issue 8: 128 in flight against a server admitting 300
 80% of that rate with 59% of requests throttled). `AdaptiveLimiter` keeps a window between 1 and
 ``ceiling`` and feeds it the outcome and latency of every request:
 
-* **Start**: ``initial`` tokens (16), growing by one per answered request while the window is in
-  use (TCP's slow start: the window doubles per round trip), so a fast server is reached within
-  a few round trips; it ends at the first throttling signal.
+* **Start**: ``initial`` tokens (32, the fixed window of old), growing by one per answered
+  request while the window is in use (TCP's slow start: the window doubles per round trip), so
+  a fast server is reached within a few round trips; it ends at the first throttling signal.
 * **Throttled** (429, 503, S3's ``SlowDown`` and kin) **or timed out**: the window shrinks
-  multiplicatively (x ``beta``), once per round trip: the answers to requests sent *before* the
-  last decrease were caused by the old window and do not count again.
+  multiplicatively, x ``beta`` (0.9) for the first signal of an episode; the answers to
+  requests sent *before* that decrease each take a little more off (x 0.95), so the
+  decrease grows with how far over the limit the window was.
 * **Growth after a decrease** follows CUBIC (the curve the AWS SDKs' adaptive retry mode uses for
   its sending rate), in wall-clock seconds: W(t) = W_max + C (t - K)^3, back to the window that
   was throttled (W_max) quickly, then flat around it, then probing beyond. Throttling by request
@@ -43,7 +44,7 @@ from ._limit import Limiter
 __all__ = ["DEFAULT_CEILING", "AdaptiveLimiter", "Outcome"]
 
 DEFAULT_CEILING = 128
-INITIAL_WINDOW = 16
+INITIAL_WINDOW = 32
 
 
 class Outcome(enum.Enum):
@@ -67,8 +68,8 @@ class AdaptiveLimiter(Limiter):
         ceiling: int = DEFAULT_CEILING,
         *,
         initial: int = INITIAL_WINDOW,
-        beta: float = 0.8,
-        scale: float = 0.4,
+        beta: float = 0.9,
+        scale: float = 10.0,
     ) -> None:
         if not isinstance(ceiling, int) or isinstance(ceiling, bool) or ceiling < 1:
             raise ValueError(f"ceiling must be an int of at least 1, got {ceiling!r}")
@@ -100,7 +101,7 @@ class AdaptiveLimiter(Limiter):
 
     @property
     def window(self) -> float:
-        """The window, unrounded; ``total_tokens`` is its integer part."""
+        """The window, unrounded; ``total_tokens`` is it rounded."""
         return self._window
 
     @property
@@ -115,29 +116,37 @@ class AdaptiveLimiter(Limiter):
         with self._state:
             now = time.monotonic()
             if outcome in (Outcome.THROTTLED, Outcome.TIMED_OUT):
-                if epoch != self._epoch:
-                    return
-                self._decrease(now)
+                self._decrease(now, new_episode=epoch == self._epoch)
             elif outcome is Outcome.ANSWERED:
                 self._note_latency(latency)
-                if in_flight * 2 < int(self._window) or self._queueing():
+                if in_flight * 2 < self._window or self._queueing():
                     return
                 self._grow(now)
             else:
                 return
-            tokens = max(1, min(self._ceiling, int(self._window)))
+            tokens = max(1, min(self._ceiling, round(self._window)))
         if tokens != self.total_tokens:
             self.total_tokens = tokens
 
     # ------------------------------------------------------------------ the control law
 
-    def _decrease(self, now: float) -> None:
-        self._w_max = self._window
-        self._window = max(1.0, self._window * self._beta)
-        self._k = (self._w_max * (1 - self._beta) / self._scale) ** (1 / 3)
+    def _decrease(self, now: float, *, new_episode: bool) -> None:
+        if new_episode:
+            # The first signal of an episode: the window that was too much is W_max.
+            self._w_max = self._window
+            self._epoch += 1
+            # Slow start overshoots by up to its last doubling: its first signal halves the
+            # window (as TCP's does); later episodes start near the limit, a step suffices.
+            beta = 0.5 if self._slow_start else self._beta
+        else:
+            # More signals of the same episode (requests sent before its first decrease): how
+            # many there are says how far over the limit the window was, so each takes a
+            # little more off; a big overshoot comes down in one round trip, not in twenty.
+            beta = (1 + self._beta) / 2
+        self._window = max(1.0, self._window * beta)
+        self._k = (max(0.0, self._w_max - self._window) / self._scale) ** (1 / 3)
         self._last_decrease = now
         self._slow_start = False
-        self._epoch += 1
         self.decreases += 1
 
     def _grow(self, now: float) -> None:
