@@ -159,8 +159,15 @@ HEADER = (
 )
 
 
-def run_all(url: str, count: int, admitted: float, ceilings: list[int]) -> list[str]:
+def run_all(url: str, count: int, admitted: float, ceilings: list[int], knee: int) -> list[str]:
     lines = [HEADER]
+    # What this machine can do against this server: a fixed window at the server's own limit,
+    # known in advance (which a client never is).
+    for name, store in stores(url, knee, adaptive=False).items():
+        reset(url)
+        seconds = read_ours(store, count)
+        lines.append(row(f"{name}, fixed window {knee} (oracle)", url, count, seconds, admitted))
+        store.close()
     for ceiling in ceilings:
         for name, store in stores(url, ceiling).items():
             reset(url)
@@ -181,14 +188,14 @@ def run_all(url: str, count: int, admitted: float, ceilings: list[int]) -> list[
 def bench_rate(count: int, ceilings: list[int]) -> list[str]:
     lines = [f"\n## Rate-limited server: 300 requests/s admitted, 20 ms, {count} x 4 KiB"]
     with server("--delay=0.02", "--rate=300") as url:
-        lines += run_all(url, count, 300.0, ceilings)
+        lines += run_all(url, count, 300.0, ceilings, knee=7)
     return lines
 
 
 def bench_concurrency(count: int, ceilings: list[int]) -> list[str]:
     lines = [f"\n## Concurrency-limited server: 48 in flight, 100 ms, {count} x 4 KiB"]
     with server("--delay=0.1", "--concurrency=48") as url:
-        lines += run_all(url, count, 480.0, ceilings)
+        lines += run_all(url, count, 480.0, ceilings, knee=48)
     return lines
 
 

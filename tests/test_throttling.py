@@ -143,18 +143,19 @@ def test_the_window_follows_its_control_law() -> None:
     # ...but not when the caller uses less than half of it (nothing was learnt).
     window.record(Outcome.ANSWERED, 0.02, window.epoch, in_flight=1)
     assert window.total_tokens == 8
-    # The first throttling answer ends slow start and halves the window; answers to requests
-    # sent before that decrease take a little more each (x 0.95), a new episode x 0.9.
+    # The first throttling answer ends slow start and takes 10% off; answers to requests sent
+    # before that decrease take 5% more each; the next episode 10% again.
     started = window.epoch
     window.record(Outcome.THROTTLED, 0.001, started, in_flight=8)
-    assert window.window == pytest.approx(4)
+    assert window.window == pytest.approx(7.2)
     window.record(Outcome.THROTTLED, 0.001, started, in_flight=8)
-    assert window.window == pytest.approx(3.8)
+    assert window.window == pytest.approx(6.84)
     window.record(Outcome.TIMED_OUT, 30.0, window.epoch, in_flight=4)
-    assert window.window == pytest.approx(3.42)
+    assert window.window == pytest.approx(6.156)
+    assert window.total_tokens == 6
     # Other failures say nothing of load.
     window.record(Outcome.FAILED, 0.001, window.epoch, in_flight=4)
-    assert window.window == pytest.approx(3.42)
+    assert window.window == pytest.approx(6.156)
     # Latency that climbs (a server queueing) stops growth.
     queued = AdaptiveLimiter(64, initial=4)
     for _ in range(20):

@@ -135,13 +135,13 @@ class AdaptiveLimiter(Limiter):
             # The first signal of an episode: the window that was too much is W_max.
             self._w_max = self._window
             self._epoch += 1
-            # Slow start overshoots by up to its last doubling: its first signal halves the
-            # window (as TCP's does); later episodes start near the limit, a step suffices.
-            beta = 0.5 if self._slow_start else self._beta
+            beta = self._beta
         else:
             # More signals of the same episode (requests sent before its first decrease): how
             # many there are says how far over the limit the window was, so each takes a
-            # little more off; a big overshoot comes down in one round trip, not in twenty.
+            # little more off, and a big overshoot (slow start's can be twice the limit, or
+            # far more from the initial window) comes down in one round trip, where TCP's
+            # halving would leave a small one at half the server's capacity.
             beta = (1 + self._beta) / 2
         self._window = max(1.0, self._window * beta)
         self._k = (max(0.0, self._w_max - self._window) / self._scale) ** (1 / 3)
