@@ -368,6 +368,8 @@ async def test_stats_count_what_the_server_saw(http_server: HTTPServer, kind: st
     assert stats.retries == stats.throttled
     assert stats.bytes_received == 200 * 1000
     assert (stats.timeouts, stats.errors, stats.in_flight) == (0, 0, 0)
+    assert await store.get("nope", PROTO) is None  # an answer, not an error
+    assert store.stats().errors == 0
     assert stats.ceiling == 16
     assert 1 <= stats.window <= 16
     assert any(snapshot.in_flight > 0 for snapshot in seen)  # watched while it read

@@ -42,8 +42,9 @@ class RequestStats:
 
     ``requests`` counts attempts (retries included); ``retries`` the attempts that were
     retries; ``throttled`` the answers asking to slow down (429, 503, ``SlowDown``);
-    ``timeouts`` the attempts abandoned after ``timeout`` seconds; ``errors`` the failures
-    raised to the caller. ``window`` is how many requests may be in flight now (the adaptive
+    ``timeouts`` the attempts abandoned after ``timeout`` seconds; ``errors`` the requests given
+    up on (transient failures, not retried again); a server's answer such as a 404 is none of
+    these. ``window`` is how many requests may be in flight now (the adaptive
     window, or the fixed bound), ``ceiling`` the most it may grow to, ``in_flight`` how many
     are. ``retry_budget`` is what is left of the retry budget.
     """
@@ -253,6 +254,10 @@ class RemoteStore(AnyioStore):
                 result = await self._attempt(make, sent)
             except Exception as error:
                 failure = describe(error)
+                if not (failure.transient or isinstance(error, TimeoutError)):
+                    # An answer (a 404, a 412): the server is well, the budget gets its token.
+                    self.retry_budget.refund(last_cost)
+                    raise
                 wait = self._retry_wait(error, failure, retry_number)
                 if wait is None:
                     self._counters.add(errors=1)
@@ -308,7 +313,7 @@ class RemoteStore(AnyioStore):
     ) -> tuple[float, int] | None:
         """How long to wait before retrying ``error`` and what the retry cost; ``None`` if it
         is not to be retried."""
-        if retry_number + 1 >= self.retry.attempts or not failure.transient:
+        if retry_number + 1 >= self.retry.attempts:
             return None
         cost = self.retry_budget.take(timed_out=isinstance(error, TimeoutError))
         if cost is None:
