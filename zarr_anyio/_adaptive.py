@@ -28,7 +28,14 @@ overshoots a rate limit every few tens of milliseconds; Vegas and Gradient2 read
 and S3 answers throttled requests at once with a 503 instead of queuing them, so their latency
 signal never moves. The AWS SDKs adapt a *rate* (a token bucket) where we adapt a *window*: a
 window bounds the server's work in flight whatever its latency, and it is what the limiter the
-stores share already is. Measured in ``benchmarks/throttling.py``: see docs/remote.md.
+stores share already is.
+
+Measured (``benchmarks/throttling.py``, servers in their own processes, 2 shared cores at load
+3.5-7.8): against a server admitting 300 requests/s at 20 ms, 87-94% of that rate with 3% of
+requests throttled at any ceiling from 32 to 256, where a fixed window at the server's limit,
+known in advance, got 88-93% and zarr.storage.ObjectStore 94% with 9% throttled; against one
+admitting 48 in flight at 100 ms, 66-85% of 480/s with 1% throttled (that oracle: 78-89%);
+against an unthrottled 200 ms server, 94-105% of a fixed window of 128.
 """
 
 from __future__ import annotations
