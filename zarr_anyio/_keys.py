@@ -26,8 +26,6 @@ _FORBIDDEN_CHARS = ("\\", "\x00")
 # filesystem, an object key at most 1,024 bytes on S3, GCS and Azure.
 MAX_SEGMENT_BYTES = 255
 MAX_KEY_BYTES = 1024
-# Names the library keeps for files of its own (a LocalStore's temporary files).
-RESERVED_PREFIX = ".__zarr_anyio"
 
 
 def _check_segments(text: str, what: str) -> None:
@@ -58,11 +56,6 @@ def _check_segments(text: str, what: str) -> None:
             raise ValueError(f"invalid {what} {text!r}: it has an empty path segment")
         if segment in (".", ".."):
             raise ValueError(f"invalid {what} {text!r}: it has a {segment!r} path segment")
-        if segment.startswith(RESERVED_PREFIX):
-            raise ValueError(
-                f"invalid {what} {text!r}: names starting with {RESERVED_PREFIX!r} are reserved "
-                "for zarr_anyio's own files"
-            )
         if len(segment if ascii_only else segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
             raise ValueError(
                 f"invalid {what} {text!r}: a path segment is over {MAX_SEGMENT_BYTES} bytes "
