@@ -1,9 +1,11 @@
 """Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio."""
 
-from ._base import AnyioStore, FetchRequest, RemoteStore
+from ._adaptive import AdaptiveLimiter
+from ._base import AnyioStore, FetchRequest
 from ._limit import Limiter
-from ._limits import NO_RETRY, RateLimit, Retry
 from ._open import open_store
+from ._remote import RemoteStore, RequestStats
+from ._retry import NO_RETRY, RateLimit, Retry, RetryBudget
 from .fsspec import FsspecStore
 from .local import LocalStore
 from .memory import MemoryStore
@@ -12,6 +14,7 @@ from .zip import ZipStore
 
 __all__ = [
     "NO_RETRY",
+    "AdaptiveLimiter",
     "AnyioStore",
     "FetchRequest",
     "FsspecStore",
@@ -21,7 +24,9 @@ __all__ = [
     "ObjectStore",
     "RateLimit",
     "RemoteStore",
+    "RequestStats",
     "Retry",
+    "RetryBudget",
     "ZipStore",
     "open_store",
 ]
