@@ -138,16 +138,18 @@ def open_url(
     url: str, args: argparse.Namespace, extra_options: list[str], mode: AccessMode
 ) -> AnyioStore:
     """The store for ``url``; a URL no store takes is a usage error."""
-    options = storage_options([*args.storage_option, *extra_options])
-    kwargs: dict[str, Any] = {"max_concurrency": args.max_concurrency}
     remote = _scheme(url) in REMOTE_SCHEMES
+    if extra_options and not remote:
+        raise UsageError(f"storage options are for remote URLs (s3://, gs://, ...), not {url!r}")
+    options = storage_options([*args.storage_option, *extra_options])
+    if not remote:
+        options = {}  # --storage-option goes to every remote URL of the command, no local one
+    kwargs: dict[str, Any] = {"max_concurrency": args.max_concurrency}
     if remote and args.rate is not None:
         # One budget for every remote store of the command.
         if getattr(args, "rate_limit", None) is None:
             args.rate_limit = RateLimit(args.rate)
         kwargs["rate_limit"] = args.rate_limit
-    if not remote and options:
-        raise UsageError(f"storage options are for remote URLs (s3://, gs://, ...), not {url!r}")
     try:
         return open_store(
             url, mode=mode, storage_options=options or None, backend=args.backend, **kwargs
