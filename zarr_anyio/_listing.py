@@ -190,7 +190,9 @@ async def _listed_pages(store: AnyioStore, prefix: str) -> AsyncGenerator[list[E
             try:
                 sizes[key] = await store.getsize(key)  # noqa: B023
             except FileNotFoundError:
-                sizes[key] = None  # noqa: B023
+                pass  # gone since it was listed
+            except ValueError:
+                sizes[key] = None  # not a valid key: the caller decides what to do with it  # noqa: B023
 
         await store._for_each(names, size_of)
-        yield [(key, sizes[key]) for key in names if sizes[key] is not None]
+        yield [(key, sizes[key]) for key in names if key in sizes]
