@@ -311,6 +311,7 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
     elif not args.quiet:
         for line in _summary_lines(report, args):
             print(line, file=out)
+    out.flush()  # before anything on stderr, so that a terminal shows them in order
     if interrupt.signal is not None:
         print(
             f"{PROG}: stopped by {interrupt.name} after {report.keys_done} of "
@@ -618,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`zarr-anyio ls ... | head`): stop quietly, as if by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         # Before the signal handlers are installed (or after they are gone).
         print(f"{PROG}: interrupted", file=sys.stderr)
