@@ -97,7 +97,7 @@ def run_ours(endpoint: str, src: str, dst: str, backend: str) -> float:
         ]
     else:
         options = ["key=testing", "secret=testing", f"client_kwargs.endpoint_url={endpoint}"]
-    args = ["copy", src, dst, "--backend", backend, "--json"]
+    args = ["copy", src, dst, "--backend", backend, "--json", "--quiet"]
     args += [arg for option in options for arg in ("--storage-option", option)]
     stdout = sys.stdout
     sys.stdout = capture = _Capture()
@@ -236,6 +236,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--only", choices=["small", "large"], default=None)
     args = parser.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 5)
     print(f"# zarr-anyio copy benchmark (python {sys.version.split()[0]}, {os.cpu_count()} cores)")
@@ -247,6 +248,8 @@ def main(argv: list[str]) -> int:
         small = (200, 4096) if args.quick else (2000, 4096)
         large = (8, 8 << 20) if args.quick else (64, 8 << 20)
         for name, (count, size) in (("small", small), ("large", large)):
+            if args.only not in (None, name):
+                continue
             for line in bench(server.endpoint, bucket, name, count, size, repeat):
                 print(line, flush=True)
     finally:

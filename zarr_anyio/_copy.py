@@ -52,7 +52,7 @@ class CopyOptions:
     skip_existing: bool = False
     verify: Verify | None = None
     dry_run: bool = False
-    max_bytes: int = 256 << 20
+    max_bytes: int = 64 << 20
 
 
 @dataclass

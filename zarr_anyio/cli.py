@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=CopyOptions.max_bytes,
         metavar="SIZE",
-        help="bytes of values in flight at most, like 256M (default: 256M)",
+        help="bytes of values in flight at most, like 256M (default: 64M)",
     )
     copy.add_argument(
         "--progress-interval",
