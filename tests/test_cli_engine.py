@@ -11,6 +11,7 @@ import anyio
 import numpy as np
 import pytest
 import zarr
+from anyio import wait_all_tasks_blocked
 from zarr.core.buffer import Buffer, default_buffer_prototype
 
 import zarr_anyio
@@ -170,24 +171,32 @@ async def test_values_in_flight_stay_within_the_byte_budget() -> None:
 
 async def test_byte_budget_is_first_come_first_served_and_survives_cancellation() -> None:
     budget = ByteBudget(10)
-    order: list[str] = []
+    granted: list[str] = []
+    release = anyio.Event()
 
-    async def take(name: str, size: int, hold: float) -> None:
+    async def take(name: str, size: int) -> None:
         async with budget.take(size):
-            order.append(name)
-            await anyio.sleep(hold)
+            granted.append(name)
+            await release.wait()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(take, "first", 8, 0.05)
-        await anyio.sleep(0.01)
+        tg.start_soon(take, "first", 8)
+        await wait_all_tasks_blocked()
         with anyio.CancelScope() as cancelled:
             cancelled.cancel()
-            await take("cancelled", 5, 0)
-        tg.start_soon(take, "big", 6, 0)
-        await anyio.sleep(0.01)
-        tg.start_soon(take, "small", 1, 0)  # fits now, but waits its turn behind "big"
-    assert order == ["first", "big", "small"]
+            await take("cancelled", 5)
+        tg.start_soon(take, "big", 6)
+        await wait_all_tasks_blocked()
+        tg.start_soon(take, "small", 1)
+        await wait_all_tasks_blocked()
+        # "small" would fit beside "first", but waits its turn behind "big".
+        assert granted == ["first"]
+        assert budget.used == 8
+        release.set()
+    assert granted[0] == "first"
+    assert sorted(granted[1:]) == ["big", "small"]
     assert budget.used == 0
+    assert budget.most_used == 8
 
 
 async def test_invalid_source_keys_are_left_out_and_counted() -> None:
