@@ -1,7 +1,7 @@
 """``zarr-anyio copy`` from S3 to a local folder, beside the other ways to do it, in one run.
 
-    python benchmarks/copy.py            # 2,000 x 4 KiB and 64 x 8 MiB, median of 5
-    python benchmarks/copy.py --quick    # a short run
+    python benchmarks/copy_cli.py            # 2,000 x 4 KiB and 64 x 8 MiB, median of 5
+    python benchmarks/copy_cli.py --quick    # a short run
 
 moto's S3 server runs in a process of its own. Each way of copying runs in a fresh process of
 its own, so its peak memory (``ru_maxrss``, from ``os.wait4``) is its own; the time is that of the
@@ -18,26 +18,21 @@ that a busy moment costs every contender alike.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-# This file is named like the standard library's `copy`, which dataclasses and others import:
-# run as a script, its own folder must not be on the path.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from servers import S3ServerProcess  # noqa: E402
+from servers import S3ServerProcess
 
 CONTENDERS = [
     "zarr-anyio copy (fsspec)",
