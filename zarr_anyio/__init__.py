@@ -1,6 +1,7 @@
 """Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio."""
 
 from ._base import AnyioStore, FetchRequest, RemoteStore
+from ._limit import Limiter
 from ._limits import NO_RETRY, RateLimit, Retry
 from ._open import open_store
 from .fsspec import FsspecStore
@@ -14,6 +15,7 @@ __all__ = [
     "AnyioStore",
     "FetchRequest",
     "FsspecStore",
+    "Limiter",
     "LocalStore",
     "MemoryStore",
     "ObjectStore",

@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Self
 
-import anyio
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._base import BlockingStore
 from ._keys import byte_range_slice, check_byte_range, validate_key
+from ._limit import LimiterLike
 from ._threads import run_in_worker
 
 __all__ = ["LocalStore"]
@@ -214,7 +214,7 @@ class LocalStore(BlockingStore):
         *,
         read_only: bool = False,
         max_concurrency: int | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: LimiterLike | None = None,
     ) -> None:
         super().__init__(read_only=read_only, max_concurrency=max_concurrency, limiter=limiter)
         if isinstance(root, str):
