@@ -3,6 +3,7 @@ HTTP server with Range support that can count requests in flight and inject faul
 
 from __future__ import annotations
 
+import http.client
 import logging
 import random
 import socket
@@ -15,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -347,3 +349,105 @@ class HTTPServer:
             self.answers.clear()
             self._rate_next = 0.0
             self._release = threading.Event()
+
+
+class CountingProxy:
+    """A plain HTTP proxy on loopback in front of another server (moto's S3), that logs every
+    request it forwards as ``(method, path)``: requests counted at the server, whichever client
+    made them and in whichever process. Point the client's endpoint at ``url``."""
+
+    def __init__(self, upstream: str) -> None:
+        target = urlsplit(upstream)
+        self.log: list[tuple[str, str]] = []
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    parts = []
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return b"".join(parts)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _forward(self) -> None:
+                body = self._body()
+                with proxy._lock:
+                    proxy.log.append((self.command, self.path))
+                    proxy.in_flight += 1
+                try:
+                    self._pass_on(body)
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
+
+            def _pass_on(self, body: bytes) -> None:
+                headers = {
+                    name: value
+                    for name, value in self.headers.items()
+                    if name.lower() not in ("transfer-encoding", "content-length", "connection")
+                }
+                if body or self.command in ("PUT", "POST"):
+                    headers["Content-Length"] = str(len(body))
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                try:
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    response = upstream.getresponse()
+                    data = response.read()
+                finally:
+                    upstream.close()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(name, value)
+                # A HEAD answer has no body but tells the length of the object.
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 1024
+            daemon_threads = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> CountingProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def count(self, method: str) -> int:
+        with self._lock:
+            return sum(1 for logged, _ in self.log if logged == method)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.log.clear()
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Wait until no request is being passed on (a killed client's last ones included)."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.in_flight} requests still in flight")
+            time.sleep(0.01)
+        time.sleep(0.05)  # a request whose body was still arriving
