@@ -5,12 +5,14 @@ wrap zarr's arrays and groups for it.
 """
 
 from . import api
-from ._base import AnyioStore, FetchRequest, RemoteStore
+from ._adaptive import AdaptiveLimiter
+from ._base import AnyioStore, FetchRequest
 from ._blocks import Block
 from ._limit import Limiter
-from ._limits import NO_RETRY, RateLimit, Retry
 from ._nodes import AsyncArray, AsyncGroup
 from ._open import open_store
+from ._remote import RemoteStore, RequestStats
+from ._retry import NO_RETRY, RateLimit, Retry, RetryBudget
 from .fsspec import FsspecStore
 from .local import LocalStore
 from .memory import MemoryStore
@@ -19,6 +21,7 @@ from .zip import ZipStore
 
 __all__ = [
     "NO_RETRY",
+    "AdaptiveLimiter",
     "AnyioStore",
     "AsyncArray",
     "AsyncGroup",
@@ -31,7 +34,9 @@ __all__ = [
     "ObjectStore",
     "RateLimit",
     "RemoteStore",
+    "RequestStats",
     "Retry",
+    "RetryBudget",
     "ZipStore",
     "api",
     "open_store",

@@ -30,18 +30,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
-from ._bridge import run_blocking
 from ._api_call import in_api_call, tracked
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
 from ._limit import ConcurrencyLimit, Limiter, LimiterLike, OneLoopLimiter
-from ._limits import RateLimit, Retry, call_with_retries
 from ._threads import CheckCancelled, HopCoalescer, run_in_worker, timed
 
 __all__ = [
     "AnyioStore",
     "BlockingStore",
     "FetchRequest",
-    "RemoteStore",
     "single_error",
 ]
 
@@ -580,67 +577,3 @@ class BlockingStore(AnyioStore):
         hop = await self._blocking(lambda _: timed(read_all))
         self._hops.record(hop, len(requests))
         return [None if data is None else prototype.buffer.from_bytes(data) for data in hop.result]
-
-
-class RemoteStore(AnyioStore):
-    """A store that talks to a server: every request holds a token, waits its turn under the
-    rate limit, and is retried on transient failures (see `Retry`).
-
-    Parameters (beyond `AnyioStore`'s)
-    ----------
-    retry
-        A `Retry`, or an int (the number of attempts), or ``None`` for the default
-        (``Retry()``: 4 attempts). ``NO_RETRY`` turns this layer off.
-    rate_limit
-        A `RateLimit` (shareable between stores), or requests per second, or ``None``.
-    """
-
-    def __init__(
-        self,
-        *,
-        read_only: bool = False,
-        max_concurrency: int | None = None,
-        limiter: LimiterLike | None = None,
-        retry: Retry | int | None = None,
-        rate_limit: RateLimit | float | None = None,
-    ) -> None:
-        super().__init__(read_only=read_only, max_concurrency=max_concurrency, limiter=limiter)
-        if retry is None:
-            retry = Retry()
-        elif isinstance(retry, int) and not isinstance(retry, bool):
-            retry = Retry(attempts=retry)
-        if not isinstance(retry, Retry):
-            raise TypeError(f"retry must be a Retry, an int or None, got {retry!r}")
-        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
-            rate_limit = RateLimit(rate_limit)
-        self.retry = retry
-        self.rate_limit = rate_limit
-
-    def _store_kwargs(self) -> dict[str, Any]:
-        return {**super()._store_kwargs(), "retry": self.retry, "rate_limit": self.rate_limit}
-
-    async def _request(self, make: Callable[[], Awaitable[T]]) -> T:
-        """One request to the server: a token, the rate limit, and retries."""
-        async with self._limit.current():
-            return await call_with_retries(make, self.retry, self.rate_limit)
-
-    # ------------------------------------------------------------ zarr >= 3.4's sync surface
-    # Offered (blocking calls made through the bridge's loop), but zarr is told not to take its
-    # sync path here: that path makes one call at a time, which for a server means one request
-    # at a time instead of ``max_concurrency``.
-    _supports_sync_io = False
-
-    def get_sync(
-        self,
-        key: str,
-        *,
-        prototype: BufferPrototype | None = None,
-        byte_range: ByteRequest | None = None,
-    ) -> Buffer | None:
-        return run_blocking(lambda: self.get(key, prototype, byte_range))
-
-    def set_sync(self, key: str, value: Buffer) -> None:
-        run_blocking(lambda: self.set(key, value))
-
-    def delete_sync(self, key: str) -> None:
-        run_blocking(lambda: self.delete(key))

@@ -63,10 +63,10 @@ except ImportError:  # zarr < 3.1.1
         VindexInvalidSelectionError,
     )
 
+from ._api_call import CURRENT, ApiCall
 from ._base import AnyioStore
 from ._bridge import run_on_loop
-from ._api_call import CURRENT, ApiCall
-from ._limits import current_loop_key
+from ._loops import current_loop_key
 
 __all__ = [
     "AsyncArray",
