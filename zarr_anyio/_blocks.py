@@ -7,8 +7,9 @@ worker takes a token before it fetches a block and the token comes back only whe
 for the block after the one it holds, so blocks being fetched, waiting in the stream and held by
 the loop are at most ``max_concurrency`` together: memory is bounded by the limit, not the array.
 A block being fetched holds its output and, for a moment, the raw chunk: ~2 chunks' worth.
-Measured (benchmarks/api.py): 1 GiB summed in 1 MiB chunks, limit 64, peak RSS growth ~170 MiB
-(~120 MiB with malloc's mmap threshold pinned), against 2 x 64 MiB + 50 MiB = 178 MiB.
+Measured (benchmarks/api.py): 1 GiB summed in 1 MiB chunks, limit 64: peak RSS growth 169-189
+MiB over five runs against 2 x 64 MiB + 50 MiB = 178 MiB; 89-121 MiB with glibc's mmap threshold
+pinned (MALLOC_MMAP_THRESHOLD_), the rest being freed blocks that malloc keeps in its arenas.
 
 It is an async context manager over the stream, as `AnyioStore.fetch_many` is, so no generator
 ever yields with the task group open; leaving the block cancels the fetches still running, and
