@@ -33,9 +33,9 @@ from ._base import AnyioStore, single_error
 from ._copy import CopyOptions, CopyReport, copy_node
 from ._inspect import describe, human_size, render_info, render_tree
 from ._limit import DEFAULT_MAX_CONCURRENCY
-from ._limits import RateLimit
 from ._open import REMOTE_SCHEMES, AccessMode, open_store
 from ._progress import choose_mode, show_progress, store_counters
+from ._retry import RateLimit
 from .local import LocalStore
 
 __all__ = ["main"]
