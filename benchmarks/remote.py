@@ -48,7 +48,6 @@ from zarr_anyio._threads import run_in_worker
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throttling
-
 from run import median_results, median_seconds
 from servers import S3ServerProcess
 

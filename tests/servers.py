@@ -118,6 +118,7 @@ class Faults:
     server_error: float = 0.0  # share answered 500
     drop: float = 0.0  # share whose connection is closed without an answer
     too_many: float = 0.0  # share answered 429 (with `retry_after`, if set)
+    truncate: float = 0.0  # share of reads whose body stops half-way short of Content-Length
     delay: float = 0.0  # seconds to wait before answering every admitted request
     rate_limit: float | None = None  # requests a second admitted; beyond: 503 SlowDown
     rate_burst: int = 1  # how many requests may come at once within the rate
@@ -140,6 +141,7 @@ class Faults:
             ("500", self.server_error),
             ("drop", self.drop),
             ("429", self.too_many),
+            ("truncate", self.truncate),
         ):
             if roll < share:
                 return kind
@@ -161,7 +163,7 @@ class HTTPServer:
         self.objects: dict[str, bytes] = {}
         self.faults = Faults()
         self.requests = 0
-        self.spoiled: dict[str, int] = {"503": 0, "500": 0, "drop": 0, "429": 0}
+        self.spoiled: dict[str, int] = {"503": 0, "500": 0, "drop": 0, "429": 0, "truncate": 0}
         self.throttled = 0  # 503s of the rate and concurrency limits
         self.in_flight = 0
         self.most_in_flight = 0
@@ -275,6 +277,17 @@ class HTTPServer:
                 if data is None:
                     self._answer(404, b"not found")
                     return
+                if fault == "truncate" and method == "GET" and len(data) > 1:
+                    # Announce the whole body, send half, hang up.
+                    self._leave()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self._serve(data)
 
             def _serve(self, data: bytes) -> None:
@@ -340,7 +353,7 @@ class HTTPServer:
             self.objects.clear()
             self.faults = Faults()
             self.requests = 0
-            self.spoiled = {"503": 0, "500": 0, "drop": 0, "429": 0}
+            self.spoiled = {"503": 0, "500": 0, "drop": 0, "429": 0, "truncate": 0}
             self.throttled = 0
             self.most_in_flight = 0
             self.hung = 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+
 from clitools import (
     TEMP_MARK,
     files_of,
@@ -26,7 +27,6 @@ from clitools import (
     s3_options,
     start_cli,
 )
-
 from servers import CountingProxy, S3Server
 
 METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")

@@ -15,7 +15,9 @@ from anyio import wait_all_tasks_blocked
 from zarr.core.buffer import Buffer, default_buffer_prototype
 
 import zarr_anyio
-from servers import S3Server
+from servers import Faults, HTTPServer, S3Server
+from test_remote import fill, http_store
+from zarr_anyio import Retry
 from zarr_anyio._copy import ByteBudget, CopyOptions, CopyReport, copy_node, metadata_levels
 from zarr_anyio._listing import PAGE_SIZE, list_node
 from zarr_anyio._progress import progress_line, store_counters
@@ -215,30 +217,22 @@ async def test_nothing_under_the_node_is_an_error() -> None:
         await copy_node(src, zarr_anyio.MemoryStore(), "b")
 
 
-class Counted(zarr_anyio.MemoryStore):
-    def __init__(self, stats: Any) -> None:
-        super().__init__()
-        self._stats = stats
-
-    def stats(self) -> Any:
-        return self._stats
-
-
-class Stats:
-    retries = 3
-    throttled = 1
-
-
-def test_counters_come_from_stores_that_report_them() -> None:
+async def test_counters_come_from_the_remote_stores(http_server: HTTPServer) -> None:
+    fill(http_server, 40)
+    http_server.faults = Faults(slow_down=0.25, seed=3)
+    remote = http_store("obstore", http_server, retry=Retry(attempts=10, base_delay=0.001))
+    await remote.get_partial_values(PROTO, [(f"c/{i}", None) for i in range(40)])
     assert store_counters([zarr_anyio.MemoryStore()]) is None
-    counters = store_counters([Counted({"retries": 2, "throttled": 5}), Counted(Stats())])
-    assert counters == {"retries": 5, "throttled": 6}
+    counters = store_counters([zarr_anyio.MemoryStore(), remote])
+    assert counters is not None
+    assert counters["throttled"] == http_server.spoiled["503"] > 0
+    assert counters["retries"] == http_server.spoiled["503"]
     report = CopyReport(keys_total=10, bytes_total=2048, keys_copied=4, bytes_copied=1024)
     line = progress_line(report, counters)
     assert "50%" in line
     assert "keys 4/10" in line
-    assert "retries 5" in line
-    assert "throttled 6" in line
+    assert f"retries {counters['retries']}" in line
+    assert f"throttled {counters['throttled']}" in line
 
 
 def test_storage_options_parse_json_and_nest() -> None:

@@ -12,8 +12,8 @@ import numcodecs
 import numpy as np
 import pytest
 import zarr
-from clitools import files_of, make_hierarchy, run_cli, s3_options
 
+from clitools import files_of, make_hierarchy, run_cli, s3_options
 from servers import S3Server
 
 

@@ -120,6 +120,22 @@ async def test_faults_are_retried_and_every_byte_arrives(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_a_body_cut_short_is_retried_and_never_returned(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # docs/remote.md: a body cut short of its Content-Length fails in the client and is retried.
+    objects = fill(http_server, 200, size=4096)
+    http_server.faults = Faults(truncate=0.2, seed=11)
+    store = http_store(
+        kind, http_server, max_concurrency=8, retry=Retry(attempts=10, base_delay=0.001)
+    )
+    results = await store.get_partial_values(PROTO, [(key, None) for key in objects])
+    assert [r.to_bytes() if r else None for r in results] == list(objects.values())
+    assert http_server.spoiled["truncate"] > 10
+    assert store.stats().retries == http_server.spoiled["truncate"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_missing_key_is_never_retried(http_server: HTTPServer, kind: str) -> None:
     store = http_store(kind, http_server, retry=Retry(attempts=5, base_delay=0.001))
     assert await store.get("nope", PROTO) is None
@@ -146,7 +162,9 @@ async def test_rate_limit_holds_the_request_rate(http_server: HTTPServer, kind: 
     await store.get_partial_values(PROTO, [(key, None) for key in objects])
     times = http_server.times
     rate = (len(times) - 1) / (times[-1] - times[0])
-    assert 36 <= rate <= 44
+    # Never faster than the limit (a loaded machine only makes it slower): the bound is the
+    # promise; the floor only says the limit is not far stricter than asked.
+    assert 20 <= rate <= 44
 
 
 async def test_rate_limit_is_shared_between_stores(http_server: HTTPServer) -> None:
@@ -158,7 +176,7 @@ async def test_rate_limit_is_shared_between_stores(http_server: HTTPServer) -> N
             tg.start_soon(store.get_partial_values, PROTO, [(key, None) for key in objects])
     times = http_server.times
     rate = (len(times) - 1) / (times[-1] - times[0])
-    assert 36 <= rate <= 44
+    assert 20 <= rate <= 44
 
 
 # ------------------------------------------------------------------------------- the bridge

@@ -13,10 +13,10 @@ from typing import Any
 
 import anyio
 import pytest
-from test_remote import KINDS, fill, http_store
 from zarr.core.buffer import default_buffer_prototype
 
 from servers import Faults, HTTPServer
+from test_remote import KINDS, fill, http_store
 from zarr_anyio import (
     NO_RETRY,
     AdaptiveLimiter,

@@ -3,21 +3,23 @@
 tqdm draws both (its bar, and its ``format_meter`` for the lines a log file or CI keeps):
 one small pure-Python package with no dependencies of its own, where rich would bring three
 (markdown-it-py, mdurl, pygments) for one bar. The bar counts bytes, since bytes are what take
-time; keys, retries and throttled responses ride beside it. A store that reports its own
-request counters (``store.stats()``, with ``retries`` and ``throttled``) has them shown; one
-that does not is shown without them.
+time; keys, retries and throttled responses ride beside it. Remote stores count their requests
+(`RemoteStore.stats`), so a copy from or to one shows its retries and throttled answers; a copy
+between local stores shows neither.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TextIO
 
 import anyio
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from ._base import AnyioStore
 from ._copy import CopyReport
+from ._remote import RemoteStore
 
 __all__ = ["Mode", "choose_mode", "show_progress", "store_counters"]
 
@@ -25,11 +27,6 @@ Mode = Literal["bar", "lines", "off"]
 
 BAR_REFRESH = 0.2
 """Seconds between redraws of the bar."""
-
-_COUNTER_NAMES = {
-    "retries": ("retries", "retried"),
-    "throttled": ("throttled", "throttled_responses", "throttles"),
-}
 
 
 def choose_mode(quiet: bool, stream: TextIO | None = None) -> Mode:
@@ -40,30 +37,15 @@ def choose_mode(quiet: bool, stream: TextIO | None = None) -> Mode:
     return "bar" if stream.isatty() else "lines"
 
 
-def _counter(stats: Any, names: Iterable[str]) -> int:
-    for name in names:
-        value = stats.get(name) if isinstance(stats, Mapping) else getattr(stats, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return 0
-
-
-def store_counters(stores: Iterable[Any]) -> dict[str, int] | None:
-    """Retries and throttled responses summed over the stores that report them, else ``None``.
-
-    Read with ``getattr``: only remote stores count requests, and only from the release that
-    adds ``stats()``.
-    """
-    totals: dict[str, int] | None = None
-    for store in stores:
-        stats_of = getattr(store, "stats", None)
-        if not callable(stats_of):
-            continue
-        stats = stats_of()
-        totals = totals or dict.fromkeys(_COUNTER_NAMES, 0)
-        for counter, names in _COUNTER_NAMES.items():
-            totals[counter] += _counter(stats, names)
-    return totals
+def store_counters(stores: Iterable[AnyioStore]) -> dict[str, int] | None:
+    """Retries and throttled answers summed over the remote stores, ``None`` if none is."""
+    remote = [store.stats() for store in stores if isinstance(store, RemoteStore)]
+    if not remote:
+        return None
+    return {
+        "retries": sum(stats.retries for stats in remote),
+        "throttled": sum(stats.throttled for stats in remote),
+    }
 
 
 def _postfix(report: CopyReport, counters: dict[str, int] | None) -> str:

@@ -176,6 +176,11 @@ _OBSTORE_REQUEST = re.compile(
     r"|(?P<http>HTTP error: ))"
 )
 
+# A body that broke off while being read (a dropped connection mid-answer; a body cut short of
+# its Content-Length) comes later, from the stream, with no request in the message:
+#   Generic <store> error: HTTP error: <reqwest's description>
+_OBSTORE_BODY = re.compile(r"Generic [A-Za-z0-9]+ error: HTTP error: ")
+
 # The stores without a server (memory, local files) answer a range that starts past the end
 # with their own errors, read here as the 416 a server would send:
 #   Generic InMemory error: Invalid range: Wanted range starting at <n>, but object was only
@@ -194,6 +199,8 @@ def _obstore_failure(error: BaseException) -> Failure | None:
     message = str(error)
     if _OBSTORE_LOCAL_RANGE.match(message):
         return Failure(status=416)
+    if _OBSTORE_BODY.match(message):
+        return Failure(connection=True)
     match = _OBSTORE_REQUEST.match(message)
     if match is None:
         return _PERMANENT
