@@ -80,7 +80,11 @@ def main(argv: list[str]) -> int:
         _run(py, "-c", f"import importlib.metadata; {versions}")
         return _run(py, "-m", "pytest", *extra)
     if job == "bench":
-        return _run(py, "benchmarks/run.py", *extra) or _run(py, "benchmarks/remote.py", *extra)
+        return (
+            _run(py, "benchmarks/run.py", *extra)
+            or _run(py, "benchmarks/remote.py", *extra)
+            or _run(py, "benchmarks/api.py", *extra)
+        )
     for command in (
         (py, "-m", "ruff", "check", "zarr_anyio", "tests", "benchmarks"),
         (py, "-m", "ruff", "format", "--check", "zarr_anyio", "tests", "benchmarks"),

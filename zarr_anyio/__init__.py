@@ -1,8 +1,15 @@
-"""Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio."""
+"""Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio.
 
+``zarr_anyio.api`` is zarr's async array and group API for both; `AsyncArray` and `AsyncGroup`
+wrap zarr's arrays and groups for it.
+"""
+
+from . import api
 from ._adaptive import AdaptiveLimiter
 from ._base import AnyioStore, FetchRequest
+from ._blocks import Block
 from ._limit import Limiter
+from ._nodes import AsyncArray, AsyncGroup
 from ._open import open_store
 from ._remote import RemoteStore, RequestStats
 from ._retry import NO_RETRY, RateLimit, Retry, RetryBudget
@@ -16,6 +23,9 @@ __all__ = [
     "NO_RETRY",
     "AdaptiveLimiter",
     "AnyioStore",
+    "AsyncArray",
+    "AsyncGroup",
+    "Block",
     "FetchRequest",
     "FsspecStore",
     "Limiter",
@@ -28,6 +38,7 @@ __all__ = [
     "Retry",
     "RetryBudget",
     "ZipStore",
+    "api",
     "open_store",
 ]
 __version__ = "0.1.0"

@@ -30,6 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from ._api_call import in_api_call, tracked
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
 from ._limit import ConcurrencyLimit, Limiter, LimiterLike, OneLoopLimiter
 from ._threads import CheckCancelled, HopCoalescer, run_in_worker, timed
@@ -115,6 +116,11 @@ class AnyioStore(Store, abc.ABC):
     # zarr 3.1.0's Store still declares partial writes abstract (3.1.1 dropped them); no zarr_anyio
     # store writes part of a value, as none of zarr's own do any more.
     supports_partial_writes: Literal[False] = False
+
+    @property
+    def _supports_sync_io(self) -> bool:
+        # What zarr >= 3.4 asks before taking its blocking fast path: not under zarr_anyio.api.
+        return not in_api_call()
 
     def __init__(
         self,
@@ -284,6 +290,7 @@ class AnyioStore(Store, abc.ABC):
 
     # ----------------------------------------------------------------- reads
 
+    @tracked
     async def get(
         self,
         key: str,
@@ -295,6 +302,7 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         return await self._backend_get(key, prototype or default_buffer_prototype(), byte_range)
 
+    @tracked
     async def get_partial_values(
         self,
         prototype: BufferPrototype,
@@ -364,6 +372,7 @@ class AnyioStore(Store, abc.ABC):
                     tg.cancel_scope.cancel()
                     receive.close()
 
+    @tracked
     async def exists(self, key: str) -> bool:
         validate_key(key)
         await self._ensure_open()
@@ -413,6 +422,7 @@ class AnyioStore(Store, abc.ABC):
                 f"Got an instance of {type(value)} instead."
             )
 
+    @tracked
     async def set(self, key: str, value: Buffer) -> None:
         self._check_writable()
         validate_key(key)
@@ -420,6 +430,7 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         await self._backend_set(key, value, exclusive=False)
 
+    @tracked
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         """Write ``value`` unless ``key`` exists; atomic against concurrent writers."""
         self._check_writable()
@@ -428,6 +439,7 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         await self._backend_set(key, value, exclusive=True)
 
+    @tracked
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
         # Every key is checked before anything is written, so bad input writes nothing.
         self._check_writable()
@@ -450,12 +462,14 @@ class AnyioStore(Store, abc.ABC):
         """Not supported (zarr 3.1.0 declares it; later zarr no longer does)."""
         raise NotImplementedError(f"{type(self).__name__} does not support partial writes")
 
+    @tracked
     async def delete(self, key: str) -> None:
         self._check_writable()
         validate_key(key)
         await self._ensure_open()
         await self._backend_delete(key)
 
+    @tracked
     async def delete_dir(self, prefix: str) -> None:
         """Delete every key under the node ``prefix`` (``"a"`` means ``"a/…"``, not ``"ab"``)."""
         self._check_writable()
@@ -463,6 +477,7 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         await self._backend_delete_dir(prefix)
 
+    @tracked
     async def clear(self) -> None:
         self._check_writable()
         await self._ensure_open()
