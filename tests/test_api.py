@@ -18,10 +18,10 @@ import pytest
 import zarr
 import zarr.codecs
 import zarr.storage
-from api_doubles import BACKENDS, CountingStore
 
 import zarr_anyio
 import zarr_anyio.api as za
+from api_doubles import BACKENDS, CountingStore
 
 pytestmark = pytest.mark.anyio
 

@@ -13,12 +13,12 @@ import anyio
 import numpy as np
 import pytest
 import zarr
-from api_doubles import BACKENDS, UVLOOP_CLASS, CountingStore
 from zarr.core.buffer import Buffer, BufferPrototype
 
 import zarr_anyio
 import zarr_anyio.api as za
 import zarr_anyio.local
+from api_doubles import BACKENDS, UVLOOP_CLASS, CountingStore
 
 pytestmark = pytest.mark.anyio
 
