@@ -171,7 +171,13 @@ class Limiter:
         """Hold a token for a block of blocking code in a plain thread (no event loop)."""
         waiter = self._take_or_queue(lambda: _Waiter(threading.Event()))
         if waiter is not None:
-            waiter.event.wait()
+            try:
+                waiter.event.wait()
+            except BaseException:
+                # Ctrl-C in the main thread: a waiter left queued would take a token nobody
+                # gives back.
+                self._abandon(waiter)
+                raise
         try:
             yield
         finally:
