@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 
-import anyio
 import pytest
 from zarr.core.buffer import default_buffer_prototype
 
@@ -52,3 +51,36 @@ def test_a_thread_interrupted_while_waiting_in_blocking_loses_no_token() -> None
     assert limiter.statistics().borrowed_tokens == 0
     with limiter.blocking():  # and the token can be had again
         pass
+
+
+# ------------------------------------------------------------------------ Retry-After
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "\xc2\xb2",  # UTF-8 of "²", which str.isdigit() takes for a digit
+        "Mon, 01 Jan 99999999999999999999999 00:00:00 GMT",  # a year past any datetime
+    ],
+)
+async def test_a_garbage_retry_after_is_ignored_not_raised(
+    http_server: HTTPServer, header: str
+) -> None:
+    # Promise (_retry.parse_retry_after / Retry): a server's Retry-After is read as seconds or
+    # an HTTP date; anything else is no Retry-After. And errors come back as themselves: a
+    # throttled read is retried, never turned into a ValueError/OverflowError of our parser.
+    objects = fill(http_server, 1)
+    http_server.faults = Faults(too_many_first=1, retry_after=header)
+    store = http_store("fsspec", http_server, retry=QUICK)
+    (value,) = await store.get_partial_values(PROTO, [(key, None) for key in objects])
+    assert value is not None
+    assert value.to_bytes() == objects["c/0"]
+    assert http_server.answers == [429, 200]
+
+
+def test_parse_retry_after_never_raises() -> None:
+    from zarr_anyio._retry import parse_retry_after
+
+    for value in ["²", "٣", "1" * 400, "Mon, 01 Jan 99999999999999999999999 00:00:00 GMT"]:
+        parsed = parse_retry_after(value)
+        assert parsed is None or parsed >= 0
