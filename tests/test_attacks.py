@@ -5,18 +5,33 @@ Each test names the sentence it holds the library to. Async tests run under asyn
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
+import tracemalloc
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
 
 import pytest
 from zarr.core.buffer import default_buffer_prototype
 
 from servers import Faults, HTTPServer
 from test_remote import fill, http_store
-from zarr_anyio import Limiter, Retry
+from zarr_anyio import Limiter, Retry, ZipStore
+from zarr_anyio._zipformat import _LOCAL, directory_record
 
 pytestmark = pytest.mark.anyio
+
+
+def unfixed(finding: str) -> pytest.MarkDecorator:
+    """A break not fixed here: the test fails today (strict xfail), and passes, so this marker
+    must go, once the fix lands."""
+    return pytest.mark.xfail(strict=True, reason=finding)
+
+
 PROTO = default_buffer_prototype()
 QUICK = Retry(attempts=4, base_delay=0.002, max_delay=0.05, max_retry_after=0.1)
 
@@ -84,3 +99,90 @@ def test_parse_retry_after_never_raises() -> None:
     for value in ["²", "٣", "1" * 400, "Mon, 01 Jan 99999999999999999999999 00:00:00 GMT"]:
         parsed = parse_retry_after(value)
         assert parsed is None or parsed >= 0
+
+
+# ------------------------------------------------------------------------ crafted zip archives
+
+
+def _stored_member_claiming(path: Path, claimed: int) -> None:
+    """A zip whose one member "c/0" holds 11 bytes and whose directory says it holds more."""
+    data = b"hello world"
+    info = zipfile.ZipInfo("c/0", date_time=(2020, 1, 1, 0, 0, 0))
+    info.CRC = zlib.crc32(data)
+    info.file_size = info.compress_size = len(data)
+    info.header_offset = 0
+    body = info.FileHeader(False) + data
+    info.file_size = info.compress_size = claimed
+    path.write_bytes(body + directory_record([info], len(body), b"", True))
+
+
+@pytest.mark.parametrize("claimed", [1 << 40, 1 << 62])
+async def test_a_member_claiming_more_bytes_than_the_file_is_damaged_not_a_memory_error(
+    tmp_path: Path, claimed: int
+) -> None:
+    # Promise (docs/index.md): "a damaged member raises zipfile.BadZipFile naming the key and
+    # the archive". A 150-byte archive whose directory claims a TiB made get() try to allocate
+    # the claim: MemoryError, which no caller of a store expects.
+    path = tmp_path / "liar.zip"
+    _stored_member_claiming(path, claimed)
+    store = ZipStore(path, mode="r")
+    with pytest.raises(zipfile.BadZipFile, match="c/0"):
+        await store.get("c/0", PROTO)
+    store.close()
+
+
+def _descriptor_header(name: bytes, method: int) -> bytes:
+    # A local header whose sizes and CRC follow the data (flag 8), as streaming writers make.
+    return _LOCAL.pack(b"PK\x03\x04", 20, 0, 0x08, method, 0, 0x21, 0, 0, 0, len(name), 0) + name
+
+
+@unfixed("zip recovery inflates a descriptor member without an output bound")
+def test_recovering_a_crafted_file_does_not_inflate_a_zip_bomb_into_memory(
+    tmp_path: Path,
+) -> None:
+    # Promise (docs/index.md, "A crash loses only what was not whole"): opening a file with no
+    # directory recovers its whole members. Recovery inflated a deflated member with a data
+    # descriptor 1 MiB of input at a time with no bound on the output: a 64 KiB file took
+    # 128 MiB at open, and a 1 MiB piece of zeros takes ~2 GiB.
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = compressor.compress(b"\0" * (64 << 20)) + compressor.flush()
+    path = tmp_path / "bomb.zip"
+    path.write_bytes(_descriptor_header(b"c/0", zipfile.ZIP_DEFLATED) + bomb)
+    assert path.stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(zipfile.BadZipFile):
+                ZipStore(path, mode="r").get_sync("c/0")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+@unfixed("zip recovery scans the rest of the file once per local-header signature")
+def test_recovering_a_crafted_file_reads_it_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Same promise. Each "PK\x03\x04" of a stored member with a data descriptor made recovery
+    # scan the rest of the file for the descriptor: quadratic, 0.03 s at 50 KB, 0.4 s at
+    # 200 KB, ~10 s at 1 MB, ~1000 s at 10 MB: a small file stalls whoever opens it.
+    one = _descriptor_header(b"k", zipfile.ZIP_STORED)
+    path = tmp_path / "slow.zip"
+    path.write_bytes(one * (200_000 // len(one)))
+    size = path.stat().st_size
+    read = [0]
+    real_pread = os.pread
+
+    def counting_pread(fd: int, length: int, offset: int) -> bytes:
+        data = real_pread(fd, length, offset)
+        read[0] += len(data)
+        return data
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(zipfile.BadZipFile):
+            ZipStore(path, mode="r").get_sync("k")
+    assert read[0] < 20 * size
