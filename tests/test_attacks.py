@@ -20,7 +20,7 @@ from zarr.core.buffer import default_buffer_prototype
 
 from servers import Faults, HTTPServer
 from test_remote import fill, http_store
-from zarr_anyio import Limiter, Retry, ZipStore
+from zarr_anyio import FsspecStore, Limiter, Retry, ZipStore
 from zarr_anyio._zipformat import _LOCAL, directory_record
 
 pytestmark = pytest.mark.anyio
@@ -186,3 +186,52 @@ def test_recovering_a_crafted_file_reads_it_a_bounded_number_of_times(
         with pytest.raises(zipfile.BadZipFile):
             ZipStore(path, mode="r").get_sync("k")
     assert read[0] < 20 * size
+
+
+# ------------------------------------------------------------------------ remote stores
+
+EXISTS_BREAK = unfixed("FsspecStore.exists() is fsspec's isfile: False for any failure")
+
+
+@pytest.mark.parametrize("kind", [pytest.param("fsspec", marks=EXISTS_BREAK), "obstore"])
+async def test_exists_of_a_throttled_key_is_retried_not_false(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # Promise (docs/remote.md): "requests that failed transiently — HTTP 408, 429, 500, 502,
+    # 503 … — are retried". fsspec's isfile (and http's _exists) turn every failure into
+    # False, so a 429 made exists() say a key that is there is not: no retry, no error.
+    objects = fill(http_server, 1)
+    http_server.faults = Faults(too_many_first=1)
+    store = http_store(kind, http_server, retry=QUICK)
+    assert await store.exists("c/0")
+    assert http_server.answers[-1] == 200
+    assert objects
+
+
+@pytest.mark.parametrize("kind", [pytest.param("fsspec", marks=EXISTS_BREAK), "obstore"])
+async def test_exists_against_a_failing_server_raises(http_server: HTTPServer, kind: str) -> None:
+    # Promise (README, docs): errors come back as themselves. A server that answers every
+    # request 500 made FsspecStore.exists() answer False, as if the key were absent.
+    fill(http_server, 1)
+    http_server.faults = Faults(server_error=1.0)
+    store = http_store(kind, http_server, retry=QUICK)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the client raises, not False
+        await store.exists("c/0")
+
+
+@unfixed("FsspecStore.delete_dir passes listed paths to fs.rm, which globs them")
+@pytest.mark.parametrize("node", ["a*", "a[b]", "a?"])
+async def test_delete_dir_of_a_node_with_glob_characters_deletes_only_that_node(
+    node: str,
+) -> None:
+    # Promise (docs/index.md): "delete_dir(p) ... treat p as a node of the hierarchy ("a"
+    # means "a/…")". fsspec's rm() expands glob patterns in the paths it is given, so deleting
+    # the node "a*" (a legal zarr name) also deleted every sibling it matched: "ab/k" is gone.
+    import fsspec
+
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    store = FsspecStore(fs, path="/attack-glob")
+    for key in [f"{node}/k", "ab/k", "b/k"]:
+        await store.set(key, PROTO.buffer.from_bytes(b"v"))
+    await store.delete_dir(node)
+    assert sorted([key async for key in store.list()]) == ["ab/k", "b/k"]
