@@ -5,6 +5,8 @@ Each test names the sentence it holds the library to. Async tests run under asyn
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import signal
 import threading
@@ -15,6 +17,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import anyio
 import pytest
 from zarr.core.buffer import default_buffer_prototype
 
@@ -235,3 +238,69 @@ async def test_delete_dir_of_a_node_with_glob_characters_deletes_only_that_node(
         await store.set(key, PROTO.buffer.from_bytes(b"v"))
     await store.delete_dir(node)
     assert sorted([key async for key in store.list()]) == ["ab/k", "b/k"]
+
+
+def test_a_token_granted_to_a_waiter_of_a_closed_loop_on_this_thread_is_passed_on() -> None:
+    # Promise (Limiter docstring): waiters are woken on their own loop, and a waiter whose loop
+    # has ended gives its token back. When that loop ran on the releasing thread, its event was
+    # set directly, which raised "Event loop is closed" out of release() to an unrelated caller.
+    limiter = Limiter(1)
+    limiter.acquire_nowait()
+    loop = asyncio.new_event_loop()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def wait_for_a_token() -> None:
+        async with limiter:
+            pass
+
+    async def start_and_leave() -> None:
+        tasks.append(loop.create_task(wait_for_a_token()))
+        while limiter.statistics().tasks_waiting == 0:
+            await asyncio.sleep(0.001)
+
+    loop.run_until_complete(start_and_leave())
+    loop.close()  # the waiting task is never cancelled: its loop is simply gone
+    try:
+        limiter.release()
+        assert limiter.statistics().borrowed_tokens == 0
+        assert limiter.statistics().tasks_waiting == 0
+    finally:
+        tasks.clear()
+        gc.collect()  # the abandoned task, with its "destroyed but pending" complaint
+
+
+def test_a_waiter_of_a_closed_loop_gives_its_token_back_once() -> None:
+    # Promise (docs/index.md): "at most max_concurrency operations in flight in all". A waiter
+    # whose loop (in another thread) was closed while it waited was granted a token: the
+    # releaser gave it back on its behalf, and when the abandoned coroutine was collected it
+    # gave it back again, so a Limiter(1) let two holders in at once.
+    limiter = Limiter(1)
+    limiter.acquire_nowait()
+    tasks: list[asyncio.Task[None]] = []
+
+    def run_a_loop_that_ends_with_a_waiter() -> None:
+        loop = asyncio.new_event_loop()
+
+        async def wait_for_a_token() -> None:
+            async with limiter:
+                pass
+
+        async def start_and_leave() -> None:
+            tasks.append(loop.create_task(wait_for_a_token()))
+            while limiter.statistics().tasks_waiting == 0:
+                await asyncio.sleep(0.001)
+
+        loop.run_until_complete(start_and_leave())
+        loop.close()
+
+    thread = threading.Thread(target=run_a_loop_that_ends_with_a_waiter)
+    thread.start()
+    thread.join()
+    limiter.release()  # handed to the dead waiter, whose loop cannot take it: passed on
+    limiter.acquire_nowait()  # held from here on
+    tasks.clear()
+    gc.collect()  # the abandoned coroutine is closed
+    with pytest.raises(anyio.WouldBlock):
+        limiter.acquire_nowait()
+    assert limiter.statistics().borrowed_tokens == 1
+    limiter.release()
