@@ -58,7 +58,7 @@ class LimiterStatistics:
 class _Waiter:
     """One task (or thread) queued for a token; ``granted`` once a token was handed to it."""
 
-    __slots__ = ("event", "granted", "thread", "wake")
+    __slots__ = ("event", "given_back", "granted", "thread", "wake")
 
     def __init__(
         self,
@@ -68,6 +68,9 @@ class _Waiter:
         self.event = event
         self.wake = wake  # for an anyio event: how to run its set() on the waiter's loop
         self.granted = False
+        # A granted token whose waiter will never hold it goes back once: set by whoever gives
+        # it back (the waiter abandoning it, or a releaser that could not wake it).
+        self.given_back = False
         self.thread = threading.get_ident()
 
     def notify(self) -> bool:
@@ -76,8 +79,12 @@ class _Waiter:
         if isinstance(event, threading.Event):
             event.set()
         elif threading.get_ident() == self.thread:
-            # A thread runs one event loop at a time: this is the waiter's own loop.
-            event.set()
+            # A thread runs one event loop at a time: this is the waiter's own loop, unless
+            # that loop was closed with the waiter in it.
+            try:
+                event.set()
+            except RuntimeError:  # "Event loop is closed"
+                return False
         else:
             assert self.wake is not None
             try:
@@ -171,7 +178,13 @@ class Limiter:
         """Hold a token for a block of blocking code in a plain thread (no event loop)."""
         waiter = self._take_or_queue(lambda: _Waiter(threading.Event()))
         if waiter is not None:
-            waiter.event.wait()
+            try:
+                waiter.event.wait()
+            except BaseException:
+                # Ctrl-C in the main thread: a waiter left queued would take a token nobody
+                # gives back.
+                self._abandon(waiter)
+                raise
         try:
             yield
         finally:
@@ -215,9 +228,18 @@ class Limiter:
 
     def _notify(self, woken: list[_Waiter]) -> None:
         for waiter in woken:
-            if not waiter.notify():
-                # Its loop is gone, so it will never run to give the token back: we do.
+            if not waiter.notify() and self._give_back(waiter):
+                # Its loop is gone, so it will never run to give the token back: we do (once:
+                # its coroutine may still be closed later, and abandon it).
                 self.release()
+
+    def _give_back(self, waiter: _Waiter) -> bool:
+        """Whether the caller is the one to release ``waiter``'s granted token."""
+        with self._lock:
+            if waiter.given_back:
+                return False
+            waiter.given_back = True
+            return True
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter stopped waiting (cancelled): leave the queue, or pass on its token."""
@@ -225,7 +247,8 @@ class Limiter:
             if not waiter.granted:
                 self._waiters.remove(waiter)
                 return
-        self.release()
+        if self._give_back(waiter):
+            self.release()
 
     # ------------------------------------------------------------------ identity
 

@@ -261,13 +261,13 @@ def parse_retry_after(value: object) -> float | None:
     if not isinstance(value, str):
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²".isdigit() too, and float() refuses it
         return float(value)
     from email.utils import parsedate_to_datetime
 
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # a year past any datetime
         return None
     if when.tzinfo is None:
         return None

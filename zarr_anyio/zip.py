@@ -422,6 +422,11 @@ class ZipStore(BlockingStore):
                 raise RuntimeError(f"File {key!r} is encrypted, password required for extraction")
             offset = self._data_offset(session, info, lambda n, at: read_exact(session.fd, n, at))
             assert offset is not None  # pread waits for the disk rather than give up
+            # A directory may claim any size: past the end of the file it is damage, not a
+            # buffer of the claimed size to allocate (MemoryError).
+            stored = info.compress_type == zipfile.ZIP_STORED
+            if offset + (info.file_size if stored else info.compress_size) > session.end:
+                raise self._damaged(key, "the archive ends inside it")
             checked = info.header_offset in session.checked
             # A descriptor of our own, so the bytes can be read outside the lock and survive a
             # close or a rewrite (which replaces the file, not the inode this one reads).
