@@ -21,7 +21,7 @@ import anyio
 import pytest
 from zarr.core.buffer import default_buffer_prototype
 
-from servers import Faults, HTTPServer
+from servers import Faults, HTTPServer, S3Server
 from test_remote import fill, http_store
 from zarr_anyio import FsspecStore, Limiter, Retry, ZipStore
 from zarr_anyio._zipformat import _LOCAL, directory_record
@@ -193,10 +193,8 @@ def test_recovering_a_crafted_file_reads_it_a_bounded_number_of_times(
 
 # ------------------------------------------------------------------------ remote stores
 
-EXISTS_BREAK = unfixed("FsspecStore.exists() is fsspec's isfile: False for any failure")
 
-
-@pytest.mark.parametrize("kind", [pytest.param("fsspec", marks=EXISTS_BREAK), "obstore"])
+@pytest.mark.parametrize("kind", ["fsspec", "obstore"])
 async def test_exists_of_a_throttled_key_is_retried_not_false(
     http_server: HTTPServer, kind: str
 ) -> None:
@@ -211,7 +209,7 @@ async def test_exists_of_a_throttled_key_is_retried_not_false(
     assert objects
 
 
-@pytest.mark.parametrize("kind", [pytest.param("fsspec", marks=EXISTS_BREAK), "obstore"])
+@pytest.mark.parametrize("kind", ["fsspec", "obstore"])
 async def test_exists_against_a_failing_server_raises(http_server: HTTPServer, kind: str) -> None:
     # Promise (README, docs): errors come back as themselves. A server that answers every
     # request 500 made FsspecStore.exists() answer False, as if the key were absent.
@@ -222,19 +220,23 @@ async def test_exists_against_a_failing_server_raises(http_server: HTTPServer, k
         await store.exists("c/0")
 
 
-@unfixed("FsspecStore.delete_dir passes listed paths to fs.rm, which globs them")
+@pytest.mark.parametrize("filesystem", ["memory", "s3"])
 @pytest.mark.parametrize("node", ["a*", "a[b]", "a?"])
 async def test_delete_dir_of_a_node_with_glob_characters_deletes_only_that_node(
-    node: str,
+    node: str, filesystem: str, request: pytest.FixtureRequest
 ) -> None:
     # Promise (docs/index.md): "delete_dir(p) ... treat p as a node of the hierarchy ("a"
     # means "a/…")". fsspec's rm() expands glob patterns in the paths it is given, so deleting
     # the node "a*" (a legal zarr name) also deleted every sibling it matched: "ab/k" is gone.
     import fsspec
 
-    fs = fsspec.filesystem("memory", skip_instance_cache=True)
-    store = FsspecStore(fs, path="/attack-glob")
-    for key in [f"{node}/k", "ab/k", "b/k"]:
+    if filesystem == "memory":
+        fs = fsspec.filesystem("memory", skip_instance_cache=True)
+        store = FsspecStore(fs, path="/attack-glob")
+    else:
+        s3: S3Server = request.getfixturevalue("s3_server")
+        store = FsspecStore(s3.s3fs(asynchronous=True), path=f"{s3.new_bucket()}/root")
+    for key in [f"{node}/k", f"{node}/deeper/k", "ab/k", "b/k"]:
         await store.set(key, PROTO.buffer.from_bytes(b"v"))
     await store.delete_dir(node)
     assert sorted([key async for key in store.list()]) == ["ab/k", "b/k"]

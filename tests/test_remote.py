@@ -397,6 +397,10 @@ def test_retry_and_rate_limit_arguments_are_checked() -> None:
         Retry(attempts=0)
     with pytest.raises(ValueError, match="per_second"):
         RateLimit(0)
+    with pytest.raises(ValueError, match="per_second"):
+        RateLimit(float("nan"))
+    with pytest.raises(ValueError, match="delays"):
+        Retry(max_retry_after=float("nan"))
     with pytest.raises(TypeError, match="retry"):
         ObjectStore(_memory(), retry="often")  # type: ignore[arg-type]
     store = ObjectStore(_memory(), retry=2, rate_limit=10)

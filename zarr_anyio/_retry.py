@@ -293,8 +293,10 @@ class Retry:
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {self.attempts}")
-        if self.base_delay < 0 or self.max_delay < 0 or self.max_retry_after < 0:
-            raise ValueError("delays must not be negative")
+        delays = (self.base_delay, self.max_delay, self.max_retry_after)
+        # ``not d >= 0`` also refuses NaN, which would silently turn a bound off.
+        if any(not delay >= 0 for delay in delays):
+            raise ValueError(f"delays must be numbers of seconds, not negative, got {delays}")
 
     def delay(self, retry_number: int, retry_after: float | None = None) -> float:
         """How long to wait before retry number ``retry_number`` (0 for the first)."""
@@ -366,7 +368,7 @@ class RateLimit:
     """
 
     def __init__(self, per_second: float, burst: int = 1) -> None:
-        if per_second <= 0:
+        if not per_second > 0:  # NaN too: it would silently disable the limit
             raise ValueError(f"per_second must be positive, got {per_second}")
         if burst < 1:
             raise ValueError(f"burst must be at least 1, got {burst}")

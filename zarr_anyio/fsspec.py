@@ -29,6 +29,9 @@ __all__ = ["ALLOWED_EXCEPTIONS", "FsspecStore"]
 
 T = TypeVar("T")
 
+# The most keys S3's DeleteObjects takes in one request.
+S3_DELETE_BATCH = 1000
+
 ALLOWED_EXCEPTIONS: tuple[type[Exception], ...] = (
     FileNotFoundError,
     IsADirectoryError,
@@ -243,6 +246,22 @@ class FsspecStore(RemoteStore):
             return []
         return list(found)
 
+    async def _is_file(self, path: str) -> bool:
+        """Whether ``path`` is a file, as one request, retried and raising like any other.
+
+        Not fsspec's ``isfile``/``exists``: they answer ``False`` for any failure, so a 429 or
+        a 500 made a key that is there look absent (no retry, no error).
+        """
+        try:
+            info = await self._fs("info", path)
+        except self.allowed_exceptions as error:
+            # fsspec's http ``info`` raises FileNotFoundError for any failure, the real one as
+            # its cause: only a real "not found" is an answer.
+            if describe(error).transient:
+                raise
+            return False
+        return bool(info.get("type") == "file")
+
     def _path(self, key: str) -> str:
         """The path in ``fs`` of ``key`` (or of a folder of keys)."""
         if not key:
@@ -265,7 +284,7 @@ class FsspecStore(RemoteStore):
         path = self._path(key)
         try:
             if _is_empty_range(byte_range):
-                if not await self._fs("isfile", path):
+                if not await self._is_file(path):
                     return None
                 return prototype.buffer.from_bytes(b"")
             start, end = _fetch_limits(byte_range)
@@ -301,7 +320,7 @@ class FsspecStore(RemoteStore):
                     raise
             return
         # Elsewhere fsspec has no atomic create: check, then write (documented).
-        if not await self._fs("isfile", path):
+        if not await self._is_file(path):
             await self._fs("pipe_file", path, data, _sent=len(data))
 
     async def _backend_delete(self, key: str) -> None:
@@ -309,7 +328,7 @@ class FsspecStore(RemoteStore):
             await self._fs("rm_file", self._path(key))
 
     async def _backend_exists(self, key: str) -> bool:
-        return bool(await self._fs("isfile", self._path(key)))
+        return await self._is_file(self._path(key))
 
     async def _backend_getsize(self, key: str) -> int:
         info = await self._fs("info", self._path(key))
@@ -337,7 +356,23 @@ class FsspecStore(RemoteStore):
         return sorted(name for name in names if name)
 
     async def _backend_delete_dir(self, prefix: str) -> None:
+        # Never ``fs.rm(paths)``: it expands glob patterns, and "a*", "a[b]" or "a?" are node
+        # names zarr allows, whose deletion then took their siblings with them.
         paths = await self._files_under(self._path(prefix.rstrip("/")))
-        if paths:
+        if hasattr(self.fs, "_bulk_delete") and self.fs.async_impl:
+            # s3fs: one DeleteObjects request per 1,000 keys, taking paths literally.
+            batches = [
+                paths[i : i + S3_DELETE_BATCH] for i in range(0, len(paths), S3_DELETE_BATCH)
+            ]
+
+            async def delete_batch(batch: list[str]) -> None:
+                await self._fs("bulk_delete", batch)
+
+            await self._for_each(batches, delete_batch)
+            return
+
+        async def delete_one(path: str) -> None:
             with contextlib.suppress(*self.allowed_exceptions):
-                await self._fs("rm", paths)
+                await self._fs("rm_file", path)
+
+        await self._for_each(paths, delete_one)
