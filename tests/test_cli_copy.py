@@ -239,6 +239,11 @@ def test_errors_are_one_line_with_the_right_exit_code(tmp_path: Path) -> None:
     assert onto_itself.returncode == 2
     assert "same place" in one_line(onto_itself.stderr)
 
+    into_itself = run_cli("copy", str(src), str(src / "copy-here"))
+    assert into_itself.returncode == 2
+    assert "inside SRC" in one_line(into_itself.stderr)
+    assert not (src / "copy-here").exists()
+
     bad_option = run_cli("copy", str(src), str(tmp_path / "out"), "--storage-option", "novalue")
     assert bad_option.returncode == 2
 

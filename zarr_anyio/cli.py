@@ -271,6 +271,9 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
     src_path, dst_path = _local_path(args.src), _local_path(args.dst)
     if src_path is not None and src_path == dst_path:
         raise UsageError("SRC and DST are the same place")
+    if src_path is not None and dst_path is not None and dst_path.startswith(src_path + os.sep):
+        # Each run would copy what the last one wrote, one level deeper.
+        raise UsageError("DST is inside SRC: copy to a place outside it")
     if _scheme(args.dst) in ("http", "https"):
         raise UsageError(f"cannot write to {args.dst!r}: HTTP is read-only here")
     src = open_url(args.src, args, args.src_storage_option, "r")
