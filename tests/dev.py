@@ -50,7 +50,7 @@ def _ensure_venv(pins: list[str]) -> Path:
         venv.create(venv_dir, with_pip=True)
     pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "install", "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "install", "-e", f"{TOP}[test,bench]", *pins], check=True)
+    subprocess.run([*pip, "install", "-e", f"{TOP}[test,bench,docs]", *pins], check=True)
     stamp.write_text(wanted)
     return python
 
