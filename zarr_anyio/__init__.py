@@ -3,7 +3,7 @@
 from ._adaptive import AdaptiveLimiter
 from ._base import AnyioStore, FetchRequest
 from ._limit import Limiter
-from ._open import open_store
+from ._open import open_store, open_store_async
 from ._remote import RemoteStore, RequestStats
 from ._retry import NO_RETRY, RateLimit, Retry, RetryBudget
 from .fsspec import FsspecStore
@@ -29,5 +29,6 @@ __all__ = [
     "RetryBudget",
     "ZipStore",
     "open_store",
+    "open_store_async",
 ]
 __version__ = "0.1.0"

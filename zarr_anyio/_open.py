@@ -48,7 +48,7 @@ from .memory import MemoryStore
 from .object import ObjectStore
 from .zip import ZipStore
 
-__all__ = ["AccessMode", "open_store", "open_store_async"]
+__all__ = ["AccessMode", "make_store", "open_store", "open_store_async"]
 
 AccessMode = Literal["r", "r+", "a", "w", "w-", "x"]
 MODES = (None, "r", "r+", "a", "w", "w-", "x")
@@ -133,7 +133,7 @@ async def open_store_async(
             f"store keywords {sorted(store_kwargs)} apply only to a store that open_store "
             f"makes, not to the store passed in ({store_like!r})"
         )
-    store = _make_store(store_like, zarr_mode, storage_options, backend, store_kwargs)
+    store = _make_store(store_like, zarr_mode, storage_options, backend, store_kwargs, lazy=False)
     try:
         return await _apply_mode(store, zarr_mode)
     except BaseException:
@@ -146,12 +146,28 @@ async def open_store_async(
 # ---------------------------------------------------------------------- making the store
 
 
+def make_store(
+    store_like: StoreLike,
+    *,
+    mode: AccessMode | None = None,
+    storage_options: dict[str, Any] | None = None,
+    backend: Literal["fsspec", "obstore"] = "fsspec",
+    **store_kwargs: Any,
+) -> AnyioStore:
+    """The store `open_store` would give, made but not opened: no I/O, so no mode's check
+    (the command line opens its stores itself, to say which of them does not exist)."""
+    zarr_mode = "w-" if mode == "x" else mode
+    return _make_store(store_like, zarr_mode, storage_options, backend, store_kwargs, lazy=True)
+
+
 def _make_store(
     store_like: StoreLike,
     mode: str | None,
     storage_options: dict[str, Any] | None,
     backend: str,
     kwargs: dict[str, Any],
+    *,
+    lazy: bool,
 ) -> AnyioStore:
     read_only = mode == "r"
     if store_like is None:
@@ -165,10 +181,10 @@ def _make_store(
     if isinstance(store_like, MutableMapping):
         return MemoryStore(store_like, read_only=read_only, **kwargs)
     if isinstance(store_like, Path):
-        return _from_path(store_like, mode, kwargs)
+        return _from_path(store_like, mode, kwargs, lazy)
     if not isinstance(store_like, str):
         raise TypeError(f"cannot make a store from {type(store_like).__name__}: {store_like!r}")
-    return _from_string(store_like, mode, storage_options, backend, kwargs)
+    return _from_string(store_like, mode, storage_options, backend, kwargs, lazy)
 
 
 def _is_fsmap(value: object) -> bool:
@@ -185,6 +201,7 @@ def _from_string(
     storage_options: dict[str, Any] | None,
     backend: str,
     kwargs: dict[str, Any],
+    lazy: bool,
 ) -> AnyioStore:
     read_only = mode == "r"
     live = _live.find(url)
@@ -207,12 +224,12 @@ def _from_string(
             )
         if storage_options is not None:
             raise TypeError(f"'storage_options' was provided but unused: {url!r} is a path")
-        return _from_path(Path(url), mode, kwargs)
+        return _from_path(Path(url), mode, kwargs, lazy)
     scheme = scheme.lower()
     if scheme in ("file", "zip", "memory") and storage_options is not None:
         raise TypeError(f"'storage_options' was provided but unused for {url!r}")
     if scheme == "file":
-        return _from_path(Path(rest), mode, kwargs)
+        return _from_path(Path(rest), mode, kwargs, lazy)
     if scheme == "zip":
         return _zip_store(Path(rest), mode, kwargs)
     if scheme == "memory":
@@ -246,11 +263,11 @@ def _fsspec_protocols() -> set[str]:
     return set(fsspec.available_protocols())
 
 
-def _from_path(path: Path, mode: str | None, kwargs: dict[str, Any]) -> AnyioStore:
+def _from_path(path: Path, mode: str | None, kwargs: dict[str, Any], lazy: bool) -> AnyioStore:
     if path.suffix == ".zip" and not path.is_dir():
         return _zip_store(path, mode, kwargs)
     # As zarr's LocalStore.open: "r" and "r+" need the folder, the others create it.
-    must_exist = mode in ("r", "r+")
+    must_exist = mode in ("r", "r+") and not lazy
     if must_exist:
         check_root(path)
     return LocalStore(path, read_only=mode == "r", **kwargs)
@@ -303,7 +320,11 @@ def _object_store_from_str(
     ``storage_options`` or the environment, as for any URL)."""
     parsed = _OBSTORE_REPR.fullmatch(described.strip())
     if parsed is None:
-        raise ValueError(f"{url!r} does not describe an obstore store that can be rebuilt")
+        raise ValueError(
+            f"{url!r} names no ObjectStore alive in this process, and it cannot be rebuilt "
+            "from that name (obstore's MemoryStore lives only in the process that made it; "
+            "S3Store(bucket=…), GCSStore, AzureStore, HTTPStore and LocalStore can be)"
+        )
     kind, inner = parsed.groups()
     positional = [value for name, value in _OBSTORE_ARG.findall(inner) if not name]
     named = {name: value for name, value in _OBSTORE_ARG.findall(inner) if name}
