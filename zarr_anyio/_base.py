@@ -30,6 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from ._bridge import run_blocking
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
 from ._limit import ConcurrencyLimit, Limiter, LimiterLike, OneLoopLimiter
 from ._threads import CheckCancelled, HopCoalescer, run_in_worker, timed
@@ -467,6 +468,29 @@ class AnyioStore(Store, abc.ABC):
         self._check_writable()
         await self._ensure_open()
         await self._backend_delete_dir("")
+
+    # ----------------------------------------------------------------- zarr >= 3.4's sync surface
+    # For any backend: the async call, run on the bridge's loop and waited for. zarr is told not
+    # to take its sync path (`_supports_sync_io`): that path makes one call at a time, each a
+    # hop to the bridge's loop, where the async path keeps a window of them in flight. A store
+    # whose backend can serve a call without a loop (a dict, a file) overrides these with plain
+    # blocking calls and sets `_supports_sync_io = True`.
+    _supports_sync_io: bool = False
+
+    def get_sync(
+        self,
+        key: str,
+        *,
+        prototype: BufferPrototype | None = None,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
+        return run_blocking(lambda: self.get(key, prototype, byte_range))
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        run_blocking(lambda: self.set(key, value))
+
+    def delete_sync(self, key: str) -> None:
+        run_blocking(lambda: self.delete(key))
 
 
 class BlockingStore(AnyioStore):

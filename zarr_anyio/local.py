@@ -331,6 +331,8 @@ class LocalStore(BlockingStore):
         await self._blocking(lambda _: _delete_tree(root, prefix.rstrip("/")))
 
     # ------------------------------------------------------------ zarr >= 3.4's sync surface
+    # Plain blocking calls: zarr may take its synchronous path.
+    _supports_sync_io = True
 
     def _ensure_open_sync(self) -> None:
         if not self._is_open:

@@ -156,6 +156,8 @@ class MemoryStore(AnyioStore):
             del self._store_dict[key]
 
     # ------------------------------------------------------------ zarr >= 3.4's sync surface
+    # Plain blocking calls: zarr may take its synchronous path.
+    _supports_sync_io = True
 
     def get_sync(
         self,

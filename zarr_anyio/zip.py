@@ -918,6 +918,8 @@ class ZipStore(BlockingStore):
         return names_under(keys, prefix)
 
     # ---------------------------------------------------------------- zarr >= 3.4's sync surface
+    # Plain blocking calls: zarr may take its synchronous path.
+    _supports_sync_io = True
 
     def get_sync(
         self,
