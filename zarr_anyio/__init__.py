@@ -1,7 +1,8 @@
 """Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio."""
 
 from ._adaptive import AdaptiveLimiter
-from ._base import AnyioStore, FetchRequest
+from ._base import AnyioStore, BlockingStore, FetchRequest
+from ._keys import byte_range_slice, names_under
 from ._limit import Limiter
 from ._open import open_store, open_store_async
 from ._remote import RemoteStore, RequestStats
@@ -16,6 +17,7 @@ __all__ = [
     "NO_RETRY",
     "AdaptiveLimiter",
     "AnyioStore",
+    "BlockingStore",
     "FetchRequest",
     "FsspecStore",
     "Limiter",
@@ -28,6 +30,8 @@ __all__ = [
     "Retry",
     "RetryBudget",
     "ZipStore",
+    "byte_range_slice",
+    "names_under",
     "open_store",
     "open_store_async",
 ]

@@ -32,6 +32,7 @@ no I/O (an in-memory one) sets ``waits_for_tokens = False``: it is then checked 
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar, Generic, TypeVar
@@ -229,7 +230,10 @@ class AnyioStoreTests(StoreTests[S, cpu.Buffer], Generic[S]):
         new = {key: b"new %s " % key.encode() * 2000 for key in old}
         try:
             await store.set_many([(key, _buffer(value)) for key, value in old.items()])
-            for call in ("set_many", "get_partial_values"):
+            # Cancelled at several points of the call: as it starts and later on.
+            for call, delay in itertools.product(
+                ("set_many", "get_partial_values"), (0, 0.002, 0.01, 0.03)
+            ):
                 finished = anyio.Event()
                 with anyio.CancelScope() as scope:
                     async with anyio.create_task_group() as tg:
@@ -253,6 +257,7 @@ class AnyioStoreTests(StoreTests[S, cpu.Buffer], Generic[S]):
                                 limiter.statistics().borrowed_tokens or finished.is_set()
                             ):
                                 await anyio.lowlevel.checkpoint()
+                        await anyio.sleep(delay)
                         scope.cancel()
                 stats = limiter.statistics()
                 assert stats.borrowed_tokens == 0, f"{call}(): tokens still held after it ended"
