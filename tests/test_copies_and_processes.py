@@ -1,5 +1,6 @@
-"""ZipStore beyond one store in one process: read-only copies of a writer, other processes,
-and overwrites that do not grow the file without bound."""
+"""Stores beyond one object in one process: read-only copies of a zip writer, copies in other
+processes (zip, memory, the limiter), and zip overwrites that do not grow the file without
+bound."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import zarr
 from zarr.core.buffer import cpu, default_buffer_prototype
 
 import zarr_anyio.zip
-from zarr_anyio import MemoryStore, ZipStore
+from zarr_anyio import FsspecStore, LocalStore, MemoryStore, ZipStore
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
@@ -159,6 +160,30 @@ def test_a_memory_store_copy_in_another_process_reads_but_refuses_writes(
     copy = pickle.loads(sent)
     copy.set_sync("b", buf(b"local"))
     assert copy.get_sync("b") is not None
+
+
+def _limiters_in_worker(sent: bytes) -> tuple[bool, int]:
+    first, second = pickle.loads(sent), pickle.loads(sent)
+    return first.limiter is second.limiter, first.max_concurrency
+
+
+def test_copies_in_another_process_share_one_limiter(
+    tmp_path: Path, worker: ProcessPoolExecutor
+) -> None:
+    """A dask worker unpickles a store for every task: the bound is per worker process."""
+    import fsspec
+
+    stores = [
+        LocalStore(tmp_path, max_concurrency=3),  # a Limiter
+        FsspecStore(fsspec.filesystem("memory"), max_concurrency=5),  # an AdaptiveLimiter
+    ]
+    for store in stores:
+        sent = pickle.dumps(store)
+        shared, bound = worker.submit(_limiters_in_worker, sent).result(timeout=60)
+        assert shared
+        assert bound == store.max_concurrency
+        # In the process that made it, a copy has a limiter of its own, as a deepcopy would.
+        assert pickle.loads(sent).limiter is not pickle.loads(sent).limiter
 
 
 # ---------------------------------------------------------------------- compaction
