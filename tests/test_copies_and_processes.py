@@ -164,7 +164,10 @@ def test_a_memory_store_copy_in_another_process_reads_but_refuses_writes(
 
 def _limiters_in_worker(sent: bytes) -> tuple[bool, int]:
     first, second = pickle.loads(sent), pickle.loads(sent)
-    return first.limiter is second.limiter, first.max_concurrency
+    shared = first.limiter is second.limiter
+    if getattr(first, "rate_limit", None) is not None:
+        shared = shared and first.rate_limit is second.rate_limit
+    return shared, first.max_concurrency
 
 
 def test_copies_in_another_process_share_one_limiter(
@@ -175,7 +178,8 @@ def test_copies_in_another_process_share_one_limiter(
 
     stores = [
         LocalStore(tmp_path, max_concurrency=3),  # a Limiter
-        FsspecStore(fsspec.filesystem("memory"), max_concurrency=5),  # an AdaptiveLimiter
+        # An AdaptiveLimiter, and a RateLimit.
+        FsspecStore(fsspec.filesystem("memory"), max_concurrency=5, rate_limit=100),
     ]
     for store in stores:
         sent = pickle.dumps(store)
@@ -184,6 +188,7 @@ def test_copies_in_another_process_share_one_limiter(
         assert bound == store.max_concurrency
         # In the process that made it, a copy has a limiter of its own, as a deepcopy would.
         assert pickle.loads(sent).limiter is not pickle.loads(sent).limiter
+    assert pickle.loads(pickle.dumps(stores[1])).rate_limit is not stores[1].rate_limit
 
 
 # ---------------------------------------------------------------------- compaction

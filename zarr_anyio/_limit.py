@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -248,24 +248,26 @@ class Limiter:
         return f"{type(self).__name__}({self._total})"
 
 
-# Copies of one limiter unpickled in another process are one object there: a dask worker
-# unpickles a store for every task, and the bound is meant per process (max_concurrency per
-# store per worker), not per task. Weak: a copy no store holds any more is not kept.
-_copies: weakref.WeakValueDictionary[str, Limiter] = weakref.WeakValueDictionary()
+# Copies of one limiter (or rate limit) unpickled in another process are one object there: a
+# dask worker unpickles a store for every task, and a bound is meant per process
+# (max_concurrency per store per worker), not per task. Weak: a copy no store holds any more is
+# not kept.
+_copies: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _copies_lock = threading.Lock()
+Shared = TypeVar("Shared")
 
 
-def copy_in_process(origin: int, token: str, make: Callable[[], Limiter]) -> Limiter:
-    """The copy of limiter ``token`` (made in process ``origin``) for this process: a fresh one
-    in the process that made it (as ``copy.deepcopy`` would give), else the one this process
-    already holds."""
+def copy_in_process(origin: int, token: str, make: Callable[[], Shared]) -> Shared:
+    """The copy of shared object ``token`` (made in process ``origin``) for this process: a
+    fresh one in the process that made it (as ``copy.deepcopy`` would give), else the one this
+    process already holds. The copy keeps ``_origin`` and ``_token``, so copies of it do too."""
     if origin == os.getpid():
         return make()
     with _copies_lock:
         found = _copies.get(token)
         if found is None:
             found = make()
-            found._origin, found._token = origin, token
+            found._origin, found._token = origin, token  # type: ignore[attr-defined]
             _copies[token] = found
         return found
 
