@@ -89,9 +89,10 @@ def _size(result: object) -> int:
 
 
 class RemoteStore(AnyioStore):
-    """A store that talks to a server.
+    """A store that talks to a server: the base of `FsspecStore` and `ObjectStore`, and of a
+    custom store whose hooks make each request with ``self._request(make)``.
 
-    Parameters (beyond `AnyioStore`'s)
+    Parameters
     ----------
     max_concurrency
         The most requests in flight at once (default 128). With ``adaptive`` (the default) this
@@ -228,13 +229,15 @@ class RemoteStore(AnyioStore):
         )
 
     async def watch(self, interval: float = 1.0) -> AsyncIterator[RequestStats]:
-        """`stats()` every ``interval`` seconds, for as long as the caller iterates::
+        """`stats()` every ``interval`` seconds, for as long as the caller iterates.
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(store.get_partial_values, prototype, requests)
-            async for stats in store.watch(0.5):
-                print(stats.window, stats.throttled)
-                if stats.in_flight == 0: break
+        For example::
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.get_partial_values, prototype, requests)
+                async for stats in store.watch(0.5):
+                    print(stats.window, stats.throttled)
+                    if stats.in_flight == 0: break
         """
         while True:
             yield self.stats()
