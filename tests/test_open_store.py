@@ -514,3 +514,25 @@ async def test_http_urls(http_server: HTTPServer) -> None:
         value = await store.get("c/0", default_buffer_prototype())
         assert value is not None
         assert value.to_bytes() == b"hello"
+
+
+def test_x_is_w_dash_and_an_fsmap_is_an_fsspec_store(tmp_path: Path) -> None:
+    import fsspec
+
+    folder = tmp_path / "data"
+    open_store(folder, mode="x")
+    (folder / "k").write_bytes(b"v")
+    with pytest.raises(FileExistsError):
+        open_store(folder, mode="x")
+    mapper = fsspec.filesystem("memory").get_mapper(f"/{tmp_path.name}")
+    mapped = open_store(mapper, mode="a")
+    assert isinstance(mapped, FsspecStore)
+    sync(mapped.set("k", buf(b"v")))
+    assert mapper["k"] == b"v"
+
+
+def test_w_empties_a_store_passed_in(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    sync(store.set("a/b", buf(b"v")))
+    assert open_store(store, mode="w") is store
+    assert sync(_keys(store)) == []

@@ -5,6 +5,10 @@ particular to a backend: opening, read-only enforcement, key and byte-range vali
 concurrency limit, and the bulk operations (each a pool of at most ``max_concurrency`` worker
 tasks in one task group, pulling from the request iterator). A backend fills in a handful of
 ``_backend_*`` hooks that receive input already validated.
+
+The hooks are the extension API for stores outside this library too (docs/custom-stores.md,
+tested with `zarr_anyio.testing`). They keep their underscore: public names would put, on every
+store, calls that skip key validation, the read-only check and opening.
 """
 
 from __future__ import annotations
@@ -108,6 +112,15 @@ class AnyioStore(Store, abc.ABC):
         A `Limiter` to draw tokens from instead, shared with other stores (one budget for all
         of them, across loops and threads). An ``anyio.CapacityLimiter`` is accepted too, but
         works only in the event loop that first uses it.
+
+    Notes
+    -----
+    To write a store, subclass this (an async backend), `BlockingStore` (blocking calls, made
+    in worker threads) or `RemoteStore` (requests to a server, with retries) and fill in the
+    ``_backend_*`` hooks. Each hook that does I/O holds a token of ``self.limiter`` while it
+    does (``async with self.limiter:``; `BlockingStore._blocking` and `RemoteStore._request`
+    do it for you). Then give the store ``with_read_only``, ``__eq__`` and ``__str__``, and
+    test it with `zarr_anyio.testing.AnyioStoreTests`.
     """
 
     supports_writes: bool = True
@@ -186,7 +199,9 @@ class AnyioStore(Store, abc.ABC):
     @abc.abstractmethod
     async def _backend_get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
-    ) -> Buffer | None: ...
+    ) -> Buffer | None:
+        """The value of ``key`` (the part ``byte_range`` asks for, as `byte_range_slice` cuts
+        it) in a ``prototype.buffer``; ``None`` if the key does not exist."""
 
     @abc.abstractmethod
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
@@ -197,7 +212,8 @@ class AnyioStore(Store, abc.ABC):
         """Delete ``key``; a missing key is not an error."""
 
     @abc.abstractmethod
-    async def _backend_exists(self, key: str) -> bool: ...
+    async def _backend_exists(self, key: str) -> bool:
+        """Whether ``key`` holds a value."""
 
     @abc.abstractmethod
     async def _backend_getsize(self, key: str) -> int:

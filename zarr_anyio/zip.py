@@ -20,7 +20,8 @@ a member, close appends a directory, and the archive as it was stays intact befo
   stays under twice what it holds. Measured here, 2,000 overwrites of one 100 KiB value in an
   archive of 50 such values (the worst case, nothing but overwrites): without compaction the file
   grew to 200 MiB; with it, 6 MiB, at 0.55 ms a write instead of 0.16 ms (each rewrite copies the
-  live values and fsyncs once). A small key rewritten often (zarr.json) stays under the floor.
+  live values and fsyncs once). A small key rewritten often (zarr.json) waits for 1 MiB of
+  rewrites.
 - One writer, in one process. A writable store used in another process than the one that made
   it (sent to a dask worker, say) refuses with an error that says what to do: two processes
   appending to one file would corrupt it. `with_read_only()` gives a copy that other processes
