@@ -267,6 +267,9 @@ def test_str_of_local_memory_and_zip_stores_opens_them_again(tmp_path: Path) -> 
     sync(zipped.set("k", buf(b"zip")))
     # Open for writing in this process: the same store, or a copy sharing its archive.
     assert open_store(str(zipped)) is zipped
+    with pytest.raises(FileExistsError):
+        open_store(str(zipped), mode="w-")
+    assert zipped._open_for_writing()  # the refusal left the caller's store open
     reader = open_store(str(zipped), mode="r")
     assert isinstance(reader, ZipStore)
     assert reader.read_only

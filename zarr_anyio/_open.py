@@ -134,10 +134,12 @@ async def open_store_async(
             f"makes, not to the store passed in ({store_like!r})"
         )
     store = _make_store(store_like, zarr_mode, storage_options, backend, store_kwargs, lazy=False)
+    # Made here, not open yet; not the caller's store, nor a zip writer the URL named.
+    made = store is not store_like and not store._is_open
     try:
         return await _apply_mode(store, zarr_mode)
     except BaseException:
-        if store is not store_like:
+        if made:
             # A store made here for a mode that then failed (w- on data): let go of its file.
             await store.aclose()
         raise
