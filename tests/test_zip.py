@@ -258,11 +258,13 @@ def test_bad_mode_and_path_arguments(tmp_path: Path) -> None:
 # --------------------------------------------------------------- overwrites and deletes
 
 
-async def test_writing_a_key_twice_warns_and_the_newest_wins(tmp_path: Path) -> None:
+async def test_writing_a_key_twice_the_newest_wins_without_a_warning(tmp_path: Path) -> None:
     path = tmp_path / "twice.zip"
     store = ZipStore(path, mode="w")
     await store.set("c/0", buf(b"first"))
-    with pytest.warns(UserWarning, match="Duplicate name: 'c/0'"):
+    with warnings.catch_warnings():
+        # zipfile warns "Duplicate name"; here the directory lists one member per key.
+        warnings.simplefilter("error")
         await store.set("c/0", buf(b"second"))
     got = await store.get("c/0", PROTO)
     assert got is not None

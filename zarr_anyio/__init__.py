@@ -6,11 +6,12 @@ wrap zarr's arrays and groups for it.
 
 from . import api
 from ._adaptive import AdaptiveLimiter
-from ._base import AnyioStore, FetchRequest
+from ._base import AnyioStore, BlockingStore, FetchRequest
 from ._blocks import Block
+from ._keys import byte_range_slice, names_under
 from ._limit import Limiter
 from ._nodes import AsyncArray, AsyncGroup
-from ._open import open_store
+from ._open import open_store, open_store_async
 from ._remote import RemoteStore, RequestStats
 from ._retry import NO_RETRY, RateLimit, Retry, RetryBudget
 from .fsspec import FsspecStore
@@ -26,6 +27,7 @@ __all__ = [
     "AsyncArray",
     "AsyncGroup",
     "Block",
+    "BlockingStore",
     "FetchRequest",
     "FsspecStore",
     "Limiter",
@@ -39,6 +41,9 @@ __all__ = [
     "RetryBudget",
     "ZipStore",
     "api",
+    "byte_range_slice",
+    "names_under",
     "open_store",
+    "open_store_async",
 ]
 __version__ = "0.1.0"

@@ -41,12 +41,13 @@ against an unthrottled 200 ms server, 94-105% of a fixed window of 128.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import threading
 import time
 from typing import Any
 
-from ._limit import Limiter
+from ._limit import Limiter, copy_in_process
 
 __all__ = ["DEFAULT_CEILING", "AdaptiveLimiter", "Outcome"]
 
@@ -184,10 +185,10 @@ class AdaptiveLimiter(Limiter):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A copy in another process starts afresh with the same settings.
-        return (
-            _rebuild,
-            (type(self), self._ceiling, self._initial, self._beta, self._scale),
+        rebuild = functools.partial(
+            _rebuild, type(self), self._ceiling, self._initial, self._beta, self._scale
         )
+        return (copy_in_process, (self._origin, self._token, rebuild))
 
     def __repr__(self) -> str:
         return (

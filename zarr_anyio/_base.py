@@ -5,6 +5,10 @@ particular to a backend: opening, read-only enforcement, key and byte-range vali
 concurrency limit, and the bulk operations (each a pool of at most ``max_concurrency`` worker
 tasks in one task group, pulling from the request iterator). A backend fills in a handful of
 ``_backend_*`` hooks that receive input already validated.
+
+The hooks are the extension API for stores outside this library too (docs/custom-stores.md,
+tested with `zarr_anyio.testing`). They keep their underscore: public names would put, on every
+store, calls that skip key validation, the read-only check and opening.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._api_call import in_api_call, tracked
+from ._bridge import run_blocking
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
 from ._limit import ConcurrencyLimit, Limiter, LimiterLike, OneLoopLimiter
 from ._threads import CheckCancelled, HopCoalescer, run_in_worker, timed
@@ -108,6 +113,15 @@ class AnyioStore(Store, abc.ABC):
         A `Limiter` to draw tokens from instead, shared with other stores (one budget for all
         of them, across loops and threads). An ``anyio.CapacityLimiter`` is accepted too, but
         works only in the event loop that first uses it.
+
+    Notes
+    -----
+    To write a store, subclass this (an async backend), `BlockingStore` (blocking calls, made
+    in worker threads) or `RemoteStore` (requests to a server, with retries) and fill in the
+    ``_backend_*`` hooks. Each hook that does I/O holds a token of ``self.limiter`` while it
+    does (``async with self.limiter:``; `BlockingStore._blocking` and `RemoteStore._request`
+    do it for you). Then give the store ``with_read_only``, ``__eq__`` and ``__str__``, and
+    test it with `zarr_anyio.testing.AnyioStoreTests`.
     """
 
     supports_writes: bool = True
@@ -116,11 +130,6 @@ class AnyioStore(Store, abc.ABC):
     # zarr 3.1.0's Store still declares partial writes abstract (3.1.1 dropped them); no zarr_anyio
     # store writes part of a value, as none of zarr's own do any more.
     supports_partial_writes: Literal[False] = False
-
-    @property
-    def _supports_sync_io(self) -> bool:
-        # What zarr >= 3.4 asks before taking its blocking fast path: not under zarr_anyio.api.
-        return not in_api_call()
 
     def __init__(
         self,
@@ -191,7 +200,9 @@ class AnyioStore(Store, abc.ABC):
     @abc.abstractmethod
     async def _backend_get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
-    ) -> Buffer | None: ...
+    ) -> Buffer | None:
+        """The value of ``key`` (the part ``byte_range`` asks for, as `byte_range_slice` cuts
+        it) in a ``prototype.buffer``; ``None`` if the key does not exist."""
 
     @abc.abstractmethod
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
@@ -202,7 +213,8 @@ class AnyioStore(Store, abc.ABC):
         """Delete ``key``; a missing key is not an error."""
 
     @abc.abstractmethod
-    async def _backend_exists(self, key: str) -> bool: ...
+    async def _backend_exists(self, key: str) -> bool:
+        """Whether ``key`` holds a value."""
 
     @abc.abstractmethod
     async def _backend_getsize(self, key: str) -> int:
@@ -482,6 +494,36 @@ class AnyioStore(Store, abc.ABC):
         self._check_writable()
         await self._ensure_open()
         await self._backend_delete_dir("")
+
+    # ----------------------------------------------------------------- zarr >= 3.4's sync surface
+    # For any backend: the async call, run on the bridge's loop and waited for. zarr is told not
+    # to take its sync path (`_supports_sync_io`): that path makes one call at a time, each a
+    # hop to the bridge's loop, where the async path keeps a window of them in flight. A store
+    # whose backend can serve a call without a loop (a dict, a file) overrides these with plain
+    # blocking calls and sets `_serves_sync_io = True`.
+    _serves_sync_io: bool = False
+
+    @property
+    def _supports_sync_io(self) -> bool:
+        # What zarr >= 3.4 asks before taking its blocking fast path: only where the backend
+        # serves blocking calls itself, and never under zarr_anyio.api (that path reads in
+        # zarr's own threads, outside the store's limit and beyond cancellation).
+        return self._serves_sync_io and not in_api_call()
+
+    def get_sync(
+        self,
+        key: str,
+        *,
+        prototype: BufferPrototype | None = None,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
+        return run_blocking(lambda: self.get(key, prototype, byte_range))
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        run_blocking(lambda: self.set(key, value))
+
+    def delete_sync(self, key: str) -> None:
+        run_blocking(lambda: self.delete(key))
 
 
 class BlockingStore(AnyioStore):

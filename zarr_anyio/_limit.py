@@ -22,12 +22,16 @@ clear error when a second event loop tries to use it.
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
+import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -116,6 +120,9 @@ class Limiter:
         self._borrowed = 0
         self._waiters: deque[_Waiter] = deque()
         self._lock = threading.Lock()
+        # Who this is, for its copies in other processes (see copy_in_process).
+        self._origin = os.getpid()
+        self._token = uuid.uuid4().hex
 
     # ------------------------------------------------------------------ the bound
 
@@ -252,13 +259,40 @@ class Limiter:
 
     # ------------------------------------------------------------------ identity
 
-    def __reduce__(self) -> tuple[type[Limiter], tuple[int]]:
+    def __reduce__(self) -> tuple[Any, ...]:
         # Tokens and waiters belong to this process; a copy starts empty with the same bound.
         # Stores pickled together keep sharing one copy (pickle keeps object identity).
-        return (type(self), (self._total,))
+        return (
+            copy_in_process,
+            (self._origin, self._token, functools.partial(type(self), self._total)),
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._total})"
+
+
+# Copies of one limiter (or rate limit) unpickled in another process are one object there: a
+# dask worker unpickles a store for every task, and a bound is meant per process
+# (max_concurrency per store per worker), not per task. Weak: a copy no store holds any more is
+# not kept.
+_copies: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+_copies_lock = threading.Lock()
+Shared = TypeVar("Shared")
+
+
+def copy_in_process(origin: int, token: str, make: Callable[[], Shared]) -> Shared:
+    """The copy of shared object ``token`` (made in process ``origin``) for this process: a
+    fresh one in the process that made it (as ``copy.deepcopy`` would give), else the one this
+    process already holds. The copy keeps ``_origin`` and ``_token``, so copies of it do too."""
+    if origin == os.getpid():
+        return make()
+    with _copies_lock:
+        found = _copies.get(token)
+        if found is None:
+            found = make()
+            found._origin, found._token = origin, token  # type: ignore[attr-defined]
+            _copies[token] = found
+        return found
 
 
 class OneLoopLimiter:

@@ -18,12 +18,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
-from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
 
 from ._adaptive import DEFAULT_CEILING, AdaptiveLimiter, Outcome
 from ._base import AnyioStore
-from ._bridge import run_blocking
 from ._limit import LimiterLike
 from ._retry import Failure, RateLimit, Retry, RetryBudget, describe
 
@@ -92,9 +89,10 @@ def _size(result: object) -> int:
 
 
 class RemoteStore(AnyioStore):
-    """A store that talks to a server.
+    """A store that talks to a server: the base of `FsspecStore` and `ObjectStore`, and of a
+    custom store whose hooks make each request with ``self._request(make)``.
 
-    Parameters (beyond `AnyioStore`'s)
+    Parameters
     ----------
     max_concurrency
         The most requests in flight at once (default 128). With ``adaptive`` (the default) this
@@ -231,13 +229,15 @@ class RemoteStore(AnyioStore):
         )
 
     async def watch(self, interval: float = 1.0) -> AsyncIterator[RequestStats]:
-        """`stats()` every ``interval`` seconds, for as long as the caller iterates::
+        """`stats()` every ``interval`` seconds, for as long as the caller iterates.
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(store.get_partial_values, prototype, requests)
-            async for stats in store.watch(0.5):
-                print(stats.window, stats.throttled)
-                if stats.in_flight == 0: break
+        For example::
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.get_partial_values, prototype, requests)
+                async for stats in store.watch(0.5):
+                    print(stats.window, stats.throttled)
+                    if stats.in_flight == 0: break
         """
         while True:
             yield self.stats()
@@ -323,24 +323,3 @@ class RemoteStore(AnyioStore):
             )
             return None
         return self.retry.delay(retry_number, failure.retry_after), cost
-
-    # ------------------------------------------------------------ zarr >= 3.4's sync surface
-    # Offered (blocking calls made through the bridge's loop), but zarr is told not to take its
-    # sync path here: that path makes one call at a time, which for a server means one request
-    # at a time instead of a window of them.
-    _supports_sync_io = False
-
-    def get_sync(
-        self,
-        key: str,
-        *,
-        prototype: BufferPrototype | None = None,
-        byte_range: ByteRequest | None = None,
-    ) -> Buffer | None:
-        return run_blocking(lambda: self.get(key, prototype, byte_range))
-
-    def set_sync(self, key: str, value: Buffer) -> None:
-        run_blocking(lambda: self.set(key, value))
-
-    def delete_sync(self, key: str) -> None:
-        run_blocking(lambda: self.delete(key))

@@ -12,16 +12,21 @@ against the exact shape object_store prints (see `_obstore_failure`).
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
+
+from ._limit import copy_in_process
 
 __all__ = [
     "NO_RETRY",
@@ -377,6 +382,9 @@ class RateLimit:
         self._interval = 1.0 / self.per_second
         self._next = time.monotonic()
         self._lock = threading.Lock()
+        # Who this is, for its copies in other processes (see _limit.copy_in_process).
+        self._origin = os.getpid()
+        self._token = uuid.uuid4().hex
 
     async def acquire(self) -> None:
         """Wait for this request's turn (a reservation: no request can overtake another)."""
@@ -389,11 +397,11 @@ class RateLimit:
         else:
             await anyio.lowlevel.checkpoint()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"per_second": self.per_second, "burst": self.burst}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["per_second"], state["burst"])  # type: ignore[misc]
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A copy starts afresh with the same rate; copies in one other process are one object
+        # there (a dask worker's tasks share the worker's rate).
+        make = functools.partial(RateLimit, self.per_second, self.burst)
+        return (copy_in_process, (self._origin, self._token, make))
 
     def __repr__(self) -> str:
         return f"RateLimit(per_second={self.per_second}, burst={self.burst})"

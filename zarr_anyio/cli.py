@@ -33,7 +33,7 @@ from ._base import AnyioStore, single_error
 from ._copy import CopyOptions, CopyReport, copy_node
 from ._inspect import describe, human_size, render_info, render_tree
 from ._limit import DEFAULT_MAX_CONCURRENCY
-from ._open import REMOTE_SCHEMES, AccessMode, open_store
+from ._open import REMOTE_SCHEMES, AccessMode, make_store
 from ._progress import choose_mode, show_progress, store_counters
 from ._retry import RateLimit
 from .local import LocalStore
@@ -152,9 +152,11 @@ def open_url(
             args.rate_limit = RateLimit(args.rate)
         kwargs["rate_limit"] = args.rate_limit
     try:
-        return open_store(
+        return make_store(
             url, mode=mode, storage_options=options or None, backend=args.backend, **kwargs
         )
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{url!r} does not exist: {error}") from None
     except (ValueError, TypeError) as error:
         raise UsageError(f"cannot open {url!r}: {error}") from None
     except ImportError as error:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
+from . import _live
 from ._bridge import run_blocking, run_on_loop
 from ._limit import LimiterLike
 from ._remote import DEFAULT_TIMEOUT, RemoteStore
@@ -151,6 +152,9 @@ class FsspecStore(RemoteStore):
         self._url_keys = bool(_protocols(fs) & {"http", "https"})
         # A filesystem that from_url made is ours to close; one the caller passed is theirs.
         self._owns_fs = False
+        # open_store(str(store)) reaches this filesystem (its options, credentials) again
+        # while this store lives.
+        _live.remember(str(self), self)
 
     @classmethod
     def from_url(
@@ -186,6 +190,13 @@ class FsspecStore(RemoteStore):
             allowed_exceptions=self.allowed_exceptions,
             **self._store_kwargs(),
         )
+
+    def __str__(self) -> str:
+        """The URL of the store's root (``s3://bucket/path``); `open_store` opens it again."""
+        try:
+            return str(self.fs.unstrip_protocol(self.path))
+        except Exception:  # a filesystem that cannot say: its repr
+            return repr(self)
 
     def __repr__(self) -> str:
         return f"<FsspecStore({type(self.fs).__name__}, {self.path})>"

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import uuid
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Self
@@ -25,7 +26,7 @@ from ._keys import byte_range_slice, check_byte_range, validate_key
 from ._limit import LimiterLike
 from ._threads import run_in_worker
 
-__all__ = ["LocalStore"]
+__all__ = ["LocalStore", "check_root"]
 
 # Temporary files of writes in progress start with this, and listings leave them out.
 TEMP_MARK = ".__zarr_anyio_tmp__."
@@ -185,11 +186,28 @@ def _delete_tree(root: Path, prefix: str) -> None:
             _delete_file(Path(entry.path))
 
 
+def check_root(root: Path) -> None:
+    """The root must be a folder that exists: say which it is not."""
+    if root.is_dir():
+        return
+    if root.exists() or root.is_symlink():
+        hint = " (for a zip file, use ZipStore)" if zipfile.is_zipfile(root) else ""
+        raise NotADirectoryError(
+            f"{root} is a file, not a folder: a LocalStore keeps its keys in a folder{hint}"
+        )
+    raise FileNotFoundError(f"{root} does not exist (a LocalStore's root folder)")
+
+
 def _prepare_root(root: Path, *, create: bool) -> None:
     if create:
-        root.mkdir(parents=True, exist_ok=True)
-    elif not root.is_dir():
-        raise FileNotFoundError(f"{root} does not exist")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            # A file in the way, at the root or above it.
+            check_root(root)
+            raise
+    else:
+        check_root(root)
 
 
 class LocalStore(BlockingStore):
@@ -313,6 +331,8 @@ class LocalStore(BlockingStore):
         await self._blocking(lambda _: _delete_tree(root, prefix.rstrip("/")))
 
     # ------------------------------------------------------------ zarr >= 3.4's sync surface
+    # Plain blocking calls: zarr may take its synchronous path.
+    _serves_sync_io = True
 
     def _ensure_open_sync(self) -> None:
         if not self._is_open:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
+from . import _live
 from ._bridge import run_on_loop
 from ._keys import check_byte_range, validate_key
 from ._limit import LimiterLike
@@ -113,6 +114,8 @@ class ObjectStore(RemoteStore):
             rate_limit=rate_limit,
         )
         self.store = store
+        # open_store(str(store)) reaches this obstore client again while this store lives.
+        _live.remember(str(self), self)
 
     def with_read_only(self, read_only: bool = False) -> ObjectStore:
         return type(self)(self.store, read_only=read_only, **self._store_kwargs())

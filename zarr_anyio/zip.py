@@ -14,6 +14,18 @@ a member, close appends a directory, and the archive as it was stays intact befo
 - Every read of a whole member checks its CRC-32 (a 4 KiB chunk: ~2 µs more on a ~8 µs read);
   a byte range of a member is read after the whole member was checked once per opening.
 - ``close()`` and ``aclose()`` wait for the calls in flight on the store before closing.
+- Overwritten values do not pile up: a write that overwrites a key leaves the old bytes unlisted
+  in the file, and once such dead bytes pass half the file (and 1 MiB) the store rewrites it
+  (as `rewrite()` does, within the write that crossed the line; likewise at close), so the file
+  stays under twice what it holds. Measured here, 2,000 overwrites of one 100 KiB value in an
+  archive of 50 such values (the worst case, nothing but overwrites): without compaction the file
+  grew to 200 MiB; with it, 6 MiB, at 0.55 ms a write instead of 0.16 ms (each rewrite copies the
+  live values and fsyncs once). A small key rewritten often (zarr.json) waits for 1 MiB of
+  rewrites.
+- One writer, in one process. A writable store used in another process than the one that made
+  it (sent to a dask worker, say) refuses with an error that says what to do: two processes
+  appending to one file would corrupt it. `with_read_only()` gives a copy that other processes
+  may read (pickling writes the directory first, so the copy sees a whole archive).
 
 ``zipfile`` is not used to write: it would overwrite the old directory on append, register a
 member that failed half-way, and drop its handle before a failed close. It still parses
@@ -41,6 +53,7 @@ from typing import Any, Literal, Self
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from . import _live
 from ._base import NOT_READY, BlockingStore, Pending
 from ._calls import InFlight
 from ._keys import byte_range_slice, check_byte_range, names_under, validate_key
@@ -73,10 +86,30 @@ _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 _LOOP_READ_LIMIT = 1 << 20
 # Temporary files of rewrites, beside the archive; a name no zarr key may take.
 _REWRITE_MARK = ".__zarr_anyio_rewrite__."
+# Dead bytes (overwritten values, old directories) that make the store rewrite the file: more
+# than this share of the file, and more than the floor (below it a rewrite is not worth its
+# fsync). Module attributes so tests can lower the floor.
+_COMPACT_SHARE = 0.5
+_COMPACT_FLOOR = 1 << 20
 
 
 def _no_cancel_check() -> None:
     """For calls that have no caller to be cancelled (the sync surface, ``close()``)."""
+
+
+def _check_archive_path(path: Path) -> None:
+    """What ``mode="r"`` needs: a file at ``path`` (a clear error now, not at first read)."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(
+            f"{path}: no such zip file (mode 'r' reads an existing archive; mode 'a' or 'w' "
+            "creates one)"
+        ) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(
+            f"{path} is a folder, not a zip file (for a folder of keys, use LocalStore)"
+        )
 
 
 class _Session:
@@ -99,6 +132,11 @@ class _Session:
         self.dirty = dirty
         # Cleared when the page-cache read fails for a reason other than "not cached".
         self.nowait = _RWF_NOWAIT is not None
+        # Bytes of the file that no listed member needs: overwritten and deleted values, old
+        # directories (the one the file ends with counts as dead from the start: it is
+        # replaced by the next one).
+        self.dead = max(0, end - sum(_record_size(info) for info in self.listed()))
+        self.directory_size = 0
 
     def _take(self, infos: Iterable[zipfile.ZipInfo]) -> None:
         # The newest copy of a name is the one furthest into the file.
@@ -120,6 +158,9 @@ class _Session:
         return sorted([*infos, *self.folders], key=lambda info: info.header_offset)
 
     def add(self, info: zipfile.ZipInfo, data_offset: int, end: int) -> None:
+        old = self.live(info.filename)
+        if old is not None:
+            self.dead += _record_size(old)
         self.members[info.filename] = info
         self.deleted.discard(info.filename)
         self.data_offsets[info.header_offset] = data_offset
@@ -139,7 +180,23 @@ class _Session:
         self.end = os.fstat(fd).st_size
         self.dirty = False
         self.nowait = _RWF_NOWAIT is not None
+        self.dead = 0
+        self.directory_size = 0
         os.close(old)
+
+
+def _record_size(info: zipfile.ZipInfo) -> int:
+    """About how many bytes a member takes in the file (header, name, extra, data)."""
+    descriptor = 16 if info.flag_bits & 0x08 else 0
+    name = len(info.filename.encode("utf-8", "surrogateescape"))
+    return _LOCAL_HEADER_SIZE + name + len(info.extra) + info.compress_size + descriptor
+
+
+class _Shared:
+    """The open archive of a store, shared with its copies from `ZipStore.with_read_only`."""
+
+    def __init__(self) -> None:
+        self.session: _Session | None = None
 
 
 class ZipStore(BlockingStore):
@@ -153,7 +210,8 @@ class ZipStore(BlockingStore):
         ``"r"`` reads an existing archive, ``"w"`` creates (or truncates) one, ``"a"`` appends to
         an existing archive or creates it, ``"x"`` creates one that must not exist yet. ``"w"``
         and ``"x"`` apply to the first open only; reopening (after ``close()`` or unpickling)
-        appends, so entries already written are kept.
+        appends, so entries already written are kept. With ``"r"`` the file must exist: a
+        missing one fails here, not at first use.
     read_only
         Defaults to ``mode == "r"``. As in zarr, ``mode`` decides how the file is opened (so
         ``mode="w", read_only=True`` still creates it) and ``read_only`` what the store may do.
@@ -196,12 +254,54 @@ class ZipStore(BlockingStore):
         self._zmode = mode
         self.compression = compression
         self.allowZip64 = allowZip64
+        # The process that may write the file (see _open_session).
+        self._pid = os.getpid()
+        self._owner: ZipStore | None = None
         self._init_archive_state()
+        if mode == "r":
+            _check_archive_path(path)
+        # open_store(str(store)) finds this store while it has the file open for writing.
+        _live.remember(str(self), self)
 
     def _init_archive_state(self) -> None:
         self._lock = threading.RLock()
-        self._session: _Session | None = None
+        self._shared = _Shared()
         self._calls = InFlight()
+
+    @property
+    def _session(self) -> _Session | None:
+        return self._shared.session
+
+    @_session.setter
+    def _session(self, session: _Session | None) -> None:
+        self._shared.session = session
+
+    def _open_for_writing(self) -> bool:
+        """Whether this store (or the store it is a copy of) holds the file open to write."""
+        writer = self._owner or self
+        return self._session is not None and not writer.read_only
+
+    def with_read_only(self, read_only: bool = False) -> ZipStore:
+        """A copy of this store that is read-only (or writable).
+
+        The copy of a writable store shares its open archive (and its lock): it reads what the
+        store has written, unclosed writes included, and never opens the file a second time,
+        which would make two writers. Closing the copy leaves the store open. A copy sent to
+        another process opens the file there, read-only.
+        """
+        writer = self._owner or self
+        kwargs: dict[str, Any] = {
+            "compression": self.compression,
+            "allowZip64": self.allowZip64,
+            **self._store_kwargs(),
+        }
+        if writer.read_only:
+            mode: ZipStoreAccessModeLiteral = "r" if read_only else "a"
+            return type(self)(self.path, mode=mode, read_only=read_only, **kwargs)
+        copy = type(self)(self.path, mode="a", read_only=read_only, **kwargs)
+        copy._owner = writer
+        copy._lock, copy._shared, copy._calls = writer._lock, writer._shared, writer._calls
+        return copy
 
     # ---------------------------------------------------------------- identity and pickling
 
@@ -216,18 +316,29 @@ class ZipStore(BlockingStore):
 
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
+            session = self._session
+            if session is not None and session.dirty and self._open_for_writing():
+                # A copy that another process opens must find a whole archive: write the
+                # directory of what is written so far (append-only, as close does).
+                self._append_directory(session)
             state = super().__getstate__()
-        for name in ("_lock", "_session", "_calls"):
+        for name in ("_lock", "_shared", "_calls", "_owner"):
             state.pop(name, None)
+        if self._owner is not None:
+            # A copy of a writer opens the file on its own, for reading only.
+            state["_zmode"] = "r" if self.read_only else "a"
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # Opened on first use: a copy that is never used must not touch the file.
+        self._owner = None
         self._init_archive_state()
 
     def __del__(self) -> None:
-        session = getattr(self, "_session", None)
+        if getattr(self, "_owner", None) is not None or not hasattr(self, "_shared"):
+            return  # a copy: the archive is its owner's
+        session = self._session
         if session is None:
             return
         if session.dirty or session.deleted:
@@ -255,17 +366,38 @@ class ZipStore(BlockingStore):
         if expected is not None and current is not expected:
             raise RuntimeError(f"{self!r} was closed while this call was waiting; it did nothing")
         if current is None:
-            current = self._session = self._open_session()
+            current = self._session = (self._owner or self)._open_session()
         return current
 
     def _open_session(self) -> _Session:
         mode = self._zmode
+        if mode != "r" and not self.read_only and os.getpid() != self._pid:
+            raise RuntimeError(
+                f"{self!r} is writable and was made in process {self._pid}; this is process "
+                f"{os.getpid()}. A zip file takes one writer: two processes appending to it "
+                "would corrupt it, so it is not opened here. Write from the process that made "
+                "the store (with dask: the threaded scheduler, or write to a LocalStore or an "
+                "object store instead), and to read from other processes close it first and "
+                "send store.with_read_only() (or ZipStore(path, mode='r'))."
+            )
         flags = os.O_CLOEXEC | (os.O_RDONLY if mode == "r" else os.O_RDWR | os.O_CREAT)
         if mode == "w":
             flags |= os.O_TRUNC
         elif mode == "x":
             flags |= os.O_EXCL
-        fd = os.open(self.path, flags, 0o666)
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except IsADirectoryError:
+            raise IsADirectoryError(
+                f"{self.path} is a folder, not a zip file (for a folder of keys, use LocalStore)"
+            ) from None
+        except FileNotFoundError:
+            if mode == "r":
+                _check_archive_path(self.path)
+            raise FileNotFoundError(
+                f"{self.path}: cannot create the zip file: its folder {self.path.parent} does "
+                "not exist"
+            ) from None
         try:
             session = self._read_session(fd)
         except BaseException:
@@ -510,9 +642,8 @@ class ZipStore(BlockingStore):
             old = current.live(key)
             if exclusive and old is not None:
                 return
-            if old is not None:
-                # As zarr's ZipStore (zipfile) warns; a deleted key written again is no surprise.
-                warnings.warn(f"Duplicate name: {key!r}", UserWarning, stacklevel=2)
+            # An overwrite leaves the old bytes unlisted (no "Duplicate name", unlike zipfile:
+            # the directory lists one member per key), and compaction bounds them.
             start = current.end
             try:
                 after = write_all(current.fd, header, start, check_cancelled)
@@ -525,13 +656,27 @@ class ZipStore(BlockingStore):
                 raise
             info.header_offset = start
             current.add(info, after, end)
+            if self._should_compact(current):
+                # The value is written; a cancellation from here on only stops the rewrite.
+                self._rewrite_session(current, check_cancelled)
+
+    def _should_compact(self, session: _Session) -> bool:
+        """Whether dead bytes (overwritten values, old directories) are worth a rewrite."""
+        writer = self._owner or self
+        return (
+            not writer.read_only
+            and session.dead > _COMPACT_FLOOR
+            and session.dead > _COMPACT_SHARE * session.end
+        )
 
     def _delete_blocking(self, keys: Iterable[str], session: _Session | None = None) -> None:
         with self._lock:
             current = self._use(session)
             for key in keys:
-                if current.live(key) is not None:
+                info = current.live(key)
+                if info is not None:
                     current.deleted.add(key)
+                    current.dead += _record_size(info)
                     current.dirty = True
 
     def _append_directory(self, session: _Session) -> None:
@@ -546,6 +691,9 @@ class ZipStore(BlockingStore):
         if os.fstat(session.fd).st_size > end:
             # Left by a write whose cut failed: the directory must end the file.
             os.ftruncate(session.fd, end)
+        # The directory before this one is dead now.
+        session.dead += session.directory_size
+        session.directory_size = end - session.end
         session.end, session.dirty = end, False
 
     def _rewrite_session(self, session: _Session, check_cancelled: CheckCancelled) -> None:
@@ -613,10 +761,16 @@ class ZipStore(BlockingStore):
         what is left to do."""
         if session.dirty:
             self._append_directory(session)
-        if session.deleted and not self.read_only:
+        writer = self._owner or self
+        if (session.deleted and not writer.read_only) or self._should_compact(session):
             self._rewrite_session(session, check_cancelled)
 
     def _close(self, check_cancelled: CheckCancelled, what: str) -> None:
+        owner = self._owner
+        if owner is not None and owner._is_open:
+            # A copy of an open store: the archive stays open for its owner.
+            super().close()
+            return
         # Calls in flight would reopen the archive after we closed it: wait for them.
         self._calls.wait_until_idle(f"{self!r}.{what}", check_cancelled)
         with self._lock:
@@ -770,6 +924,8 @@ class ZipStore(BlockingStore):
         return names_under(keys, prefix)
 
     # ---------------------------------------------------------------- zarr >= 3.4's sync surface
+    # Plain blocking calls: zarr may take its synchronous path.
+    _serves_sync_io = True
 
     def get_sync(
         self,
