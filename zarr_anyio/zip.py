@@ -67,6 +67,7 @@ from ._zipformat import (
     data_offset,
     directory_record,
     member_record,
+    overlapping,
     read_contents,
     read_exact,
     recover,
@@ -423,13 +424,23 @@ class ZipStore(BlockingStore):
                 "neither a directory nor a whole member)"
             )
         for info in contents.infos:
-            if not info.filename.endswith("/"):
-                try:
-                    validate_key(info.orig_filename)
-                except ValueError as error:
-                    raise ValueError(
-                        f"{self.path} holds a member that is not a safe key: {error}"
-                    ) from None
+            # A folder entry ("c/") is held to the rule of keys too: "../x/" is no safer.
+            name = info.orig_filename
+            try:
+                validate_key(name[:-1] if name.endswith("/") else name)
+            except ValueError as error:
+                raise ValueError(
+                    f"{self.path} holds a member that is not a safe key: {error}"
+                ) from None
+        shared = overlapping(contents.infos)
+        if shared is not None:
+            first, second = shared
+            raise zipfile.BadZipFile(
+                f"{self.path} is not a valid zip file: its entries {first.filename!r} (at "
+                f"offset {first.header_offset}, {first.compress_size} bytes) and "
+                f"{second.filename!r} (at offset {second.header_offset}) overlap (zipfile "
+                "refuses such archives too)"
+            )
         repair = contents.recovered and not self.read_only
         if contents.recovered:
             self._warn_recovered(contents, repair)
