@@ -4,7 +4,7 @@ from ._base import AnyioStore, FetchRequest, RemoteStore
 from ._limits import NO_RETRY, RateLimit, Retry
 from ._open import open_store
 from .fsspec import FsspecStore
-from .local import LocalStore
+from .local import LeavesRoot, LocalStore
 from .memory import MemoryStore
 from .object import ObjectStore
 from .zip import ZipStore
@@ -14,6 +14,7 @@ __all__ = [
     "AnyioStore",
     "FetchRequest",
     "FsspecStore",
+    "LeavesRoot",
     "LocalStore",
     "MemoryStore",
     "ObjectStore",
