@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+import zarr_anyio.local
+from doubles import InFlight
 from servers import HTTPServer, S3Server
 
 
@@ -36,3 +38,15 @@ def http_server(http_server_session: HTTPServer) -> HTTPServer:
     """The loopback HTTP server, emptied and with no faults, for one test."""
     http_server_session.reset()
     return http_server_session
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], InFlight]:
+    """Replaces LocalStore's blocking read with an `InFlight` counter; give it ``hold_until``."""
+
+    def install(hold_until: int) -> InFlight:
+        double = InFlight(zarr_anyio.local._read_file, hold_until)
+        monkeypatch.setattr(zarr_anyio.local, "_read_file", double)
+        return double
+
+    return install

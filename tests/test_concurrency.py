@@ -7,74 +7,19 @@ are running at once in worker threads. Nothing here asserts a duration.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 from zarr.core.buffer import cpu, default_buffer_prototype
 
 import zarr_anyio.local
-from zarr_anyio import LocalStore
+from doubles import InFlight
+from zarr_anyio import Limiter, LocalStore
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
-
-
-class InFlight:
-    """Wraps a blocking function; counts calls running at once, and can hold them at a gate.
-
-    A held call waits until ``hold_until`` calls are running together (or a safety timeout),
-    so the most-seen count says what the store allowed, not how fast threads happened to run.
-    It then spends a couple of milliseconds of CPU, like a read that decompresses, which the
-    store's batching sees as too long to put several such calls in one thread hop.
-    """
-
-    def __init__(self, function: Callable[..., Any], hold_until: int = 0) -> None:
-        self.function = function
-        self.hold_until = hold_until
-        self.now = 0
-        self.most = 0
-        self.calls = 0
-        self.release = threading.Event()
-        self._changed = threading.Condition()
-
-    def __call__(self, *args: Any) -> Any:
-        with self._changed:
-            self.now += 1
-            self.calls += 1
-            self.most = max(self.most, self.now)
-            self._changed.notify_all()
-            if self.hold_until:
-                self._changed.wait_for(
-                    lambda: self.now >= self.hold_until or self.release.is_set(), timeout=0.5
-                )
-        if self.hold_until:
-            busy_until = time.thread_time() + 0.002
-            while time.thread_time() < busy_until:
-                pass
-        try:
-            return self.function(*args)
-        finally:
-            with self._changed:
-                self.now -= 1
-                self._changed.notify_all()
-
-    def wait_for_running(self, count: int) -> None:
-        with self._changed:
-            assert self._changed.wait_for(lambda: self.now >= count, timeout=10)
-
-
-@pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], InFlight]:
-    def install(hold_until: int) -> InFlight:
-        double = InFlight(zarr_anyio.local._read_file, hold_until)
-        monkeypatch.setattr(zarr_anyio.local, "_read_file", double)
-        return double
-
-    return install
 
 
 async def _fill(store: LocalStore, count: int) -> list[str]:
@@ -110,13 +55,15 @@ async def test_single_calls_from_zarr_style_gather_hold_the_limit(
     assert double.most == 3
 
 
+@pytest.mark.parametrize("kind", ["zarr_anyio", "anyio"])
 async def test_two_stores_share_one_limiter(
-    tmp_path: Path, reads: Callable[[int], InFlight]
+    tmp_path: Path, reads: Callable[[int], InFlight], kind: str
 ) -> None:
-    shared = anyio.CapacityLimiter(3)
+    shared = Limiter(3) if kind == "zarr_anyio" else anyio.CapacityLimiter(3)
     first = LocalStore(tmp_path / "a", limiter=shared)
     second = LocalStore(tmp_path / "b", limiter=shared)
-    assert first.limiter is second.limiter is shared
+    if isinstance(shared, Limiter):
+        assert first.limiter is second.limiter is shared
     keys = await _fill(first, 60)
     await _fill(second, 60)
     double = reads(3)

@@ -260,6 +260,13 @@ BAD_KEYS = [
     "nul\x00byte",
     "trailing/",
     "",
+    # One rule for every store: valid Unicode, segments of at most 255 bytes and keys of at most
+    # 1,024 in UTF-8.
+    "lone\ud800surrogate",
+    "s" * 256,
+    "é" * 128,
+    "k/" * 600 + "k",
+    "z" * 70_000,  # zipfile raised struct.error for this one
 ]
 
 
@@ -284,7 +291,7 @@ async def test_bad_keys_are_refused_by_every_operation(
     for operation in _key_operations(store, key):
         with pytest.raises(ValueError, match="key") as error:
             await operation()
-        assert repr(key) in str(error.value)
+        assert repr(key)[:60] in str(error.value)
     # Nothing was written anywhere, not even the good key of the batch with a bad one.
     assert not await store.exists("ok")
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))

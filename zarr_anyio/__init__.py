@@ -1,6 +1,7 @@
 """Zarr stores written against anyio: drop-in for ``zarr.storage``, under asyncio and trio."""
 
 from ._base import AnyioStore, FetchRequest, RemoteStore
+from ._limit import Limiter
 from ._limits import NO_RETRY, RateLimit, Retry
 from ._open import open_store
 from .fsspec import FsspecStore
@@ -15,6 +16,7 @@ __all__ = [
     "FetchRequest",
     "FsspecStore",
     "LeavesRoot",
+    "Limiter",
     "LocalStore",
     "MemoryStore",
     "ObjectStore",

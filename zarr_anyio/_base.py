@@ -32,7 +32,8 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._bridge import run_blocking
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
-from ._limits import ConcurrencyLimit, RateLimit, Retry, call_with_retries
+from ._limit import ConcurrencyLimit, Limiter, LimiterLike, OneLoopLimiter
+from ._limits import RateLimit, Retry, call_with_retries
 from ._threads import CheckCancelled, HopCoalescer, run_in_worker, timed
 
 __all__ = [
@@ -59,14 +60,23 @@ FetchRequest = str | tuple[str, ByteRequest | None]
 
 @contextmanager
 def single_error() -> Generator[None, None, None]:
-    """Raise a task group's lone error as itself, as a single call would have raised it."""
+    """Raise a task group's errors as one error, as a single call would have raised it.
+
+    zarr and its users catch ``FileNotFoundError``, ``ValueError`` and the like, not an
+    ``ExceptionGroup``. When several workers fail at once, the first failure is raised as itself
+    and the others are named in its notes. A cancellation that arrived beside a real error gives
+    way to the error, as trio itself does.
+    """
     try:
         yield
     except BaseExceptionGroup as group:
         errors = _leaves(group)
-        if len(errors) == 1:
-            raise errors[0] from errors[0].__cause__
-        raise
+        cancelled = anyio.get_cancelled_exc_class()
+        real = [error for error in errors if not isinstance(error, cancelled)]
+        first, others = (real[0], real[1:]) if real else (errors[0], [])
+        for other in others:
+            first.add_note(f"(another operation of the same call failed too: {other!r})")
+        raise first from first.__cause__
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -94,10 +104,12 @@ class AnyioStore(Store, abc.ABC):
     read_only
         Refuse every write with zarr's ``ValueError``.
     max_concurrency
-        How many backend operations may be in flight at once, per event loop (default 32).
+        How many backend operations may be in flight at once (default 32), across every event
+        loop and thread that uses the store.
     limiter
-        An ``anyio.CapacityLimiter`` to draw tokens from instead, shared with other stores. It
-        belongs to the event loop that first uses it, like any anyio limiter.
+        A `Limiter` to draw tokens from instead, shared with other stores (one budget for all
+        of them, across loops and threads). An ``anyio.CapacityLimiter`` is accepted too, but
+        works only in the event loop that first uses it.
     """
 
     supports_writes: bool = True
@@ -112,7 +124,7 @@ class AnyioStore(Store, abc.ABC):
         *,
         read_only: bool = False,
         max_concurrency: int | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: LimiterLike | None = None,
     ) -> None:
         super().__init__(read_only=read_only)
         self._limit = ConcurrencyLimit(max_concurrency, limiter)
@@ -139,8 +151,9 @@ class AnyioStore(Store, abc.ABC):
         return self._limit.total_tokens
 
     @property
-    def limiter(self) -> anyio.CapacityLimiter:
-        """The limiter of the running event loop; read its ``statistics()`` to watch the store."""
+    def limiter(self) -> Limiter | OneLoopLimiter:
+        """The limiter every operation of this store holds a token of (the same one on every
+        event loop); read its ``statistics()`` to watch the store."""
         return self._limit.current()
 
     async def __aenter__(self) -> Self:
@@ -473,7 +486,7 @@ class BlockingStore(AnyioStore):
         *,
         read_only: bool = False,
         max_concurrency: int | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: LimiterLike | None = None,
     ) -> None:
         super().__init__(read_only=read_only, max_concurrency=max_concurrency, limiter=limiter)
         self._hops = HopCoalescer(self._limit)
@@ -572,7 +585,7 @@ class RemoteStore(AnyioStore):
         *,
         read_only: bool = False,
         max_concurrency: int | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: LimiterLike | None = None,
         retry: Retry | int | None = None,
         rate_limit: RateLimit | float | None = None,
     ) -> None:

@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 import anyio
 
-from ._limits import current_loop_key
+from ._loops import current_loop_key, wait_out, waker
 
-__all__ = ["bridge_loop", "run_blocking", "run_on_loop", "waker"]
+__all__ = ["bridge_loop", "run_blocking", "run_on_loop"]
 
 T = TypeVar("T")
 
@@ -49,20 +49,6 @@ def bridge_loop() -> asyncio.AbstractEventLoop:
                 started.wait()
                 _loop = loop
     return _loop
-
-
-def waker(caller: Any) -> Callable[[Callable[[], object]], None]:
-    """A thread-safe way to run a callback on the caller's event loop."""
-    if isinstance(caller, asyncio.AbstractEventLoop):
-        loop: asyncio.AbstractEventLoop = caller
-
-        def wake_asyncio(callback: Callable[[], object]) -> None:
-            loop.call_soon_threadsafe(callback)
-
-        return wake_asyncio
-    # trio: its token runs callbacks on the trio loop from any thread.
-    run_sync_soon: Callable[[Callable[[], object]], None] = caller.run_sync_soon
-    return run_sync_soon
 
 
 async def run_on_loop(
@@ -93,11 +79,10 @@ async def run_on_loop(
     try:
         await ended.wait()
     except BaseException:
-        # Cancelled (or interrupted): stop the bridged task and wait for it to end, shielded,
-        # so nothing of this call outlives it.
+        # Cancelled (or interrupted): stop the bridged task and wait for it to end, through
+        # any further cancellation, so nothing of this call outlives it.
         target.call_soon_threadsafe(cancel, context=contextvars.Context())
-        with anyio.CancelScope(shield=True):
-            await ended.wait()
+        await wait_out(ended)
         raise
     task = tasks[0]
     if task.cancelled():

@@ -21,6 +21,11 @@ __all__ = [
 ]
 
 _FORBIDDEN_CHARS = ("\\", "\x00")
+# The limits of the stores we serve, taken as one rule for all of them so that a hierarchy that
+# one store accepts can be copied to any other: a file name is at most 255 bytes on every common
+# filesystem, an object key at most 1,024 bytes on S3, GCS and Azure.
+MAX_SEGMENT_BYTES = 255
+MAX_KEY_BYTES = 1024
 
 
 def _check_segments(text: str, what: str) -> None:
@@ -29,6 +34,21 @@ def _check_segments(text: str, what: str) -> None:
     for char in _FORBIDDEN_CHARS:
         if char in text:
             raise ValueError(f"invalid {what} {text!r}: it contains {char!r}")
+    # Keys are ASCII almost always, and then their length in characters is their length in bytes.
+    ascii_only = text.isascii()
+    if not ascii_only:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"invalid {what} {text!r}: it is not valid Unicode text (a lone surrogate)"
+            ) from None
+    size = len(text) if ascii_only else len(text.encode("utf-8"))
+    if size > MAX_KEY_BYTES:
+        raise ValueError(
+            f"invalid {what} {text[:80]!r}…: it is {size} bytes long in UTF-8, "
+            f"over the limit of {MAX_KEY_BYTES}"
+        )
     if text.startswith("/"):
         raise ValueError(f"invalid {what} {text!r}: keys are relative to the store, not absolute")
     for segment in text.split("/"):
@@ -36,6 +56,11 @@ def _check_segments(text: str, what: str) -> None:
             raise ValueError(f"invalid {what} {text!r}: it has an empty path segment")
         if segment in (".", ".."):
             raise ValueError(f"invalid {what} {text!r}: it has a {segment!r} path segment")
+        if len(segment if ascii_only else segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            raise ValueError(
+                f"invalid {what} {text!r}: a path segment is over {MAX_SEGMENT_BYTES} bytes "
+                "in UTF-8"
+            )
 
 
 def validate_key(key: str) -> str:

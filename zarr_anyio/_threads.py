@@ -36,8 +36,8 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import anyio
 
-from ._bridge import waker
-from ._limits import ConcurrencyLimit, LoopLocal, current_loop_key
+from ._limit import ConcurrencyLimit
+from ._loops import LoopLocal, current_loop_key, wait_out, waker
 
 __all__ = ["CheckCancelled", "HopCoalescer", "Timed", "run_in_worker", "timed"]
 
@@ -84,8 +84,9 @@ async def run_in_worker(function: Callable[[CheckCancelled], T]) -> T:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         stop.set()
-        with anyio.CancelScope(shield=True):
-            await asyncio.wait([future])
+        ended = anyio.Event()
+        future.add_done_callback(lambda _: ended.set())
+        await wait_out(ended)
         if not future.cancelled():
             future.exception()  # retrieved, so asyncio does not log it as never retrieved
         raise
@@ -106,8 +107,7 @@ async def _run_in_worker_trio(
         await ended.wait()
     except BaseException:
         stop.set()
-        with anyio.CancelScope(shield=True):
-            await ended.wait()
+        await wait_out(ended)
         raise
     return future.result()
 

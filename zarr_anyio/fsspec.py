@@ -15,12 +15,12 @@ import posixpath
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
-import anyio
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from ._base import RemoteStore
 from ._bridge import run_blocking, run_on_loop
+from ._limit import LimiterLike
 from ._limits import RateLimit, Retry
 from ._threads import run_in_worker
 
@@ -107,7 +107,7 @@ class FsspecStore(RemoteStore):
         allowed_exceptions: tuple[type[Exception], ...] = ALLOWED_EXCEPTIONS,
         *,
         max_concurrency: int | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: LimiterLike | None = None,
         retry: Retry | int | None = None,
         rate_limit: RateLimit | float | None = None,
     ) -> None:

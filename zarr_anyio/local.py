@@ -13,16 +13,17 @@ all (``O_PATH``), and treated as absent. Cost: the blocking part of a 4 KiB read
 to 4.2 µs (see `._beneath`), mostly opening the root each time, which keeps the store following
 its path rather than a folder once seen there.
 
-Writes. A value goes to a temporary file in ``<root>/.__zarr_anyio_tmp__/`` (a short random name,
-so any key zarr can write fits the file system's limit on a name) and is renamed into place, so
-a reader, a crash or a cancellation sees the old value or the new one, never part of one. The
+Writes. A value goes to a temporary file in the folder ``<root>/.zarr_anyio\\tmp/`` (a short
+random name, so any key zarr can write fits the file system's limit on a name) and is renamed
+into place, so a reader, a crash or a cancellation sees the old value or the new one. The
 folder is removed when no write of this process is using it, so zarr's own LocalStore sees no
 trace of ours. A writer holds an ``flock`` on its temporary file; opening a writable store
 removes the temporary files of writers that died (no lock: ~one ``scandir`` of that folder, no
-tree walk; where the file system has no locks, those untouched for `STALE_AFTER` seconds). Names
-starting with ``.__zarr_anyio`` are the library's own, never keys, and never listed. Where a
+tree walk; where the file system has no locks, those untouched for `STALE_AFTER` seconds). The
+library's own names hold a backslash, which no key may (`._keys`): no key can collide with them,
+and listings leave out every name that holds one (it cannot be a key either). Where a
 sub-folder is another file system (the rename would cross devices) the temporary file goes
-beside its target instead, under a reserved name; those are not cleaned up on open.
+beside its target instead (a name of ours too); those are not cleaned up on open.
 """
 
 from __future__ import annotations
@@ -40,21 +41,24 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
-import anyio
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._base import BlockingStore
 from ._beneath import DIRECTORY, O_PATH, LeavesRoot, open_beneath, open_root
 from ._keys import byte_range_slice, check_byte_range, validate_key
+from ._limit import LimiterLike
 from ._threads import CheckCancelled, run_in_worker
 
 __all__ = ["LeavesRoot", "LocalStore"]
 
-# Names the library keeps for its own files; no key may have a segment starting with it.
-RESERVED = ".__zarr_anyio"
+# Every name of the library's own files holds this, which no key may hold (`._keys`): no key can
+# collide with them, and a name that holds it is never a key.
+OURS = "\\"
 # The folder of temporary files of writes in progress, in the root.
-TEMP_FOLDER = ".__zarr_anyio_tmp__"
+TEMP_FOLDER = ".zarr_anyio\\tmp"
+# Temporary files are named this and 16 random hex digits: 28 bytes, whatever the key.
+TEMP_PREFIX = ".zarr_anyio\\"
 # A write checks for cancellation between pieces of this size.
 WRITE_PIECE = 1 << 20
 # Where the file system cannot lock files: a temporary file untouched this long (a write touches
@@ -193,7 +197,7 @@ def _collect(
             entries = [
                 (entry.name, entry.is_file(follow_symlinks=False), entry.is_symlink())
                 for entry in listing
-                if entry.name.startswith(stem) and not entry.name.startswith(RESERVED)
+                if entry.name.startswith(stem) and OURS not in entry.name
             ]
         for name, is_file, is_link in entries:
             key = f"{key_prefix}{name}"
@@ -256,7 +260,7 @@ def _list_dir(root: str, prefix: str) -> list[str]:
             return names
         with _opened(dir_fd), os.scandir(dir_fd) as listing:
             for entry in listing:
-                if entry.name.startswith(RESERVED):
+                if OURS in entry.name:
                     continue
                 if entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False):
                     names.append(entry.name)
@@ -351,7 +355,7 @@ def _lock_temp(fd: int) -> bool:
 
 def _create_temp(dir_fd: int) -> tuple[str, int]:
     while True:
-        name = f"{RESERVED}.{uuid.uuid4().hex[:16]}"
+        name = f"{TEMP_PREFIX}{uuid.uuid4().hex[:16]}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(name, flags, 0o666, dir_fd=dir_fd)
         if _lock_temp(fd):
@@ -713,7 +717,7 @@ class LocalStore(BlockingStore):
         *,
         read_only: bool = False,
         max_concurrency: int | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: LimiterLike | None = None,
     ) -> None:
         super().__init__(read_only=read_only, max_concurrency=max_concurrency, limiter=limiter)
         if isinstance(root, str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, MutableMapping
 
 import anyio
@@ -11,8 +12,16 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._base import AnyioStore
 from ._keys import byte_range_slice, check_byte_range, names_under, validate_key
+from ._limit import LimiterLike
 
 __all__ = ["MemoryStore"]
+
+
+# Held between "is the key there?" and "put it there" of set_if_not_exists: the same dict can be
+# written from several threads and event loops at once (zarr's loop thread, the caller's loop),
+# and copying a large value between the two steps left room for two or three winners. One lock
+# for every MemoryStore, because two stores can share one dict; only exclusive writes take it.
+_EXCLUSIVE_WRITE = threading.Lock()
 
 
 def _copy(value: Buffer) -> Buffer:
@@ -42,7 +51,7 @@ class MemoryStore(AnyioStore):
         *,
         read_only: bool = False,
         max_concurrency: int | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: LimiterLike | None = None,
     ) -> None:
         super().__init__(read_only=read_only, max_concurrency=max_concurrency, limiter=limiter)
         self._store_dict = {} if store_dict is None else store_dict
@@ -81,8 +90,13 @@ class MemoryStore(AnyioStore):
 
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
         await anyio.lowlevel.checkpoint()
-        if not exclusive or key not in self._store_dict:
+        if not exclusive:
             self._store_dict[key] = _copy(value)
+        elif key not in self._store_dict:
+            copy = _copy(value)  # outside the lock: it can take a while
+            with _EXCLUSIVE_WRITE:
+                if key not in self._store_dict:
+                    self._store_dict[key] = copy
 
     async def _backend_delete(self, key: str) -> None:
         await anyio.lowlevel.checkpoint()

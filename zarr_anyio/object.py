@@ -20,13 +20,13 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
-import anyio
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from ._base import RemoteStore
 from ._bridge import run_on_loop
 from ._keys import check_byte_range, validate_key
+from ._limit import LimiterLike
 from ._limits import RateLimit, Retry, current_loop_key
 from ._threads import run_in_worker
 
@@ -84,7 +84,7 @@ class ObjectStore(RemoteStore):
         *,
         read_only: bool = False,
         max_concurrency: int | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: LimiterLike | None = None,
         retry: Retry | int | None = None,
         rate_limit: RateLimit | float | None = None,
     ) -> None:

@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, Self
 
-import anyio
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._base import NOT_READY, BlockingStore, Pending
 from ._keys import byte_range_slice, check_byte_range, names_under, validate_key
+from ._limit import LimiterLike
 from ._threads import run_in_worker
 
 __all__ = ["ZipStore"]
@@ -91,7 +91,7 @@ class ZipStore(BlockingStore):
         compression: int = zipfile.ZIP_STORED,
         allowZip64: bool = True,
         max_concurrency: int | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: LimiterLike | None = None,
     ) -> None:
         if mode not in ("r", "w", "a", "x"):
             raise ValueError(f"mode must be one of 'r', 'w', 'a', 'x', got {mode!r}")
