@@ -27,9 +27,18 @@ import stat
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["DIRECTORY", "O_PATH", "LeavesRoot", "open_beneath", "open_root", "openat2_available"]
+__all__ = [
+    "DIRECTORY",
+    "O_PATH",
+    "LeavesRoot",
+    "cached_lookups_available",
+    "open_beneath",
+    "open_cached",
+    "open_root",
+    "openat2_available",
+]
 
 # A handle that only names a file (no read, no side effect of opening a FIFO or a device);
 # where the system has none, a non-blocking read-only open stands in.
@@ -39,6 +48,9 @@ DIRECTORY = O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_BENEATH = 0x08
+_RESOLVE_CACHED = 0x20
+_BENEATH = _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS
+_AT_FDCWD = -100
 # One number on every Linux architecture since 5.1 unified new system calls (alpha aside).
 _SYS_OPENAT2 = 437
 # As the kernel: more links than this in one resolution is a loop.
@@ -75,10 +87,12 @@ def _load_syscall() -> Callable[..., int] | None:
 _syscall = _load_syscall()
 _NUMBER = ctypes.c_long(_SYS_OPENAT2)
 _SIZE = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
-# One ``open_how`` per set of flags, made once: (the structure, a pointer to it).
-_hows: dict[int, tuple[_OpenHow, Any]] = {}
-# None until the first call tells whether the kernel (and any seccomp filter) allows openat2.
+# One ``open_how`` per flags and resolve flags, made once: (the structure, a pointer to it).
+_hows: dict[tuple[int, int], tuple[_OpenHow, Any]] = {}
+# None until the first call tells whether the kernel (and any seccomp filter) allows openat2,
+# and whether it can refuse to wait for a lookup (RESOLVE_CACHED, Linux >= 5.12).
 _openat2_works: bool | None = None if _syscall is not None else False
+_cached_works: bool | None = None if _syscall is not None else False
 _probe_lock = threading.Lock()
 
 
@@ -101,21 +115,72 @@ def openat2_available() -> bool:
     return _openat2_works
 
 
-def _openat2(dir_fd: int, path: str, flags: int) -> int:
+def cached_lookups_available() -> bool:
+    """Whether `open_cached` can work here (``openat2`` with ``RESOLVE_CACHED``)."""
+    global _cached_works
+    if _cached_works is None:
+        works = openat2_available()
+        if works:
+            try:
+                # Twice: the first call may find "/" not yet looked up (EAGAIN).
+                for _ in range(2):
+                    fd = _call(_AT_FDCWD, b"/", DIRECTORY, _RESOLVE_CACHED)
+                    if fd >= 0:
+                        os.close(fd)
+                works = fd >= 0
+            except OSError:
+                works = False
+        _cached_works = works
+    return _cached_works
+
+
+def _call(dir_fd: int, path: bytes, flags: int, resolve: int) -> int:
+    """The system call itself: the new descriptor, or minus the error number."""
     assert _syscall is not None
-    how = _hows.get(flags)
+    how = _hows.get((flags, resolve))
     if how is None:
-        structure = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
-        how = _hows[flags] = (structure, ctypes.byref(structure))
+        structure = _OpenHow(flags, 0, resolve)
+        how = _hows[flags, resolve] = (structure, ctypes.byref(structure))
+    fd = _syscall(_NUMBER, dir_fd, path, how[1], _SIZE)
+    return fd if fd >= 0 else -ctypes.get_errno()
+
+
+def open_cached(root: str, key: str, flags: int) -> int | None:
+    """``key`` opened beneath the folder ``root`` (as `open_beneath`), if that needs no disk
+    access: every name is in the kernel's lookup cache. ``None`` if some name is not (or this
+    kernel cannot tell, see `cached_lookups_available`)."""
+    if not (openat2_available() and cached_lookups_available()):
+        return None
+    flags |= os.O_CLOEXEC
+    root_fd = _call(_AT_FDCWD, os.fsencode(root), DIRECTORY, _RESOLVE_CACHED)
+    if root_fd < 0:
+        if root_fd == -errno.EAGAIN:
+            return None
+        raise OSError(-root_fd, os.strerror(-root_fd), root)
+    try:
+        fd = _call(root_fd, os.fsencode(key), flags, _BENEATH | _RESOLVE_CACHED)
+    finally:
+        os.close(root_fd)
+    if fd >= 0:
+        return fd
+    if fd == -errno.EAGAIN:
+        return None
+    _raise(-fd, key)
+
+
+def _openat2(dir_fd: int, path: str, flags: int) -> int:
     encoded = os.fsencode(path)
     # EAGAIN: a rename elsewhere raced with the resolution; the kernel asks us to retry.
     for _ in range(8):
-        fd = _syscall(_NUMBER, dir_fd, encoded, how[1], _SIZE)
+        fd = _call(dir_fd, encoded, flags, _BENEATH)
         if fd >= 0:
             return fd
-        code = ctypes.get_errno()
-        if code != errno.EAGAIN:
+        if fd != -errno.EAGAIN:
             break
+    _raise(-fd, path)
+
+
+def _raise(code: int, path: str) -> NoReturn:
     if code == errno.EXDEV:
         raise LeavesRoot(errno.EPERM, "leads out of the store's root through a symbolic link", path)
     raise OSError(code, os.strerror(code), path)
