@@ -94,10 +94,15 @@ def write(workload: Workload, folder: Path) -> None:
 
 
 def median_results(runs: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
-    """Run each callable ``repeat`` times, interleaved, and give the median of what each returns."""
+    """Run each callable ``repeat`` times, interleaved, and give the median of what each returns.
+
+    The order turns around every repetition, so that none always runs after the same other
+    (what one leaves behind, in the allocator or the caches, is met by the next).
+    """
     results: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeat):
-        for name, run in runs.items():
+    for repetition in range(repeat):
+        order = list(runs.items())
+        for name, run in order if repetition % 2 == 0 else reversed(order):
             results[name].append(run())
     return {name: statistics.median(values) for name, values in results.items()}
 

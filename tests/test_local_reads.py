@@ -157,7 +157,18 @@ async def test_large_reads_each_get_a_hop_of_their_own(
     assert [r.to_bytes() for r in results if r is not None] == [value(i) for i in range(8)]
 
 
-async def test_a_large_read_lands_in_reused_memory_and_is_not_copied(tmp_path: Path) -> None:
+@pytest.fixture
+def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> zarr_anyio._buffers._Pool:
+    """A pool of its own for the test, not holding slots of earlier tests."""
+    pool = zarr_anyio._buffers._Pool()
+    monkeypatch.setattr(zarr_anyio._buffers, "_pool", pool)
+    monkeypatch.setattr(zarr_anyio._buffers, "take", pool.take)
+    return pool
+
+
+async def test_a_large_read_lands_in_reused_memory_and_is_not_copied(
+    tmp_path: Path, fresh_pool: zarr_anyio._buffers._Pool
+) -> None:
     store = LocalStore(tmp_path)
     await store.set("a", cpu.Buffer.from_bytes(value(1)))
     await store.set("b", cpu.Buffer.from_bytes(value(2)))
@@ -166,6 +177,9 @@ async def test_a_large_read_lands_in_reused_memory_and_is_not_copied(tmp_path: P
     assert address(first) in slot_addresses()  # zarr's buffer is the memory read into
     where = address(first)
     del first
+    # Free again at once: nothing of the store's holds on to a buffer it handed out.
+    slots = [slot for slots in fresh_pool._slots.values() for slot in slots]
+    assert all(zarr_anyio._buffers._references(s) == zarr_anyio._buffers._FREE for s in slots)
     second = await store.get("b", PROTO)
     assert second is not None
     assert address(second) == where  # the same memory again: no fresh pages to fault in
@@ -236,11 +250,9 @@ def test_a_forked_child_reads_into_its_own_memory(tmp_path: Path) -> None:
 
 
 async def test_the_pool_is_bounded_and_gives_back_what_it_no_longer_uses(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_pool: zarr_anyio._buffers._Pool
 ) -> None:
-    pool = zarr_anyio._buffers._Pool()
-    monkeypatch.setattr(zarr_anyio._buffers, "_pool", pool)
-    monkeypatch.setattr(zarr_anyio._buffers, "take", pool.take)
+    pool = fresh_pool
     monkeypatch.setattr(zarr_anyio._buffers, "POOL_BYTES", 3 * MIB)
     store = LocalStore(tmp_path)
     for i in range(5):

@@ -222,6 +222,10 @@ class HopCoalescer:
         wanted = math.ceil(HOP_COST / HOP_SHARE / max(self._call_seconds, 1e-9))
         return max(1, min(wanted, MAX_BATCH, waiting))
 
+    def mean_bytes(self) -> float:
+        """How many bytes calls have been moving, as `note_bytes` heard."""
+        return self._call_bytes
+
     def note_bytes(self, size: int) -> None:
         """Take the size of what one call read into the estimates (called from any thread: a
         lost update between two threads costs nothing)."""
@@ -252,8 +256,13 @@ class HopCoalescer:
             # Calls go one per hop anyway: skip the queue and its hand-overs between waiting
             # tasks, which cost ~35 µs of the loop's time per call (measured here: ~60 µs a call
             # through the queue, ~25 µs for the hop alone).
+            # The result comes back through a box, not as the hop's return value: the futures
+            # that carry a return value outlive the call by a turn of the loop, and a read's
+            # buffer must be free again as soon as its caller lets go of it (see `._buffers`).
+            box: list[Timed[T]] = []
             async with self._limit.current():
-                hop = await run_in_worker(lambda _: timed(fn))
+                await run_in_worker(lambda _: box.append(timed(fn)))
+            hop = box.pop()
             self.record(hop, 1)
             return hop.result
         queue = self._queues.get()

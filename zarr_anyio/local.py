@@ -876,6 +876,8 @@ class LocalStore(BlockingStore):
     def _read_nowait(
         self, key: str, byte_range: ByteRequest | None
     ) -> bytes | memoryview | Pending | None:
+        if self._hops.mean_bytes() > ON_LOOP_READ:
+            return NOT_READY  # reads here have been large: do not try on the loop first
         try:
             data = _read_cached(self._root, key, byte_range)
         except _NoWaitUnsupported:
