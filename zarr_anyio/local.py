@@ -16,13 +16,17 @@ its path rather than a folder once seen there.
 Reads. A small read whose names and bytes are all in the kernel's caches is made on the event
 loop (``RESOLVE_CACHED``, ``RWF_NOWAIT``: ~5 µs, no hop); one that would wait goes to a thread.
 A large read goes into a reused buffer (`._buffers`) that zarr wraps as is, in a hop of its own.
-Why (issue 12, zarr's ``arr[:]`` of 512 x 1 MiB chunks on this 2-core machine): zarr's store reads
-each chunk into fresh memory, ~93,000 page faults per pass and 280-600 ms of system time, varying
-with the allocator's state; ours did the same (45-65,000 faults), and the CPU time those faults
-added (150-600 µs per read) moved the hop batching across its threshold from run to run, with
-~60 µs of loop time per read spent queueing. Now: ~800 faults, ~180 ms of system time, user time
-at or below zarr's. For 4 KiB chunks, zarr's own work is ~70-80 µs a chunk (measured with its
-MemoryStore): reads on the loop bring ours to ~75-90 µs against ~115-190 µs through zarr's store.
+Why (issue 12, zarr's ``arr[:]`` of 512 x 1 MiB chunks on this 2-core machine, instrumented):
+zarr's store reads each chunk into fresh memory, 75-100,000 page faults per pass and 170-600 ms
+of system time, varying with the allocator's state. Ours did the same (50-72,000 faults, 270-530
+ms), and the CPU time those faults added to a read (320-600 µs) sat either side of the 400 µs
+at which the hop batching stops: ~340 hops a pass, half with one read and half with two, threads
+busy 5-7; with ~60 µs of loop time per read spent in the batching queue. No read was copied twice;
+the swing was the faults and the batching. Now: ~260-770 faults, ~190 ms of system time, 512
+hops of one read, user time at or below zarr's: ours / zarr 0.64-0.82 (1-D) and 0.43-0.94 (2-D)
+over ten runs on both zarr versions. For 4 KiB chunks zarr's own work is ~70-90 µs a chunk (as
+measured with its MemoryStore); reads on the loop bring ours to about that, 0.35-0.38 of zarr's
+store on a quiet machine (0.4-0.85 when the machine is busy).
 
 Writes. A value goes to a temporary file in the folder ``<root>/.zarr_anyio\\tmp/`` (a short
 random name, so any key zarr can write fits the file system's limit on a name) and is renamed
