@@ -14,6 +14,9 @@
    worker threads (what our ObjectStore uses) against its async API (on the bridge, or awaited
    directly under asyncio), for 4 KiB and 1 MiB objects.
 
+4. Throttling servers (``throttling.py``): a rate limit, a concurrency limit, an unthrottled
+   200 ms server; the adaptive window against fixed ones and zarr's stores.
+
 moto's server and the latency-bound server (`slow_http.py`, on aiohttp) run in processes of
 their own. On a 2-core machine the servers still share the CPU with
 the client at high concurrency: read the ratios.
@@ -44,6 +47,7 @@ from zarr_anyio._threads import run_in_worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throttling
 from run import median_results, median_seconds
 from servers import S3ServerProcess
 
@@ -297,6 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
     concurrencies = [8] if args.quick else [8, 32, 64, 128]
     for line in bench_latency(100 if args.quick else 1000, concurrencies):
+        print(line, flush=True)
+    # Throttling servers (and the plot, with `benchmarks/throttling.py` alone).
+    count = 100 if args.quick else 1500
+    ceilings = [128] if args.quick else [32, 128, 256]
+    for line in [
+        *throttling.bench_rate(count, ceilings),
+        *throttling.bench_concurrency(2 * count, ceilings),
+        *throttling.bench_plain(count),
+    ]:
         print(line, flush=True)
     return 0
 

@@ -4,6 +4,7 @@
     python3 tests/dev.py test     # install, then run the whole test suite
     python3 tests/dev.py lint     # install, then ruff and mypy --strict
     python3 tests/dev.py bench    # install, then run the benchmarks
+    python3 tests/dev.py docs     # install, then build the documentation site (warnings fail)
 
     python3 tests/dev.py test --oldest-zarr   # the same, with the oldest zarr pyproject allows
 
@@ -18,6 +19,7 @@ import hashlib
 import re
 import subprocess
 import sys
+import tempfile
 import tomllib
 import venv
 from pathlib import Path
@@ -50,7 +52,7 @@ def _ensure_venv(pins: list[str]) -> Path:
         venv.create(venv_dir, with_pip=True)
     pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "install", "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "install", "-e", f"{TOP}[test]", *pins], check=True)
+    subprocess.run([*pip, "install", "-e", f"{TOP}[test,bench,docs]", *pins], check=True)
     stamp.write_text(wanted)
     return python
 
@@ -61,7 +63,7 @@ def _run(*command: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"demo", "test", "lint", "bench"}:
+    if not argv or argv[0] not in {"demo", "test", "lint", "bench", "docs"}:
         print(__doc__)
         return 2
     job, extra = argv[0], argv[1:]
@@ -79,8 +81,19 @@ def main(argv: list[str]) -> int:
         )
         _run(py, "-c", f"import importlib.metadata; {versions}")
         return _run(py, "-m", "pytest", *extra)
+    if job == "docs":
+        # Into a temporary folder unless one is named: the site is built to be checked here.
+        out = extra[0] if extra else tempfile.mkdtemp(prefix="zarr-anyio-docs-")
+        code = _run(py, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "docs", out)
+        if not code:
+            print(f"built {out}/index.html", flush=True)
+        return code
     if job == "bench":
-        return _run(py, "benchmarks/run.py", *extra) or _run(py, "benchmarks/remote.py", *extra)
+        return (
+            _run(py, "benchmarks/run.py", *extra)
+            or _run(py, "benchmarks/remote.py", *extra)
+            or _run(py, "benchmarks/api.py", *extra)
+        )
     for command in (
         (py, "-m", "ruff", "check", "zarr_anyio", "tests", "benchmarks"),
         (py, "-m", "ruff", "format", "--check", "zarr_anyio", "tests", "benchmarks"),

@@ -5,18 +5,22 @@ Every count here is the server's own (requests received, most in flight at once)
 
 from __future__ import annotations
 
+import socket
 import threading
+import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 
 from servers import Faults, HTTPServer, S3Server
-from zarr_anyio import FsspecStore, ObjectStore, RateLimit, RemoteStore, Retry
+from zarr_anyio import NO_RETRY, FsspecStore, ObjectStore, RateLimit, RemoteStore, Retry
 from zarr_anyio._bridge import run_on_loop
-from zarr_anyio._limits import is_transient
+from zarr_anyio._retry import http_status, is_transient
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
@@ -116,6 +120,22 @@ async def test_faults_are_retried_and_every_byte_arrives(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_a_body_cut_short_is_retried_and_never_returned(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # docs/remote.md: a body cut short of its Content-Length fails in the client and is retried.
+    objects = fill(http_server, 200, size=4096)
+    http_server.faults = Faults(truncate=0.2, seed=11)
+    store = http_store(
+        kind, http_server, max_concurrency=8, retry=Retry(attempts=10, base_delay=0.001)
+    )
+    results = await store.get_partial_values(PROTO, [(key, None) for key in objects])
+    assert [r.to_bytes() if r else None for r in results] == list(objects.values())
+    assert http_server.spoiled["truncate"] > 10
+    assert store.stats().retries == http_server.spoiled["truncate"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_missing_key_is_never_retried(http_server: HTTPServer, kind: str) -> None:
     store = http_store(kind, http_server, retry=Retry(attempts=5, base_delay=0.001))
     assert await store.get("nope", PROTO) is None
@@ -142,7 +162,9 @@ async def test_rate_limit_holds_the_request_rate(http_server: HTTPServer, kind: 
     await store.get_partial_values(PROTO, [(key, None) for key in objects])
     times = http_server.times
     rate = (len(times) - 1) / (times[-1] - times[0])
-    assert 36 <= rate <= 44
+    # Never faster than the limit (a loaded machine only makes it slower): the bound is the
+    # promise; the floor only says the limit is not far stricter than asked.
+    assert 20 <= rate <= 44
 
 
 async def test_rate_limit_is_shared_between_stores(http_server: HTTPServer) -> None:
@@ -154,7 +176,7 @@ async def test_rate_limit_is_shared_between_stores(http_server: HTTPServer) -> N
             tg.start_soon(store.get_partial_values, PROTO, [(key, None) for key in objects])
     times = http_server.times
     rate = (len(times) - 1) / (times[-1] - times[0])
-    assert 36 <= rate <= 44
+    assert 20 <= rate <= 44
 
 
 # ------------------------------------------------------------------------------- the bridge
@@ -199,14 +221,22 @@ def test_transient_errors_are_told_from_permanent_ones() -> None:
             super().__init__(f"status {status}")
             self.status = status
 
+    class BotoLike(Exception):
+        def __init__(self, status: int, code: str) -> None:
+            super().__init__(f"An error occurred ({code})")
+            self.response = {
+                "Error": {"Code": code},
+                "ResponseMetadata": {"HTTPStatusCode": status},
+            }
+
     transient: list[BaseException] = [
         ConnectionResetError(),
         TimeoutError(),
         Status(503),
         Status(429),
         Status(500),
-        OSError("Server returned non-2xx status code: 503 Service Unavailable"),
-        OSError("SlowDown: please reduce your request rate"),
+        BotoLike(503, "SlowDown"),
+        BotoLike(400, "RequestTimeout"),
     ]
     permanent: list[BaseException] = [
         FileNotFoundError("c/0"),
@@ -214,14 +244,152 @@ def test_transient_errors_are_told_from_permanent_ones() -> None:
         Status(404),
         Status(403),
         Status(400),
+        BotoLike(412, "PreconditionFailed"),
         ValueError("bad key"),
-        OSError("Server returned non-2xx status code: 412 Precondition Failed"),
+        # Text is never a status: these only mention one.
+        OSError("Server returned non-2xx status code: 503 Service Unavailable"),
+        OSError("SlowDown: please reduce your request rate"),
+        OSError("HTTP 500 from request id 5030429"),
     ]
     assert [is_transient(e) for e in transient] == [True] * len(transient)
     assert [is_transient(e) for e in permanent] == [False] * len(permanent)
     wrapped = OSError("translated")
     wrapped.__cause__ = Status(502)
     assert is_transient(wrapped)
+    # s3fs raises FileNotFoundError for a 404 (permanent); fsspec's http `info` raises it from
+    # whatever failed, and a 503 there is a 503.
+    not_found = FileNotFoundError("c/0")
+    not_found.__cause__ = Status(503)
+    assert is_transient(not_found)
+
+
+def _free_port_with(digits: str) -> int:
+    """A loopback port nothing listens on whose number contains ``digits``."""
+    for port in range(int(digits) * 100, int(digits) * 100 + 100):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port with {digits} in it")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_connection_error_is_never_taken_for_a_416(kind: str) -> None:
+    # Before: FsspecStore read any OSError mentioning "416" as "range past the end" and gave
+    # b"", so a refused connection to port 416xx read as an empty value.
+    class Nowhere:
+        url = f"http://127.0.0.1:{_free_port_with('416')}"
+
+    store = http_store(kind, Nowhere(), retry=NO_RETRY)  # type: ignore[arg-type]
+    with pytest.raises(Exception) as error:  # noqa: PT011 -- each client has its own type
+        await store.get("c/0", PROTO, OffsetByteRequest(3))
+    assert is_transient(error.value)
+    assert http_status(error.value) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_range_past_the_end_gives_nothing_by_its_status(
+    http_server: HTTPServer, kind: str
+) -> None:
+    http_server.objects["c/0"] = b"hello"
+    store = http_store(kind, http_server)
+    for byte_range in (OffsetByteRequest(10), RangeByteRequest(10, 20)):
+        value = await store.get("c/0", PROTO, byte_range)
+        assert value is not None
+        assert value.to_bytes() == b""
+    assert 416 in http_server.answers
+
+
+async def test_set_if_not_exists_raises_a_503_whose_text_holds_412(
+    http_server: HTTPServer,
+) -> None:
+    # Before: an error whose text held "412" was taken for "the key exists" and swallowed.
+    import s3fs
+
+    http_server.faults = Faults(slow_down=1.0, message="Reduce your request rate (request 412).")
+    fs = s3fs.S3FileSystem(
+        key="testing",
+        secret="testing",
+        asynchronous=True,
+        skip_instance_cache=True,
+        client_kwargs={"endpoint_url": http_server.url, "region_name": "us-east-1"},
+        # As docs/remote.md says to leave retrying to us: one attempt per request.
+        config_kwargs={"retries": {"total_max_attempts": 1}},
+    )
+    fs.retries = 1
+    store = FsspecStore(fs, path="bucket/p", retry=NO_RETRY)
+    with pytest.raises(OSError, match="412") as error:
+        await store.set_if_not_exists("k", PROTO.buffer.from_bytes(b"v"))
+    assert http_status(error.value) == 503
+    assert http_server.requests == 1  # s3fs and botocore did not retry, as the docs promise
+    assert "bucket/p/k" not in http_server.objects
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_keys_reach_an_http_server_as_literal_path_segments(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # Before: FsspecStore sent "%2e%2e/%2e%2e/secret" as "/secret" (outside its root),
+    # "a#b" as "a" and "a?x=1" as "a" with a query.
+    http_server.objects.update({"secret": b"outside", "data/a": b"plain"})
+
+    class Rooted:
+        url = f"{http_server.url}/data"
+
+    store = http_store(kind, Rooted())  # type: ignore[arg-type]
+    keys = ["%2e%2e/%2e%2e/secret", "a#b", "a?x=1", "a%2Fb", "a b"]
+    assert [await store.get(key, PROTO) for key in keys] == [None] * len(keys)
+    received = [urllib.parse.unquote(path) for path in http_server.paths]
+    assert received == [f"/data/{key}" for key in keys]  # every key as itself, nothing else
+    http_server.objects.update({f"data/{key}": key.encode() for key in keys})
+    values = [await store.get(key, PROTO) for key in keys]
+    assert [v.to_bytes() if v else None for v in values] == [key.encode() for key in keys]
+
+
+# ------------------------------------------------------------------------- obstore specifics
+
+
+@pytest.mark.parametrize("backend", ["memory", "s3"])
+async def test_several_ranges_of_one_key_one_past_its_end(
+    backend: str, s3_server: S3Server
+) -> None:
+    # Before: obstore's get_ranges panicked (RustPanic) on a range that starts past the end.
+    import obstore.store
+
+    if backend == "memory":
+        client: Any = obstore.store.MemoryStore()
+    else:
+        client = s3_server.obstore(s3_server.new_bucket())
+    store = ObjectStore(client)
+    await store.set("a", PROTO.buffer.from_bytes(b"hello"))
+    ranges: list[tuple[str, Any]] = [
+        ("a", RangeByteRequest(0, 2)),
+        ("a", RangeByteRequest(10, 20)),
+        ("a", RangeByteRequest(3, 9)),
+        ("a", RangeByteRequest(5, 7)),
+    ]
+    results = await store.get_partial_values(PROTO, ranges)
+    singles = [await store.get(key, PROTO, byte_range) for key, byte_range in ranges]
+    as_bytes = [None if r is None else r.to_bytes() for r in results]
+    assert as_bytes == [b"he", b"", b"lo", b""]
+    assert as_bytes == [None if r is None else r.to_bytes() for r in singles]
+
+
+async def test_list_dir_over_obstore_local_shows_only_names_with_keys(tmp_path: Path) -> None:
+    # Before: folders emptied by deletes stayed in list_dir (obstore lists directories).
+    import obstore.store
+
+    store = ObjectStore(obstore.store.LocalStore(str(tmp_path)))
+    for key in ("x/y/z", "x/w", "v/0", "top"):
+        await store.set(key, PROTO.buffer.from_bytes(b"1"))
+    await store.delete("x/y/z")
+    await store.delete("v/0")
+    assert (tmp_path / "x" / "y").is_dir()  # the folder is still there...
+    assert [name async for name in store.list_dir("")] == ["top", "x"]  # ...but not listed
+    assert [name async for name in store.list_dir("x")] == ["w"]
+    assert [name async for name in store.list_dir("x/y")] == []
 
 
 def test_retry_and_rate_limit_arguments_are_checked() -> None:
@@ -229,6 +397,10 @@ def test_retry_and_rate_limit_arguments_are_checked() -> None:
         Retry(attempts=0)
     with pytest.raises(ValueError, match="per_second"):
         RateLimit(0)
+    with pytest.raises(ValueError, match="per_second"):
+        RateLimit(float("nan"))
+    with pytest.raises(ValueError, match="delays"):
+        Retry(max_retry_after=float("nan"))
     with pytest.raises(TypeError, match="retry"):
         ObjectStore(_memory(), retry="often")  # type: ignore[arg-type]
     store = ObjectStore(_memory(), retry=2, rate_limit=10)

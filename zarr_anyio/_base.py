@@ -5,6 +5,10 @@ particular to a backend: opening, read-only enforcement, key and byte-range vali
 concurrency limit, and the bulk operations (each a pool of at most ``max_concurrency`` worker
 tasks in one task group, pulling from the request iterator). A backend fills in a handful of
 ``_backend_*`` hooks that receive input already validated.
+
+The hooks are the extension API for stores outside this library too (docs/custom-stores.md,
+tested with `zarr_anyio.testing`). They keep their underscore: public names would put, on every
+store, calls that skip key validation, the read-only check and opening.
 """
 
 from __future__ import annotations
@@ -30,17 +34,16 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from ._api_call import in_api_call, tracked
 from ._bridge import run_blocking
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
 from ._limit import ConcurrencyLimit, Limiter, LimiterLike, OneLoopLimiter
-from ._limits import RateLimit, Retry, call_with_retries
 from ._threads import CheckCancelled, HopCoalescer, run_in_worker, timed
 
 __all__ = [
     "AnyioStore",
     "BlockingStore",
     "FetchRequest",
-    "RemoteStore",
     "single_error",
 ]
 
@@ -110,6 +113,15 @@ class AnyioStore(Store, abc.ABC):
         A `Limiter` to draw tokens from instead, shared with other stores (one budget for all
         of them, across loops and threads). An ``anyio.CapacityLimiter`` is accepted too, but
         works only in the event loop that first uses it.
+
+    Notes
+    -----
+    To write a store, subclass this (an async backend), `BlockingStore` (blocking calls, made
+    in worker threads) or `RemoteStore` (requests to a server, with retries) and fill in the
+    ``_backend_*`` hooks. Each hook that does I/O holds a token of ``self.limiter`` while it
+    does (``async with self.limiter:``; `BlockingStore._blocking` and `RemoteStore._request`
+    do it for you). Then give the store ``with_read_only``, ``__eq__`` and ``__str__``, and
+    test it with `zarr_anyio.testing.AnyioStoreTests`.
     """
 
     supports_writes: bool = True
@@ -188,7 +200,9 @@ class AnyioStore(Store, abc.ABC):
     @abc.abstractmethod
     async def _backend_get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
-    ) -> Buffer | None: ...
+    ) -> Buffer | None:
+        """The value of ``key`` (the part ``byte_range`` asks for, as `byte_range_slice` cuts
+        it) in a ``prototype.buffer``; ``None`` if the key does not exist."""
 
     @abc.abstractmethod
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
@@ -199,7 +213,8 @@ class AnyioStore(Store, abc.ABC):
         """Delete ``key``; a missing key is not an error."""
 
     @abc.abstractmethod
-    async def _backend_exists(self, key: str) -> bool: ...
+    async def _backend_exists(self, key: str) -> bool:
+        """Whether ``key`` holds a value."""
 
     @abc.abstractmethod
     async def _backend_getsize(self, key: str) -> int:
@@ -287,6 +302,7 @@ class AnyioStore(Store, abc.ABC):
 
     # ----------------------------------------------------------------- reads
 
+    @tracked
     async def get(
         self,
         key: str,
@@ -298,6 +314,7 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         return await self._backend_get(key, prototype or default_buffer_prototype(), byte_range)
 
+    @tracked
     async def get_partial_values(
         self,
         prototype: BufferPrototype,
@@ -367,6 +384,7 @@ class AnyioStore(Store, abc.ABC):
                     tg.cancel_scope.cancel()
                     receive.close()
 
+    @tracked
     async def exists(self, key: str) -> bool:
         validate_key(key)
         await self._ensure_open()
@@ -416,6 +434,7 @@ class AnyioStore(Store, abc.ABC):
                 f"Got an instance of {type(value)} instead."
             )
 
+    @tracked
     async def set(self, key: str, value: Buffer) -> None:
         self._check_writable()
         validate_key(key)
@@ -423,6 +442,7 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         await self._backend_set(key, value, exclusive=False)
 
+    @tracked
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         """Write ``value`` unless ``key`` exists; atomic against concurrent writers."""
         self._check_writable()
@@ -431,6 +451,7 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         await self._backend_set(key, value, exclusive=True)
 
+    @tracked
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
         # Every key is checked before anything is written, so bad input writes nothing.
         self._check_writable()
@@ -453,12 +474,14 @@ class AnyioStore(Store, abc.ABC):
         """Not supported (zarr 3.1.0 declares it; later zarr no longer does)."""
         raise NotImplementedError(f"{type(self).__name__} does not support partial writes")
 
+    @tracked
     async def delete(self, key: str) -> None:
         self._check_writable()
         validate_key(key)
         await self._ensure_open()
         await self._backend_delete(key)
 
+    @tracked
     async def delete_dir(self, prefix: str) -> None:
         """Delete every key under the node ``prefix`` (``"a"`` means ``"a/…"``, not ``"ab"``)."""
         self._check_writable()
@@ -466,10 +489,41 @@ class AnyioStore(Store, abc.ABC):
         await self._ensure_open()
         await self._backend_delete_dir(prefix)
 
+    @tracked
     async def clear(self) -> None:
         self._check_writable()
         await self._ensure_open()
         await self._backend_delete_dir("")
+
+    # ----------------------------------------------------------------- zarr >= 3.4's sync surface
+    # For any backend: the async call, run on the bridge's loop and waited for. zarr is told not
+    # to take its sync path (`_supports_sync_io`): that path makes one call at a time, each a
+    # hop to the bridge's loop, where the async path keeps a window of them in flight. A store
+    # whose backend can serve a call without a loop (a dict, a file) overrides these with plain
+    # blocking calls and sets `_serves_sync_io = True`.
+    _serves_sync_io: bool = False
+
+    @property
+    def _supports_sync_io(self) -> bool:
+        # What zarr >= 3.4 asks before taking its blocking fast path: only where the backend
+        # serves blocking calls itself, and never under zarr_anyio.api (that path reads in
+        # zarr's own threads, outside the store's limit and beyond cancellation).
+        return self._serves_sync_io and not in_api_call()
+
+    def get_sync(
+        self,
+        key: str,
+        *,
+        prototype: BufferPrototype | None = None,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
+        return run_blocking(lambda: self.get(key, prototype, byte_range))
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        run_blocking(lambda: self.set(key, value))
+
+    def delete_sync(self, key: str) -> None:
+        run_blocking(lambda: self.delete(key))
 
 
 class BlockingStore(AnyioStore):
@@ -565,67 +619,3 @@ class BlockingStore(AnyioStore):
         hop = await self._blocking(lambda _: timed(read_all))
         self._hops.record(hop, len(requests))
         return [None if data is None else prototype.buffer.from_bytes(data) for data in hop.result]
-
-
-class RemoteStore(AnyioStore):
-    """A store that talks to a server: every request holds a token, waits its turn under the
-    rate limit, and is retried on transient failures (see `Retry`).
-
-    Parameters (beyond `AnyioStore`'s)
-    ----------
-    retry
-        A `Retry`, or an int (the number of attempts), or ``None`` for the default
-        (``Retry()``: 4 attempts). ``NO_RETRY`` turns this layer off.
-    rate_limit
-        A `RateLimit` (shareable between stores), or requests per second, or ``None``.
-    """
-
-    def __init__(
-        self,
-        *,
-        read_only: bool = False,
-        max_concurrency: int | None = None,
-        limiter: LimiterLike | None = None,
-        retry: Retry | int | None = None,
-        rate_limit: RateLimit | float | None = None,
-    ) -> None:
-        super().__init__(read_only=read_only, max_concurrency=max_concurrency, limiter=limiter)
-        if retry is None:
-            retry = Retry()
-        elif isinstance(retry, int) and not isinstance(retry, bool):
-            retry = Retry(attempts=retry)
-        if not isinstance(retry, Retry):
-            raise TypeError(f"retry must be a Retry, an int or None, got {retry!r}")
-        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
-            rate_limit = RateLimit(rate_limit)
-        self.retry = retry
-        self.rate_limit = rate_limit
-
-    def _store_kwargs(self) -> dict[str, Any]:
-        return {**super()._store_kwargs(), "retry": self.retry, "rate_limit": self.rate_limit}
-
-    async def _request(self, make: Callable[[], Awaitable[T]]) -> T:
-        """One request to the server: a token, the rate limit, and retries."""
-        async with self._limit.current():
-            return await call_with_retries(make, self.retry, self.rate_limit)
-
-    # ------------------------------------------------------------ zarr >= 3.4's sync surface
-    # Offered (blocking calls made through the bridge's loop), but zarr is told not to take its
-    # sync path here: that path makes one call at a time, which for a server means one request
-    # at a time instead of ``max_concurrency``.
-    _supports_sync_io = False
-
-    def get_sync(
-        self,
-        key: str,
-        *,
-        prototype: BufferPrototype | None = None,
-        byte_range: ByteRequest | None = None,
-    ) -> Buffer | None:
-        return run_blocking(lambda: self.get(key, prototype, byte_range))
-
-    def set_sync(self, key: str, value: Buffer) -> None:
-        run_blocking(lambda: self.set(key, value))
-
-    def delete_sync(self, key: str) -> None:
-        run_blocking(lambda: self.delete(key))

@@ -22,12 +22,16 @@ clear error when a second event loop tries to use it.
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
+import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -58,7 +62,7 @@ class LimiterStatistics:
 class _Waiter:
     """One task (or thread) queued for a token; ``granted`` once a token was handed to it."""
 
-    __slots__ = ("event", "granted", "thread", "wake")
+    __slots__ = ("event", "given_back", "granted", "thread", "wake")
 
     def __init__(
         self,
@@ -68,6 +72,9 @@ class _Waiter:
         self.event = event
         self.wake = wake  # for an anyio event: how to run its set() on the waiter's loop
         self.granted = False
+        # A granted token whose waiter will never hold it goes back once: set by whoever gives
+        # it back (the waiter abandoning it, or a releaser that could not wake it).
+        self.given_back = False
         self.thread = threading.get_ident()
 
     def notify(self) -> bool:
@@ -76,8 +83,12 @@ class _Waiter:
         if isinstance(event, threading.Event):
             event.set()
         elif threading.get_ident() == self.thread:
-            # A thread runs one event loop at a time: this is the waiter's own loop.
-            event.set()
+            # A thread runs one event loop at a time: this is the waiter's own loop, unless
+            # that loop was closed with the waiter in it.
+            try:
+                event.set()
+            except RuntimeError:  # "Event loop is closed"
+                return False
         else:
             assert self.wake is not None
             try:
@@ -109,6 +120,9 @@ class Limiter:
         self._borrowed = 0
         self._waiters: deque[_Waiter] = deque()
         self._lock = threading.Lock()
+        # Who this is, for its copies in other processes (see copy_in_process).
+        self._origin = os.getpid()
+        self._token = uuid.uuid4().hex
 
     # ------------------------------------------------------------------ the bound
 
@@ -171,7 +185,13 @@ class Limiter:
         """Hold a token for a block of blocking code in a plain thread (no event loop)."""
         waiter = self._take_or_queue(lambda: _Waiter(threading.Event()))
         if waiter is not None:
-            waiter.event.wait()
+            try:
+                waiter.event.wait()
+            except BaseException:
+                # Ctrl-C in the main thread: a waiter left queued would take a token nobody
+                # gives back.
+                self._abandon(waiter)
+                raise
         try:
             yield
         finally:
@@ -215,9 +235,18 @@ class Limiter:
 
     def _notify(self, woken: list[_Waiter]) -> None:
         for waiter in woken:
-            if not waiter.notify():
-                # Its loop is gone, so it will never run to give the token back: we do.
+            if not waiter.notify() and self._give_back(waiter):
+                # Its loop is gone, so it will never run to give the token back: we do (once:
+                # its coroutine may still be closed later, and abandon it).
                 self.release()
+
+    def _give_back(self, waiter: _Waiter) -> bool:
+        """Whether the caller is the one to release ``waiter``'s granted token."""
+        with self._lock:
+            if waiter.given_back:
+                return False
+            waiter.given_back = True
+            return True
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter stopped waiting (cancelled): leave the queue, or pass on its token."""
@@ -225,17 +254,45 @@ class Limiter:
             if not waiter.granted:
                 self._waiters.remove(waiter)
                 return
-        self.release()
+        if self._give_back(waiter):
+            self.release()
 
     # ------------------------------------------------------------------ identity
 
-    def __reduce__(self) -> tuple[type[Limiter], tuple[int]]:
+    def __reduce__(self) -> tuple[Any, ...]:
         # Tokens and waiters belong to this process; a copy starts empty with the same bound.
         # Stores pickled together keep sharing one copy (pickle keeps object identity).
-        return (type(self), (self._total,))
+        return (
+            copy_in_process,
+            (self._origin, self._token, functools.partial(type(self), self._total)),
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._total})"
+
+
+# Copies of one limiter (or rate limit) unpickled in another process are one object there: a
+# dask worker unpickles a store for every task, and a bound is meant per process
+# (max_concurrency per store per worker), not per task. Weak: a copy no store holds any more is
+# not kept.
+_copies: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+_copies_lock = threading.Lock()
+Shared = TypeVar("Shared")
+
+
+def copy_in_process(origin: int, token: str, make: Callable[[], Shared]) -> Shared:
+    """The copy of shared object ``token`` (made in process ``origin``) for this process: a
+    fresh one in the process that made it (as ``copy.deepcopy`` would give), else the one this
+    process already holds. The copy keeps ``_origin`` and ``_token``, so copies of it do too."""
+    if origin == os.getpid():
+        return make()
+    with _copies_lock:
+        found = _copies.get(token)
+        if found is None:
+            found = make()
+            found._origin, found._token = origin, token  # type: ignore[attr-defined]
+            _copies[token] = found
+        return found
 
 
 class OneLoopLimiter:

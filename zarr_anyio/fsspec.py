@@ -12,21 +12,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import posixpath
+import urllib.parse
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
-from ._base import RemoteStore
+from . import _live
 from ._bridge import run_blocking, run_on_loop
 from ._limit import LimiterLike
-from ._limits import RateLimit, Retry
+from ._remote import DEFAULT_TIMEOUT, RemoteStore
+from ._retry import RateLimit, Retry, RetryBudget, describe, http_status
 from ._threads import run_in_worker
 
 __all__ = ["ALLOWED_EXCEPTIONS", "FsspecStore"]
 
 T = TypeVar("T")
+
+# The most keys S3's DeleteObjects takes in one request.
+S3_DELETE_BATCH = 1000
 
 ALLOWED_EXCEPTIONS: tuple[type[Exception], ...] = (
     FileNotFoundError,
@@ -38,6 +43,11 @@ ALLOWED_EXCEPTIONS: tuple[type[Exception], ...] = (
 def _join(root: str, key: str) -> str:
     root = root.rstrip("/")
     return f"{root}/{key}" if root else key
+
+
+def _protocols(fs: Any) -> set[str]:
+    protocol = fs.protocol
+    return {protocol} if isinstance(protocol, str) else set(protocol)
 
 
 def _fetch_limits(byte_range: ByteRequest | None) -> tuple[int | None, int | None]:
@@ -91,7 +101,7 @@ class FsspecStore(RemoteStore):
         The root of the store in ``fs`` (no scheme).
     allowed_exceptions
         Errors that mean "no such key" when reading.
-    max_concurrency, limiter, retry, rate_limit
+    max_concurrency, limiter, adaptive, retry, retry_budget, timeout, rate_limit
         See `RemoteStore`.
     """
 
@@ -108,14 +118,20 @@ class FsspecStore(RemoteStore):
         *,
         max_concurrency: int | None = None,
         limiter: LimiterLike | None = None,
+        adaptive: bool = True,
         retry: Retry | int | None = None,
+        retry_budget: RetryBudget | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         rate_limit: RateLimit | float | None = None,
     ) -> None:
         super().__init__(
             read_only=read_only,
             max_concurrency=max_concurrency,
             limiter=limiter,
+            adaptive=adaptive,
             retry=retry,
+            retry_budget=retry_budget,
+            timeout=timeout,
             rate_limit=rate_limit,
         )
         mapper_fs = getattr(fs, "fs", None)
@@ -129,8 +145,16 @@ class FsspecStore(RemoteStore):
         self.fs = fs
         self.path = path
         self.allowed_exceptions = allowed_exceptions
+        # A key is a path in the store, never URL syntax: over http(s) every character but
+        # letters, digits, "-._~" and the separator "/" is percent-encoded, so "%2e%2e" stays
+        # a literal segment (it is not ".."), "#" no fragment and "?" no query (as obstore's
+        # HTTPStore does). Encoded, a key has no character that yarl would decode again.
+        self._url_keys = bool(_protocols(fs) & {"http", "https"})
         # A filesystem that from_url made is ours to close; one the caller passed is theirs.
         self._owns_fs = False
+        # open_store(str(store)) reaches this filesystem (its options, credentials) again
+        # while this store lives.
+        _live.remember(str(self), self)
 
     @classmethod
     def from_url(
@@ -167,6 +191,13 @@ class FsspecStore(RemoteStore):
             **self._store_kwargs(),
         )
 
+    def __str__(self) -> str:
+        """The URL of the store's root (``s3://bucket/path``); `open_store` opens it again."""
+        try:
+            return str(self.fs.unstrip_protocol(self.path))
+        except Exception:  # a filesystem that cannot say: its repr
+            return repr(self)
+
     def __repr__(self) -> str:
         return f"<FsspecStore({type(self.fs).__name__}, {self.path})>"
 
@@ -202,8 +233,9 @@ class FsspecStore(RemoteStore):
         loop: asyncio.AbstractEventLoop | None = None if asynchronous else self.fs.loop
         return loop
 
-    async def _fs(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``fs.<method>`` (or its coroutine ``fs._<method>``) as one request."""
+    async def _fs(self, method: str, *args: Any, _sent: int = 0, **kwargs: Any) -> Any:
+        """Call ``fs.<method>`` (or its coroutine ``fs._<method>``) as one request (that sends
+        ``_sent`` bytes)."""
         if self.fs.async_impl:
             coroutine_function = getattr(self.fs, f"_{method}")
             loop = self._loop()
@@ -211,9 +243,11 @@ class FsspecStore(RemoteStore):
             def start() -> Awaitable[Any]:
                 return run_on_loop(lambda: coroutine_function(*args, **kwargs), loop)
 
-            return await self._request(start)
+            return await self._request(start, sent=_sent)
         function = getattr(self.fs, method)
-        return await self._request(lambda: run_in_worker(lambda _: function(*args, **kwargs)))
+        return await self._request(
+            lambda: run_in_worker(lambda _: function(*args, **kwargs)), sent=_sent
+        )
 
     async def _files_under(self, folder: str) -> list[str]:
         """Every file under ``folder`` (a path in ``fs``), as paths in ``fs``."""
@@ -223,62 +257,92 @@ class FsspecStore(RemoteStore):
             return []
         return list(found)
 
+    async def _is_file(self, path: str) -> bool:
+        """Whether ``path`` is a file, as one request, retried and raising like any other.
+
+        Not fsspec's ``isfile``/``exists``: they answer ``False`` for any failure, so a 429 or
+        a 500 made a key that is there look absent (no retry, no error).
+        """
+        try:
+            info = await self._fs("info", path)
+        except self.allowed_exceptions as error:
+            # fsspec's http ``info`` raises FileNotFoundError for any failure, the real one as
+            # its cause: only a real "not found" is an answer.
+            if describe(error).transient:
+                raise
+            return False
+        return bool(info.get("type") == "file")
+
+    def _path(self, key: str) -> str:
+        """The path in ``fs`` of ``key`` (or of a folder of keys)."""
+        if not key:
+            return self.path
+        if self._url_keys:
+            key = urllib.parse.quote(key, safe="/")
+        return _join(self.path, key)
+
     def _key_of(self, path: str) -> str:
         root = self.path.rstrip("/")
         path = path.lstrip("/") if not root.startswith("/") else path
-        return path[len(root) + 1 :] if root else path
+        key = path[len(root) + 1 :] if root else path
+        return urllib.parse.unquote(key) if self._url_keys else key
 
     # ---------------------------------------------------------------- backend hooks
 
     async def _backend_get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
     ) -> Buffer | None:
-        path = _join(self.path, key)
+        path = self._path(key)
         try:
             if _is_empty_range(byte_range):
-                if not await self._fs("isfile", path):
+                if not await self._is_file(path):
                     return None
                 return prototype.buffer.from_bytes(b"")
             start, end = _fetch_limits(byte_range)
             data = await self._fs("cat_file", path, start=start, end=end)
         except self.allowed_exceptions:
             return None
-        except OSError as error:
-            # A range that starts past the end: HTTP 416. zarr's answer is "what exists": none.
-            if "not satisfiable" in str(error) or "416" in str(error):
+        except Exception as error:
+            # A range that starts past the end: HTTP 416, told by the status the client
+            # carries (s3fs keeps botocore's answer as the cause of its OSError), never by the
+            # text. zarr's answer is "what exists": nothing.
+            if byte_range is not None and http_status(error) == 416:
                 return prototype.buffer.from_bytes(b"")
             raise
         return prototype.buffer.from_bytes(data)
 
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
-        path = _join(self.path, key)
+        path = self._path(key)
         data = value.to_bytes()
         if not exclusive:
-            await self._fs("pipe_file", path, data)
+            await self._fs("pipe_file", path, data, _sent=len(data))
             return
         if self.fs.protocol in ("s3", "s3a") or "s3" in self.fs.protocol:
             # A conditional PUT (If-None-Match: *): atomic on S3.
             try:
-                await self._fs("pipe_file", path, data, mode="create")
+                await self._fs("pipe_file", path, data, mode="create", _sent=len(data))
             except FileExistsError:
                 pass
             except OSError as error:
-                if "PreconditionFailed" not in str(error) and "412" not in str(error):
+                # s3fs raises FileExistsError only when S3 names the failed condition; a bare
+                # 412 PreconditionFailed to our If-None-Match means the same: the key exists.
+                failure = describe(error)
+                if failure.status != 412 and failure.code != "PreconditionFailed":
                     raise
             return
         # Elsewhere fsspec has no atomic create: check, then write (documented).
-        if not await self._fs("isfile", path):
-            await self._fs("pipe_file", path, data)
+        if not await self._is_file(path):
+            await self._fs("pipe_file", path, data, _sent=len(data))
 
     async def _backend_delete(self, key: str) -> None:
         with contextlib.suppress(*self.allowed_exceptions):
-            await self._fs("rm_file", _join(self.path, key))
+            await self._fs("rm_file", self._path(key))
 
     async def _backend_exists(self, key: str) -> bool:
-        return bool(await self._fs("isfile", _join(self.path, key)))
+        return await self._is_file(self._path(key))
 
     async def _backend_getsize(self, key: str) -> int:
-        info = await self._fs("info", _join(self.path, key))
+        info = await self._fs("info", self._path(key))
         if info.get("type") != "file":
             raise FileNotFoundError(key)
         return int(info["size"])
@@ -286,23 +350,40 @@ class FsspecStore(RemoteStore):
     async def _backend_list_prefix(self, prefix: str) -> Iterable[str]:
         # Keys that start with the string prefix: list the folder the prefix ends in, filter.
         folder = posixpath.dirname(prefix)
-        paths = await self._files_under(_join(self.path, folder) if folder else self.path)
+        paths = await self._files_under(self._path(folder))
         keys = (self._key_of(path) for path in paths)
         return [key for key in keys if key.startswith(prefix)]
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
-        folder = _join(self.path, prefix.rstrip("/")) if prefix else self.path
+        folder = self._path(prefix.rstrip("/"))
         try:
             entries = await self._fs("ls", folder, detail=False)
         except self.allowed_exceptions:
             return []
         names = {posixpath.basename(str(entry).rstrip("/")) for entry in entries}
+        if self._url_keys:
+            names = {urllib.parse.unquote(name) for name in names}
         names.discard(posixpath.basename(folder.rstrip("/")) if not entries else "")
         return sorted(name for name in names if name)
 
     async def _backend_delete_dir(self, prefix: str) -> None:
-        folder = _join(self.path, prefix.rstrip("/")) if prefix else self.path
-        paths = await self._files_under(folder)
-        if paths:
+        # Never ``fs.rm(paths)``: it expands glob patterns, and "a*", "a[b]" or "a?" are node
+        # names zarr allows, whose deletion then took their siblings with them.
+        paths = await self._files_under(self._path(prefix.rstrip("/")))
+        if hasattr(self.fs, "_bulk_delete") and self.fs.async_impl:
+            # s3fs: one DeleteObjects request per 1,000 keys, taking paths literally.
+            batches = [
+                paths[i : i + S3_DELETE_BATCH] for i in range(0, len(paths), S3_DELETE_BATCH)
+            ]
+
+            async def delete_batch(batch: list[str]) -> None:
+                await self._fs("bulk_delete", batch)
+
+            await self._for_each(batches, delete_batch)
+            return
+
+        async def delete_one(path: str) -> None:
             with contextlib.suppress(*self.allowed_exceptions):
-                await self._fs("rm", paths)
+                await self._fs("rm_file", path)
+
+        await self._for_each(paths, delete_one)

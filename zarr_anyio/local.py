@@ -52,6 +52,7 @@ import stat
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
@@ -66,7 +67,7 @@ from ._keys import byte_range_slice, check_byte_range, validate_key
 from ._limit import LimiterLike
 from ._threads import CheckCancelled, run_in_worker
 
-__all__ = ["LeavesRoot", "LocalStore"]
+__all__ = ["Folder", "LeavesRoot", "LocalStore", "check_root", "scan_folder"]
 
 # Every name of the library's own files holds this, which no key may hold (`._keys`): no key can
 # collide with them, and a name that holds it is never a key.
@@ -245,63 +246,15 @@ def _size_of(root: str, key: str) -> int:
 # ---------------------------------------------------------------- listing (in threads)
 
 
-def _kind_beneath(root_fd: int, key: str) -> tuple[str, int | None]:
-    """What ``key`` names, resolving links beneath the root: ``"file"``, ``"folder"`` (with an
-    open handle to list it) or ``"other"`` (absent, out of the root, a FIFO…)."""
+def _resolve(root_fd: int, key: str) -> os.stat_result | None:
+    """The status of what ``key`` names, following links beneath the root; ``None`` if it is
+    absent or out of the root. (Opened without blocking: a FIFO does not wait for a writer.)"""
     try:
         fd = open_beneath(root_fd, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
-        return "other", None
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISDIR(mode):
-        return "folder", fd
-    os.close(fd)
-    return ("file" if stat.S_ISREG(mode) else "other"), None
-
-
-def _collect(
-    root_fd: int,
-    dir_fd: int,
-    key_prefix: str,
-    stem: str,
-    out: list[str],
-    above: set[tuple[int, int]],
-) -> None:
-    """Append to ``out`` every key in the folder ``dir_fd`` (names starting with ``stem``)."""
-    info = os.fstat(dir_fd)
-    here = (info.st_dev, info.st_ino)
-    if here in above:
-        return  # a link back to a folder we are in: its keys are listed under the shorter name
-    above.add(here)
-    try:
-        with os.scandir(dir_fd) as listing:
-            entries = [
-                (entry.name, entry.is_file(follow_symlinks=False), entry.is_symlink())
-                for entry in listing
-                if entry.name.startswith(stem) and OURS not in entry.name
-            ]
-        for name, is_file, is_link in entries:
-            key = f"{key_prefix}{name}"
-            if is_file:
-                out.append(key)
-                continue
-            if is_link:
-                # Resolved from the root, so a link may lead anywhere inside it, never out.
-                kind, fd = _kind_beneath(root_fd, key)
-                if kind == "file":
-                    out.append(key)
-            else:
-                try:
-                    # O_NOFOLLOW: had the folder been swapped for a link since it was listed,
-                    # this fails rather than follow it. Not a folder (a FIFO…): fails too.
-                    fd = os.open(name, _LISTABLE | os.O_NOFOLLOW, dir_fd=dir_fd)
-                except OSError:
-                    fd = None
-            if fd is not None:
-                with _opened(fd):
-                    _collect(root_fd, fd, f"{key}/", "", out, above)
-    finally:
-        above.discard(here)
+        return None
+    with _opened(fd):
+        return os.fstat(fd)
 
 
 def _open_listable(root_fd: int, folder: str) -> int | None:
@@ -311,20 +264,67 @@ def _open_listable(root_fd: int, folder: str) -> int | None:
         return None
 
 
+Folder = tuple[str, frozenset[tuple[int, int]]]
+"""A folder still to list: its key prefix (``""`` or ending in ``/``) and the folders above it."""
+
+
+def scan_folder(
+    root: str, folder: Folder, stem: str = ""
+) -> tuple[list[tuple[str, int]], list[Folder]]:
+    """One folder of the store: its keys (names starting with ``stem``) with their sizes, and the
+    folders in it to list next. Blocking: one call per folder, so that a walk pages.
+
+    Names resolve beneath the root: a link is followed where it stays inside (to a file: a key;
+    to a folder: listed, unless it is one of the folders above, a loop), and left out where it
+    leads out; FIFOs and the like are no keys; names holding a backslash are the library's own.
+    """
+    key_prefix, above = folder
+    files: list[tuple[str, int]] = []
+    folders: list[Folder] = []
+    try:
+        root_fd = open_root(root)
+    except _ABSENT:
+        return files, folders
+    with _opened(root_fd):
+        dir_fd = _open_listable(root_fd, key_prefix.rstrip("/"))
+        if dir_fd is None:
+            return files, folders
+        with _opened(dir_fd):
+            info = os.fstat(dir_fd)
+            here = (info.st_dev, info.st_ino)
+            if here in above:
+                return files, folders  # a link back to a folder above: listed there already
+            inside = above | {here}
+            with os.scandir(dir_fd) as listing:
+                entries = [e for e in listing if e.name.startswith(stem) and OURS not in e.name]
+            for entry in entries:
+                key = f"{key_prefix}{entry.name}"
+                if entry.is_symlink():
+                    target = _resolve(root_fd, key)
+                    mode = 0 if target is None else target.st_mode
+                    if stat.S_ISREG(mode):
+                        assert target is not None
+                        files.append((key, target.st_size))
+                    elif stat.S_ISDIR(mode):
+                        folders.append((f"{key}/", inside))
+                elif entry.is_file(follow_symlinks=False):
+                    files.append((key, entry.stat(follow_symlinks=False).st_size))
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append((f"{key}/", inside))
+    return files, folders
+
+
 def _list_prefix(root: str, prefix: str) -> list[str]:
     """Keys that start with ``prefix`` as a string: ``"a/b"`` takes in ``"a/bc/0"`` too."""
     folder, _, stem = prefix.rpartition("/")
     keys: list[str] = []
-    try:
-        root_fd = open_root(root)
-    except _ABSENT:
-        return keys
-    with _opened(root_fd):
-        dir_fd = _open_listable(root_fd, folder)
-        if dir_fd is not None:
-            with _opened(dir_fd):
-                _collect(root_fd, dir_fd, f"{folder}/" if folder else "", stem, keys, set())
-    return keys
+    files, pending = scan_folder(root, (f"{folder}/" if folder else "", frozenset()), stem)
+    while True:
+        keys.extend(key for key, _ in files)
+        if not pending:
+            return keys
+        files, more = scan_folder(root, pending.pop())
+        pending.extend(more)
 
 
 def _list_dir(root: str, prefix: str) -> list[str]:
@@ -346,10 +346,9 @@ def _list_dir(root: str, prefix: str) -> list[str]:
                 if entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False):
                     names.append(entry.name)
                 elif entry.is_symlink():
-                    kind, fd = _kind_beneath(root_fd, f"{prefix}{entry.name}")
-                    if fd is not None:
-                        os.close(fd)
-                    if kind != "other":
+                    target = _resolve(root_fd, f"{prefix}{entry.name}")
+                    mode = 0 if target is None else target.st_mode
+                    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
                         names.append(entry.name)
     return sorted(names)
 
@@ -664,28 +663,42 @@ def _delete_tree(root: str, prefix: str, check_cancelled: CheckCancelled) -> Non
                 return
             if stat.S_ISDIR(info.st_mode):
                 _remove_folder(dir_fd, name, check_cancelled)
-            elif stat.S_ISLNK(info.st_mode) and _kind_beneath_closed(root_fd, prefix) == "folder":
+            elif stat.S_ISLNK(info.st_mode) and _is_folder(_resolve(root_fd, prefix)):
                 # The node is a link to a folder in the root: its keys go with the link.
                 os.unlink(name, dir_fd=dir_fd)
             # A file (the key `prefix` itself, not a node): no keys lie under it.
 
 
-def _kind_beneath_closed(root_fd: int, key: str) -> str:
-    kind, fd = _kind_beneath(root_fd, key)
-    if fd is not None:
-        os.close(fd)
-    return kind
+def _is_folder(info: os.stat_result | None) -> bool:
+    return info is not None and stat.S_ISDIR(info.st_mode)
 
 
 # ---------------------------------------------------------------- opening and moving
 
 
+def check_root(root: Path) -> None:
+    """The root must be a folder that exists: say which it is not."""
+    if root.is_dir():
+        return
+    if root.exists() or root.is_symlink():
+        hint = " (for a zip file, use ZipStore)" if zipfile.is_zipfile(root) else ""
+        raise NotADirectoryError(
+            f"{root} is a file, not a folder: a LocalStore keeps its keys in a folder{hint}"
+        )
+    raise FileNotFoundError(f"{root} does not exist (a LocalStore's root folder)")
+
+
 def _prepare_root(root: Path, *, create: bool) -> None:
     if create:
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            # A file in the way, at the root or above it.
+            check_root(root)
+            raise
         _remove_abandoned_temps(str(root))
-    elif not root.is_dir():
-        raise FileNotFoundError(f"{root} does not exist")
+    else:
+        check_root(root)
 
 
 def _abandoned(dir_fd: int, name: str, now: float) -> bool:
@@ -925,6 +938,8 @@ class LocalStore(BlockingStore):
         await self._blocking(lambda check: _delete_tree(root, prefix.rstrip("/"), check))
 
     # ------------------------------------------------------------ zarr >= 3.4's sync surface
+    # Plain blocking calls: zarr may take its synchronous path.
+    _serves_sync_io = True
 
     def _ensure_open_sync(self) -> None:
         if not self._is_open:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import pickle
 import posixpath
-import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -23,25 +22,36 @@ from typing import Any, TypeVar
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
-from ._base import RemoteStore
+from . import _live
 from ._bridge import run_on_loop
 from ._keys import check_byte_range, validate_key
 from ._limit import LimiterLike
-from ._limits import RateLimit, Retry, current_loop_key
+from ._loops import current_loop_key
+from ._remote import DEFAULT_TIMEOUT, RemoteStore
+from ._retry import RateLimit, Retry, RetryBudget, http_status
 from ._threads import run_in_worker
 
 __all__ = ["ObjectStore"]
 
 T = TypeVar("T")
 
-_RANGE_ERROR = re.compile(
-    r"Invalid range|not satisfiable|InvalidRange|status code: 416", re.IGNORECASE
-)
-
 
 def _is_range_error(error: Exception) -> bool:
-    """A range that starts past the end of the object (not any other error)."""
-    return _RANGE_ERROR.search(str(error)) is not None
+    """A range that starts past the end of the object: HTTP 416 (not any other error)."""
+    return http_status(error) == 416
+
+
+def _is_panic(error: BaseException) -> bool:
+    """obstore's async API reports a panic of its Rust code as ``RustPanic`` (a class that
+    ``pyo3_async_runtimes`` makes and exports nowhere, so it is known by its name)."""
+    cls = type(error)
+    return cls.__name__ == "RustPanic" and cls.__module__ == "pyo3_async_runtimes"
+
+
+def _holds_a_key(store: Any, folder: str) -> bool:
+    import obstore
+
+    return any(len(batch) > 0 for batch in obstore.list(store, prefix=folder, chunk_size=1))
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:
@@ -71,7 +81,7 @@ class ObjectStore(RemoteStore):
         ``LocalStore``, ``MemoryStore``).
     read_only
         Refuse every write.
-    max_concurrency, limiter, retry, rate_limit
+    max_concurrency, limiter, adaptive, retry, retry_budget, timeout, rate_limit
         See `RemoteStore`. obstore's own client retries too (its ``retry_config``); see the docs
         for what each layer does.
     """
@@ -85,7 +95,10 @@ class ObjectStore(RemoteStore):
         read_only: bool = False,
         max_concurrency: int | None = None,
         limiter: LimiterLike | None = None,
+        adaptive: bool = True,
         retry: Retry | int | None = None,
+        retry_budget: RetryBudget | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         rate_limit: RateLimit | float | None = None,
     ) -> None:
         if not type(store).__module__.startswith("obstore"):
@@ -94,10 +107,15 @@ class ObjectStore(RemoteStore):
             read_only=read_only,
             max_concurrency=max_concurrency,
             limiter=limiter,
+            adaptive=adaptive,
             retry=retry,
+            retry_budget=retry_budget,
+            timeout=timeout,
             rate_limit=rate_limit,
         )
         self.store = store
+        # open_store(str(store)) reaches this obstore client again while this store lives.
+        _live.remember(str(self), self)
 
     def with_read_only(self, read_only: bool = False) -> ObjectStore:
         return type(self)(self.store, read_only=read_only, **self._store_kwargs())
@@ -126,11 +144,11 @@ class ObjectStore(RemoteStore):
 
     # ---------------------------------------------------------------- calling obstore
 
-    async def _call(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    async def _call(self, make: Callable[[], Coroutine[Any, Any, T]], sent: int = 0) -> T:
         """One obstore request (``make()`` awaits its async API), as one `_request`."""
         if isinstance(current_loop_key(), asyncio.AbstractEventLoop):
-            return await self._request(make)
-        return await self._request(lambda: run_on_loop(make))
+            return await self._request(make, sent=sent)
+        return await self._request(lambda: run_on_loop(make), sent=sent)
 
     async def _call_blocking(self, function: Callable[[], T]) -> T:
         """One obstore request made with its blocking API in a worker thread."""
@@ -201,9 +219,11 @@ class ObjectStore(RemoteStore):
             except FileNotFoundError:
                 return
             except Exception as error:
-                if not _is_range_error(error):
+                # obstore's get_ranges panics when a range starts past the end of the object
+                # (it slices the merged answer); over HTTP that range may also be a 416. Either
+                # way, ask for each range on its own, as single gets would.
+                if not (_is_panic(error) or _is_range_error(error)):
                     raise
-                # One range is past the end: ask for each on its own.
                 for index in indexes:
                     await fetch_single(index)
                 return
@@ -230,11 +250,14 @@ class ObjectStore(RemoteStore):
 
         data = value.to_bytes()
         if not exclusive:
-            await self._call(lambda: _awaited(obstore.put_async(self.store, key, data)))
+            await self._call(
+                lambda: _awaited(obstore.put_async(self.store, key, data)), sent=len(data)
+            )
             return
         with contextlib.suppress(obstore.exceptions.AlreadyExistsError):
             await self._call(
-                lambda: _awaited(obstore.put_async(self.store, key, data, mode="create"))
+                lambda: _awaited(obstore.put_async(self.store, key, data, mode="create")),
+                sent=len(data),
             )
 
     async def _backend_delete(self, key: str) -> None:
@@ -274,14 +297,23 @@ class ObjectStore(RemoteStore):
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
         import obstore
+        import obstore.store
 
         folder = prefix.rstrip("/")
-        found = await self._call_blocking(
-            lambda: obstore.list_with_delimiter(self.store, prefix=folder or None)
-        )
-        names = [posixpath.basename(p.rstrip("/")) for p in found["common_prefixes"]]
-        names += [posixpath.basename(meta["path"]) for meta in found["objects"]]
-        return sorted(set(names))
+        # obstore's LocalStore lists directories as common prefixes, empty ones too (left by
+        # deletes); a zarr store has folders only as parts of keys. Object stores have no empty
+        # folders, so only there is each folder asked for one key.
+        local = isinstance(self.store, obstore.store.LocalStore)
+
+        def names_under() -> list[str]:
+            found = obstore.list_with_delimiter(self.store, prefix=folder or None)
+            folders = [p.rstrip("/") for p in found["common_prefixes"]]
+            if local:
+                folders = [p for p in folders if _holds_a_key(self.store, p)]
+            names = [posixpath.basename(p) for p in folders]
+            return names + [posixpath.basename(meta["path"]) for meta in found["objects"]]
+
+        return sorted(set(await self._call_blocking(names_under)))
 
     async def _backend_delete_dir(self, prefix: str) -> None:
         keys = await self._list_under(prefix.rstrip("/"))

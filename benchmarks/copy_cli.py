@@ -1,0 +1,257 @@
+"""``zarr-anyio copy`` from S3 to a local folder, beside the other ways to do it, in one run.
+
+    python benchmarks/copy_cli.py            # 2,000 x 4 KiB and 64 x 8 MiB, median of 5
+    python benchmarks/copy_cli.py --quick    # a short run
+
+moto's S3 server runs in a process of its own. Each way of copying runs in a fresh process of
+its own, so its peak memory (``ru_maxrss``, from ``os.wait4``) is its own; the time is that of the
+copy itself, measured inside the process after the imports:
+
+* ``zarr-anyio copy`` (the console script's code, ``--quiet``), with s3fs and with obstore;
+* ``fsspec``: s3fs's ``fs.get(src, dst, recursive=True)``;
+* ``asyncio.gather``: every key listed through ``zarr.storage.FsspecStore``, then one
+  ``dst.set(key, await src.get(key))`` per key into ``zarr.storage.LocalStore``, all gathered.
+
+The machine is shared: the load average is printed before and after, and runs are interleaved so
+that a busy moment costs every contender alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from servers import S3ServerProcess
+
+CONTENDERS = [
+    "zarr-anyio copy (fsspec)",
+    "zarr-anyio copy (obstore)",
+    "fsspec get",
+    "asyncio.gather",
+]
+
+
+def _s3_options(endpoint: str) -> dict[str, Any]:
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
+
+
+def fill(endpoint: str, bucket: str, name: str, count: int, size: int) -> None:
+    """``count`` objects of ``size`` bytes under ``bucket/name``: a Zarr array's chunks."""
+    import anyio
+    import numpy as np
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+
+    import zarr_anyio
+
+    store = zarr_anyio.FsspecStore.from_url(
+        f"s3://{bucket}/{name}", storage_options=_s3_options(endpoint), max_concurrency=16
+    )
+    items = size // 4
+    zarr.create_array(
+        store=store, shape=(count * items,), chunks=(items,), dtype="float32", compressors=None
+    )
+    data = np.random.default_rng(0).bytes(size)
+    values = [(f"c/{i}", default_buffer_prototype().buffer.from_bytes(data)) for i in range(count)]
+
+    async def put() -> None:
+        await store.set_many(values)
+        await store.aclose()
+
+    anyio.run(put)
+
+
+# ---------------------------------------------------------------- the contenders (in a child)
+
+
+def run_ours(endpoint: str, src: str, dst: str, backend: str) -> float:
+    from zarr_anyio.cli import main
+
+    if backend == "obstore":
+        options = [
+            f"endpoint={endpoint}",
+            "region=us-east-1",
+            "access_key_id=testing",
+            "secret_access_key=testing",
+            "client_options.allow_http=true",
+        ]
+    else:
+        options = ["key=testing", "secret=testing", f"client_kwargs.endpoint_url={endpoint}"]
+    args = ["copy", src, dst, "--backend", backend, "--json", "--quiet"]
+    args += [arg for option in options for arg in ("--storage-option", option)]
+    stdout = sys.stdout
+    sys.stdout = capture = _Capture()
+    try:
+        code = main(args)
+    finally:
+        sys.stdout = stdout
+    if code:
+        raise SystemExit(f"zarr-anyio copy failed with {code}")
+    seconds: float = json.loads(capture.text)["seconds"]
+    return seconds
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def run_fsspec(endpoint: str, src: str, dst: str) -> float:
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **_s3_options(endpoint))
+    started = time.perf_counter()
+    fs.get(src.removeprefix("s3://"), dst, recursive=True)
+    return time.perf_counter() - started
+
+
+def run_gather(endpoint: str, src: str, dst: str) -> float:
+    import asyncio
+
+    import zarr.storage
+    from zarr.core.buffer import default_buffer_prototype
+
+    async def copy() -> float:
+        source = zarr.storage.FsspecStore.from_url(
+            src, storage_options=_s3_options(endpoint), read_only=True
+        )
+        target = zarr.storage.LocalStore(dst)
+        prototype = default_buffer_prototype()
+        started = time.perf_counter()
+        keys = [key async for key in source.list()]
+
+        async def one(key: str) -> None:
+            value = await source.get(key, prototype)
+            assert value is not None
+            await target.set(key, value)
+
+        await asyncio.gather(*(one(key) for key in keys))
+        return time.perf_counter() - started
+
+    return asyncio.run(copy())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM belongs to the process's own address space;
+    ``ru_maxrss`` would also count the parent's memory at the fork before the exec."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child(name: str, endpoint: str, src: str, dst: str) -> None:
+    if name.startswith("zarr-anyio"):
+        seconds = run_ours(endpoint, src, dst, "obstore" if "obstore" in name else "fsspec")
+    elif name == "fsspec get":
+        seconds = run_fsspec(endpoint, src, dst)
+    else:
+        seconds = run_gather(endpoint, src, dst)
+    print(json.dumps({"seconds": seconds, "peak": peak_rss_mib()}))
+
+
+# ---------------------------------------------------------------- the parent
+
+
+def measure(name: str, endpoint: str, src: str, dst: Path) -> tuple[float, float]:
+    """One run of one contender in a process of its own: seconds, peak memory in MiB."""
+    command = [sys.executable, __file__, "--child", name, endpoint, src, str(dst)]
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if result.returncode:
+        raise SystemExit(f"{name} failed ({result.returncode}): {result.stdout}")
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    return float(found["seconds"]), float(found["peak"])
+
+
+def expected_files(count: int) -> int:
+    return count + 1  # the chunks and the array's zarr.json
+
+
+def bench(endpoint: str, bucket: str, name: str, count: int, size: int, repeat: int) -> list[str]:
+    fill(endpoint, bucket, name, count, size)
+    src = f"s3://{bucket}/{name}"
+    results: dict[str, list[tuple[float, float]]] = {contender: [] for contender in CONTENDERS}
+    with tempfile.TemporaryDirectory() as folder:
+        for number in range(repeat):
+            for contender in CONTENDERS:
+                dst = Path(folder) / f"{number}-{contender.replace(' ', '_')}"
+                results[contender].append(measure(contender, endpoint, src, dst))
+                files = [path for path in dst.rglob("*") if path.is_file()]
+                if len(files) != expected_files(count):
+                    raise SystemExit(f"{contender} copied {len(files)} files, not {count + 1}")
+                shutil.rmtree(dst)
+    mib = count * size / 2**20
+    lines = [
+        f"\n## {count} x {size // 1024} KiB ({mib:.0f} MiB) from moto S3 to a folder "
+        f"(median of {repeat})",
+        f"{'':28s} {'seconds':>8s} {'MiB/s':>8s} {'keys/s':>8s} {'peak RSS MiB':>13s}",
+    ]
+    medians = {}
+    for contender, runs in results.items():
+        seconds = statistics.median(run[0] for run in runs)
+        peak = statistics.median(run[1] for run in runs)
+        medians[contender] = (seconds, peak)
+        lines.append(
+            f"{contender:28s} {seconds:8.2f} {mib / seconds:8.1f} {count / seconds:8.0f} "
+            f"{peak:13.0f}"
+        )
+    ours = min(medians[c][0] for c in CONTENDERS[:2])
+    best = min(medians[c][0] for c in CONTENDERS[2:])
+    lines.append(f"time, best of ours / best of the others: {ours / best:.2f}")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--child"]:
+        child(*argv[1:5])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--only", choices=["small", "large"], default=None)
+    args = parser.parse_args(argv)
+    repeat = args.repeat or (1 if args.quick else 5)
+    print(f"# zarr-anyio copy benchmark (python {sys.version.split()[0]}, {os.cpu_count()} cores)")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    server = S3ServerProcess()
+    server.start()
+    try:
+        bucket = server.new_bucket()
+        small = (200, 4096) if args.quick else (2000, 4096)
+        large = (8, 8 << 20) if args.quick else (64, 8 << 20)
+        for name, (count, size) in (("small", small), ("large", large)):
+            if args.only not in (None, name):
+                continue
+            for line in bench(server.endpoint, bucket, name, count, size, repeat):
+                print(line, flush=True)
+    finally:
+        server.stop()
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
