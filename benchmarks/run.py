@@ -1,25 +1,42 @@
-"""Read speed of zarr_anyio's LocalStore against zarr-python's own, measured in one run.
+"""Read speed of zarr_anyio's LocalStore against zarr-python's own, measured in the same runs.
 
-    python3 tests/dev.py bench            # the full run (512 x 1 MiB and 8,192 x 4 KiB chunks)
+    python3 tests/dev.py bench            # the full run (about ten minutes)
     python3 tests/dev.py bench --quick    # a small run, as the test suite does
 
-For each array (uncompressed, written once, read from the page cache) it measures, interleaving
-the stores and repeating: zarr-python's ``arr[:]`` through ``zarr.storage.LocalStore`` and through
-ours; a bulk read (``get_partial_values`` of every chunk key) through both; and our bulk read
-under trio and under asyncio. It prints medians and the ratios ours/theirs (lower is better).
-Timings on a shared machine are noisy: read the ratios, not the absolute numbers.
+The main figure is zarr-python's ``arr[:]`` through ``zarr.storage.LocalStore`` and through ours,
+on the same data (written once by zarr's store, read from the page cache), for each workload:
+
+* ``1-D 1 MiB``: float64, 512 chunks of 1 MiB, uncompressed;
+* ``2-D 1 MiB``: float32 (262144, 512) in (512, 512) chunks, uncompressed;
+* ``2-D 1 MiB zstd``: the same, zstd-compressed;
+* ``1-D 4 KiB``: float64, 8,192 chunks of 4 KiB, uncompressed.
+
+Each workload is read in ``--runs`` fresh processes (a process's history, such as what its
+allocator has mapped, is part of what is measured). A run reads through both stores in turn,
+``--repeat`` times, after one read of each to warm up, and gives the median of each; its figure is
+the ratio ours / theirs (lower is better). The table gives min / median / max of that ratio over
+the runs. The machine may be shared: the load average is printed with the figures.
+
+Then, in this process: a bulk read (``get_partial_values``) through both stores, our bulk read
+under trio and under asyncio, and zarr reading a zip through both ZipStores.
+
+``--pipeline fused`` makes zarr (>= 3.4) use its ``FusedCodecPipeline``, which reads through the
+stores' ``get_sync``; by default zarr uses its ``BatchedCodecPipeline`` and awaits ``get``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import numpy as np
@@ -31,13 +48,61 @@ from zarr.core.sync import sync
 import zarr_anyio
 
 PROTO = default_buffer_prototype()
+FUSED = "zarr.core.codec_pipeline.FusedCodecPipeline"
+
+
+class Workload(NamedTuple):
+    name: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    zstd: bool
+
+    @property
+    def folder_name(self) -> str:
+        return self.name.replace(" ", "_")
+
+
+def workloads(quick: bool) -> list[Workload]:
+    if quick:
+        return [
+            Workload("1-D 1 MiB", (8 * 131072,), (131072,), "float64", zstd=False),
+            Workload("1-D 4 KiB", (64 * 512,), (512,), "float64", zstd=False),
+        ]
+    return [
+        Workload("1-D 1 MiB", (512 * 131072,), (131072,), "float64", zstd=False),
+        Workload("2-D 1 MiB", (262144, 512), (512, 512), "float32", zstd=False),
+        Workload("2-D 1 MiB zstd", (262144, 512), (512, 512), "float32", zstd=True),
+        Workload("1-D 4 KiB", (8192 * 512,), (512,), "float64", zstd=False),
+    ]
+
+
+def write(workload: Workload, folder: Path) -> None:
+    """The workload's array, written by zarr's own store."""
+    size = int(np.prod(workload.shape))
+    # Values that compress, but not to nothing: whole numbers below 1,000 in a random order.
+    data = np.random.default_rng(0).integers(0, 1000, size).astype(workload.dtype)
+    compressors: Any = zarr.codecs.ZstdCodec() if workload.zstd else None
+    array = zarr.create_array(
+        store=zarr.storage.LocalStore(folder / workload.folder_name),
+        shape=workload.shape,
+        chunks=workload.chunks,
+        dtype=workload.dtype,
+        compressors=compressors,
+    )
+    array[:] = data.reshape(workload.shape)
 
 
 def median_results(runs: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
-    """Run each callable ``repeat`` times, interleaved, and give the median of what each returns."""
+    """Run each callable ``repeat`` times, interleaved, and give the median of what each returns.
+
+    The order turns around every repetition, so that none always runs after the same other
+    (what one leaves behind, in the allocator or the caches, is met by the next).
+    """
     results: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeat):
-        for name, run in runs.items():
+    for repetition in range(repeat):
+        order = list(runs.items())
+        for name, run in order if repetition % 2 == 0 else reversed(order):
             results[name].append(run())
     return {name: statistics.median(values) for name, values in results.items()}
 
@@ -56,25 +121,95 @@ def median_seconds(runs: dict[str, Callable[[], Any]], repeat: int) -> dict[str,
     return median_results({name: timer(run) for name, run in runs.items()}, repeat)
 
 
-def bench_array(folder: Path, chunk_bytes: int, chunks: int, repeat: int) -> list[str]:
-    items = chunk_bytes // 8
-    path = folder / f"array-{chunk_bytes}"
-    theirs = zarr.storage.LocalStore(path)
-    ours = zarr_anyio.LocalStore(path)
-    data = np.arange(items * chunks, dtype="float64")
-    zarr.create_array(
-        store=theirs, shape=data.shape, chunks=(items,), dtype="float64", compressors=None
-    )[:] = data
-    keys = [(f"c/{i}", None) for i in range(chunks)]
+# ------------------------------------------------------------------ one run, in its own process
 
-    def read_array(store: Any) -> None:
-        assert zarr.open_array(store=store, mode="r")[-1] == data[-1]
-        result = zarr.open_array(store=store, mode="r")[:]
-        assert result.shape == data.shape
+
+def one_run(folder: Path, repeat: int, pipeline: str) -> dict[str, float]:
+    """``arr[:]`` through both stores, interleaved: the median seconds of each."""
+    if pipeline == "fused":
+        zarr.config.set({"codec_pipeline.path": FUSED})
+    arrays = {
+        "theirs": zarr.open_array(store=zarr.storage.LocalStore(folder, read_only=True), mode="r"),
+        "ours": zarr.open_array(store=zarr_anyio.LocalStore(folder, read_only=True), mode="r"),
+    }
+    expected = arrays["theirs"][-1]
+
+    def read(name: str) -> Callable[[], None]:
+        def run() -> None:
+            result = arrays[name][:]
+            assert np.array_equal(result[-1], expected)
+
+        return run
+
+    for name in arrays:
+        read(name)()  # warm up: the page cache, and each store's first use
+    return median_seconds({name: read(name) for name in arrays}, repeat)
+
+
+def run_in_a_process(folder: Path, repeat: int, pipeline: str) -> dict[str, float]:
+    done = subprocess.run(
+        [
+            *(sys.executable, __file__, "--one-run", str(folder)),
+            *("--repeat", str(repeat), "--pipeline", pipeline),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def distribution(
+    folder: Path, cases: list[Workload], runs: int, repeat: int, pipeline: str
+) -> list[str]:
+    lines = [f"\n## arr[:], ours / zarr.storage.LocalStore: {runs} runs of {repeat} reads each"]
+    table = [
+        "| workload | chunks | min | median | max | our median | their median |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for workload in cases:
+        ratios, ours, theirs = [], [], []
+        for _ in range(runs):
+            seconds = run_in_a_process(folder / workload.folder_name, repeat, pipeline)
+            ratios.append(seconds["ours"] / seconds["theirs"])
+            ours.append(seconds["ours"])
+            theirs.append(seconds["theirs"])
+        chunks = int(
+            np.prod([s // c for s, c in zip(workload.shape, workload.chunks, strict=True)])
+        )
+        lines.append(
+            f"{workload.name}: runs ours/theirs "
+            + " ".join(f"{ratio:.2f}" for ratio in ratios)
+            + f"  (load {os.getloadavg()[0]:.1f})"
+        )
+        lines.append(
+            f"ratio arr[:] ours/theirs, {workload.name}: min {min(ratios):.2f} "
+            f"median {statistics.median(ratios):.2f} max {max(ratios):.2f}"
+        )
+        table.append(
+            f"| {workload.name} | {chunks} | {min(ratios):.2f} | {statistics.median(ratios):.2f}"
+            f" | {max(ratios):.2f} | {statistics.median(ours) * 1000:.0f} ms"
+            f" | {statistics.median(theirs) * 1000:.0f} ms |"
+        )
+    return [*lines, "", *table]
+
+
+# ------------------------------------------------------------------ in this process
+
+
+def bench_bulk(folder: Path, workload: Workload, repeat: int) -> list[str]:
+    """A bulk read of every chunk key through both stores, and ours under trio and asyncio."""
+    path = folder / workload.folder_name
+    theirs = zarr.storage.LocalStore(path, read_only=True)
+    ours = zarr_anyio.LocalStore(path, read_only=True)
+    chunks = int(np.prod([s // c for s, c in zip(workload.shape, workload.chunks, strict=True)]))
+    separator = "/".join("0" * (len(workload.shape) - 1))
+    keys = [(f"c/{i}/{separator}".rstrip("/"), None) for i in range(chunks)]
 
     def bulk_on_zarrs_loop(store: Any) -> None:
         results = sync(store.get_partial_values(PROTO, keys))
-        assert len(results) == chunks
+        assert all(result is not None for result in results)
 
     async def bulk_ours() -> None:
         results = await ours.get_partial_values(PROTO, keys)
@@ -82,8 +217,6 @@ def bench_array(folder: Path, chunk_bytes: int, chunks: int, repeat: int) -> lis
 
     timings = median_seconds(
         {
-            "zarr arr[:] via zarr.storage.LocalStore": lambda: read_array(theirs),
-            "zarr arr[:] via zarr_anyio.LocalStore": lambda: read_array(ours),
             "get_partial_values, zarr.storage.LocalStore": lambda: bulk_on_zarrs_loop(theirs),
             "get_partial_values, zarr_anyio.LocalStore": lambda: bulk_on_zarrs_loop(ours),
             "zarr_anyio bulk read under asyncio": lambda: anyio.run(bulk_ours, backend="asyncio"),
@@ -91,20 +224,12 @@ def bench_array(folder: Path, chunk_bytes: int, chunks: int, repeat: int) -> lis
         },
         repeat,
     )
-    label = f"{chunks} chunks of {chunk_bytes // 1024} KiB"
-    lines = [f"\n## {label} (median of {repeat}, zarr {zarr.__version__})"]
+    lines = [f"\n## bulk read, {workload.name}, {chunks} chunks (median of {repeat})"]
     for name, seconds in timings.items():
         lines.append(f"{name:48s} {seconds * 1000:9.1f} ms  {seconds / chunks * 1e6:8.1f} µs/chunk")
-    names = list(timings)
-    lines.append(
-        f"ratio arr[:] ours/theirs:            {timings[names[1]] / timings[names[0]]:.2f}"
-    )
-    lines.append(
-        f"ratio bulk read ours/theirs:         {timings[names[3]] / timings[names[2]]:.2f}"
-    )
-    lines.append(
-        f"ratio our bulk read trio/asyncio:    {timings[names[5]] / timings[names[4]]:.2f}"
-    )
+    values = list(timings.values())
+    lines.append(f"ratio bulk read ours/theirs:         {values[1] / values[0]:.2f}")
+    lines.append(f"ratio our bulk read trio/asyncio:    {values[3] / values[2]:.2f}")
     return lines
 
 
@@ -144,17 +269,36 @@ def bench_zip(folder: Path, chunk_bytes: int, chunks: int, repeat: int) -> list[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small arrays, few repetitions")
-    parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=None, help="reads per store in a run")
+    parser.add_argument("--runs", type=int, default=None, help="processes per workload")
+    parser.add_argument("--pipeline", choices=["batched", "fused"], default="batched")
+    parser.add_argument("--only", default=None, help="workloads whose name contains this")
+    parser.add_argument("--one-run", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     repeat = args.repeat or (2 if args.quick else 7)
-    cases = [(1 << 20, 8), (4096, 64)] if args.quick else [(1 << 20, 512), (4096, 8192)]
-    print(f"# zarr_anyio benchmarks (python {sys.version.split()[0]})")
-    with tempfile.TemporaryDirectory() as folder:
-        for chunk_bytes, chunks in cases:
-            for line in bench_array(Path(folder), chunk_bytes, chunks, repeat):
-                print(line, flush=True)
-        for line in bench_zip(Path(folder), 4096, 100 if args.quick else 1000, repeat):
+    if args.one_run is not None:
+        print(json.dumps(one_run(args.one_run, repeat, args.pipeline)))
+        return 0
+    runs = args.runs or (2 if args.quick else 10)
+    cases = [w for w in workloads(args.quick) if args.only is None or args.only in w.name]
+    print(
+        f"# zarr_anyio benchmarks (python {sys.version.split()[0]}, zarr {zarr.__version__}, "
+        f"{args.pipeline} codec pipeline, {os.cpu_count()} cpus, "
+        f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())})"
+    )
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        for workload in cases:
+            write(workload, folder)
+        for line in distribution(folder, cases, runs, repeat, args.pipeline):
             print(line, flush=True)
+        if args.only is None:
+            for workload in (cases[0], cases[-1]):
+                for line in bench_bulk(folder, workload, repeat):
+                    print(line, flush=True)
+            for line in bench_zip(folder, 4096, 100 if args.quick else 1000, repeat):
+                print(line, flush=True)
+    print(f"\nload at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 

@@ -47,6 +47,9 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], InFlight]:
     def install(hold_until: int) -> InFlight:
         double = InFlight(zarr_anyio.local._read_file, hold_until)
         monkeypatch.setattr(zarr_anyio.local, "_read_file", double)
+        # Every read to a thread, where the double counts it (small cached reads are otherwise
+        # made on the event loop, without a hop; tests/test_large_reads.py covers those).
+        monkeypatch.setattr(zarr_anyio.local.LocalStore, "_reads_on_loop", False)
         return double
 
     return install

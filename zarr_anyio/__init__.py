@@ -15,7 +15,7 @@ from ._open import open_store, open_store_async
 from ._remote import RemoteStore, RequestStats
 from ._retry import NO_RETRY, RateLimit, Retry, RetryBudget
 from .fsspec import FsspecStore
-from .local import LocalStore
+from .local import LeavesRoot, LocalStore
 from .memory import MemoryStore
 from .object import ObjectStore
 from .zip import ZipStore
@@ -30,6 +30,7 @@ __all__ = [
     "BlockingStore",
     "FetchRequest",
     "FsspecStore",
+    "LeavesRoot",
     "Limiter",
     "LocalStore",
     "MemoryStore",

@@ -555,7 +555,7 @@ class BlockingStore(AnyioStore):
         self._hops = HopCoalescer(self._limit)
 
     @abc.abstractmethod
-    def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> bytes | None:
+    def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> bytes | memoryview | None:
         """Read ``key`` (or the part ``byte_range`` asks for); ``None`` if it does not exist."""
 
     async def _blocking(self, function: Callable[[CheckCancelled], T]) -> T:
@@ -572,14 +572,14 @@ class BlockingStore(AnyioStore):
 
     def _read_nowait(
         self, key: str, byte_range: ByteRequest | None
-    ) -> bytes | Literal[Pending.NOT_READY] | None:
+    ) -> bytes | memoryview | Pending | None:
         """Read ``key`` on the event loop if that cannot block (the bytes are in memory or the
         page cache), else give `NOT_READY`. By default reads always go to a thread."""
         return NOT_READY
 
     def _read_on_loop(
         self, key: str, byte_range: ByteRequest | None
-    ) -> bytes | Literal[Pending.NOT_READY] | None:
+    ) -> bytes | memoryview | Pending | None:
         # A read that cannot block costs a few µs, a hop ~100 µs: skip the hop, but only with a
         # token free, so the limit still counts it.
         limiter = self._limit.current()
@@ -613,7 +613,7 @@ class BlockingStore(AnyioStore):
     async def _backend_get_batch(
         self, requests: list[tuple[str, ByteRequest | None]], prototype: BufferPrototype
     ) -> list[Buffer | None]:
-        def read_all() -> list[bytes | None]:
+        def read_all() -> list[bytes | memoryview | None]:
             return [self._read_blocking(key, byte_range) for key, byte_range in requests]
 
         hop = await self._blocking(lambda _: timed(read_all))

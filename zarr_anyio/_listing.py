@@ -27,7 +27,7 @@ from ._bridge import run_on_loop
 from ._keys import directory_prefix
 from ._threads import run_in_worker
 from .fsspec import FsspecStore
-from .local import TEMP_MARK, LocalStore
+from .local import Folder, LocalStore, scan_folder
 from .object import ObjectStore
 
 __all__ = ["PAGE_SIZE", "Entry", "list_node"]
@@ -60,35 +60,19 @@ async def list_node(store: AnyioStore, prefix: str = "") -> AsyncGenerator[list[
 # ---------------------------------------------------------------- local folders
 
 
-def _scan(folder: str, key_prefix: str) -> tuple[list[Entry], list[tuple[str, str]]]:
-    """The files of one folder (with sizes) and its subfolders, in one blocking call."""
-    files: list[Entry] = []
-    folders: list[tuple[str, str]] = []
-    try:
-        entries = os.scandir(folder)
-    except (FileNotFoundError, NotADirectoryError):
-        return files, folders
-    with entries:
-        for entry in entries:
-            if entry.name.startswith(TEMP_MARK):
-                continue  # a write in progress, not a key
-            if entry.is_dir(follow_symlinks=False):
-                folders.append((entry.path, f"{key_prefix}{entry.name}/"))
-            elif entry.is_file():
-                files.append((f"{key_prefix}{entry.name}", entry.stat().st_size))
-    return files, folders
-
-
 async def _local_pages(store: LocalStore, prefix: str) -> AsyncGenerator[list[Entry], None]:
-    # Depth first, so what waits in memory is the folders not yet read, not their keys.
-    pending = [(os.path.join(store.root, prefix), prefix)]
+    # Depth first, so what waits in memory is the folders not yet read, not their keys. Each
+    # folder is read as the store lists (`scan_folder`): never through a link out of the root.
+    root = os.fspath(store.root)
+    pending: list[Folder] = [(prefix, frozenset())]
     while pending:
-        folder, key_prefix = pending.pop()
+        folder = pending.pop()
         async with store._limit.current():
-            files, folders = await run_in_worker(lambda _: _scan(folder, key_prefix))  # noqa: B023
+            files, folders = await run_in_worker(lambda _: scan_folder(root, folder))  # noqa: B023
         pending.extend(reversed(folders))
-        for start in range(0, len(files), PAGE_SIZE):
-            yield files[start : start + PAGE_SIZE]
+        entries: list[Entry] = list(files)
+        for start in range(0, len(entries), PAGE_SIZE):
+            yield entries[start : start + PAGE_SIZE]
 
 
 # ---------------------------------------------------------------- obstore
