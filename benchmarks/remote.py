@@ -25,12 +25,11 @@ the client at high concurrency: read the ratios.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from zarr_anyio._threads import run_in_worker
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throttling
+from processes import server_process
 from run import median_results, median_seconds
 from servers import S3ServerProcess
 
@@ -126,25 +126,9 @@ def bench_s3(chunks: int, repeat: int) -> list[str]:
     return lines
 
 
-@contextmanager
-def slow_http_server(delay: float, size: int) -> Iterator[str]:
+def slow_http_server(delay: float, size: int) -> AbstractContextManager[str]:
     """`slow_http.py` in a process of its own; gives its URL, stops it at the end."""
-    command = [sys.executable, str(HERE / "slow_http.py"), f"--delay={delay}", f"--size={size}"]
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert process.stdin is not None
-    assert process.stdout is not None
-    try:
-        url = process.stdout.readline().strip()
-        if not url.startswith("http://"):
-            raise RuntimeError(f"the benchmark's HTTP server did not start: {url!r}")
-        yield url
-    finally:
-        process.stdin.close()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return server_process("slow_http.py", f"--delay={delay}", f"--size={size}")
 
 
 def bench_latency(objects: int, concurrencies: list[int]) -> list[str]:

@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -40,30 +38,15 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 import zarr_anyio
+from processes import server_process
 
 HERE = Path(__file__).resolve().parent
 PROTO = default_buffer_prototype()
 
 
-@contextmanager
-def server(*options: str) -> Iterator[str]:
+def server(*options: str) -> AbstractContextManager[str]:
     """`throttle_http.py` in a process of its own; gives its URL, stops it at the end."""
-    command = [sys.executable, str(HERE / "throttle_http.py"), *options]
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert process.stdin is not None
-    assert process.stdout is not None
-    try:
-        url = process.stdout.readline().strip()
-        if not url.startswith("http://"):
-            raise RuntimeError(f"the benchmark's HTTP server did not start: {url!r}")
-        yield url
-    finally:
-        process.stdin.close()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return server_process("throttle_http.py", *options)
 
 
 def server_counts(url: str, answers: bool = False) -> dict[str, Any]:
