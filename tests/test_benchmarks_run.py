@@ -19,6 +19,7 @@ def test_benchmark_script_runs_quick() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("ratio arr[:] ours/theirs") == 2
+    assert done.stdout.count("ratio into one preallocated out= ours/theirs") == 1
     assert done.stdout.count("ratio our bulk read trio/asyncio") == 2
     assert done.stdout.count("ratio zip arr[:] ours/theirs") == 1
 
