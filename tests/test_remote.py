@@ -17,7 +17,7 @@ import pytest
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 
-from servers import Faults, HTTPServer, S3Server
+from servers import CountingProxy, Faults, HTTPServer, S3Server
 from zarr_anyio import NO_RETRY, FsspecStore, ObjectStore, RateLimit, RemoteStore, Retry
 from zarr_anyio._bridge import run_on_loop
 from zarr_anyio._retry import http_status, is_transient
@@ -437,6 +437,33 @@ async def test_set_if_not_exists_is_a_conditional_put_on_s3(s3_server: S3Server)
         again = await store.get("lock", PROTO)
         assert again is not None
         assert again.to_bytes() == value.to_bytes()
+
+
+async def test_a_whole_key_is_one_get_at_the_s3_server(s3_server: S3Server) -> None:
+    # s3fs >= 2025 asks an object's size (a HEAD) before reading it whole, so that it can split
+    # a big one into ranged requests of its own: two requests per chunk, some outside our limit.
+    bucket = s3_server.new_bucket()
+    values = {f"c/{i}": bytes([i]) * (300_000 + i) for i in range(5)}
+    with CountingProxy(s3_server.endpoint) as proxy:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(
+            key="testing",
+            secret="testing",
+            client_kwargs={"endpoint_url": proxy.url, "region_name": "us-east-1"},
+            asynchronous=True,
+            skip_instance_cache=True,
+            default_block_size=100_000,  # smaller than each value: s3fs would split them
+        )
+        store = FsspecStore(fs, path=f"{bucket}/a")
+        await store.set_many([(key, PROTO.buffer.from_bytes(v)) for key, v in values.items()])
+        proxy.clear()
+        for key, value in values.items():
+            found = await store.get(key, PROTO)
+            assert found is not None
+            assert found.to_bytes() == value
+        assert (proxy.count("GET"), proxy.count("HEAD")) == (len(values), 0)
+        await store.aclose()
 
 
 # ------------------------------------------------------------------ closing network sessions

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import posixpath
 import urllib.parse
 from collections.abc import Awaitable, Iterable
@@ -48,6 +49,17 @@ def _join(root: str, key: str) -> str:
 def _protocols(fs: Any) -> set[str]:
     protocol = fs.protocol
     return {protocol} if isinstance(protocol, str) else set(protocol)
+
+
+def _takes_keyword(fs: Any, method: str, keyword: str) -> bool:
+    """Whether ``fs.<method>`` names ``keyword`` among its parameters."""
+    function = getattr(fs, method, None)
+    if function is None:
+        return False
+    try:
+        return keyword in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _fetch_limits(byte_range: ByteRequest | None) -> tuple[int | None, int | None]:
@@ -150,6 +162,12 @@ class FsspecStore(RemoteStore):
         # a literal segment (it is not ".."), "#" no fragment and "?" no query (as obstore's
         # HTTPStore does). Encoded, a key has no character that yarl would decode again.
         self._url_keys = bool(_protocols(fs) & {"http", "https"})
+        # s3fs (>= 2025.x) reads a whole object by asking its size first (a HEAD) and, past its
+        # block size, in up to ``max_concurrency`` ranged requests of its own: two requests per
+        # chunk, and fetches outside this store's limit. One GET per key instead.
+        self._whole_read_kwargs: dict[str, Any] = (
+            {"max_concurrency": 1} if _takes_keyword(fs, "_cat_file", "max_concurrency") else {}
+        )
         # A filesystem that from_url made is ours to close; one the caller passed is theirs.
         self._owns_fs = False
         # open_store(str(store)) reaches this filesystem (its options, credentials) again
@@ -299,7 +317,8 @@ class FsspecStore(RemoteStore):
                     return None
                 return prototype.buffer.from_bytes(b"")
             start, end = _fetch_limits(byte_range)
-            data = await self._fs("cat_file", path, start=start, end=end)
+            whole = self._whole_read_kwargs if start is None and end is None else {}
+            data = await self._fs("cat_file", path, start=start, end=end, **whole)
         except self.allowed_exceptions:
             return None
         except Exception as error:
