@@ -70,20 +70,15 @@ def obstore_client(url: str, retries: int = 0) -> Any:
 
 def stores(url: str, ceiling: int, adaptive: bool = True) -> dict[str, Any]:
     """Our two stores and zarr's two over ``url``, each client's own retries off for ours."""
-    import fsspec
-
     options: dict[str, Any] = {"max_concurrency": ceiling, "adaptive": adaptive}
     retry = zarr_anyio.Retry(attempts=10)
     return {
         "zarr_anyio.ObjectStore": zarr_anyio.ObjectStore(
             obstore_client(url), read_only=True, retry=retry, **options
         ),
-        "zarr_anyio.FsspecStore": zarr_anyio.FsspecStore(
-            fsspec.filesystem("http", asynchronous=True, skip_instance_cache=True),
-            path=url,
-            read_only=True,
-            retry=retry,
-            **options,
+        # from_url: the store owns its filesystem and closes its session with the store.
+        "zarr_anyio.FsspecStore": zarr_anyio.FsspecStore.from_url(
+            url, read_only=True, retry=retry, **options
         ),
     }
 
@@ -165,7 +160,15 @@ def run_all(url: str, count: int, admitted: float, ceilings: list[int], knee: in
             seconds = None
             name = f"{name} ({type(error).__name__})"
         lines.append(row(f"{name}, async.concurrency=10", url, count, seconds, admitted))
+        close_zarrs(store)
     return lines
+
+
+def close_zarrs(store: Any) -> None:
+    """zarr's FsspecStore leaves an async filesystem's session open: close it on zarr's loop."""
+    session = getattr(getattr(store, "fs", None), "_session", None)
+    if session is not None:
+        sync(session.close())
 
 
 def bench_rate(count: int, ceilings: list[int]) -> list[str]:
