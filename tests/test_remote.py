@@ -440,7 +440,7 @@ async def test_set_if_not_exists_is_a_conditional_put_on_s3(s3_server: S3Server)
 
 
 async def test_a_whole_key_is_one_get_at_the_s3_server(s3_server: S3Server) -> None:
-    # s3fs >= 2025 asks an object's size (a HEAD) before reading it whole, so that it can split
+    # s3fs (since 2026) asks an object's size (a HEAD) before reading it whole, so that it can split
     # a big one into ranged requests of its own: two requests per chunk, some outside our limit.
     bucket = s3_server.new_bucket()
     values = {f"c/{i}": bytes([i]) * (300_000 + i) for i in range(5)}

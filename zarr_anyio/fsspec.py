@@ -162,10 +162,10 @@ class FsspecStore(RemoteStore):
         # a literal segment (it is not ".."), "#" no fragment and "?" no query (as obstore's
         # HTTPStore does). Encoded, a key has no character that yarl would decode again.
         self._url_keys = bool(_protocols(fs) & {"http", "https"})
-        # s3fs (>= 2025.x) reads a whole object by asking its size first (a HEAD) and, past its
-        # block size, in up to ``max_concurrency`` ranged requests of its own: two requests per
-        # chunk, and fetches outside this store's limit (fsspec/s3fs#1027, from s3fs#1007). One
-        # GET per key instead.
+        # s3fs (since 2026) reads a whole object by asking its size first (a HEAD) and, past
+        # its block size, in up to ``max_concurrency`` ranged requests of its own: two requests
+        # per chunk, and fetches outside this store's limit (fsspec/s3fs#1027, from s3fs#1007).
+        # One GET per key instead.
         self._whole_read_kwargs: dict[str, Any] = (
             {"max_concurrency": 1} if _takes_keyword(fs, "_cat_file", "max_concurrency") else {}
         )
