@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ._fileio import read_exact
+
 __all__ = [
     "Contents",
     "FdReader",
@@ -49,7 +51,6 @@ __all__ = [
     "member_record",
     "overlapping",
     "read_contents",
-    "read_exact",
     "rewritten_header",
     "write_all",
 ]
@@ -82,17 +83,6 @@ _write_at: Callable[[int, bytes | memoryview, int], int] = os.pwrite
 
 
 # ---------------------------------------------------------------- reading and writing bytes
-
-
-def read_exact(fd: int, length: int, offset: int) -> bytes:
-    """``length`` bytes at ``offset``, fewer only if the file ends first."""
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            break
-        data += more
-    return data
 
 
 def write_all(

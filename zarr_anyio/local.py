@@ -63,6 +63,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from . import _buffers
 from ._base import NOT_READY, BlockingStore, Pending
 from ._beneath import DIRECTORY, O_PATH, LeavesRoot, open_beneath, open_cached, open_root
+from ._fileio import read_exact
 from ._keys import byte_range_slice, check_byte_range, validate_key
 from ._limit import LimiterLike
 from ._threads import CheckCancelled, run_in_worker
@@ -149,20 +150,9 @@ def _read_file(root: str, key: str, byte_range: ByteRequest | None) -> bytes | m
         wanted = byte_range_slice(byte_range, info.st_size)
         if wanted.stop - wanted.start >= POOLED_READ:
             return _read_into(fd, _buffers.take(wanted.stop - wanted.start), wanted.start)
-        return _read_small(fd, wanted.stop - wanted.start, wanted.start)
+        return read_exact(fd, wanted.stop - wanted.start, wanted.start)
     finally:
         os.close(fd)
-
-
-def _read_small(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    # A regular file is read whole in one call unless it changed under us; finish it.
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            break
-        data += more
-    return data
 
 
 def _read_into(fd: int, buffer: memoryview, offset: int) -> memoryview:

@@ -56,6 +56,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from . import _live
 from ._base import NOT_READY, BlockingStore, Pending
 from ._calls import InFlight
+from ._fileio import read_exact
 from ._keys import byte_range_slice, check_byte_range, names_under, validate_key
 from ._limit import LimiterLike
 from ._threads import CheckCancelled, run_in_worker
@@ -69,7 +70,6 @@ from ._zipformat import (
     member_record,
     overlapping,
     read_contents,
-    read_exact,
     recover,
     rewritten_header,
     write_all,

@@ -1,0 +1,21 @@
+"""Positional reads of regular files: one loop that LocalStore and ZipStore both read through."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["read_exact"]
+
+
+def read_exact(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset``, fewer only if the file ends first.
+
+    A regular file is read whole in one ``pread`` unless it changed under us; the loop finishes
+    the read then."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
