@@ -21,6 +21,18 @@ from urllib.parse import urlsplit
 import requests
 
 
+def s3fs_at(endpoint: str, **options: Any) -> Any:
+    """An s3fs filesystem speaking to the S3 server (or proxy, or fake) at ``endpoint``."""
+    import s3fs
+
+    return s3fs.S3FileSystem(
+        key="testing",
+        secret="testing",
+        client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"},
+        **options,
+    )
+
+
 class S3Server:
     """moto's S3 server in a thread, on a free loopback port."""
 
@@ -44,14 +56,7 @@ class S3Server:
         return name
 
     def s3fs(self, **options: Any) -> Any:
-        import s3fs
-
-        return s3fs.S3FileSystem(
-            key="testing",
-            secret="testing",
-            client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"},
-            **options,
-        )
+        return s3fs_at(self.endpoint, **options)
 
     def obstore(self, bucket: str, **options: Any) -> Any:
         from obstore.store import S3Store

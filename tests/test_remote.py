@@ -17,7 +17,7 @@ import pytest
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 
-from servers import CountingProxy, Faults, HTTPServer, S3Server
+from servers import CountingProxy, Faults, HTTPServer, S3Server, s3fs_at
 from zarr_anyio import NO_RETRY, FsspecStore, ObjectStore, RateLimit, RemoteStore, Retry
 from zarr_anyio._bridge import run_on_loop
 from zarr_anyio._retry import http_status, is_transient
@@ -306,15 +306,11 @@ async def test_set_if_not_exists_raises_a_503_whose_text_holds_412(
     http_server: HTTPServer,
 ) -> None:
     # Before: an error whose text held "412" was taken for "the key exists" and swallowed.
-    import s3fs
-
     http_server.faults = Faults(slow_down=1.0, message="Reduce your request rate (request 412).")
-    fs = s3fs.S3FileSystem(
-        key="testing",
-        secret="testing",
+    fs = s3fs_at(
+        http_server.url,
         asynchronous=True,
         skip_instance_cache=True,
-        client_kwargs={"endpoint_url": http_server.url, "region_name": "us-east-1"},
         # As docs/remote.md says to leave retrying to us: one attempt per request.
         config_kwargs={"retries": {"total_max_attempts": 1}},
     )
@@ -445,12 +441,8 @@ async def test_a_whole_key_is_one_get_at_the_s3_server(s3_server: S3Server) -> N
     bucket = s3_server.new_bucket()
     values = {f"c/{i}": bytes([i]) * (300_000 + i) for i in range(5)}
     with CountingProxy(s3_server.endpoint) as proxy:
-        import s3fs
-
-        fs = s3fs.S3FileSystem(
-            key="testing",
-            secret="testing",
-            client_kwargs={"endpoint_url": proxy.url, "region_name": "us-east-1"},
+        fs = s3fs_at(
+            proxy.url,
             asynchronous=True,
             skip_instance_cache=True,
             default_block_size=100_000,  # smaller than each value: s3fs would split them

@@ -15,7 +15,7 @@ import anyio
 import pytest
 from zarr.core.buffer import default_buffer_prototype
 
-from servers import Faults, HTTPServer
+from servers import Faults, HTTPServer, s3fs_at
 from test_remote import KINDS, fill, http_store
 from zarr_anyio import (
     NO_RETRY,
@@ -209,16 +209,12 @@ async def test_retry_after_is_honoured(http_server: HTTPServer, header: str) -> 
 
 
 async def test_retry_after_is_read_from_s3fs(http_server: HTTPServer) -> None:
-    import s3fs
-
     http_server.objects["bucket/k"] = b"v"
     http_server.faults = Faults(too_many_first=1, retry_after="1")
-    fs = s3fs.S3FileSystem(
-        key="testing",
-        secret="testing",
+    fs = s3fs_at(
+        http_server.url,
         asynchronous=True,
         skip_instance_cache=True,
-        client_kwargs={"endpoint_url": http_server.url, "region_name": "us-east-1"},
         config_kwargs={"retries": {"total_max_attempts": 1}},
     )
     fs.retries = 1
