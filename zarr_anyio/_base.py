@@ -558,6 +558,19 @@ class BlockingStore(AnyioStore):
     def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> bytes | memoryview | None:
         """Read ``key`` (or the part ``byte_range`` asks for); ``None`` if it does not exist."""
 
+    def _read_into_blocking(self, key: str, into: memoryview) -> int | bytes | memoryview | None:
+        """Read the whole value of ``key`` into ``into`` if it is exactly that long (give its
+        length); a value of another length is given as it is, ``None`` if there is none.
+
+        For a caller that knows where the bytes belong (a raw chunk and its place in the
+        result), so a backend that can read into given memory saves a copy. Call it in a worker
+        thread, holding a token, like `_read_blocking`; this default reads, then copies."""
+        data = self._read_blocking(key, None)
+        if data is None or len(data) != len(into):
+            return data
+        into[:] = data
+        return len(data)
+
     async def _blocking(self, function: Callable[[CheckCancelled], T]) -> T:
         """One blocking call in a worker thread, holding a token.
 

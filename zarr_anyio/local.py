@@ -155,6 +155,36 @@ def _read_file(root: str, key: str, byte_range: ByteRequest | None) -> bytes | m
         os.close(fd)
 
 
+def _read_file_into(root: str, key: str, into: memoryview) -> int | bytes | memoryview | None:
+    """`_read_file` of a whole value, straight into ``into`` when the file is that long (see
+    `BlockingStore._read_into_blocking`): one ``preadv`` into the result, no buffer between."""
+    try:
+        root_fd = open_root(root)
+    except _ABSENT:
+        return None
+    try:
+        fd = open_beneath(root_fd, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except (*_ABSENT, IsADirectoryError):
+        return None
+    except OSError as error:
+        if _no_file_there(error):
+            return None
+        raise
+    finally:
+        os.close(root_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if info.st_size != len(into):
+            return read_exact(fd, info.st_size, 0)
+        done = _read_into(fd, into, 0)
+        # The file shrank under us: what it held is not a whole value of that length.
+        return len(into) if len(done) == len(into) else bytes(done)
+    finally:
+        os.close(fd)
+
+
 def _read_into(fd: int, buffer: memoryview, offset: int) -> memoryview:
     """Fill ``buffer`` from ``offset``: the bytes land where zarr will use them, no copy after."""
     done = os.preadv(fd, [buffer], offset)
@@ -875,6 +905,9 @@ class LocalStore(BlockingStore):
         if data is not None:
             self._hops.note_bytes(len(data))
         return data
+
+    def _read_into_blocking(self, key: str, into: memoryview) -> int | bytes | memoryview | None:
+        return _read_file_into(self._root, key, into)
 
     # Small reads whose names and bytes are all cached are made on the event loop (~5 µs,
     # against a hop to a thread); see `_read_cached`.

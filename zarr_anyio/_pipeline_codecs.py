@@ -1,0 +1,175 @@
+"""A codec chain run as plain blocking calls, for `._pipeline`'s worker threads.
+
+zarr's pipeline runs every codec as a coroutine per chunk on the event loop (≈60 µs of Python a
+chunk), and codecs that do real work hop to a thread of their own from there. Our pipeline
+decodes in its own worker threads, several chunks per hop, so it needs each codec as a blocking
+call. zarr ≥ 3.1.1 gives most codecs one (``_decode_sync`` / ``_encode_sync``); a codec without
+one (zarr 3.1.0's, a third party's) runs its own coroutine to completion on an event loop private
+to the worker thread: its own decode, in the same threads, never on the caller's loop.
+
+The stages see the same chunk specs as in zarr's `BatchedCodecPipeline`: an array-to-array codec
+the spec before it, the array-to-bytes codec the spec after every array-to-array codec, each
+bytes-to-bytes codec the spec after the codecs before it. They are resolved once per distinct
+spec (a regular grid has one), not once per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+from zarr.abc.codec import ArrayArrayCodec, ArrayBytesCodec, BytesBytesCodec, Codec
+from zarr.codecs.bytes import BytesCodec
+from zarr.core.array_spec import ArraySpec
+from zarr.core.buffer import Buffer, NDBuffer
+
+__all__ = ["SyncChain"]
+
+_local = threading.local()
+
+
+def _run_here(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run a codec's coroutine to its end in this (worker) thread.
+
+    A coroutine that never suspends ends at its first step, with no loop at all; one that does
+    (zarr 3.1.0's compressors hop to a thread of their own) gets this thread's private loop,
+    made once and kept as long as the thread.
+    """
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    except RuntimeError as error:
+        # It asked for the running loop (``asyncio.to_thread``) before doing anything.
+        if "no running event loop" not in str(error):
+            raise
+        raise _NeedsLoop from None
+    # It suspended on an awaitable we cannot resume without its loop: start it again on one.
+    coroutine.close()
+    raise _NeedsLoop
+
+
+class _NeedsLoop(Exception):
+    pass
+
+
+def _blocking(
+    codec: Codec, method: str
+) -> Callable[[Any, ArraySpec], Any]:  # the codec's one-chunk call, blocking
+    sync = getattr(codec, f"_{method}_sync", None)
+    if sync is not None:
+        return sync  # type: ignore[no-any-return]
+    single = getattr(codec, f"_{method}_single")
+
+    def call(data: Any, spec: ArraySpec) -> Any:
+        try:
+            return _run_here(single(data, spec))
+        except _NeedsLoop:
+            pass
+        loop: asyncio.AbstractEventLoop | None = getattr(_local, "loop", None)
+        if loop is None:
+            loop = _local.loop = asyncio.new_event_loop()
+        return loop.run_until_complete(single(data, spec))
+
+    return call
+
+
+class _Stages:
+    """The specs each codec of the chain sees for one chunk spec."""
+
+    __slots__ = ("ab", "bb", "aa")
+
+    def __init__(self, chain: SyncChain, spec: ArraySpec) -> None:
+        self.aa: list[ArraySpec] = []
+        for codec in chain.aa:
+            self.aa.append(spec)
+            spec = codec.resolve_metadata(spec)
+        self.ab = spec
+        spec = chain.ab.resolve_metadata(spec)
+        self.bb: list[ArraySpec] = []
+        for codec in chain.bb:
+            self.bb.append(spec)
+            spec = codec.resolve_metadata(spec)
+
+
+class SyncChain:
+    """One chunk through the codecs, as blocking calls; thread-safe."""
+
+    def __init__(
+        self,
+        aa: tuple[ArrayArrayCodec, ...],
+        ab: ArrayBytesCodec,
+        bb: tuple[BytesBytesCodec, ...],
+    ) -> None:
+        self.aa, self.ab, self.bb = aa, ab, bb
+        self._decoders = (
+            [_blocking(c, "decode") for c in aa],
+            _blocking(ab, "decode"),
+            [_blocking(c, "decode") for c in bb],
+        )
+        self._encoders = (
+            [_blocking(c, "encode") for c in aa],
+            _blocking(ab, "encode"),
+            [_blocking(c, "encode") for c in bb],
+        )
+        self._stages: dict[ArraySpec, _Stages] = {}
+        self._lock = threading.Lock()
+
+    def stages(self, spec: ArraySpec) -> _Stages:
+        try:
+            found = self._stages.get(spec)
+        except TypeError:  # a spec that does not hash (an odd fill value): resolve every time
+            return _Stages(self, spec)
+        if found is None:
+            found = _Stages(self, spec)
+            with self._lock:
+                if len(self._stages) > 64:
+                    self._stages.clear()  # irregular grids: do not keep every spec
+                self._stages[spec] = found
+        return found
+
+    def decode(self, data: Buffer, spec: ArraySpec) -> NDBuffer:
+        stages = self.stages(spec)
+        aa, ab, bb = self._decoders
+        value: Any = data
+        for decode, bb_spec in zip(reversed(bb), reversed(stages.bb), strict=True):
+            value = decode(value, bb_spec)
+        value = ab(value, stages.ab)
+        for decode, aa_spec in zip(reversed(aa), reversed(stages.aa), strict=True):
+            value = decode(value, aa_spec)
+        assert isinstance(value, NDBuffer)
+        return value
+
+    def encode(self, array: NDBuffer, spec: ArraySpec) -> Buffer | None:
+        stages = self.stages(spec)
+        aa, ab, bb = self._encoders
+        value: Any = array
+        for encode, aa_spec in zip(aa, stages.aa, strict=True):
+            value = encode(value, aa_spec)
+            if value is None:
+                return None
+        value = ab(value, stages.ab)
+        for encode, bb_spec in zip(bb, stages.bb, strict=True):
+            if value is None:
+                return None
+            value = encode(value, bb_spec)
+        assert value is None or isinstance(value, Buffer)
+        return value
+
+    def raw_dtype(self, spec: ArraySpec) -> np.dtype[Any] | None:
+        """The dtype whose C-ordered bytes a stored chunk is, if the chain is only a
+        native-endian ``bytes`` codec (the bytes can then be read straight into the result);
+        else ``None``."""
+        if self.aa or self.bb or type(self.ab) is not BytesCodec:
+            return None
+        dtype = np.dtype(spec.dtype.to_native_dtype())
+        if dtype.hasobject or dtype.names is not None or dtype.byteorder not in ("=", "|"):
+            return None
+        endian = self.ab.endian
+        if endian is not None and dtype.itemsize > 1 and endian.value != sys.byteorder:
+            return None
+        return dtype
