@@ -32,6 +32,7 @@ the store's own calls (which hold its tokens).
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -46,7 +47,7 @@ from zarr.abc.store import ByteGetter, ByteSetter
 from zarr.codecs.sharding import ShardingCodec
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer, NDBuffer
-from zarr.core.codec_pipeline import BatchedCodecPipeline, fill_value_or_default
+from zarr.core.codec_pipeline import BatchedCodecPipeline
 from zarr.core.config import config
 from zarr.core.indexing import SelectorTuple
 from zarr.registry import register_pipeline
@@ -60,10 +61,17 @@ from ._threads import CheckCancelled, run_in_worker
 
 __all__ = ["AnyioCodecPipeline"]
 
-try:  # zarr >= 3.4: the merge is a function of its own
-    from zarr.core.chunk_utils import _merge_chunk_array as _zarr_merge
-except ImportError:  # zarr 3.1: a method of the batched pipeline
+# zarr >= 3.4 keeps the chunk helpers in a module of their own, where the merge is a function;
+# in zarr 3.1 the merge is a method of the batched pipeline.
+_zarr_merge: Callable[..., NDBuffer] | None
+try:
+    _chunk_utils = importlib.import_module("zarr.core.chunk_utils")
+except ImportError:
+    _chunk_utils = importlib.import_module("zarr.core.codec_pipeline")
     _zarr_merge = None
+else:
+    _zarr_merge = _chunk_utils._merge_chunk_array
+fill_value_or_default: Callable[[ArraySpec], Any] = _chunk_utils.fill_value_or_default
 
 # One hop takes chunks up to this many bytes (decoded size) or this many chunks. 4 KiB chunks:
 # 256 a hop (≈6 µs each, so ≈1.5 ms against a ≈30-100 µs hop); 1 MiB chunks: 4 a hop.
@@ -148,7 +156,7 @@ class _Read:
         view = self.out_array[out_sel]
         if view.shape != spec.shape or not view.flags.c_contiguous or not view.flags.writeable:
             return None
-        return memoryview(view.reshape(-1).view(np.uint8))
+        return view.reshape(-1).view(np.uint8).data
 
     def scatter(self, index: int, chunk: NDBuffer | None) -> None:
         # What zarr's pipeline does with a decoded chunk, on the same NDBuffer calls.
@@ -357,7 +365,7 @@ class AnyioCodecPipeline(CodecPipeline):
         return await self.inner.encode(chunk_arrays_and_specs)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.inner == self.inner  # type: ignore[attr-defined]
+        return type(other) is type(self) and other.inner == self.inner
 
     def __hash__(self) -> int:
         return hash((type(self), self.inner))
@@ -370,7 +378,7 @@ class AnyioCodecPipeline(CodecPipeline):
 
     # ------------------------------------------------------------------ reads
 
-    async def read(  # type: ignore[override]  # zarr 3.1 gives None, zarr 3.4 statuses
+    async def read(  # zarr 3.1 wants None, zarr 3.4 a status per chunk: Any fits both
         self,
         batch_info: Iterable[ReadItem],
         out: NDBuffer,
@@ -406,7 +414,7 @@ class AnyioCodecPipeline(CodecPipeline):
         if _zarr_merge is not None:
             merged = _zarr_merge(old, value, out_sel, spec, chunk_sel, complete, drop_axes)
         else:
-            merged = self.inner._merge_chunk_array(
+            merged = self.inner._merge_chunk_array(  # type: ignore[attr-defined, unused-ignore]
                 old, value, out_sel, spec, chunk_sel, complete, drop_axes
             )
         if not spec.config.write_empty_chunks and merged.all_equal(fill_value_or_default(spec)):
@@ -468,7 +476,9 @@ class AnyioCodecPipeline(CodecPipeline):
 
             await run_in_worker(work)
 
-        groups = [range(start, min(start + share, len(part))) for start in range(0, len(part), share)]
+        groups = [
+            range(start, min(start + share, len(part))) for start in range(0, len(part), share)
+        ]
         await _for_each(groups, encode, len(groups))
 
         async def store(index: int) -> None:

@@ -81,19 +81,19 @@ def _blocking(
 class _Stages:
     """The specs each codec of the chain sees for one chunk spec."""
 
-    __slots__ = ("ab", "bb", "aa")
+    __slots__ = ("aa", "ab", "bb")
 
     def __init__(self, chain: SyncChain, spec: ArraySpec) -> None:
         self.aa: list[ArraySpec] = []
-        for codec in chain.aa:
+        for aa_codec in chain.aa:
             self.aa.append(spec)
-            spec = codec.resolve_metadata(spec)
+            spec = aa_codec.resolve_metadata(spec)
         self.ab = spec
         spec = chain.ab.resolve_metadata(spec)
         self.bb: list[ArraySpec] = []
-        for codec in chain.bb:
+        for bb_codec in chain.bb:
             self.bb.append(spec)
-            spec = codec.resolve_metadata(spec)
+            spec = bb_codec.resolve_metadata(spec)
 
 
 class SyncChain:
@@ -167,9 +167,10 @@ class SyncChain:
         if self.aa or self.bb or type(self.ab) is not BytesCodec:
             return None
         dtype = np.dtype(spec.dtype.to_native_dtype())
-        if dtype.hasobject or dtype.names is not None or dtype.byteorder not in ("=", "|"):
+        if dtype.hasobject or dtype.names is not None or not dtype.isnative:
             return None
-        endian = self.ab.endian
-        if endian is not None and dtype.itemsize > 1 and endian.value != sys.byteorder:
+        # An Endian enum up to zarr 3.3, its value (a string) from zarr 3.4.
+        endian = getattr(self.ab.endian, "value", self.ab.endian)
+        if endian is not None and dtype.itemsize > 1 and endian != sys.byteorder:
             return None
         return dtype
