@@ -281,6 +281,10 @@ class SlowDisk(zarr_anyio.LocalStore):
         with self._counted():
             return super()._read_blocking(key, byte_range)
 
+    def _set_blocking(self, key: str, value: memoryview, check_cancelled: Any) -> None:
+        with self._counted():
+            super()._set_blocking(key, value, check_cancelled)
+
     def _read_into_blocking(self, key: str, into: memoryview) -> Any:
         self.into += 1
         with self._counted():
@@ -409,6 +413,57 @@ async def test_a_cancelled_read_leaves_nothing_running(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("kind", ["local", "memory"])
+async def test_write_under_both_backends(tmp_path: Path, compressed: bool, kind: str) -> None:
+    store: Any = (
+        zarr_anyio.LocalStore(tmp_path / "a") if kind == "local" else zarr_anyio.MemoryStore()
+    )
+    compressors = zarr.codecs.ZstdCodec(level=1) if compressed else None
+    values = np.arange(1000, dtype="i4")
+    array, ours = await _made(
+        store, 1000, 7, "i4", values, 500, fill_value=5, compressors=compressors
+    )
+    new = default_buffer_prototype().nd_buffer.from_numpy_array(-values[3:993])
+    await ours.write(_items(array, store, 3, 993), new)
+    expected = np.concatenate([values[:3], -values[3:993], np.full(7, 5)])
+    expected[993:] = 5
+    got = await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[:])
+    np.testing.assert_array_equal(got, expected)
+    # The chunks wholly past 993 were never written: still missing.
+    keys = await anyio.to_thread.run_sync(lambda: sorted(_stored(store)))
+    assert len(keys) == -(-993 // 7)
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_write_leaves_nothing_running(tmp_path: Path) -> None:
+    store = SlowDisk(tmp_path / "a")
+    array, ours = await _made(store, 20000, 10, "u1", 1, 10, compressors=None)
+    store.delay = 0.001
+    before = store.done
+    new = default_buffer_prototype().nd_buffer.from_numpy_array(np.full(20000, 2, dtype="u1"))
+
+    async def write_then_cancel() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ours.write, _items(array, store, 0, 20000), new)
+            while store.done == before:
+                await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+
+    await write_then_cancel()
+    assert store.running == 0
+    done = store.done
+    assert 0 < done - before < 2000
+    await anyio.sleep(0.05)
+    assert store.done == done
+    assert store.limiter.statistics().borrowed_tokens == 0
+    # Each chunk holds its old value or its new one, never a torn one.
+    got = await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[:])
+    assert set(np.unique(got)) <= {0, 1, 2}
+    assert all(len(set(got[i : i + 10])) == 1 for i in range(0, 20000, 10))
+
+
+@pytest.mark.anyio
 async def test_a_failing_read_raises_its_own_error(tmp_path: Path) -> None:
     store = zarr_anyio.LocalStore(tmp_path / "a")
     array, ours = await _made(store, 100, 10, "i4", 1, compressors=None)
@@ -454,3 +509,32 @@ def test_raw_chunks_contiguous_in_the_result_are_read_straight_into_it(
     store.into = 0
     np.testing.assert_array_equal(ours[1:39], values[1:39])
     assert store.into == into_part
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values", "kwargs"),
+    [
+        ("str", np.array(["a", "bc", "", "dé", "x" * 10, "y"], dtype=object), {}),
+        ("bool", np.array([True, False, True, True, False, False]), {}),
+        ("complex128", np.arange(6) * (1 + 2j), {}),
+        ("datetime64[s]", np.arange(6).astype("datetime64[s]"), {}),
+        ("f8", np.array([np.nan, 1, 2, np.nan, 4, 5]), {"fill_value": np.nan}),
+        ("i4", np.arange(6, dtype="i4"), {"zarr_format": 2, "order": "F"}),
+    ],
+)
+def test_dtypes_match_zarrs_pipeline(
+    tmp_path: Path, dtype: str, values: np.ndarray, kwargs: dict[str, Any]
+) -> None:
+    for store in (zarr_anyio.LocalStore(tmp_path / "a"), zarr.storage.MemoryStore()):
+        with pipeline(ZARRS):
+            theirs = zarr.create_array(
+                store, shape=(6,), chunks=(4,), dtype=dtype, overwrite=True, **kwargs
+            )
+            theirs[:5] = values[:5]
+        ours = opened(store, OURS)
+        np.testing.assert_array_equal(ours[:], theirs[:])
+        ours[5:] = values[5:]
+        ours[1:3] = values[3:5]
+        expected = values.copy()
+        expected[1:3] = values[3:5]
+        np.testing.assert_array_equal(theirs[:], expected)

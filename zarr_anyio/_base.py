@@ -571,6 +571,19 @@ class BlockingStore(AnyioStore):
         into[:] = data
         return len(data)
 
+    # Whether the backend gives `_set_blocking` and `_delete_key_blocking`, so that a caller with
+    # many keys to write (a codec pipeline) can write them in one hop, under one token.
+    _sets_blocking: bool = False
+
+    def _set_blocking(self, key: str, value: memoryview, check_cancelled: CheckCancelled) -> None:
+        """Write ``value`` to ``key`` as `_backend_set` would (validated, writable, open), as a
+        blocking call; in a worker thread, holding a token."""
+        raise NotImplementedError
+
+    def _delete_key_blocking(self, key: str) -> None:
+        """Delete ``key`` as `_backend_delete` would, as a blocking call (see `_set_blocking`)."""
+        raise NotImplementedError
+
     async def _blocking(self, function: Callable[[CheckCancelled], T]) -> T:
         """One blocking call in a worker thread, holding a token.
 

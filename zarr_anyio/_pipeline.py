@@ -35,10 +35,9 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from math import prod
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import numpy as np
@@ -77,6 +76,8 @@ fill_value_or_default: Callable[[ArraySpec], Any] = _chunk_utils.fill_value_or_d
 # 256 a hop (≈6 µs each, so ≈1.5 ms against a ≈30-100 µs hop); 1 MiB chunks: 4 a hop.
 BATCH_BYTES = 4 << 20
 MAX_BATCH = 256
+
+T = TypeVar("T")
 
 ReadItem = tuple[ByteGetter, ArraySpec, SelectorTuple, SelectorTuple, bool]
 WriteItem = tuple[ByteSetter, ArraySpec, SelectorTuple, SelectorTuple, bool]
@@ -120,6 +121,41 @@ def _whole(selection: SelectorTuple, shape: tuple[int, ...]) -> bool:
         if s.stop != n:
             return False
     return True
+
+
+def _key_of(getter: ByteGetter | ByteSetter) -> str:
+    assert isinstance(getter, StorePath)  # `_blocking_store_of` saw to it
+    key = getter.path
+    validate_key(key)
+    return key
+
+
+async def _hop_with_token(
+    limiter: Limiter | OneLoopLimiter,
+    work: Callable[[CheckCancelled, Callable[[], None]], T],
+) -> T:
+    """``work(check_cancelled, io_done)`` in a worker thread, holding one token of ``limiter``
+    from before the hop until ``work`` calls ``io_done()`` (its I/O is over, its decoding is
+    not), or the hop ends.
+
+    Our `Limiter` can be given back from the worker thread, so the token covers the I/O only;
+    an anyio limiter belongs to its loop, so it is given back when the hop is over."""
+    await limiter.acquire()
+    held = [True]
+    lock = threading.Lock()
+
+    def give_back() -> None:
+        with lock:
+            if not held[0]:
+                return
+            held[0] = False
+        limiter.release()
+
+    io_done = give_back if isinstance(limiter, Limiter) else (lambda: None)
+    try:
+        return await run_in_worker(lambda check_cancelled: work(check_cancelled, io_done))
+    finally:
+        give_back()
 
 
 class _Read:
@@ -197,28 +233,12 @@ class _Read:
     async def _hop(
         self, store: BlockingStore, limiter: Limiter | OneLoopLimiter, indices: range
     ) -> None:
-        await limiter.acquire()
-        held = [True]
-        lock = threading.Lock()
-
-        def give_back() -> None:
-            with lock:
-                if not held[0]:
-                    return
-                held[0] = False
-            limiter.release()
-
-        # Our Limiter can be given back from the worker thread, so the token covers the reads
-        # only; an anyio limiter belongs to its loop, so it is given back after the hop.
-        release_in_thread = isinstance(limiter, Limiter)
-
-        def work(check_cancelled: CheckCancelled) -> None:
+        def work(check_cancelled: CheckCancelled, reads_done: Callable[[], None]) -> None:
             read: list[tuple[int, bytes | memoryview | None]] = []
             try:
                 for index in indices:
                     check_cancelled()
-                    key = self.batch[index][0].path  # type: ignore[attr-defined]
-                    validate_key(key)
+                    key = _key_of(self.batch[index][0])
                     target = self.direct_target(index)
                     if target is None:
                         read.append((index, store._read_blocking(key, None)))
@@ -227,17 +247,13 @@ class _Read:
                     if not isinstance(got, int):  # missing, or not a whole raw chunk: decode
                         read.append((index, got))
             finally:
-                if release_in_thread:
-                    give_back()
+                reads_done()
             for position, (index, data) in enumerate(read):
                 check_cancelled()
                 read[position] = (index, None)  # drop the encoded bytes as we go
                 self.decode_and_scatter(index, data)
 
-        try:
-            await run_in_worker(work)
-        finally:
-            give_back()
+        await _hop_with_token(limiter, work)
 
     # ------------------------------------------------------------------ from any byte getter
 
@@ -282,7 +298,7 @@ class _Read:
                     tg.start_soon(decoder)
 
 
-def _blocking_store_of(batch: list[ReadItem]) -> BlockingStore | None:
+def _blocking_store_of(batch: Sequence[ReadItem | WriteItem]) -> BlockingStore | None:
     """The one BlockingStore every chunk of the batch is a key of, if there is one."""
     first = batch[0][0]
     if not isinstance(first, StorePath) or not isinstance(first.store, BlockingStore):
@@ -436,60 +452,110 @@ class AnyioCodecPipeline(CodecPipeline):
         ):
             await self.inner.write(batch, value, drop_axes)
             return
-        fetchers = _fetchers(batch)
         threads = decode_threads()
-        # A window: what `threads` hops encode at once; read, merged, encoded, then stored.
-        window = threads * next(_batches(len(batch), _chunk_bytes(batch[0][1]), threads)).stop
+        writer = _Write(self, batch, value, drop_axes)
+        ranges = _batches(len(batch), _chunk_bytes(batch[0][1]), threads)
+        store = _blocking_store_of(batch)
         with single_error():
-            iterator = iter(batch)
-            while part := list(islice(iterator, window)):
-                await self._write_window(part, value, drop_axes, fetchers, threads)
+            if store is not None and store._sets_blocking:
+                store._check_writable()
+                await store._ensure_open()
+                blocking_store = store
+                await _for_each(
+                    ranges, lambda r: writer.to_blocking_store(blocking_store, r), threads
+                )
+            else:
+                fetchers = _fetchers(batch)
+                await _for_each(ranges, lambda r: writer.through_setters(fetchers, r), threads)
 
-    async def _write_window(
+
+class _Write:
+    """One call's write, a batch of chunks at a time: the old chunks a partial write needs, then
+    zarr's merge and our encode in a worker thread, then the stores."""
+
+    def __init__(
         self,
-        part: list[WriteItem],
+        pipeline: AnyioCodecPipeline,
+        batch: list[WriteItem],
         value: NDBuffer,
         drop_axes: tuple[int, ...],
-        fetchers: int,
-        threads: int,
     ) -> None:
-        existing: list[Buffer | None] = [None] * len(part)
+        self.pipeline = pipeline
+        self.batch = batch
+        self.value = value
+        self.drop_axes = drop_axes
+
+    def encode(self, index: int, existing: Buffer | bytes | memoryview | None) -> Buffer | None:
+        spec = self.batch[index][1]
+        if existing is not None and not isinstance(existing, Buffer):
+            existing = spec.prototype.buffer.from_bytes(existing)
+        return self.pipeline._merge_and_encode(
+            self.batch[index], existing, self.value, self.drop_axes
+        )
+
+    async def to_blocking_store(self, store: BlockingStore, indices: range) -> None:
+        """One hop reads the old chunks (holding a token) and encodes; one hop writes them all
+        (holding a token)."""
+        limiter = store.limiter
+        encoded: list[tuple[str, Buffer | None]] = []
+
+        def encode_all(check_cancelled: CheckCancelled, reads_done: Callable[[], None]) -> None:
+            old: dict[int, bytes | memoryview | None] = {}
+            try:
+                for index in indices:
+                    if not self.batch[index][4]:
+                        check_cancelled()
+                        old[index] = store._read_blocking(_key_of(self.batch[index][0]), None)
+            finally:
+                reads_done()
+            for index in indices:
+                check_cancelled()
+                key = _key_of(self.batch[index][0])
+                encoded.append((key, self.encode(index, old.pop(index, None))))
+
+        if any(not self.batch[index][4] for index in indices):
+            await _hop_with_token(limiter, encode_all)
+        else:
+            await run_in_worker(lambda check_cancelled: encode_all(check_cancelled, lambda: None))
+
+        def write_all(check_cancelled: CheckCancelled, _: Callable[[], None]) -> None:
+            for position, (key, data) in enumerate(encoded):
+                check_cancelled()
+                encoded[position] = (key, None)
+                if data is None:
+                    store._delete_key_blocking(key)
+                else:
+                    view = memoryview(data.as_buffer_like()).cast("B")
+                    store._set_blocking(key, view, check_cancelled)
+
+        await _hop_with_token(limiter, write_all)
+
+    async def through_setters(self, fetchers: int, indices: range) -> None:
+        old: dict[int, Buffer | None] = {}
 
         async def fetch(index: int) -> None:
-            setter, spec = part[index][0], part[index][1]
-            existing[index] = await setter.get(prototype=spec.prototype)
+            setter, spec = self.batch[index][0], self.batch[index][1]
+            old[index] = await setter.get(prototype=spec.prototype)
 
-        incomplete = [index for index, item in enumerate(part) if not item[4]]
+        incomplete = [index for index in indices if not self.batch[index][4]]
         await _for_each(incomplete, fetch, min(fetchers, len(incomplete)))
+        encoded: dict[int, Buffer | None] = {}
 
-        encoded: list[Buffer | None] = [None] * len(part)
-        share = -(-len(part) // threads)
+        def encode_all(check_cancelled: CheckCancelled) -> None:
+            for index in indices:
+                check_cancelled()
+                encoded[index] = self.encode(index, old.pop(index, None))
 
-        async def encode(indices: range) -> None:
-            def work(check_cancelled: CheckCancelled) -> None:
-                for index in indices:
-                    check_cancelled()
-                    encoded[index] = self._merge_and_encode(
-                        part[index], existing[index], value, drop_axes
-                    )
-                    existing[index] = None
-
-            await run_in_worker(work)
-
-        groups = [
-            range(start, min(start + share, len(part))) for start in range(0, len(part), share)
-        ]
-        await _for_each(groups, encode, len(groups))
+        await run_in_worker(encode_all)
 
         async def store(index: int) -> None:
-            setter, data = part[index][0], encoded[index]
-            encoded[index] = None
+            setter, data = self.batch[index][0], encoded.pop(index)
             if data is None:
                 await setter.delete()
             else:
                 await setter.set(data)
 
-        await _for_each(range(len(part)), store, min(fetchers, len(part)))
+        await _for_each(indices, store, min(fetchers, len(indices)))
 
 
 register_pipeline(AnyioCodecPipeline)

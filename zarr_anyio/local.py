@@ -934,6 +934,14 @@ class LocalStore(BlockingStore):
             lambda check: _write_file(root, key, view, exclusive=exclusive, check_cancelled=check)
         )
 
+    _sets_blocking = True
+
+    def _set_blocking(self, key: str, value: memoryview, check_cancelled: CheckCancelled) -> None:
+        _write_file(self._root, key, value, exclusive=False, check_cancelled=check_cancelled)
+
+    def _delete_key_blocking(self, key: str) -> None:
+        _delete_file(self._root, key)
+
     async def _backend_delete(self, key: str) -> None:
         root = self._root
         await self._blocking(lambda _: _delete_file(root, key))
