@@ -463,6 +463,49 @@ async def test_a_cancelled_write_leaves_nothing_running(tmp_path: Path) -> None:
     assert all(len(set(got[i : i + 10])) == 1 for i in range(0, 20000, 10))
 
 
+class SlowMemory(zarr_anyio.MemoryStore):
+    """A MemoryStore whose reads wait a little, counted while they run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.running = self.peak = self.done = 0
+
+    async def _backend_get(self, key: str, prototype: Any, byte_range: Any) -> Any:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await anyio.sleep(0.002)
+            return await super()._backend_get(key, prototype, byte_range)
+        finally:
+            self.running -= 1
+            self.done += 1
+
+
+@pytest.mark.anyio
+async def test_fetches_through_the_store_are_bounded_and_cancelled() -> None:
+    store = SlowMemory(max_concurrency=4)
+    array, ours = await _made(store, 3000, 10, "i2", 1)
+    store.peak = 0
+    out = _out(3000, "i2")
+    await ours.read(_items(array, store, 0, 3000), out)
+    np.testing.assert_array_equal(out.as_numpy_array(), 1)
+    assert store.peak == 4  # as many fetches as the store's bound, no more
+    before = store.done
+
+    async def read_then_cancel() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ours.read, _items(array, store, 0, 3000), out)
+            while store.done == before:
+                await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+
+    await read_then_cancel()
+    assert store.running == 0
+    done = store.done
+    await anyio.sleep(0.02)
+    assert store.done == done < before + 300
+
+
 @pytest.mark.anyio
 async def test_a_failing_read_raises_its_own_error(tmp_path: Path) -> None:
     store = zarr_anyio.LocalStore(tmp_path / "a")
