@@ -23,11 +23,24 @@ Bounds: a batch holds at most `BATCH_BYTES` of chunks (or `MAX_BATCH` chunks); a
 memory beside the result is the in-flight window, not the array. Every hop waits for its thread
 (`run_in_worker`): a cancelled read or write leaves no fetch, decode or write running.
 
+Writes go a batch at a time too: the old chunks a partial write needs are read (on a
+`BlockingStore`, in the hop, under a token), zarr's own merge and our encode run in a worker
+thread, and the batch is written in one hop under one token where the store gives blocking
+writes (`BlockingStore._set_blocking`: LocalStore's atomic writes), else through the store's own
+calls.
+
 What it does not speed up it hands to zarr's own `BatchedCodecPipeline`, unchanged: a chain with
 a sharding codec (whose partial reads of inner chunks zarr already coalesces; the inner chunks
-come back through this pipeline), an output that is not a NumPy array (GPU buffers), and
-partial encodes. Writes merge and encode in worker threads, a window at a time, and store through
-the store's own calls (which hold its tokens).
+come back through this pipeline, so they are decoded in our threads), an output that is not a
+NumPy array (GPU buffers), and partial encodes.
+
+Measured (benchmarks/pipeline.py, zarr 3.1.6, 2 shared cores under load, medians of 5, wall time
+as a fraction of zarr's pipeline / of zarrs'): 512 x 1 MiB raw 2-D 0.59 / 0.85; 8,192 x 4 KiB raw
+0.22 / 0.73; 256 x 1 MiB zstd(1) 0.42 / 0.50. Of the ≈40 µs a 4 KiB chunk takes under load, about
+half is zarr's own work before the pipeline is called (its indexer, a StorePath and a spec per
+chunk), which no pipeline can save. Writes are bound by the file system: creating and renaming a
+file costs ≈300 µs here, which LocalStore's atomic writes pay per chunk (0.69 of zarr's time for
+4 KiB chunks, 0.79 for zstd; zarrs 0.37 and 0.39).
 """
 
 from __future__ import annotations
