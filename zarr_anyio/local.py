@@ -127,7 +127,15 @@ def _no_file_there(error: OSError) -> bool:
 # ---------------------------------------------------------------- reads (in threads)
 
 
-def _read_file(root: str, key: str, byte_range: ByteRequest | None) -> bytes | memoryview | None:
+def _read_file(
+    root: str, key: str, byte_range: ByteRequest | None, into: memoryview | None = None
+) -> int | bytes | memoryview | None:
+    """The bytes of ``key`` (or the part ``byte_range`` asks for); ``None`` if it names no file.
+
+    With ``into`` (a whole value, no range): when the file is exactly that long it is read
+    straight into ``into`` and its length is given, one ``preadv`` into the caller's memory with
+    no buffer between (see `BlockingStore._read_into_blocking`); a file of another length is
+    given as bytes."""
     try:
         root_fd = open_root(root)
     except _ABSENT:
@@ -147,40 +155,16 @@ def _read_file(root: str, key: str, byte_range: ByteRequest | None) -> bytes | m
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             return None
+        if into is not None:
+            if info.st_size != len(into):
+                return read_exact(fd, info.st_size, 0)
+            done = _read_into(fd, into, 0)
+            # The file shrank under us: what it held is not a whole value of that length.
+            return len(into) if len(done) == len(into) else bytes(done)
         wanted = byte_range_slice(byte_range, info.st_size)
         if wanted.stop - wanted.start >= POOLED_READ:
             return _read_into(fd, _buffers.take(wanted.stop - wanted.start), wanted.start)
         return read_exact(fd, wanted.stop - wanted.start, wanted.start)
-    finally:
-        os.close(fd)
-
-
-def _read_file_into(root: str, key: str, into: memoryview) -> int | bytes | memoryview | None:
-    """`_read_file` of a whole value, straight into ``into`` when the file is that long (see
-    `BlockingStore._read_into_blocking`): one ``preadv`` into the result, no buffer between."""
-    try:
-        root_fd = open_root(root)
-    except _ABSENT:
-        return None
-    try:
-        fd = open_beneath(root_fd, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except (*_ABSENT, IsADirectoryError):
-        return None
-    except OSError as error:
-        if _no_file_there(error):
-            return None
-        raise
-    finally:
-        os.close(root_fd)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        if info.st_size != len(into):
-            return read_exact(fd, info.st_size, 0)
-        done = _read_into(fd, into, 0)
-        # The file shrank under us: what it held is not a whole value of that length.
-        return len(into) if len(done) == len(into) else bytes(done)
     finally:
         os.close(fd)
 
@@ -902,12 +886,13 @@ class LocalStore(BlockingStore):
 
     def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> bytes | memoryview | None:
         data = _read_file(self._root, key, byte_range)
+        assert not isinstance(data, int)  # no `into`: the bytes themselves
         if data is not None:
             self._hops.note_bytes(len(data))
         return data
 
     def _read_into_blocking(self, key: str, into: memoryview) -> int | bytes | memoryview | None:
-        return _read_file_into(self._root, key, into)
+        return _read_file(self._root, key, None, into)
 
     # Small reads whose names and bytes are all cached are made on the event loop (~5 µs,
     # against a hop to a thread); see `_read_cached`.
@@ -988,6 +973,7 @@ class LocalStore(BlockingStore):
         check_byte_range(byte_range)
         self._ensure_open_sync()
         data = _read_file(self._root, key, byte_range)
+        assert not isinstance(data, int)  # no `into`: the bytes themselves
         if data is None:
             return None
         return (prototype or default_buffer_prototype()).buffer.from_bytes(data)
