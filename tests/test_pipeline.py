@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from zarr.abc.store import ByteRequest
 from zarr.core.array_spec import ArrayConfig, ArraySpec
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.codec_pipeline import BatchedCodecPipeline
 from zarr.storage import StorePath
 from zarr.testing.strategies import basic_indices, orthogonal_indices
 
@@ -581,3 +582,21 @@ def test_dtypes_match_zarrs_pipeline(
         expected = values.copy()
         expected[1:3] = values[3:5]
         np.testing.assert_array_equal(theirs[:], expected)
+
+
+@pytest.mark.anyio
+async def test_zarr_anyio_api_reads_through_our_pipeline(tmp_path: Path) -> None:
+    import zarr_anyio.api as za
+
+    store = SlowDisk(tmp_path / "a")
+    arr = await za.create_array(store, shape=(100,), chunks=(10,), dtype="i4", compressors=None)
+    await arr.setitem(slice(None), np.arange(100))
+    np.testing.assert_array_equal(await arr.getitem(slice(None)), np.arange(100))
+    assert store.into == 10  # each chunk read straight into the result
+    assert type(arr.async_array.codec_pipeline) is AnyioCodecPipeline
+    # A zarr array the user wraps keeps the pipeline it has.
+    theirs = await anyio.to_thread.run_sync(
+        lambda: zarr.open_array(zarr_anyio.LocalStore(tmp_path / "a"), mode="r")
+    )
+    assert za.AsyncArray(theirs).async_array is theirs._async_array
+    assert type(theirs._async_array.codec_pipeline) is BatchedCodecPipeline

@@ -40,6 +40,7 @@ import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.core.buffer import BufferPrototype, default_buffer_prototype
+from zarr.core.codec_pipeline import BatchedCodecPipeline
 from zarr.core.indexing import (
     BasicIndexer,
     BlockIndexer,
@@ -67,6 +68,7 @@ from ._api_call import CURRENT, ApiCall
 from ._base import AnyioStore
 from ._bridge import run_on_loop
 from ._loops import current_loop_key
+from ._pipeline import AnyioCodecPipeline
 
 __all__ = [
     "AsyncArray",
@@ -155,7 +157,7 @@ def _unwrap(value: Any) -> Any:
 def _wrap(value: Any) -> Any:
     """Our wrapper for a zarr node, also inside tuples, lists and dicts; anything else as it is."""
     if isinstance(value, zarr.AsyncArray):
-        return AsyncArray(value)
+        return AsyncArray(_with_our_pipeline(value))
     if isinstance(value, zarr.AsyncGroup):
         return AsyncGroup(value)
     if type(value) is tuple:
@@ -300,6 +302,15 @@ def _fitted(value: Any, target: tuple[int, ...]) -> Any:
             f"could not broadcast input array from shape {value_shape} into shape {target}"
         )
     return np.broadcast_to(np.asarray(value).reshape(shape), target)
+
+
+def _with_our_pipeline(array: zarr.AsyncArray[Any]) -> zarr.AsyncArray[Any]:
+    """An array zarr made for a call of ours, set to read and write through our codec pipeline
+    (`._pipeline`) when it is on one of our stores and has zarr's default pipeline (a pipeline
+    the user chose, zarrs say, is kept). Arrays the user wraps themselves are left as they are."""
+    if isinstance(array.store, AnyioStore) and type(array.codec_pipeline) is BatchedCodecPipeline:
+        object.__setattr__(array, "codec_pipeline", AnyioCodecPipeline(array.codec_pipeline))
+    return array
 
 
 def _chunk_grid(array: Any) -> Any:
