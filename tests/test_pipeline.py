@@ -600,3 +600,31 @@ async def test_zarr_anyio_api_reads_through_our_pipeline(tmp_path: Path) -> None
     )
     assert za.AsyncArray(theirs).async_array is theirs._async_array
     assert type(theirs._async_array.codec_pipeline) is BatchedCodecPipeline
+
+
+def _read_in_child(path: str, queue: Any) -> None:
+    with pipeline(OURS):
+        queue.put(zarr.open_array(zarr_anyio.LocalStore(path), mode="r")[:].sum())
+
+
+def test_reads_in_a_forked_child(tmp_path: Path) -> None:
+    import multiprocessing
+
+    values = np.arange(1000, dtype="i4")
+    with pipeline(OURS):
+        array = zarr.create_array(
+            zarr_anyio.LocalStore(tmp_path), shape=(1000,), chunks=(10,), dtype="i4"
+        )
+        array[:] = values
+        assert array[:].sum() == values.sum()  # the parent's worker threads are running now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_read_in_child, args=(str(tmp_path), queue))
+    child.start()
+    try:
+        # The parent's threads do not exist in the child: its reads must start threads of its own.
+        assert queue.get(timeout=30) == values.sum()
+    finally:
+        child.join(5)
+        if child.is_alive():
+            child.kill()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -70,6 +71,18 @@ def _shared_executor() -> ThreadPoolExecutor:
             if _executor is None:
                 _executor = ThreadPoolExecutor(_EXECUTOR_THREADS, thread_name_prefix="zarr_anyio")
     return _executor
+
+
+def _forget_executor_after_fork() -> None:
+    # The pool's threads do not exist in a forked child, but the pool would take them for idle
+    # ones and hand them calls that never run: the child makes a pool of its own. (A thread of
+    # the parent may have held the lock as it forked, so the lock is new too.)
+    global _executor, _executor_lock
+    _executor = None
+    _executor_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_executor_after_fork)
 
 
 async def run_in_worker(function: Callable[[CheckCancelled], T]) -> T:
