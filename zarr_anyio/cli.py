@@ -31,6 +31,8 @@ from anyio.abc import TaskStatus
 
 from ._base import AnyioStore, single_error
 from ._copy import CopyOptions, CopyReport, copy_node
+from ._copy_plan import DestinationHoldsData
+from ._copy_verify import verify_node
 from ._inspect import describe, human_size, render_info, render_tree
 from ._limit import DEFAULT_MAX_CONCURRENCY
 from ._open import REMOTE_SCHEMES, AccessMode, make_store
@@ -238,6 +240,9 @@ def _summary_lines(report: CopyReport, args: argparse.Namespace) -> list[str]:
         f"skipped {report.keys_skipped} ({human_size(report.bytes_skipped)}) already there, "
         f"{report.keys_done} of {total} keys in {report.seconds:.1f} s"
     ]
+    if report.keys_deleted:
+        verb_deleted = "would delete" if args.dry_run else "deleted"
+        lines.append(f"{verb_deleted} {report.keys_deleted} keys that SRC does not have")
     if report.keys_vanished:
         lines.append(f"{report.keys_vanished} keys vanished from the source while copying")
     if report.invalid_keys:
@@ -278,14 +283,16 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
         raise UsageError("DST is inside SRC: copy to a place outside it")
     if _scheme(args.dst) in ("http", "https"):
         raise UsageError(f"cannot write to {args.dst!r}: HTTP is read-only here")
+    if args.size_only and not args.skip_existing:
+        raise UsageError("--size-only goes with --skip-existing (it says how keys are compared)")
     src = open_url(args.src, args, args.src_storage_option, "r")
     # A dry run writes nothing, so it does not create DST either.
     dst = open_url(args.dst, args, args.dst_storage_option, "r" if args.dry_run else "a")
     report = CopyReport()
     options = CopyOptions(
         workers=args.max_concurrency,
-        skip_existing=args.skip_existing,
-        verify=args.verify,
+        existing="skip" if args.skip_existing else "overwrite" if args.overwrite else "refuse",
+        compare="size" if args.size_only else "bytes",
         dry_run=args.dry_run,
         max_bytes=args.max_memory,
     )
@@ -304,7 +311,19 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(show_progress, report, counters, mode, None, args.progress_interval)
                 await copy_node(src, dst, args.path or "", options, report)
+                if args.verify:
+                    await verify_node(
+                        src,
+                        dst,
+                        args.path or "",
+                        args.verify,
+                        report,
+                        workers=args.max_concurrency,
+                        max_bytes=args.max_memory,
+                    )
                 tg.cancel_scope.cancel()
+    except DestinationHoldsData as error:
+        failure, status = error, "refused"
     except Exception as error:
         failure, status = error, "failed"
     finally:
@@ -314,7 +333,7 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
     report.finished = report.finished or time.monotonic()
     if args.json:
         print(_copy_json(report, args, counters(), status), file=out)
-    elif not args.quiet:
+    elif not args.quiet and status != "refused":
         for line in _summary_lines(report, args):
             print(line, file=out)
     out.flush()  # before anything on stderr, so that a terminal shows them in order
@@ -530,17 +549,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     copy.add_argument("dst", metavar="DST", help="folder, .zip, file://, s3://, gs://, az://")
     _add_store_options(copy, sides=True)
-    copy.add_argument(
+    existing = copy.add_mutually_exclusive_group()
+    existing.add_argument(
         "--skip-existing",
         action="store_true",
-        help="leave keys that DST already has with the same size (resumes an interrupted copy)",
+        help="when DST holds data: keep the keys it has with the same bytes as SRC, copy the "
+        "others, delete the keys SRC does not have (resumes an interrupted copy)",
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="when DST holds data: write every key of SRC again and delete the keys SRC does "
+        "not have",
+    )
+    copy.add_argument(
+        "--size-only",
+        action="store_true",
+        help="with --skip-existing: keys of the same size count as the same, unread (faster, "
+        "blind to a change that keeps the size)",
     )
     copy.add_argument(
         "--verify",
-        choices=["sizes", "bytes"],
+        choices=["bytes", "sizes"],
         default=None,
-        help="check every key at DST afterwards: --verify (or --verify=sizes) compares sizes, "
-        "--verify=bytes the bytes; differences make the exit code 1",
+        help="read DST back afterwards: --verify (or --verify=bytes) compares every key's "
+        "bytes, --verify=sizes only sizes; a key missing, different or at DST only makes the "
+        "exit code 1",
     )
     copy.add_argument(
         "--dry-run", action="store_true", help="list what would be copied, write nothing"
@@ -603,8 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _spelled_out(argv: list[str]) -> list[str]:
-    # A bare --verify means sizes; argparse alone would take the next word (SRC) as its value.
-    return ["--verify=sizes" if arg == "--verify" else arg for arg in argv]
+    # A bare --verify means bytes; argparse alone would take the next word (SRC) as its value.
+    return ["--verify=bytes" if arg == "--verify" else arg for arg in argv]
 
 
 def _describe(error: BaseException) -> str:
