@@ -252,3 +252,26 @@ def test_what_a_replaced_destination_reads(tmp_path: Path) -> None:
     copied = zarr.open_array(str(Path(place.url) / "a"), mode="r")[:]
     assert np.array_equal(copied, zarr.open_array(str(src / "a"), mode="r")[:])
     assert not copied[3 * CHUNK_ITEMS : 4 * CHUNK_ITEMS].any()
+
+
+def test_a_zip_member_that_fails_its_checksum_is_found_and_written_again(tmp_path: Path) -> None:
+    place = zip_place(tmp_path)
+    src = first_copy(tmp_path, place)
+    path = Path(place.url)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("a/c/5")
+    # One byte of the member's data flipped in place: its CRC-32 no longer matches.
+    offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 10
+    with path.open("r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ 0xFF]))
+
+    check = run_cli("copy", str(src), place.url, "--skip-existing", "--dry-run", "--verify")
+    assert check.returncode == 1
+    assert "differs: a/c/5: damaged" in check.stdout
+
+    mended = run_cli("copy", str(src), place.url, "--skip-existing", "--verify", "--json")
+    assert mended.returncode == 0, mended.stderr
+    assert place.files() == files_of(src)

@@ -35,10 +35,12 @@ from zarr.core.buffer import Buffer, default_buffer_prototype
 from ._base import AnyioStore, single_error
 from ._copy_plan import (
     Compare,
+    Damaged,
     DestinationHoldsData,
     Existing,
     MetadataTakeDown,
     destination_keys,
+    read_back,
 )
 from ._keys import validate_key
 from ._listing import Entry, list_node
@@ -269,8 +271,8 @@ class _Copier:
                     if value is None:
                         self._vanished(source_key)
                         return
-                    found = await self.dst.get(key, self.prototype)
-                    if found is not None and _same_bytes(found, value):
+                    found = await read_back(self.dst, key, self.prototype)
+                    if _same_bytes(found, value):
                         self._skipped(size)
                         return
                     await self._write(key, value)
@@ -352,15 +354,18 @@ class _Copier:
                 same = same and there == size
                 return
             expected = await self.src.get(source_key, self.prototype)
-            found = await self.dst.get(key, self.prototype)
-            if expected is None or found is None or not _same_bytes(expected, found):
+            found = await read_back(self.dst, key, self.prototype)
+            if not _same_bytes(expected, found):
                 same = False
 
         await self.dst._for_each(entries, check, self.options.workers)
         return same
 
 
-def _same_bytes(a: Buffer, b: Buffer) -> bool:
+def _same_bytes(a: Buffer | Damaged | None, b: Buffer | Damaged | None) -> bool:
+    """Whether both are values with the same bytes (absent and damaged values never are)."""
+    if not isinstance(a, Buffer) or not isinstance(b, Buffer):
+        return False
     return len(a) == len(b) and a.to_bytes() == b.to_bytes()
 
 

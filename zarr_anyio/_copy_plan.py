@@ -26,10 +26,13 @@ destination, the common case, costs neither.
 from __future__ import annotations
 
 import contextlib
+import zipfile
 from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 import anyio
+from zarr.core.buffer import Buffer, BufferPrototype
 
 from ._base import AnyioStore
 from ._keys import validate_key
@@ -37,11 +40,13 @@ from ._listing import Entry, list_node
 
 __all__ = [
     "Compare",
+    "Damaged",
     "DestinationHoldsData",
     "Existing",
     "MetadataTakeDown",
     "destination_keys",
     "is_valid_key",
+    "read_back",
 ]
 
 Existing = Literal["refuse", "overwrite", "skip"]
@@ -89,6 +94,28 @@ async def destination_keys(store: AnyioStore) -> dict[str, int | None]:
             if is_valid_key(key):
                 found[key] = size
     return found
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A value the destination holds but cannot give back whole (its checksum fails)."""
+
+    reason: str
+
+
+# What a store raises for one value whose stored checksum fails (the zip's CRC-32): for a copy,
+# a value to write again, for --verify a difference, not a reason to stop.
+_DAMAGED_ERRORS: tuple[type[Exception], ...] = (zipfile.BadZipFile,)
+
+
+async def read_back(
+    store: AnyioStore, key: str, prototype: BufferPrototype
+) -> Buffer | Damaged | None:
+    """The value at ``key`` as the destination gives it back, ``None`` if absent."""
+    try:
+        return await store.get(key, prototype)
+    except _DAMAGED_ERRORS as error:
+        return Damaged(str(error))
 
 
 class MetadataTakeDown:

@@ -22,7 +22,7 @@ from zarr.core.buffer import default_buffer_prototype
 
 from ._base import AnyioStore
 from ._copy import ByteBudget, CopyReport, _in_pool, relative_key, size_at
-from ._copy_plan import is_valid_key
+from ._copy_plan import Damaged, is_valid_key, read_back
 from ._listing import Entry, list_node
 
 __all__ = ["Verify", "verify_node"]
@@ -84,11 +84,13 @@ async def verify_node(
             return
         async with budget.take(2 * size):
             value = await src.get(key=source_key, prototype=prototype)
-            there = await dst.get(key=key, prototype=prototype)
+            there = await read_back(dst, key, prototype)
             if value is None:
                 return
             if there is None:
                 mismatch(key, "missing")
+            elif isinstance(there, Damaged):
+                mismatch(key, "damaged")
             elif len(there) != len(value):
                 mismatch(key, f"{len(there)} bytes, expected {len(value)}")
             elif there.to_bytes() != value.to_bytes():

@@ -232,7 +232,7 @@ async def interruptible(work: Callable[[Interrupt], Awaitable[int]]) -> int:
 # ---------------------------------------------------------------- copy
 
 
-def _summary_lines(report: CopyReport, args: argparse.Namespace) -> list[str]:
+def _summary_lines(report: CopyReport, args: argparse.Namespace, verified: bool) -> list[str]:
     verb = "would copy" if args.dry_run else "copied"
     total = report.keys_total if report.keys_total is not None else "?"
     lines = [
@@ -248,7 +248,7 @@ def _summary_lines(report: CopyReport, args: argparse.Namespace) -> list[str]:
     if report.invalid_keys:
         examples = ", ".join(repr(k) for k in report.examples.get("invalid keys", [])[:3])
         lines.append(f"left out {report.invalid_keys} objects that are not valid keys: {examples}")
-    if args.verify:
+    if args.verify and verified:
         lines.append(
             f"verified {report.keys_verified} keys by {args.verify}: "
             f"{report.mismatched_keys} differ"
@@ -302,6 +302,7 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
         return store_counters([src, dst])
 
     status = "done"
+    verified = False
     failure: BaseException | None = None
     try:
         with interrupt.scope, single_error():
@@ -321,6 +322,7 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
                         workers=args.max_concurrency,
                         max_bytes=args.max_memory,
                     )
+                    verified = True
                 tg.cancel_scope.cancel()
     except DestinationHoldsData as error:
         failure, status = error, "refused"
@@ -334,7 +336,7 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
     if args.json:
         print(_copy_json(report, args, counters(), status), file=out)
     elif not args.quiet and status != "refused":
-        for line in _summary_lines(report, args):
+        for line in _summary_lines(report, args, verified):
             print(line, file=out)
     out.flush()  # before anything on stderr, so that a terminal shows them in order
     if interrupt.signal is not None:
