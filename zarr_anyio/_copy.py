@@ -79,11 +79,15 @@ class CopyReport:
     keys_skipped: int = 0
     bytes_skipped: int = 0
     keys_deleted: int = 0
+    keys_in_doubt: int = 0
     keys_verified: int = 0
     keys_vanished: int = 0
     invalid_keys: int = 0
     mismatched_keys: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # A dry run's plan, every key of it: what the same command would write and delete.
+    would_copy: list[str] = field(default_factory=list)
+    would_delete: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     metadata_written: bool = False
@@ -114,6 +118,7 @@ class CopyReport:
             "keys_skipped": self.keys_skipped,
             "bytes_skipped": self.bytes_skipped,
             "keys_deleted": self.keys_deleted,
+            "keys_in_doubt": self.keys_in_doubt,
             "keys_verified": self.keys_verified,
             "keys_vanished": self.keys_vanished,
             "invalid_keys": self.invalid_keys,
@@ -282,6 +287,7 @@ class _Copier:
             report.keys_copied += 1
             report.bytes_copied += size
             report.example("would copy", key)
+            report.would_copy.append(key)
             return
         async with self.budget.take(size):
             value = await self.src.get(source_key, self.prototype)
@@ -293,9 +299,17 @@ class _Copier:
     async def _write(self, key: str, value: Buffer) -> None:
         await self.take_down()
         if not self.options.dry_run:
-            await self.dst.set(key, value)
+            try:
+                await self.dst.set(key, value)
+            except BaseException:
+                # Stopped or failed while writing: the key is whole or absent, but which of the
+                # two only the destination knows (a PUT may land as its answer is cancelled).
+                self.report.keys_in_doubt += 1
+                self.report.example("in doubt", key)
+                raise
         else:
             self.report.example("would copy", key)
+            self.report.would_copy.append(key)
         self.report.keys_copied += 1
         self.report.bytes_copied += len(value)
 
@@ -324,13 +338,17 @@ class _Copier:
         async def delete(key: str) -> None:
             if not self.options.dry_run:
                 await self.dst.delete(key)
-            self.report.keys_deleted += 1
-            self.report.example(what, key)
+            self._deleted(what, key)
 
         await self.dst._for_each(extra, delete, self.options.workers)
         for key in gone:
-            self.report.keys_deleted += 1
-            self.report.example(what, key)
+            self._deleted(what, key)
+
+    def _deleted(self, what: str, key: str) -> None:
+        self.report.keys_deleted += 1
+        self.report.example(what, key)
+        if self.options.dry_run:
+            self.report.would_delete.append(key)
 
     async def metadata_unchanged(self, entries: list[Entry]) -> bool:
         """Whether the destination holds every metadata key of the source as it is (skip)."""

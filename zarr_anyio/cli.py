@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -29,12 +30,15 @@ import numpy as np
 import zarr
 from anyio.abc import TaskStatus
 
+from . import __version__
 from ._base import AnyioStore, single_error
+from ._cli_options import client_options
 from ._copy import CopyOptions, CopyReport, copy_node
 from ._copy_plan import DestinationHoldsData
 from ._copy_verify import verify_node
 from ._inspect import describe, human_size, render_info, render_tree
 from ._limit import DEFAULT_MAX_CONCURRENCY
+from ._ls_plain import PlainEntry, list_level, render_level
 from ._open import REMOTE_SCHEMES, AccessMode, make_store
 from ._progress import choose_mode, show_progress, store_counters
 from ._retry import RateLimit
@@ -137,16 +141,37 @@ def _local_path(url: str) -> str | None:
     return os.path.realpath(url.partition("://")[2] if scheme else url)
 
 
+_LOOKS_LIKE_A_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]+):(.*)", re.DOTALL)
+
+
+def _check_url(url: str) -> None:
+    """A URL typo (``s3:/bucket``) as a command-line error, before it is taken for a folder."""
+    typo = _LOOKS_LIKE_A_SCHEME.fullmatch(url)
+    if "://" in url or typo is None or os.path.exists(url):
+        return
+    name, after = typo.groups()
+    raise UsageError(
+        f"{url!r} looks like a URL, but {name + ':'!r} is not followed by '//' (did you mean "
+        f"'{name}://{after.lstrip('/')}'?); for a local path with a colon, write './{url}'"
+    )
+
+
 def open_url(
     url: str, args: argparse.Namespace, extra_options: list[str], mode: AccessMode
 ) -> AnyioStore:
     """The store for ``url``; a URL no store takes is a usage error."""
+    _check_url(url)
     remote = _scheme(url) in REMOTE_SCHEMES
     if extra_options and not remote:
         raise UsageError(f"storage options are for remote URLs (s3://, gs://, ...), not {url!r}")
     options = storage_options([*args.storage_option, *extra_options])
     if not remote:
         options = {}  # --storage-option goes to every remote URL of the command, no local one
+    else:
+        try:
+            options = client_options(_scheme(url), args.backend, options)
+        except ValueError as error:
+            raise UsageError(f"{url}: {error}") from None
     kwargs: dict[str, Any] = {"max_concurrency": args.max_concurrency}
     if remote and args.rate is not None:
         # One budget for every remote store of the command.
@@ -235,10 +260,13 @@ async def interruptible(work: Callable[[Interrupt], Awaitable[int]]) -> int:
 def _summary_lines(report: CopyReport, args: argparse.Namespace, verified: bool) -> list[str]:
     verb = "would copy" if args.dry_run else "copied"
     total = report.keys_total if report.keys_total is not None else "?"
+    plan = [f"would copy {key}" for key in sorted(report.would_copy)]
+    plan += [f"would delete {key}" for key in sorted(report.would_delete)]
     lines = [
+        *plan,
         f"{verb} {report.keys_copied} keys ({human_size(report.bytes_copied)}), "
         f"skipped {report.keys_skipped} ({human_size(report.bytes_skipped)}) already there, "
-        f"{report.keys_done} of {total} keys in {report.seconds:.1f} s"
+        f"{report.keys_done} of {total} keys in {report.seconds:.1f} s",
     ]
     if report.keys_deleted:
         verb_deleted = "would delete" if args.dry_run else "deleted"
@@ -271,6 +299,9 @@ def _copy_json(
         **report.as_dict(),
         "requests": counters,
     }
+    if args.dry_run:
+        summary["would_copy"] = sorted(report.would_copy)
+        summary["would_delete"] = sorted(report.would_delete)
     return json.dumps(summary, indent=2)
 
 
@@ -340,11 +371,16 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
             print(line, file=out)
     out.flush()  # before anything on stderr, so that a terminal shows them in order
     if interrupt.signal is not None:
+        doubt = (
+            f" and {report.keys_in_doubt} being written (each there whole or not at all)"
+            if report.keys_in_doubt
+            else ""
+        )
         print(
             f"{PROG}: stopped by {interrupt.name} after {report.keys_done} of "
             f"{report.keys_total if report.keys_total is not None else '?'} keys "
-            f"({human_size(report.bytes_done)}); every key at DST is whole or absent and the "
-            f"metadata goes last: run the same command with --skip-existing to finish",
+            f"({human_size(report.bytes_done)}){doubt}; every key at DST is whole or absent and "
+            f"the metadata goes last: run the same command with --skip-existing to finish",
             file=sys.stderr,
         )
         return interrupt.exit_code
@@ -369,16 +405,31 @@ def _copy_command(args: argparse.Namespace) -> int:
 
 async def _inspect(args: argparse.Namespace, interrupt: Interrupt, *, tree: bool) -> int:
     store = open_url(args.url, args, [], "r")
+    level: list[PlainEntry] | None = None
     try:
         with interrupt.scope:
             await _ensure_open(store, "source", args.url)
-            node = await describe(
-                store, args.path or "", args.depth if tree else 0, detail=not tree
-            )
+            try:
+                node = await describe(
+                    store, args.path or "", args.depth if tree else 0, detail=not tree
+                )
+            except FileNotFoundError:
+                # No node here: `ls` shows what is here instead (a bucket of datasets).
+                level = await list_level(store, args.path or "") if tree else None
+                if not level:
+                    raise
     finally:
         await _close(store)
     if interrupt.signal is not None:
         return interrupt.exit_code
+    if level is not None:
+        where = args.url + (f" --path {args.path}" if args.path else "")
+        if args.json:
+            entries = [entry.as_dict() for entry in level]
+            print(json.dumps({"path": args.path or "", "node_type": None, "entries": entries}))
+        else:
+            print("\n".join(render_level(where, level)))
+        return 0
     if args.json:
         print(json.dumps(node.as_dict(children=tree), indent=2))
     else:
@@ -535,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Copy Zarr hierarchies between stores and look inside them, with zarr_anyio.",
         epilog="Run 'zarr-anyio COMMAND --help' for a command's options and examples.",
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"{PROG} {__version__} (zarr {zarr.__version__}, Python {sys.version.split()[0]})",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -647,9 +703,19 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror and error.filename:
         return f"{error.strerror}: {error.filename}"
     text = str(error) or type(error).__name__
+    # obstore appends its Rust error's debug dump (hundreds of characters): the line before it
+    # says what went wrong.
+    text = text.split("Debug source:", 1)[0]
     if isinstance(error, KeyError | FileNotFoundError) and text.startswith(("'", '"')):
         text = text[1:-1]
-    return " ".join(text.split())
+    text = " ".join(text.split())
+    if len(text) > _LONGEST_ERROR:
+        # A server's whole HTML error page, quoted by a client: the start says what happened.
+        text = text[: _LONGEST_ERROR - 30].rstrip() + " ... (--debug shows it all)"
+    return text
+
+
+_LONGEST_ERROR = 400
 
 
 def main(argv: list[str] | None = None) -> int:
