@@ -8,6 +8,9 @@ would otherwise hold 32 GiB. The default, 64 MiB, was measured on 64 chunks of 8
 S3 server (``benchmarks/copy_cli.py``, obstore, median of 3): 1.45 s at a peak of 156 MiB, where
 256 MiB gave 1.86 s at 320 MiB: past a handful of big values in flight, more only costs memory.
 
+What happens to a destination that already holds data (refused, brought up to date, replaced)
+is `._copy_plan`'s to say; ``--verify`` is `._copy_verify`.
+
 Each value is written with the destination's own atomic ``set`` (a temporary file renamed over
 its target, one zip member appended under the archive lock, one PUT), so a cancelled copy
 leaves each key whole or absent.

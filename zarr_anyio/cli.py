@@ -3,8 +3,9 @@
 This module parses arguments, opens stores, handles signals and turns outcomes into messages
 and exit codes; the work is done by `._copy` (copy), `._inspect` (ls, info) and `._progress`.
 
-Exit codes: 0 done; 1 failed while running (a missing source, a refused write, a network error,
-keys that ``--verify`` found different); 2 the command line is wrong (an unknown option, a URL
+Exit codes: 0 done; 1 failed while running (a missing source, a destination that holds data
+and no flag saying what to do with it, a refused write, a network error, keys that ``--verify``
+found different); 2 the command line is wrong (an unknown option, a URL
 no store takes, an unwritable kind of destination); 128 + the signal's number when stopped by
 SIGINT (130) or SIGTERM (143). An error is one line on stderr; ``--debug`` adds the traceback.
 """
@@ -271,6 +272,11 @@ def _summary_lines(report: CopyReport, args: argparse.Namespace, verified: bool)
     if report.keys_deleted:
         verb_deleted = "would delete" if args.dry_run else "deleted"
         lines.append(f"{verb_deleted} {report.keys_deleted} keys that SRC does not have")
+    if report.keys_in_doubt:
+        lines.append(
+            f"{report.keys_in_doubt} more keys were being written when it stopped: each is at "
+            "DST whole or not at all"
+        )
     if report.keys_vanished:
         lines.append(f"{report.keys_vanished} keys vanished from the source while copying")
     if report.invalid_keys:
@@ -371,16 +377,11 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
             print(line, file=out)
     out.flush()  # before anything on stderr, so that a terminal shows them in order
     if interrupt.signal is not None:
-        doubt = (
-            f" and {report.keys_in_doubt} being written (each there whole or not at all)"
-            if report.keys_in_doubt
-            else ""
-        )
         print(
             f"{PROG}: stopped by {interrupt.name} after {report.keys_done} of "
             f"{report.keys_total if report.keys_total is not None else '?'} keys "
-            f"({human_size(report.bytes_done)}){doubt}; every key at DST is whole or absent and "
-            f"the metadata goes last: run the same command with --skip-existing to finish",
+            f"({human_size(report.bytes_done)}); every key at DST is whole or absent and the "
+            f"metadata goes last: run the same command with --skip-existing to finish",
             file=sys.stderr,
         )
         return interrupt.exit_code
@@ -494,22 +495,29 @@ def _size(text: str) -> int:
 COPY_EXAMPLES = """\
 examples:
   zarr-anyio copy data.zarr data.zip                   # a folder into a zip file
-  zarr-anyio copy data.zip restored.zarr --verify=bytes
+  zarr-anyio copy data.zip restored.zarr --verify        # read DST back, compare bytes
   zarr-anyio copy s3://bucket/data.zarr data.zarr --storage-option anon=true
   zarr-anyio copy data.zarr s3://bucket/data.zarr --max-concurrency 64 --rate 500
   zarr-anyio copy data.zarr s3://bucket/x.zarr --storage-option endpoint_url=http://127.0.0.1:9000
   zarr-anyio copy s3://bucket/data.zarr one.zarr --path group/temperature   # one node
-  zarr-anyio copy s3://bucket/data.zarr data.zarr --skip-existing   # resume an interrupted copy
-  zarr-anyio copy data.zarr s3://bucket/data.zarr --dry-run --json
+  zarr-anyio copy s3://bucket/data.zarr data.zarr --skip-existing   # resume, or bring up to date
+  zarr-anyio copy data.zarr s3://bucket/data.zarr --overwrite       # replace what is there
+  zarr-anyio copy data.zarr s3://bucket/data.zarr --skip-existing --dry-run   # what would change
 
 Keys are copied a page of listing at a time, at most --max-concurrency at once and at most
 --max-memory bytes of values in flight; each key is written whole (or not at all) and the
 metadata (zarr.json, .zarray, .zgroup, .zattrs, .zmetadata) last, so an interrupted copy never
 looks like a finished one. Ctrl-C (or SIGTERM) stops cleanly: exit 130 (143), and re-running
-with --skip-existing copies only what is missing (compared by key and size).
+with --skip-existing copies only what is missing or different.
 
-exit codes: 0 done, 1 failed (or --verify found differences), 2 bad command line or URL,
-130/143 stopped by SIGINT/SIGTERM."""
+A copy that exits 0 leaves DST reading what SRC reads: the same keys, the same bytes. So a DST
+that already holds data is refused (exit 1, nothing written) unless told what to do with it:
+--skip-existing (rclone sync --checksum; aws s3 sync --delete) keeps the keys that have the same
+bytes, --overwrite (rclone sync --ignore-times) writes every key again; both delete the keys SRC
+does not have, take DST's metadata down before the first change and write SRC's last.
+
+exit codes: 0 done, 1 failed (DST holds data, or --verify found differences), 2 bad command
+line or URL, 130/143 stopped by SIGINT/SIGTERM."""
 
 LS_EXAMPLES = """\
 examples:
