@@ -129,3 +129,18 @@ def test_client_options_map_names_and_allow_plain_http() -> None:
     assert client_options("http", "fsspec", {}) == {}
     with pytest.raises(ValueError, match=r"client_kwargs\.verify"):
         client_options("s3", "obstore", {"client_kwargs": {"verify": False}})
+
+
+@pytest.mark.parametrize("name", ["new.zarr", "new.zip"])
+def test_a_dry_run_onto_a_destination_that_does_not_exist_yet(tmp_path: Path, name: str) -> None:
+    src = make_hierarchy(tmp_path / "src.zarr")
+    dst = tmp_path / name
+    plan = run_cli("copy", str(src), str(dst), "--dry-run", "--json")
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["would_copy"] == sorted(files_of(src))
+
+    checked = run_cli("copy", str(src), str(dst), "--dry-run", "--verify=sizes")
+    assert checked.returncode == 1
+    assert f"--verify found {len(files_of(src))} keys that differ" in checked.stderr
+    assert "zarr.json: missing" in checked.stderr
+    assert not dst.exists()

@@ -44,6 +44,7 @@ from ._open import REMOTE_SCHEMES, AccessMode, make_store
 from ._progress import choose_mode, show_progress, store_counters
 from ._retry import RateLimit
 from .local import LocalStore
+from .memory import MemoryStore
 
 __all__ = ["main"]
 
@@ -200,6 +201,14 @@ async def _ensure_open(store: AnyioStore, what: str, url: str) -> None:
         raise OSError(f"cannot open {what} {url!r}: {_describe(error)}") from None
 
 
+async def _exists(store: AnyioStore) -> bool:
+    try:
+        await store._ensure_open()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 async def _close(*stores: AnyioStore) -> None:
     # Shielded: closing a zip writes its central directory, also after Ctrl-C.
     with anyio.CancelScope(shield=True):
@@ -324,7 +333,12 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
         raise UsageError("--size-only goes with --skip-existing (it says how keys are compared)")
     src = open_url(args.src, args, args.src_storage_option, "r")
     # A dry run writes nothing, so it does not create DST either.
-    dst = open_url(args.dst, args, args.dst_storage_option, "r" if args.dry_run else "a")
+    try:
+        dst = open_url(args.dst, args, args.dst_storage_option, "r" if args.dry_run else "a")
+    except FileNotFoundError:
+        if not args.dry_run:
+            raise
+        dst = MemoryStore(read_only=True)  # a destination that does not exist yet reads empty
     report = CopyReport()
     options = CopyOptions(
         workers=args.max_concurrency,
@@ -346,6 +360,9 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
             await _ensure_open(src, "source", args.src)
             if not args.dry_run:
                 await _ensure_open(dst, "destination", args.dst)
+            elif not await _exists(dst):
+                await _close(dst)
+                dst = MemoryStore(read_only=True)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(show_progress, report, counters, mode, None, args.progress_interval)
                 await copy_node(src, dst, args.path or "", options, report)
@@ -714,8 +731,10 @@ def _describe(error: BaseException) -> str:
     # obstore appends its Rust error's debug dump (hundreds of characters): the line before it
     # says what went wrong.
     text = text.split("Debug source:", 1)[0]
-    if isinstance(error, KeyError | FileNotFoundError) and text.startswith(("'", '"')):
-        text = text[1:-1]
+    quoted = len(text) > 1 and text[0] in "'\"" and text.count(text[0]) == 2
+    if isinstance(error, KeyError | FileNotFoundError) and quoted and text.endswith(text[0]):
+        text = text[1:-1]  # a key's repr: 'a/b'
+
     text = " ".join(text.split())
     if len(text) > _LONGEST_ERROR:
         # A server's whole HTML error page, quoted by a client: the start says what happened.
