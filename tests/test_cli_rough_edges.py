@@ -4,6 +4,7 @@ that speak command line, ``ls`` where there is no Zarr root, S3 option names of 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from clitools import files_of, make_hierarchy, run_cli, s3_options
 from servers import S3Server
 from zarr_anyio._cli_options import client_options
+from zarr_anyio._copy import CopyReport
+from zarr_anyio._progress import progress_line, seconds_left
 
 
 def test_a_dry_run_lists_every_key_sorted(tmp_path: Path) -> None:
@@ -144,3 +147,27 @@ def test_a_dry_run_onto_a_destination_that_does_not_exist_yet(tmp_path: Path, na
     assert f"--verify found {len(files_of(src))} keys that differ" in checked.stderr
     assert "zarr.json: missing" in checked.stderr
     assert not dst.exists()
+
+
+def test_the_time_left_starts_sensible_when_small_keys_come_first() -> None:
+    # Two seconds in, half the keys done, but they were the small ones: a byte rate alone says
+    # the gigabyte left takes hours.
+    started = time.monotonic() - 2
+    report = CopyReport(
+        keys_total=100, bytes_total=1 << 30, keys_copied=50, bytes_copied=50_000, started=started
+    )
+    left = seconds_left(report)
+    assert left is not None
+    assert left < 10
+    assert "<00:0" in progress_line(report, None)
+
+    # Big keys first: the keys' rate alone would say hours, the bytes' rate is the telling one.
+    report = CopyReport(
+        keys_total=10_000, bytes_total=1000, keys_copied=1, bytes_copied=500, started=started
+    )
+    assert seconds_left(report) == pytest.approx(2, rel=0.1)
+
+    # In the first second, no estimate.
+    report = CopyReport(keys_total=10, bytes_total=10, keys_copied=1, bytes_copied=1)
+    assert seconds_left(report) is None
+    assert "<?," in progress_line(report, None)
