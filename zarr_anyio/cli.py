@@ -444,7 +444,8 @@ async def _inspect(args: argparse.Namespace, interrupt: Interrupt, *, tree: bool
         where = args.url + (f" --path {args.path}" if args.path else "")
         if args.json:
             entries = [entry.as_dict() for entry in level]
-            print(json.dumps({"path": args.path or "", "node_type": None, "entries": entries}))
+            listing = {"path": args.path or "", "node_type": None, "entries": entries}
+            print(json.dumps(listing, indent=2))
         else:
             print("\n".join(render_level(where, level)))
         return 0
