@@ -9,12 +9,14 @@ by a group) is tried on a folder, a zip file and S3 through both backends.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -24,7 +26,7 @@ from zarr.core.buffer import default_buffer_prototype
 
 import zarr_anyio
 from clitools import files_of, make_hierarchy, run_cli, s3_options
-from servers import S3Server
+from servers import CountingProxy, S3Server
 
 CHUNK_ITEMS = 256  # make_hierarchy's chunks: 1024 bytes of int32
 
@@ -275,3 +277,46 @@ def test_a_zip_member_that_fails_its_checksum_is_found_and_written_again(tmp_pat
     mended = run_cli("copy", str(src), place.url, "--skip-existing", "--verify", "--json")
     assert mended.returncode == 0, mended.stderr
     assert place.files() == files_of(src)
+
+
+class DroppingProxy(CountingProxy):
+    """A proxy in front of moto that answers one PUT with 200 and its ETag, and never passes it
+    on: a destination that loses a write and says it kept it."""
+
+    def __init__(self, upstream: str, victim: str) -> None:
+        super().__init__(upstream)
+        base: Any = self._server.RequestHandlerClass
+
+        class Dropping(base):  # type: ignore[misc, valid-type]
+            def _pass_on(self, body: bytes) -> None:
+                if self.command == "PUT" and self.path.split("?")[0].endswith(victim):
+                    self.send_response(200)
+                    self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                super()._pass_on(body)
+
+        self._server.RequestHandlerClass = Dropping
+
+
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_verify_reads_back_what_the_destination_kept(
+    tmp_path: Path, s3_server: S3Server, backend: str
+) -> None:
+    src = make_hierarchy(tmp_path / "src.zarr")
+    bucket = s3_server.new_bucket()
+    url = f"s3://{bucket}/data.zarr"
+    with DroppingProxy(s3_server.endpoint, "/data.zarr/a/c/4") as proxy:
+        options = ["--backend", backend, *s3_options(proxy.url, backend)]
+        copied = run_cli("copy", str(src), url, *options, "--verify")
+    assert copied.returncode == 1
+    assert "differs: a/c/4: missing" in copied.stdout
+    assert copied.stderr.count("\n") == 1
+    assert "a/c/4" not in s3_place_files(s3_server, bucket)
+
+
+def s3_place_files(server: S3Server, bucket: str) -> dict[str, bytes]:
+    fs = server.s3fs(skip_instance_cache=True)
+    root = f"{bucket}/data.zarr"
+    return {path[len(root) + 1 :]: fs.cat_file(path) for path in fs.find(root)}
