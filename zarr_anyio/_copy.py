@@ -493,10 +493,12 @@ async def _destination(dst: AnyioStore, options: CopyOptions) -> dict[str, int |
 
 
 async def _first_key(store: AnyioStore) -> str | None:
-    async for page in _listed(store, ""):
-        for key, _ in page:
-            if _valid(key):
-                return key
+    # Closed here, not left to the garbage collector: the listing stops at its first page.
+    async with contextlib.aclosing(_listed(store, "")) as pages:
+        async for page in pages:
+            for key, _ in page:
+                if _valid(key):
+                    return key
     return None
 
 
