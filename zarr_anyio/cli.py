@@ -5,9 +5,9 @@ and exit codes; the work is done by `._copy` (copy), `._inspect` (ls, info) and 
 
 Exit codes: 0 done; 1 failed while running (a missing source, a destination that holds data
 and no flag saying what to do with it, a refused write, a network error, keys that ``--verify``
-found different); 2 the command line is wrong (an unknown option, a URL
-no store takes, an unwritable kind of destination); 128 + the signal's number when stopped by
-SIGINT (130) or SIGTERM (143). An error is one line on stderr; ``--debug`` adds the traceback.
+found different); 2 the command line is wrong (an unknown option, a URL no store takes, an
+unwritable kind of destination); 128 + the signal's number when stopped by SIGINT (130) or
+SIGTERM (143). An error is one line on stderr; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
