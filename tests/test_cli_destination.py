@@ -320,3 +320,13 @@ def s3_place_files(server: S3Server, bucket: str) -> dict[str, bytes]:
     fs = server.s3fs(skip_instance_cache=True)
     root = f"{bucket}/data.zarr"
     return {path[len(root) + 1 :]: fs.cat_file(path) for path in fs.find(root)}
+
+
+def test_a_refusal_in_json(tmp_path: Path) -> None:
+    place = folder_place(tmp_path)
+    src = first_copy(tmp_path, place)
+    refused = run_cli("copy", str(src), place.url, "--json")
+    assert refused.returncode == 1
+    summary = json.loads(refused.stdout)
+    assert summary["status"] == "refused"
+    assert summary["keys_copied"] == summary["keys_deleted"] == 0
