@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
@@ -129,6 +130,14 @@ async def _as_api_call(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 _concurrency_lock = threading.Lock()
+
+
+def _renew_concurrency_lock() -> None:
+    global _concurrency_lock
+    _concurrency_lock = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+os.register_at_fork(after_in_child=_renew_concurrency_lock)
 
 
 def raise_zarr_concurrency(store: object) -> None:

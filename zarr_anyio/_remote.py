@@ -21,6 +21,7 @@ import anyio
 
 from ._adaptive import DEFAULT_CEILING, AdaptiveLimiter, Outcome
 from ._base import AnyioStore
+from ._fork import reset_in_child
 from ._limit import LimiterLike
 from ._retry import Failure, RateLimit, Retry, RetryBudget, describe
 
@@ -69,6 +70,10 @@ class _Counters:
         self.values = dict.fromkeys(
             ("requests", "retries", "throttled", "timeouts", "errors", "received", "sent"), 0
         )
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it as it forked
 
     def add(self, **counts: int) -> None:
         with self._lock:

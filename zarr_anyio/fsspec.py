@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import posixpath
+import threading
 import urllib.parse
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
@@ -22,6 +24,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 
 from . import _live
 from ._bridge import run_blocking, run_on_loop
+from ._fork import keep_inherited
 from ._limit import LimiterLike
 from ._remote import DEFAULT_TIMEOUT, RemoteStore
 from ._retry import RateLimit, Retry, RetryBudget, describe, http_status
@@ -91,6 +94,16 @@ async def _close_session(fs: Any) -> None:
     if session is not None and hasattr(session, "close") and hasattr(session, "closed"):
         fs._session = None
         await session.close()
+
+
+_renew_lock = threading.Lock()
+
+
+def _renewed(fs: Any) -> Any:
+    """A filesystem like ``fs``, made in this process: what unpickling ``fs`` gives (its class,
+    constructor arguments and options), but an instance of its own, not fsspec's cached one."""
+    make, (cls, args, options) = fs.__reduce__()
+    return make(cls, args, {**options, "skip_instance_cache": True})
 
 
 def _is_empty_range(byte_range: ByteRequest | None) -> bool:
@@ -171,6 +184,8 @@ class FsspecStore(RemoteStore):
         )
         # A filesystem that from_url made is ours to close; one the caller passed is theirs.
         self._owns_fs = False
+        # The process whose filesystem self.fs is (see _filesystem).
+        self._fs_pid = os.getpid()
         # open_store(str(store)) reaches this filesystem (its options, credentials) again
         # while this store lives.
         _live.remember(str(self), self)
@@ -203,7 +218,7 @@ class FsspecStore(RemoteStore):
 
     def with_read_only(self, read_only: bool = False) -> FsspecStore:
         return type(self)(
-            self.fs,
+            self._filesystem(),
             read_only=read_only,
             path=self.path,
             allowed_exceptions=self.allowed_exceptions,
@@ -228,8 +243,19 @@ class FsspecStore(RemoteStore):
             and self.fs == other.fs
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["fs"] = self._filesystem()
+        del state["_fs_pid"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._fs_pid = os.getpid()  # unpickling made the filesystem anew in this process
+
     def _owned_session_on_bridge(self) -> bool:
-        return self._owns_fs and bool(self.fs.async_impl) and self._loop() is None
+        fs = self._filesystem()
+        return self._owns_fs and bool(fs.async_impl) and self._loop() is None
 
     def close(self) -> None:
         """Close the store; a filesystem made by `from_url` also closes its network session
@@ -245,25 +271,46 @@ class FsspecStore(RemoteStore):
 
     # ---------------------------------------------------------------- calling the filesystem
 
+    def _filesystem(self) -> Any:
+        """``self.fs``, made anew (`_renewed`) the first time a forked child uses it.
+
+        An async filesystem's session lives on an event loop whose thread the child does not
+        have (the bridge's or fsspec's own), and its sockets are the parent's: used in the child
+        it waited for ever, or would have mixed the two processes' requests on one connection.
+        fsspec itself refuses such an instance in a child ("not fork-safe"). The old one is
+        kept, never closed: closing it would unregister the parent's sockets from the epoll
+        instance the two processes share. A sync filesystem (memory, local) is kept as it is.
+        """
+        if self._fs_pid != os.getpid():
+            with _renew_lock:
+                if self._fs_pid != os.getpid():
+                    if self.fs.async_impl:
+                        keep_inherited(self.fs)
+                        self.fs = _renewed(self.fs)
+                    self._fs_pid = os.getpid()
+        return self.fs
+
     def _loop(self) -> asyncio.AbstractEventLoop | None:
         # A sync instance of an async filesystem has its own loop thread (fsspec's); an async
         # instance gets the bridge's loop, so its session stays on one loop.
-        asynchronous = getattr(self.fs, "asynchronous", False)
-        loop: asyncio.AbstractEventLoop | None = None if asynchronous else self.fs.loop
+        fs = self._filesystem()
+        asynchronous = getattr(fs, "asynchronous", False)
+        loop: asyncio.AbstractEventLoop | None = None if asynchronous else fs.loop
         return loop
 
     async def _fs(self, method: str, *args: Any, _sent: int = 0, **kwargs: Any) -> Any:
         """Call ``fs.<method>`` (or its coroutine ``fs._<method>``) as one request (that sends
         ``_sent`` bytes)."""
-        if self.fs.async_impl:
-            coroutine_function = getattr(self.fs, f"_{method}")
+        fs = self._filesystem()
+        if fs.async_impl:
+            coroutine_function = getattr(fs, f"_{method}")
             loop = self._loop()
 
             def start() -> Awaitable[Any]:
                 return run_on_loop(lambda: coroutine_function(*args, **kwargs), loop)
 
             return await self._request(start, sent=_sent)
-        function = getattr(self.fs, method)
+        function = getattr(fs, method)
         return await self._request(
             lambda: run_in_worker(lambda _: function(*args, **kwargs)), sent=_sent
         )

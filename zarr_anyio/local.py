@@ -404,6 +404,16 @@ class _TempFolders:
 _temp_folders = _TempFolders()
 
 
+def _forget_writes_in_flight() -> None:
+    # Writes of the parent's other threads never end in a forked child: their counts would
+    # keep the temporary folder for ever, and the lock may have been held by one of them.
+    global _temp_folders
+    _temp_folders = _TempFolders()
+
+
+os.register_at_fork(after_in_child=_forget_writes_in_flight)
+
+
 def _remove_temp_folder(root_fd: int) -> None:
     # Not empty: another process is writing (or left files, removed on a later open).
     with contextlib.suppress(FileNotFoundError, NotADirectoryError, OSError):

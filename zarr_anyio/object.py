@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import pickle
 import posixpath
 from collections import defaultdict
@@ -34,6 +35,40 @@ from ._threads import run_in_worker
 __all__ = ["ObjectStore"]
 
 T = TypeVar("T")
+
+
+# Whether obstore has run a request in this process, and whether the process was forked from
+# one where it had (see _check_runtime).
+_runtime_started = False
+_runtime_inherited = False
+
+
+def _after_fork_in_child() -> None:
+    global _runtime_inherited
+    _runtime_inherited = _runtime_inherited or _runtime_started
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_runtime() -> None:
+    """Refuse to call obstore in a child forked after obstore ran: it would hang for ever.
+
+    obstore runs its requests on a Rust (tokio) runtime whose worker threads are started on
+    first use and do not survive a fork: in the child every request, blocking or async, waits
+    for them for ever, ``timeout=`` included (seen with obstore 0.12; its maintainers say it is
+    not fork-safe). Nothing here can start that runtime anew, so the child gets this error.
+    """
+    global _runtime_started
+    if _runtime_inherited:
+        raise RuntimeError(
+            "this process was forked from one that had made obstore requests, and obstore "
+            "cannot make requests after a fork (its runtime's threads stay behind in the "
+            "parent): every request would hang. Start worker processes with the 'spawn' or "
+            "'forkserver' method (multiprocessing.get_context('spawn')), or make no request "
+            "before forking; or use FsspecStore, which works in a forked child."
+        )
+    _runtime_started = True
 
 
 def _is_range_error(error: Exception) -> bool:
@@ -146,12 +181,14 @@ class ObjectStore(RemoteStore):
 
     async def _call(self, make: Callable[[], Coroutine[Any, Any, T]], sent: int = 0) -> T:
         """One obstore request (``make()`` awaits its async API), as one `_request`."""
+        _check_runtime()
         if isinstance(current_loop_key(), asyncio.AbstractEventLoop):
             return await self._request(make, sent=sent)
         return await self._request(lambda: run_on_loop(make), sent=sent)
 
     async def _call_blocking(self, function: Callable[[], T]) -> T:
         """One obstore request made with its blocking API in a worker thread."""
+        _check_runtime()
         return await self._request(lambda: run_in_worker(lambda _: function()))
 
     async def _fetch(self, key: str, byte_range: ByteRequest | None) -> memoryview | None:
