@@ -133,6 +133,8 @@ class Faults:
     hang_first: int = 0  # the first n requests hang until `release()` (or `hang_for` s)
     hang_for: float = 60.0
     message: str = "Please reduce your request rate."  # the S3 error message of a 503
+    ignore_range: bool = False  # answer a range request with 200 and the whole object
+    range_shift: int = 0  # answer a range request with the bytes this far on (and say so)
     seed: int = 0
     _random: random.Random = field(default_factory=random.Random, repr=False)
 
@@ -297,7 +299,7 @@ class HTTPServer:
 
             def _serve(self, data: bytes) -> None:
                 wanted = self.headers.get("Range")
-                if not wanted:
+                if not wanted or server.faults.ignore_range:
                     self._answer(200, data, {"Accept-Ranges": "bytes"})
                     return
                 spec = wanted.removeprefix("bytes=")
@@ -311,6 +313,9 @@ class HTTPServer:
                 if start >= size and size > 0:
                     self._answer(416, b"", {"Content-Range": f"bytes */{size}"})
                     return
+                shift = server.faults.range_shift
+                if shift:
+                    start, end = min(start + shift, size - 1), min(end + shift, size)
                 self._answer(
                     206,
                     data[start:end],
@@ -335,6 +340,12 @@ class HTTPServer:
         class Server(ThreadingHTTPServer):
             request_queue_size = 1024  # the default 5 drops connections under a burst
             daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # A client that hangs up before the whole answer is sent (a cancelled read,
+                # a range cut from a whole object) is no error of the server's.
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)
 
         self._server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"

@@ -16,7 +16,7 @@ import os
 import posixpath
 import threading
 import urllib.parse
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
@@ -25,6 +25,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from . import _live
 from ._bridge import run_blocking, run_on_loop
 from ._fork import keep_inherited
+from ._http_range import get_range
 from ._limit import LimiterLike
 from ._remote import DEFAULT_TIMEOUT, RemoteStore
 from ._retry import RateLimit, Retry, RetryBudget, describe, http_status
@@ -175,6 +176,9 @@ class FsspecStore(RemoteStore):
         # a literal segment (it is not ".."), "#" no fragment and "?" no query (as obstore's
         # HTTPStore does). Encoded, a key has no character that yarl would decode again.
         self._url_keys = bool(_protocols(fs) & {"http", "https"})
+        # fsspec's HTTP filesystem returns whatever body answers a range request (a whole
+        # object from a server that ignores Range): ranges are read and checked by `get_range`.
+        self._checked_ranges = self._url_keys and bool(fs.async_impl) and hasattr(fs, "set_session")
         # s3fs (since 2026) reads a whole object by asking its size first (a HEAD) and, past
         # its block size, in up to ``max_concurrency`` ranged requests of its own: two requests
         # per chunk, and fetches outside this store's limit (fsspec/s3fs#1027, from s3fs#1007).
@@ -304,16 +308,21 @@ class FsspecStore(RemoteStore):
         fs = self._filesystem()
         if fs.async_impl:
             coroutine_function = getattr(fs, f"_{method}")
-            loop = self._loop()
-
-            def start() -> Awaitable[Any]:
-                return run_on_loop(lambda: coroutine_function(*args, **kwargs), loop)
-
-            return await self._request(start, sent=_sent)
+            return await self._on_loop(lambda _: coroutine_function(*args, **kwargs), _sent)
         function = getattr(fs, method)
         return await self._request(
             lambda: run_in_worker(lambda _: function(*args, **kwargs)), sent=_sent
         )
+
+    async def _on_loop(self, make: Callable[[Any], Coroutine[Any, Any, T]], sent: int = 0) -> T:
+        """Await ``make(fs)`` on the async filesystem's loop, as one request."""
+        fs = self._filesystem()
+        loop = self._loop()
+
+        def start() -> Awaitable[T]:
+            return run_on_loop(lambda: make(fs), loop)
+
+        return await self._request(start, sent=sent)
 
     async def _files_under(self, folder: str) -> list[str]:
         """Every file under ``folder`` (a path in ``fs``), as paths in ``fs``."""
@@ -364,9 +373,13 @@ class FsspecStore(RemoteStore):
                 if not await self._is_file(path):
                     return None
                 return prototype.buffer.from_bytes(b"")
-            start, end = _fetch_limits(byte_range)
-            whole = self._whole_read_kwargs if start is None and end is None else {}
-            data = await self._fs("cat_file", path, start=start, end=end, **whole)
+            if byte_range is not None and self._checked_ranges:
+                asked = byte_range
+                data = await self._on_loop(lambda fs: get_range(fs, path, asked))
+            else:
+                start, end = _fetch_limits(byte_range)
+                whole = self._whole_read_kwargs if start is None and end is None else {}
+                data = await self._fs("cat_file", path, start=start, end=end, **whole)
         except self.allowed_exceptions:
             return None
         except Exception as error:

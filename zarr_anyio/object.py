@@ -16,6 +16,7 @@ import contextlib
 import os
 import pickle
 import posixpath
+import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 
 from . import _live
 from ._bridge import run_on_loop
+from ._http_range import RangeNotHonoured, span
 from ._keys import check_byte_range, validate_key
 from ._limit import LimiterLike
 from ._loops import current_loop_key
@@ -94,6 +96,41 @@ async def _awaited(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
+# obstore takes byte positions as unsigned 64-bit integers (a larger one raised its ValueError).
+# No object is that large: a range reaching beyond is read to the object's end, and one that
+# starts beyond reads nothing, as on every other store.
+_U64_END = 2**64
+
+
+def _fit(byte_range: ByteRequest | None) -> tuple[ByteRequest | None, bool]:
+    """``byte_range`` as obstore can take it, and whether it starts past the end of any object."""
+    if isinstance(byte_range, RangeByteRequest) and byte_range.end >= _U64_END:
+        if byte_range.start >= _U64_END:
+            return None, True
+        return OffsetByteRequest(byte_range.start), False
+    if isinstance(byte_range, OffsetByteRequest) and byte_range.offset >= _U64_END:
+        return None, True
+    if isinstance(byte_range, SuffixByteRequest) and byte_range.suffix >= _U64_END:
+        return None, False  # the whole object
+    return byte_range, False
+
+
+# How object_store reports a 206 whose Content-Range names other bytes than asked (its
+# ``UnexpectedRange``): the same error as FsspecStore's for it, with the bytes named.
+_UNEXPECTED_RANGE = re.compile(r"Generic HTTP error: Requested (\d+)\.\.(\d+), got (\d+)\.\.(\d+)")
+
+
+def _refuse_unexpected_range(error: Exception, key: str) -> None:
+    """Raise `RangeNotHonoured` if ``error`` is object_store's ``UnexpectedRange``."""
+    wrong = _UNEXPECTED_RANGE.match(str(error))
+    if wrong is not None:
+        asked, sent = (int(wrong[1]), int(wrong[2])), (int(wrong[3]), int(wrong[4]))
+        raise RangeNotHonoured(
+            f"{key!r}: asked for bytes {asked[0]}-{asked[1] - 1}, the server sent bytes "
+            f"{sent[0]}-{sent[1] - 1}"
+        ) from None
+
+
 def _options(byte_range: ByteRequest | None) -> Any:
     if byte_range is None:
         return {}
@@ -149,6 +186,8 @@ class ObjectStore(RemoteStore):
             rate_limit=rate_limit,
         )
         self.store = store
+        # Set once the server has answered a range request with the whole object (see _fetch).
+        self._ranges_ignored = False
         # open_store(str(store)) reaches this obstore client again while this store lives.
         _live.remember(str(self), self)
 
@@ -198,16 +237,39 @@ class ObjectStore(RemoteStore):
             if isinstance(byte_range, RangeByteRequest) and byte_range.start == byte_range.end:
                 await obstore.head_async(self.store, key)
                 return memoryview(b"")
-            result = await obstore.get_async(self.store, key, options=_options(byte_range))
+            byte_range, past_end = _fit(byte_range)
+            if past_end:
+                await obstore.head_async(self.store, key)
+                return memoryview(b"")
+            if byte_range is not None and self._ranges_ignored:
+                return await self._fetch_and_cut(key, byte_range)
+            try:
+                result = await obstore.get_async(self.store, key, options=_options(byte_range))
+            except obstore.exceptions.NotSupportedError:
+                # obstore's HTTPStore refuses the whole body that a server which ignores Range
+                # sends (200): cut the range out of the object, as FsspecStore does, and ask
+                # this server for whole objects from now on.
+                if byte_range is None:
+                    raise
+                self._ranges_ignored = True
+                return await self._fetch_and_cut(key, byte_range)
             return memoryview(await result.bytes_async())
         except FileNotFoundError:
             return None
         except Exception as error:
+            _refuse_unexpected_range(error, key)
             if not _is_range_error(error):
                 raise
             # The range starts past the end: zarr's answer is what exists there, nothing.
             await obstore.head_async(self.store, key)
             return memoryview(b"")
+
+    async def _fetch_and_cut(self, key: str, byte_range: ByteRequest) -> memoryview:
+        import obstore
+
+        whole = memoryview(await (await obstore.get_async(self.store, key)).bytes_async())
+        start, stop = span(byte_range, len(whole))
+        return whole[start:stop]
 
     # ---------------------------------------------------------------- backend hooks
 
@@ -233,7 +295,11 @@ class ObjectStore(RemoteStore):
         await self._ensure_open()
         ranged: dict[str, list[int]] = defaultdict(list)
         for index, (key, byte_range) in enumerate(requests):
-            if isinstance(byte_range, RangeByteRequest) and byte_range.start < byte_range.end:
+            if (
+                isinstance(byte_range, RangeByteRequest)
+                and byte_range.start < byte_range.end < _U64_END
+                and not self._ranges_ignored
+            ):
                 ranged[key].append(index)
         groups = [indexes for indexes in ranged.values() if len(indexes) > 1]
         grouped = {index for indexes in groups for index in indexes}
@@ -255,7 +321,14 @@ class ObjectStore(RemoteStore):
                 )
             except FileNotFoundError:
                 return
+            except obstore.exceptions.NotSupportedError:
+                # A server that ignores Range (see _fetch): each range cut from the object.
+                self._ranges_ignored = True
+                for index in indexes:
+                    await fetch_single(index)
+                return
             except Exception as error:
+                _refuse_unexpected_range(error, key)
                 # obstore's get_ranges panics when a range starts past the end of the object
                 # (it slices the merged answer); over HTTP that range may also be a 416. Either
                 # way, ask for each range on its own, as single gets would.
