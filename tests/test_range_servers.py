@@ -17,8 +17,8 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Suf
 from zarr.core.buffer import default_buffer_prototype
 
 from servers import Faults, HTTPServer
-from zarr_anyio import FsspecStore, ObjectStore, RemoteStore
-from zarr_anyio._http_range import RangeNotHonoured, _check_partial
+from zarr_anyio import FsspecStore, ObjectStore, RangeNotHonoured, RemoteStore
+from zarr_anyio._http_range import _check_partial
 
 PROTO = default_buffer_prototype()
 KINDS = ["fsspec", "obstore"]

@@ -8,6 +8,7 @@ from . import api
 from ._adaptive import AdaptiveLimiter
 from ._base import AnyioStore, BlockingStore, FetchRequest
 from ._blocks import Block
+from ._http_range import RangeNotHonoured
 from ._keys import byte_range_slice, names_under
 from ._limit import Limiter
 from ._nodes import AsyncArray, AsyncGroup
@@ -35,6 +36,7 @@ __all__ = [
     "LocalStore",
     "MemoryStore",
     "ObjectStore",
+    "RangeNotHonoured",
     "RateLimit",
     "RemoteStore",
     "RequestStats",
