@@ -42,6 +42,7 @@ from zarr.core.buffer import Buffer
 from . import _live
 from ._base import AnyioStore
 from ._bridge import run_blocking
+from ._redact import scrub
 from .fsspec import FsspecStore
 from .local import LocalStore, check_root
 from .memory import MemoryStore
@@ -186,7 +187,11 @@ def _make_store(
         return _from_path(store_like, mode, kwargs, lazy)
     if not isinstance(store_like, str):
         raise TypeError(f"cannot make a store from {type(store_like).__name__}: {store_like!r}")
-    return _from_string(store_like, mode, storage_options, backend, kwargs, lazy)
+    try:
+        return _from_string(store_like, mode, storage_options, backend, kwargs, lazy)
+    except Exception as error:
+        scrub(error)  # the messages name the URL, which may hold a password
+        raise
 
 
 def _is_fsmap(value: object) -> bool:

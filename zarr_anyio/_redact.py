@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 
-__all__ = ["redact", "redact_url"]
+__all__ = ["redact", "redact_url", "scrub"]
 
 MASK = "***"
 
@@ -47,3 +47,33 @@ def redact(text: str) -> str:
 def redact_url(url: str) -> str:
     """One URL with its credentials replaced by ``***`` (`redact` of a single URL)."""
     return redact(url)
+
+
+def scrub(error: BaseException) -> None:
+    """Redact, in place, the URLs in ``error``'s message and in those of the errors it was
+    raised from or during (a traceback prints them all).
+
+    The error stays itself (its type, status, response and every other attribute): only the
+    text arguments, and an ``OSError``'s file names, lose their secrets. Clients put the URL
+    they requested in their errors (fsspec's ``FileNotFoundError(url)``, obstore's messages).
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        args = current.args
+        cleaned = tuple(redact(arg) if isinstance(arg, str) else arg for arg in args)
+        try:
+            if cleaned != args:
+                current.args = cleaned
+            if isinstance(current, OSError):
+                for name in ("filename", "filename2"):
+                    value = getattr(current, name, None)
+                    if isinstance(value, str) and redact(value) != value:
+                        setattr(current, name, redact(value))
+        except (AttributeError, TypeError):  # a type whose arguments cannot be set
+            pass
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)

@@ -23,6 +23,7 @@ from ._adaptive import DEFAULT_CEILING, AdaptiveLimiter, Outcome
 from ._base import AnyioStore
 from ._fork import reset_in_child
 from ._limit import LimiterLike
+from ._redact import scrub
 from ._retry import Failure, RateLimit, Retry, RetryBudget, describe
 
 __all__ = ["DEFAULT_TIMEOUT", "RemoteStore", "RequestStats"]
@@ -251,7 +252,17 @@ class RemoteStore(AnyioStore):
     # ----------------------------------------------------------------- one request
 
     async def _request(self, make: Callable[[], Awaitable[T]], *, sent: int = 0) -> T:
-        """One request to the server: attempts under the window, retried while worth it."""
+        """One request to the server: attempts under the window, retried while worth it.
+
+        Its error is raised as itself, with any credentials of the URL in its text redacted
+        (the clients name the URL they requested)."""
+        try:
+            return await self._attempts(make, sent)
+        except Exception as error:
+            scrub(error)
+            raise
+
+    async def _attempts(self, make: Callable[[], Awaitable[T]], sent: int) -> T:
         retry_number = 0
         last_cost: int | None = None
         while True:

@@ -35,6 +35,7 @@ from ._inspect import describe, human_size, render_info, render_tree
 from ._limit import DEFAULT_MAX_CONCURRENCY
 from ._open import REMOTE_SCHEMES, AccessMode, make_store
 from ._progress import choose_mode, show_progress, store_counters
+from ._redact import redact, scrub
 from ._retry import RateLimit
 from .local import LocalStore
 
@@ -258,8 +259,8 @@ def _copy_json(
 ) -> str:
     summary: dict[str, Any] = {
         "status": status,
-        "source": args.src,
-        "destination": args.dst,
+        "source": redact(args.src),
+        "destination": redact(args.dst),
         "path": args.path,
         "dry_run": args.dry_run,
         "verify": args.verify,
@@ -621,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.run(args)
     except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {redact(str(error))}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader went away (`zarr-anyio ls ... | head`): stop quietly, as if by SIGPIPE.
@@ -632,9 +633,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as error:
+        # A URL given on the command line may hold a password: never echoed back.
+        scrub(error)
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {_describe(error)}", file=sys.stderr)
+        print(f"{PROG}: error: {redact(_describe(error))}", file=sys.stderr)
         return 1
     return code
 

@@ -27,6 +27,7 @@ from ._bridge import run_blocking, run_on_loop
 from ._fork import keep_inherited
 from ._http_range import get_range
 from ._limit import LimiterLike
+from ._redact import redact
 from ._remote import DEFAULT_TIMEOUT, RemoteStore
 from ._retry import RateLimit, Retry, RetryBudget, describe, http_status
 from ._threads import run_in_worker
@@ -230,14 +231,15 @@ class FsspecStore(RemoteStore):
         )
 
     def __str__(self) -> str:
-        """The URL of the store's root (``s3://bucket/path``); `open_store` opens it again."""
+        """The URL of the store's root (``s3://bucket/path``), credentials in it shown as
+        ``***``; `open_store` opens it again while this store lives."""
         try:
-            return str(self.fs.unstrip_protocol(self.path))
+            return redact(str(self.fs.unstrip_protocol(self.path)))
         except Exception:  # a filesystem that cannot say: its repr
             return repr(self)
 
     def __repr__(self) -> str:
-        return f"<FsspecStore({type(self.fs).__name__}, {self.path})>"
+        return f"<FsspecStore({type(self.fs).__name__}, {redact(self.path)})>"
 
     def __eq__(self, other: object) -> bool:
         return (

@@ -30,6 +30,7 @@ from ._http_range import RangeNotHonoured, span
 from ._keys import check_byte_range, validate_key
 from ._limit import LimiterLike
 from ._loops import current_loop_key
+from ._redact import redact
 from ._remote import DEFAULT_TIMEOUT, RemoteStore
 from ._retry import RateLimit, Retry, RetryBudget, http_status
 from ._threads import run_in_worker
@@ -195,7 +196,8 @@ class ObjectStore(RemoteStore):
         return type(self)(self.store, read_only=read_only, **self._store_kwargs())
 
     def __str__(self) -> str:
-        return f"object_store://{self.store}"
+        # obstore's repr of an HTTP store holds its URL, credentials included.
+        return redact(f"object_store://{self.store}")
 
     def __repr__(self) -> str:
         return f"ObjectStore({self})"
