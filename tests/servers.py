@@ -168,6 +168,8 @@ class HTTPServer:
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
+        # HTML index pages, by folder path (no slash at either end): what an autoindex serves.
+        self.pages: dict[str, str] = {}
         self.faults = Faults()
         self.requests = 0
         self.spoiled: dict[str, int] = {"503": 0, "500": 0, "drop": 0, "429": 0, "truncate": 0}
@@ -281,6 +283,10 @@ class HTTPServer:
                     self._answer(204)
                     return
                 data = server.objects.get(key)
+                page = server.pages.get(key.strip("/"))
+                if data is None and page is not None and method in ("GET", "HEAD"):
+                    self._answer(200, page.encode(), {"Content-Type": "text/html"})
+                    return
                 if data is None:
                     self._answer(404, b"not found")
                     return
@@ -367,6 +373,7 @@ class HTTPServer:
         self.release()
         with self._lock:
             self.objects.clear()
+            self.pages.clear()
             self.faults = Faults()
             self.requests = 0
             self.spoiled = {"503": 0, "500": 0, "drop": 0, "429": 0, "truncate": 0}

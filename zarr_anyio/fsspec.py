@@ -26,6 +26,7 @@ from . import _live
 from ._bridge import run_blocking, run_on_loop
 from ._fork import keep_inherited
 from ._http_range import get_range
+from ._keys import is_valid_key
 from ._limit import LimiterLike
 from ._redact import redact
 from ._remote import DEFAULT_TIMEOUT, RemoteStore
@@ -358,11 +359,26 @@ class FsspecStore(RemoteStore):
             key = urllib.parse.quote(key, safe="/")
         return _join(self.path, key)
 
-    def _key_of(self, path: str) -> str:
+    def _key_of(self, path: str) -> str | None:
+        """The key that a listed ``path`` names, or ``None`` if it names none.
+
+        A listing may hold names that no key can reach: outside the root, refused by the key
+        rules (``../secret``, a NUL, a backslash, a 300-byte segment: `get` would refuse them),
+        or, over http(s), a segment that decodes to more than one (``a%2Fb``, whose key ``a/b``
+        is another object). A listing gives only keys that `get` takes and that name the listed
+        object; the others are left out.
+        """
         root = self.path.rstrip("/")
         path = path.lstrip("/") if not root.startswith("/") else path
+        if root and not path.startswith(root + "/"):
+            return None
         key = path[len(root) + 1 :] if root else path
-        return urllib.parse.unquote(key) if self._url_keys else key
+        if self._url_keys:
+            segments = [urllib.parse.unquote(segment) for segment in key.split("/")]
+            if any("/" in segment for segment in segments):
+                return None
+            key = "/".join(segments)
+        return key if is_valid_key(key) else None
 
     # ---------------------------------------------------------------- backend hooks
 
@@ -434,7 +450,7 @@ class FsspecStore(RemoteStore):
         folder = posixpath.dirname(prefix)
         paths = await self._files_under(self._path(folder))
         keys = (self._key_of(path) for path in paths)
-        return [key for key in keys if key.startswith(prefix)]
+        return [key for key in keys if key is not None and key.startswith(prefix)]
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
         folder = self._path(prefix.rstrip("/"))
@@ -442,11 +458,17 @@ class FsspecStore(RemoteStore):
             entries = await self._fs("ls", folder, detail=False)
         except self.allowed_exceptions:
             return []
-        names = {posixpath.basename(str(entry).rstrip("/")) for entry in entries}
-        if self._url_keys:
-            names = {urllib.parse.unquote(name) for name in names}
-        names.discard(posixpath.basename(folder.rstrip("/")) if not entries else "")
-        return sorted(name for name in names if name)
+        # Only the names of children of the folder that a key can have (see _key_of): an index
+        # page's "../secret" or "a%2Fb" is none.
+        parent = prefix.rstrip("/")
+        parent = f"{parent}/" if parent else ""
+        names = set()
+        for entry in entries:
+            key = self._key_of(str(entry).rstrip("/"))
+            if key is not None and key.startswith(parent) and "/" not in key[len(parent) :]:
+                names.add(key[len(parent) :])
+        names.discard("")
+        return sorted(names)
 
     async def _backend_delete_dir(self, prefix: str) -> None:
         # Never ``fs.rm(paths)``: it expands glob patterns, and "a*", "a[b]" or "a?" are node
