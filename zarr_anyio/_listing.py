@@ -25,6 +25,7 @@ from typing import Any
 from ._base import AnyioStore
 from ._bridge import run_on_loop
 from ._keys import directory_prefix
+from ._obstore_listing import Lister
 from ._threads import run_in_worker
 from .fsspec import FsspecStore
 from .local import Folder, LocalStore, scan_folder
@@ -79,18 +80,13 @@ async def _local_pages(store: LocalStore, prefix: str) -> AsyncGenerator[list[En
 
 
 async def _obstore_pages(store: ObjectStore, prefix: str) -> AsyncGenerator[list[Entry], None]:
-    import obstore
-
-    # obstore lists whole path segments: "a" means "a/...", which is what a node is.
-    stream = obstore.list(store.store, prefix=prefix.rstrip("/") or None, chunk_size=PAGE_SIZE)
-
-    def next_page() -> list[Entry] | None:
-        batch = next(stream, None)
-        return None if batch is None else [(meta["path"], int(meta["size"])) for meta in batch]
+    # obstore lists whole path segments: "a" means "a/...", which is what a node is. A name
+    # obstore refuses comes with its page (and no size), for the copy to count and leave out.
+    lister = Lister(store.store, prefix.rstrip("/") or None, PAGE_SIZE)
 
     while True:
         # The blocking API in a thread, as ObjectStore lists: one request per page.
-        page = await store._call_blocking(next_page)
+        page = await store._call_blocking(lister.next_page)
         if page is None:
             return
         yield page

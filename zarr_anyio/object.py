@@ -27,9 +27,10 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from . import _live
 from ._bridge import run_on_loop
 from ._http_range import RangeNotHonoured, span
-from ._keys import check_byte_range, validate_key
+from ._keys import check_byte_range, is_valid_key, validate_key
 from ._limit import LimiterLike
 from ._loops import current_loop_key
+from ._obstore_listing import Lister
 from ._redact import redact
 from ._remote import DEFAULT_TIMEOUT, RemoteStore
 from ._retry import RateLimit, Retry, RetryBudget, http_status
@@ -393,14 +394,17 @@ class ObjectStore(RemoteStore):
         meta = await self._call(lambda: _awaited(obstore.head_async(self.store, key)))
         return int(meta["size"])
 
+    def _keys_under(self, folder: str) -> list[str]:
+        """Every key under ``folder``, as one blocking call: names that are no keys (see
+        `Lister`, and our own key rules, which `get` applies) are left out."""
+        lister = Lister(self.store, folder or None, 1000)
+        keys: list[str] = []
+        while (page := lister.next_page()) is not None:
+            keys.extend(path for path, _ in page if is_valid_key(path))
+        return keys
+
     async def _list_under(self, folder: str) -> list[str]:
-        import obstore
-
-        def collect() -> list[str]:
-            stream = obstore.list(self.store, prefix=folder or None, chunk_size=1000)
-            return [meta["path"] for batch in stream for meta in batch]
-
-        return await self._call_blocking(collect)
+        return await self._call_blocking(lambda: self._keys_under(folder))
 
     async def _backend_list_prefix(self, prefix: str) -> Iterable[str]:
         # obstore lists whole path segments ("a" means "a/…"): list the folder, filter by string.
@@ -409,6 +413,7 @@ class ObjectStore(RemoteStore):
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
         import obstore
+        import obstore.exceptions
         import obstore.store
 
         folder = prefix.rstrip("/")
@@ -418,14 +423,20 @@ class ObjectStore(RemoteStore):
         local = isinstance(self.store, obstore.store.LocalStore)
 
         def names_under() -> list[str]:
-            found = obstore.list_with_delimiter(self.store, prefix=folder or None)
+            try:
+                found = obstore.list_with_delimiter(self.store, prefix=folder or None)
+            except obstore.exceptions.InvalidPathError:
+                # A name obstore refuses among them: the names from the folder's listing.
+                start = len(folder) + 1 if folder else 0
+                return [key[start:].split("/", 1)[0] for key in self._keys_under(folder)]
             folders = [p.rstrip("/") for p in found["common_prefixes"]]
             if local:
                 folders = [p for p in folders if _holds_a_key(self.store, p)]
             names = [posixpath.basename(p) for p in folders]
             return names + [posixpath.basename(meta["path"]) for meta in found["objects"]]
 
-        return sorted(set(await self._call_blocking(names_under)))
+        names = set(await self._call_blocking(names_under))
+        return sorted(name for name in names if is_valid_key(name))
 
     async def _backend_delete_dir(self, prefix: str) -> None:
         keys = await self._list_under(prefix.rstrip("/"))
