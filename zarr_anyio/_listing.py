@@ -106,7 +106,7 @@ def _pages_s3(store: FsspecStore) -> bool:
 
 
 async def _s3fs_pages(store: FsspecStore, prefix: str) -> AsyncGenerator[list[Entry], None]:
-    fs = store.fs
+    fs = store._filesystem()  # made anew in a forked child
     bucket, root, _ = fs.split_path(store.path)
     key_prefix = posixpath.join(root, prefix) if root else prefix
     if root and not key_prefix.endswith("/"):

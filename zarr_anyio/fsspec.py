@@ -102,6 +102,14 @@ async def _close_session(fs: Any) -> None:
 _renew_lock = threading.Lock()
 
 
+def _renew_lock_after_fork() -> None:
+    global _renew_lock
+    _renew_lock = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+os.register_at_fork(after_in_child=_renew_lock_after_fork)
+
+
 def _renewed(fs: Any) -> Any:
     """A filesystem like ``fs``, made in this process: what unpickling ``fs`` gives (its class,
     constructor arguments and options), but an instance of its own, not fsspec's cached one."""
