@@ -11,6 +11,8 @@ a member, close appends a directory, and the archive as it was stays intact befo
 - A deleted key is hidden at once; close appends a directory without it, then rewrites the file
   without its bytes into a temporary file that replaces the archive only once complete. If either
   step fails, close raises and the store stays open with its state, so close can be retried.
+  Opened through a symbolic link, a rewrite replaces the file the link leads to (its temporary
+  file beside that one): the link stays a link to the archive.
 - Every read of a whole member checks its CRC-32 (a 4 KiB chunk: ~2 µs more on a ~8 µs read);
   a byte range of a member is read after the whole member was checked once per opening.
 - ``close()`` and ``aclose()`` wait for the calls in flight on the store before closing.
@@ -468,10 +470,17 @@ class ZipStore(BlockingStore):
             stacklevel=2,
         )
 
+    def _target(self) -> Path:
+        """The file the archive is: ``path``, or where its symbolic links lead. A rewrite
+        replaces that file, so that a link stays a link and keeps reaching the archive (zarr's
+        ZipStore writes in place, through the link)."""
+        return Path(os.path.realpath(self.path))
+
     def _remove_stale_rewrites(self) -> None:
         """Temporary files of rewrites that a crash left beside the archive."""
-        prefix = f"{_REWRITE_MARK}{self.path.name}."
-        with contextlib.suppress(OSError), os.scandir(self.path.parent) as entries:
+        target = self._target()
+        prefix = f"{_REWRITE_MARK}{target.name}."
+        with contextlib.suppress(OSError), os.scandir(target.parent) as entries:
             for entry in entries:
                 if entry.name.startswith(prefix):
                     with contextlib.suppress(OSError):
@@ -712,7 +721,8 @@ class ZipStore(BlockingStore):
 
         The archive is untouched until the copy is complete and on disk; a failure or a
         cancellation (checked between members and pieces) removes the copy and raises."""
-        temporary = self.path.with_name(f"{_REWRITE_MARK}{self.path.name}.{uuid.uuid4().hex}")
+        target = self._target()
+        temporary = target.with_name(f"{_REWRITE_MARK}{target.name}.{uuid.uuid4().hex}")
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, stat.S_IMODE(os.fstat(session.fd).st_mode))
@@ -738,7 +748,7 @@ class ZipStore(BlockingStore):
             # On disk before it replaces the archive: a power cut must not leave neither.
             os.fsync(fd)
             check_cancelled()
-            os.replace(temporary, self.path)
+            os.replace(temporary, target)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
