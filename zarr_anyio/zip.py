@@ -24,6 +24,11 @@ a member, close appends a directory, and the archive as it was stays intact befo
   grew to 200 MiB; with it, 6 MiB, at 0.55 ms a write instead of 0.16 ms (each rewrite copies the
   live values and fsyncs once). A small key rewritten often (zarr.json) waits for 1 MiB of
   rewrites.
+- A rewrite needs the folder, not only the file: its copy is made beside the archive and renamed
+  over it. Where the folder refuses (a shared archive in a folder someone else owns, or a sticky
+  one), compaction and close after a delete leave the file as it is, whole (its last directory
+  leaves out deleted keys and old copies), keep appending, try again once the dead bytes
+  doubled, and say so with a `ZipNotRewrittenWarning`; `rewrite()` raises `RewriteRefused`.
 - One writer, in one process. A writable store used in another process than the one that made
   it (sent to a dask worker, say) refuses with an error that says what to do: two processes
   appending to one file would corrupt it. `with_read_only()` gives a copy that other processes
@@ -77,7 +82,7 @@ from ._zipformat import (
     write_all,
 )
 
-__all__ = ["ZipStore"]
+__all__ = ["RewriteRefused", "ZipNotRewrittenWarning", "ZipStore"]
 
 ZipStoreAccessModeLiteral = Literal["r", "w", "a", "x"]
 
@@ -140,6 +145,12 @@ class _Session:
         # replaced by the next one).
         self.dead = max(0, end - sum(_record_size(info) for info in self.listed()))
         self.directory_size = 0
+        # Compaction is tried once dead bytes pass this too: after a refused rewrite (a folder
+        # we may not write), not again until they doubled, so that the cost stays amortised.
+        self.compact_at = 0
+        # Refused rewrites reported: once a session for dead bytes, once for deleted keys (a
+        # warning per write would drown the rest).
+        self.told_refused: set[bool] = set()
 
     def _take(self, infos: Iterable[zipfile.ZipInfo]) -> None:
         # The newest copy of a name is the one furthest into the file.
@@ -185,7 +196,29 @@ class _Session:
         self.nowait = _RWF_NOWAIT is not None
         self.dead = 0
         self.directory_size = 0
+        self.compact_at = 0
         os.close(old)
+
+
+class RewriteRefused(PermissionError):
+    """A rewrite of the archive could not create its copy beside it, or put it in its place:
+    the folder does not let this user create or replace files."""
+
+
+class ZipNotRewrittenWarning(UserWarning):
+    """A rewrite the store makes on its own (compaction, close after a delete) was refused by
+    the folder: the file keeps its dead bytes, the store keeps appending."""
+
+
+def _refused(target: Path, error: PermissionError) -> RewriteRefused:
+    """The error of a rewrite the folder refused: ``str()`` names the archive and its folder."""
+    return RewriteRefused(
+        error.errno,
+        f"a rewrite writes a complete copy of the archive beside it and puts it in its place, "
+        f"and its folder {target.parent} does not let this user create or replace files "
+        f"({error.strerror})",
+        str(target),
+    )
 
 
 def _record_size(info: zipfile.ZipInfo) -> int:
@@ -678,7 +711,7 @@ class ZipStore(BlockingStore):
             current.add(info, after, end)
             if self._should_compact(current):
                 # The value is written; a cancellation from here on only stops the rewrite.
-                self._rewrite_session(current, check_cancelled)
+                self._rewrite_or_append(current, check_cancelled)
 
     def _should_compact(self, session: _Session) -> bool:
         """Whether dead bytes (overwritten values, old directories) are worth a rewrite."""
@@ -687,6 +720,7 @@ class ZipStore(BlockingStore):
             not writer.read_only
             and session.dead > _COMPACT_FLOOR
             and session.dead > _COMPACT_SHARE * session.end
+            and session.dead > session.compact_at
         )
 
     def _delete_blocking(self, keys: Iterable[str], session: _Session | None = None) -> None:
@@ -723,7 +757,10 @@ class ZipStore(BlockingStore):
         cancellation (checked between members and pieces) removes the copy and raises."""
         target = self._target()
         temporary = target.with_name(f"{_REWRITE_MARK}{target.name}.{uuid.uuid4().hex}")
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except PermissionError as error:
+            raise _refused(target, error) from None
         try:
             os.fchmod(fd, stat.S_IMODE(os.fstat(session.fd).st_mode))
             infos: list[zipfile.ZipInfo] = []
@@ -748,13 +785,45 @@ class ZipStore(BlockingStore):
             # On disk before it replaces the archive: a power cut must not leave neither.
             os.fsync(fd)
             check_cancelled()
-            os.replace(temporary, target)
+            try:
+                os.replace(temporary, target)
+            except PermissionError as error:
+                # A folder with the sticky bit (/tmp) and an archive someone else owns.
+                raise _refused(target, error) from None
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
         session.replace_file(fd, infos, offsets, checked)
+
+    def _rewrite_or_append(self, session: _Session, check_cancelled: CheckCancelled) -> None:
+        """A rewrite that the store makes on its own (compaction, close after a delete): where
+        the folder refuses it, the file stays as it is (whole: its last directory leaves out
+        deleted keys and old copies), the store keeps appending and tries again later; a
+        warning says so, once a session. An explicit `rewrite()` raises instead."""
+        try:
+            self._rewrite_session(session, check_cancelled)
+        except RewriteRefused as error:
+            session.compact_at = 2 * session.dead
+            kind = bool(session.deleted)
+            if kind in session.told_refused:
+                return
+            session.told_refused.add(kind)
+            left = (
+                f"the bytes of the deleted keys ({len(session.deleted)}) stay in it (its "
+                "directory leaves them out)"
+                if session.deleted
+                else "overwritten values stay in it, unlisted"
+            )
+            warnings.warn(
+                f"{error.filename} was not rewritten: {error.strerror}. So {left}: "
+                f"{session.dead} of its {session.end} bytes are dead. The archive is whole and "
+                "the store keeps appending (it tries again once the dead bytes doubled, and at "
+                "close); to drop them, call rewrite() where the folder is writable.",
+                ZipNotRewrittenWarning,
+                stacklevel=2,
+            )
 
     def _copy(
         self,
@@ -784,7 +853,7 @@ class ZipStore(BlockingStore):
             self._append_directory(session)
         writer = self._owner or self
         if (session.deleted and not writer.read_only) or self._should_compact(session):
-            self._rewrite_session(session, check_cancelled)
+            self._rewrite_or_append(session, check_cancelled)
 
     def _close(self, check_cancelled: CheckCancelled, what: str) -> None:
         owner = self._owner
@@ -821,7 +890,9 @@ class ZipStore(BlockingStore):
 
         Writing a key twice leaves both copies in the file (the newest is read); after many
         overwrites the file holds dead bytes. ``rewrite()`` copies the live members into a new
-        file beside it and replaces the old one once the copy is complete.
+        file beside it and replaces the old one once the copy is complete. Where the folder
+        does not let this user create or replace files, it raises `RewriteRefused` (a
+        `PermissionError`) and the archive stays as it was.
         """
         self._check_writable()
         await self._ensure_open()

@@ -1,0 +1,182 @@
+"""ZipStore on a writable zip in a folder this user cannot write (a shared archive in a folder
+someone else owns), run for real as an unprivileged user: root ignores permissions, so as root
+the checks run in a child process that drops to ``nobody``.
+
+A rewrite needs the folder (its copy goes beside the archive and is renamed over it): where the
+folder refuses, compaction and close after a delete keep the file whole and appending and say so
+with a warning; an explicit ``rewrite()`` raises a `RewriteRefused` naming the folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TOP = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+CHILD = r"""
+import json, os, sys, warnings, zipfile
+import anyio
+from zarr.core.buffer import cpu, default_buffer_prototype
+from zarr_anyio import ZipStore
+from zarr_anyio import zip as zip_module
+
+zip_module._COMPACT_FLOOR = 10_000
+path, backend, what = sys.argv[1], sys.argv[2], sys.argv[3]
+report = {"uid": os.geteuid(), "tries": 0}
+rewrite_session = ZipStore._rewrite_session
+
+def counted(self, *args):
+    report["tries"] += 1
+    return rewrite_session(self, *args)
+
+ZipStore._rewrite_session = counted
+
+def buf(data):
+    return cpu.Buffer.from_bytes(data)
+
+async def overwrites_and_delete():
+    store = ZipStore(path, mode="a")
+    for round_ in range(40):  # dead bytes pass the (lowered) floor again and again
+        await store.set("k", buf(bytes([round_]) * 4000))
+    await store.delete("gone")
+    await store.aclose()
+    report["size"] = os.path.getsize(path)
+
+async def explicit_rewrite():
+    store = ZipStore(path, mode="a")
+    await store.delete("gone")
+    try:
+        await store.rewrite()
+    except PermissionError as error:
+        report["error"] = [type(error).__name__, str(error)]
+    await store.set("after", buf(b"still writable"))
+    await store.aclose()
+
+async def main():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await {"overwrites": overwrites_and_delete, "rewrite": explicit_rewrite}[what]()
+    report["warnings"] = [[w.category.__name__, str(w.message)] for w in caught]
+
+anyio.run(main, backend=backend)
+with zipfile.ZipFile(path) as archive:
+    assert archive.testzip() is None
+    report["names"] = sorted(archive.namelist())
+    report["k"] = archive.read("k")[:1].hex() if "k" in archive.namelist() else None
+print(json.dumps(report))
+"""
+
+
+def run_unprivileged(*args: str) -> dict[str, Any]:
+    """Run `CHILD` as ``nobody`` (or as this user, if it is not root)."""
+    env = {**os.environ, "PYTHONPATH": str(TOP), "PYTHONDONTWRITEBYTECODE": "1"}
+    drop: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        drop = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        timeout=120,
+        check=False,
+        **drop,
+    )
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    assert report["uid"] != 0
+    return report
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder in the system's temporary folder that ``nobody`` can reach (pytest's own are
+    private to root), holding a zip that anyone may write; the folder itself is made read-only
+    for others by each test."""
+    folder = Path(tempfile.mkdtemp(prefix="zarr-anyio-shared-"))
+    try:
+        with zipfile.ZipFile(folder / "data.zip", "w") as archive:
+            archive.writestr("gone", b"g" * 50_000)
+            archive.writestr("keep", b"kept")
+        (folder / "data.zip").chmod(0o666)
+        yield folder
+    finally:
+        folder.chmod(0o700)
+        shutil.rmtree(folder)
+
+
+def limit_for_others(folder: Path, mode: int) -> None:
+    folder.chmod(mode)
+    if os.geteuid() != 0:
+        # Not root: the folder is ours, so take our own write permission away instead.
+        folder.chmod(mode & ~stat.S_IWUSR)
+
+
+def no_rewrite_files(folder: Path) -> bool:
+    return [p.name for p in folder.iterdir()] == ["data.zip"]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_compaction_and_close_after_a_delete_fall_back_to_appending(
+    shared_folder: Path, backend: str
+) -> None:
+    limit_for_others(shared_folder, 0o755)
+    report = run_unprivileged(str(shared_folder / "data.zip"), backend, "overwrites")
+    assert report["names"] == ["k", "keep"]
+    assert report["k"] == bytes([39]).hex()
+    kinds = [kind for kind, _ in report["warnings"]]
+    # Said once for the dead bytes, once for the deleted key: not at every write.
+    assert kinds == ["ZipNotRewrittenWarning", "ZipNotRewrittenWarning"]
+    first, second = (message for _, message in report["warnings"])
+    assert str(shared_folder) in first
+    assert "not rewritten" in first
+    assert "deleted keys (1)" in second
+    # Compaction is tried again later, once the dead bytes doubled, not at each of the ~37
+    # writes past the threshold (each try may copy the whole archive before it is refused).
+    assert 2 <= report["tries"] < 8
+    assert no_rewrite_files(shared_folder)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_an_explicit_rewrite_that_the_folder_refuses_says_why_and_changes_nothing(
+    shared_folder: Path, backend: str
+) -> None:
+    limit_for_others(shared_folder, 0o755)
+    report = run_unprivileged(str(shared_folder / "data.zip"), backend, "rewrite")
+    kind, message = report["error"]
+    assert kind == "RewriteRefused"
+    assert str(shared_folder) in message
+    assert "does not let this user create or replace files" in message
+    assert report["names"] == ["after", "keep"]
+    assert no_rewrite_files(shared_folder)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_sticky_folder_that_lets_the_copy_be_made_but_not_renamed(
+    shared_folder: Path, backend: str
+) -> None:
+    """Anyone may create files in a sticky folder (as /tmp), but only the archive's owner may
+    replace it: the copy is made, the rename refused, the copy removed."""
+    if os.geteuid() != 0:
+        limit_for_others(shared_folder, 0o755)  # not root: cannot give the archive away
+    else:
+        shared_folder.chmod(0o1777)
+    report = run_unprivileged(str(shared_folder / "data.zip"), backend, "overwrites")
+    assert report["names"] == ["k", "keep"]
+    assert [kind for kind, _ in report["warnings"]] == ["ZipNotRewrittenWarning"] * 2
+    if os.geteuid() == 0:
+        assert "Operation not permitted" in report["warnings"][0][1]  # the rename's EPERM
+    assert no_rewrite_files(shared_folder)
