@@ -31,8 +31,11 @@ a member, close appends a directory, and the archive as it was stays intact befo
   doubled, and say so with a `ZipNotRewrittenWarning`; `rewrite()` raises `RewriteRefused`.
 - One writer, in one process. A writable store used in another process than the one that made
   it (sent to a dask worker, say) refuses with an error that says what to do: two processes
-  appending to one file would corrupt it. `with_read_only()` gives a copy that other processes
-  may read (pickling writes the directory first, so the copy sees a whole archive).
+  appending to one file would corrupt it. A writable store holds an advisory lock on the file
+  (`._filelock`), so a second writer opened independently, here or in another program, is
+  refused with `ArchiveLocked`; readers take no lock. `with_read_only()` gives a copy that
+  other processes may read (pickling writes the directory first, so the copy sees a whole
+  archive).
 
 ``zipfile`` is not used to write: it would overwrite the old directory on append, register a
 member that failed half-way, and drop its handle before a failed close. It still parses
@@ -44,6 +47,7 @@ in the page cache they are read on the event loop itself.
 from __future__ import annotations
 
 import contextlib
+import errno
 import lzma
 import os
 import shutil
@@ -64,6 +68,7 @@ from . import _live
 from ._base import NOT_READY, BlockingStore, Pending
 from ._calls import InFlight
 from ._fileio import read_exact
+from ._filelock import same_file, try_lock, unlock
 from ._keys import byte_range_slice, check_byte_range, names_under, validate_key
 from ._limit import LimiterLike
 from ._threads import CheckCancelled, run_in_worker
@@ -82,7 +87,7 @@ from ._zipformat import (
     write_all,
 )
 
-__all__ = ["RewriteRefused", "ZipNotRewrittenWarning", "ZipStore"]
+__all__ = ["ArchiveLocked", "RewriteRefused", "ZipNotRewrittenWarning", "ZipStore"]
 
 ZipStoreAccessModeLiteral = Literal["r", "w", "a", "x"]
 
@@ -148,6 +153,9 @@ class _Session:
         # Compaction is tried once dead bytes pass this too: after a refused rewrite (a folder
         # we may not write), not again until they doubled, so that the cost stays amortised.
         self.compact_at = 0
+        # The process that holds the writer's lock on ``fd`` (None: not locked, as for readers,
+        # or where the file system has no locks). A forked child must not give it up.
+        self.locked_by: int | None = None
         # Refused rewrites reported: once a session for dead bytes, once for deleted keys (a
         # warning per write would drown the rest).
         self.told_refused: set[bool] = set()
@@ -197,7 +205,19 @@ class _Session:
         self.dead = 0
         self.directory_size = 0
         self.compact_at = 0
-        os.close(old)
+        self.close_fd(old)
+
+    def close_fd(self, fd: int) -> None:
+        """Close ``fd`` (the session's or one it replaced), giving up the writer's lock first:
+        reads in flight hold duplicates of it, which would keep the lock otherwise."""
+        if self.locked_by == os.getpid():
+            unlock(fd)
+        os.close(fd)
+
+
+class ArchiveLocked(BlockingIOError):
+    """Another ZipStore, in this process or another, is writing the zip file (it holds the
+    file's lock): a zip file takes one writer at a time."""
 
 
 class RewriteRefused(PermissionError):
@@ -389,7 +409,7 @@ class ZipStore(BlockingStore):
         if self._session is not None:
             # Nothing to write, or the close failed: the next opening recovers the file.
             self._session = None
-            os.close(session.fd)
+            session.close_fd(session.fd)
 
     # ---------------------------------------------------------------- opening (blocking)
 
@@ -416,13 +436,65 @@ class ZipStore(BlockingStore):
                 "object store instead), and to read from other processes close it first and "
                 "send store.with_read_only() (or ZipStore(path, mode='r'))."
             )
+        writing = mode != "r" and not self.read_only
         flags = os.O_CLOEXEC | (os.O_RDONLY if mode == "r" else os.O_RDWR | os.O_CREAT)
-        if mode == "w":
+        if mode == "w" and not writing:
             flags |= os.O_TRUNC
         elif mode == "x":
             flags |= os.O_EXCL
+        fd, locked = self._open_archive(flags, writing)
+        if mode == "w" and writing:
+            # Emptied only once the lock is ours: never under another writer.
+            os.ftruncate(fd, 0)
         try:
-            fd = os.open(self.path, flags, 0o666)
+            session = self._read_session(fd)
+        except BaseException:
+            if locked:
+                unlock(fd)
+            os.close(fd)
+            raise
+        session.locked_by = os.getpid() if locked else None
+        if writing:
+            self._remove_stale_rewrites()
+        if mode in ("w", "x"):
+            self._zmode = "a"
+        return session
+
+    def _open_archive(self, flags: int, writing: bool) -> tuple[int, bool]:
+        """The archive's file descriptor, and whether it holds the writer's lock (taken when
+        ``writing``; a second writer is refused with `ArchiveLocked`)."""
+        while True:
+            fd = self._open_path(flags)
+            if not writing:
+                return fd, False
+            try:
+                taken = try_lock(fd)
+                # A lock on a file that a rewrite replaced since we opened it guards nothing:
+                # open the one that is there now.
+                current = taken != "taken" or same_file(fd, self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            if taken == "held":
+                os.close(fd)
+                raise ArchiveLocked(
+                    errno.EWOULDBLOCK,
+                    f"{self.path} is open for writing by another ZipStore, in this process or "
+                    "another (it holds the file's lock). A zip file takes one writer at a time: "
+                    "two appending to it would lose each other's keys. Close the other store "
+                    "first and open this one again, or open this one with mode='r' to read what "
+                    "the other had written at its last close.",
+                )
+            if current:
+                return fd, taken == "taken"
+            unlock(fd)
+            os.close(fd)
+            flags &= ~os.O_EXCL  # mode "x" made it; the file there now is another writer's
+
+    def _open_path(self, flags: int) -> int:
+        mode = self._zmode
+        try:
+            return os.open(self.path, flags, 0o666)
         except IsADirectoryError:
             raise IsADirectoryError(
                 f"{self.path} is a folder, not a zip file (for a folder of keys, use LocalStore)"
@@ -434,16 +506,6 @@ class ZipStore(BlockingStore):
                 f"{self.path}: cannot create the zip file: its folder {self.path.parent} does "
                 "not exist"
             ) from None
-        try:
-            session = self._read_session(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        if mode != "r" and not self.read_only:
-            self._remove_stale_rewrites()
-        if mode in ("w", "x"):
-            self._zmode = "a"
-        return session
 
     def _read_session(self, fd: int) -> _Session:
         size = os.fstat(fd).st_size
@@ -762,6 +824,9 @@ class ZipStore(BlockingStore):
         except PermissionError as error:
             raise _refused(target, error) from None
         try:
+            if session.locked_by == os.getpid():
+                # Locked before it takes the archive's name: no second writer slips in between.
+                try_lock(fd)
             os.fchmod(fd, stat.S_IMODE(os.fstat(session.fd).st_mode))
             infos: list[zipfile.ZipInfo] = []
             offsets: dict[int, int] = {}
@@ -868,7 +933,7 @@ class ZipStore(BlockingStore):
             if session is not None:
                 self._commit(session, check_cancelled)
                 self._session = None
-                os.close(session.fd)
+                session.close_fd(session.fd)
             super().close()
 
     # ---------------------------------------------------------------- closing, rewriting, moving
@@ -924,7 +989,13 @@ class ZipStore(BlockingStore):
                 # A move across filesystems copies: follow the file, not the old inode.
                 reading = os.O_RDONLY if self._zmode == "r" else os.O_RDWR
                 old, session.fd = session.fd, os.open(destination, reading | os.O_CLOEXEC)
-                os.close(old)
+                session.close_fd(old)
+                if session.locked_by == os.getpid() and try_lock(session.fd) == "held":
+                    session.locked_by = None
+                    raise ArchiveLocked(
+                        errno.EWOULDBLOCK,
+                        f"{destination}: another ZipStore took the file's lock while it moved",
+                    )
             self._is_open = True
 
         with self._calls:
