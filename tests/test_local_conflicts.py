@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -255,3 +256,29 @@ def test_a_refused_write_names_the_root_and_the_key(
     assert "\\" not in message
     assert (shared_root / "a" / "b").read_bytes() == b"kept"
     assert sorted(p.name for p in shared_root.iterdir()) == ["a"]
+
+
+def test_writers_and_deleters_racing_on_one_folder_never_fail(tmp_path: Path) -> None:
+    """Deletes remove the folders they empty while other writes are making their way into
+    them: a write whose folder vanished under it starts again, it never fails for that."""
+    store = LocalStore(tmp_path)
+    errors: list[BaseException] = []
+    rounds = 400
+
+    def churn(name: str) -> None:
+        try:
+            for i in range(rounds):
+                key = f"a/b/c/{name}{i}"
+                store.set_sync(key, buf(b"v"))
+                assert store.get_sync(key) is not None
+                store.delete_sync(key)
+        except BaseException as error:  # reported by the test thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=churn, args=(name,)) for name in "xyz"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert everything(tmp_path) == []

@@ -644,8 +644,11 @@ def _write_via_temp_folder(
 
 
 # How often a write starts again after a folder on its way was removed under it (emptied by a
-# delete of this or another process) or an empty folder was removed to make room for it.
-_WRITE_TRIES = 8
+# delete of this or another process) or an empty folder was removed to make room for it. Each
+# start costs ~50 µs. Three threads writing and deleting keys of one folder as fast as they can:
+# 83% of 6,000 writes needed one start, the rest fewer each time (a third as many per extra
+# start), at most 9.
+_WRITE_TRIES = 100
 
 
 def _write_file(
