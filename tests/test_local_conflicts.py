@@ -10,16 +10,13 @@ import errno
 import json
 import os
 import shutil
-import stat
-import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+import unprivileged
 from zarr.core.buffer import cpu, default_buffer_prototype
 
 from zarr_anyio import LocalStore
@@ -202,11 +199,12 @@ else:
 
 @pytest.fixture
 def shared_root() -> Iterator[Path]:
-    """A store's root in the system's temporary folder, where ``nobody`` can reach it (pytest's
-    folders are private to root); the test sets its modes."""
+    """A store's root in the system's temporary folder, which the child can reach (pytest's
+    folders are private to their user), someone else's; the test sets its modes."""
     root = Path(tempfile.mkdtemp(prefix="zarr-anyio-local-"))
     (root / "a").mkdir()
     (root / "a" / "b").write_bytes(b"kept")
+    unprivileged.give_away(root, root / "a", root / "a" / "b")
     try:
         yield root
     finally:
@@ -226,34 +224,17 @@ def shared_root() -> Iterator[Path]:
 def test_a_refused_write_names_the_root_and_the_key(
     shared_root: Path, root_mode: int, folder_mode: int, key: str
 ) -> None:
-    """Run for real as an unprivileged user (root ignores modes: a child drops to nobody)."""
-    (shared_root / "a").chmod(folder_mode)
-    shared_root.chmod(root_mode)
-    drop: dict[str, Any] = {}
-    if os.geteuid() == 0:
-        drop = {"user": 65534, "group": 65534, "extra_groups": []}
-    else:
-        # Not root: the folders are ours, so take our own write permission away instead.
-        (shared_root / "a").chmod(folder_mode & ~stat.S_IWUSR)
-        shared_root.chmod(root_mode & ~stat.S_IWUSR)
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(shared_root), key],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(TOP), "PYTHONDONTWRITEBYTECODE": "1"},
-        cwd="/",
-        timeout=60,
-        check=False,
-        **drop,
-    )
-    assert done.returncode == 0, done.stderr
+    """Checked in a child that file permissions bind (see `unprivileged`)."""
+    unprivileged.restrict(shared_root / "a", folder_mode)
+    unprivileged.restrict(shared_root, root_mode)
+    done = unprivileged.run(CHILD, str(shared_root), key, timeout=60)
     kind, code, message = json.loads(done.stdout)
     assert kind == "PermissionError"
     assert code == errno.EACCES
     assert repr(key) in message
     assert str(shared_root) in message
     assert ".zarr_anyio" not in message
-    assert "\\" not in message
+    assert "\\" not in message  # our temporary names hold one
     assert (shared_root / "a" / "b").read_bytes() == b"kept"
     assert sorted(p.name for p in shared_root.iterdir()) == ["a"]
 

@@ -1,6 +1,6 @@
 """ZipStore on a writable zip in a folder this user cannot write (a shared archive in a folder
-someone else owns), run for real as an unprivileged user: root ignores permissions, so as root
-the checks run in a child process that drops to ``nobody``.
+someone else owns), checked for real in a child process that file permissions bind (see
+`unprivileged`: as root, one without the capabilities that bypass them).
 
 A rewrite needs the folder (its copy goes beside the archive and is renamed over it): where the
 folder refuses, compaction and close after a delete keep the file whole and appending and say so
@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -21,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-TOP = Path(__file__).resolve().parent.parent
-NOBODY = 65534
+import unprivileged
 
 CHILD = r"""
 import json, os, sys, warnings, zipfile
@@ -34,7 +29,13 @@ from zarr_anyio import zip as zip_module
 
 zip_module._COMPACT_FLOOR = 10_000
 path, backend, what = sys.argv[1], sys.argv[2], sys.argv[3]
-report = {"uid": os.geteuid(), "tries": 0}
+report = {"tries": 0}
+try:  # the folder must refuse this process a new file (else the check proves nothing)
+    os.close(os.open(os.path.join(os.path.dirname(path), "probe"), os.O_CREAT | os.O_EXCL))
+    report["probe"] = "created"
+    os.unlink(os.path.join(os.path.dirname(path), "probe"))
+except PermissionError:
+    report["probe"] = "refused"
 rewrite_session = ZipStore._rewrite_session
 
 def counted(self, *args):
@@ -80,49 +81,26 @@ print(json.dumps(report))
 
 
 def run_unprivileged(*args: str) -> dict[str, Any]:
-    """Run `CHILD` as ``nobody`` (or as this user, if it is not root)."""
-    env = {**os.environ, "PYTHONPATH": str(TOP), "PYTHONDONTWRITEBYTECODE": "1"}
-    drop: dict[str, Any] = {}
-    if os.geteuid() == 0:
-        drop = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd="/",
-        timeout=120,
-        check=False,
-        **drop,
-    )
-    assert done.returncode == 0, done.stderr
-    report: dict[str, Any] = json.loads(done.stdout)
-    assert report["uid"] != 0
+    report: dict[str, Any] = json.loads(unprivileged.run(CHILD, *args).stdout)
     return report
 
 
 @pytest.fixture
 def shared_folder() -> Iterator[Path]:
-    """A folder in the system's temporary folder that ``nobody`` can reach (pytest's own are
-    private to root), holding a zip that anyone may write; the folder itself is made read-only
-    for others by each test."""
+    """A folder in the system's temporary folder, which the child can reach (pytest's own are
+    private to their user), holding a zip that anyone may write, both someone else's; each test
+    sets the folder's mode."""
     folder = Path(tempfile.mkdtemp(prefix="zarr-anyio-shared-"))
     try:
         with zipfile.ZipFile(folder / "data.zip", "w") as archive:
             archive.writestr("gone", b"g" * 50_000)
             archive.writestr("keep", b"kept")
         (folder / "data.zip").chmod(0o666)
+        unprivileged.give_away(folder, folder / "data.zip")
         yield folder
     finally:
         folder.chmod(0o700)
         shutil.rmtree(folder)
-
-
-def limit_for_others(folder: Path, mode: int) -> None:
-    folder.chmod(mode)
-    if os.geteuid() != 0:
-        # Not root: the folder is ours, so take our own write permission away instead.
-        folder.chmod(mode & ~stat.S_IWUSR)
 
 
 def no_rewrite_files(folder: Path) -> bool:
@@ -133,8 +111,9 @@ def no_rewrite_files(folder: Path) -> bool:
 def test_compaction_and_close_after_a_delete_fall_back_to_appending(
     shared_folder: Path, backend: str
 ) -> None:
-    limit_for_others(shared_folder, 0o755)
+    unprivileged.restrict(shared_folder, 0o755)
     report = run_unprivileged(str(shared_folder / "data.zip"), backend, "overwrites")
+    assert report["probe"] == "refused"
     assert report["names"] == ["k", "keep"]
     assert report["k"] == bytes([39]).hex()
     kinds = [kind for kind, _ in report["warnings"]]
@@ -154,8 +133,9 @@ def test_compaction_and_close_after_a_delete_fall_back_to_appending(
 def test_an_explicit_rewrite_that_the_folder_refuses_says_why_and_changes_nothing(
     shared_folder: Path, backend: str
 ) -> None:
-    limit_for_others(shared_folder, 0o755)
+    unprivileged.restrict(shared_folder, 0o755)
     report = run_unprivileged(str(shared_folder / "data.zip"), backend, "rewrite")
+    assert report["probe"] == "refused"
     kind, message = report["error"]
     assert kind == "RewriteRefused"
     assert str(shared_folder) in message
@@ -171,9 +151,9 @@ def test_a_sticky_folder_that_lets_the_copy_be_made_but_not_renamed(
     """Anyone may create files in a sticky folder (as /tmp), but only the archive's owner may
     replace it: the copy is made, the rename refused, the copy removed."""
     if os.geteuid() != 0:
-        limit_for_others(shared_folder, 0o755)  # not root: cannot give the archive away
+        unprivileged.restrict(shared_folder, 0o755)  # not root: cannot give the archive away
     else:
-        shared_folder.chmod(0o1777)
+        shared_folder.chmod(0o1777)  # the folder and the archive are someone else's
     report = run_unprivileged(str(shared_folder / "data.zip"), backend, "overwrites")
     assert report["names"] == ["k", "keep"]
     assert [kind for kind, _ in report["warnings"]] == ["ZipNotRewrittenWarning"] * 2
