@@ -1,6 +1,7 @@
 """ZipStore opened through a symbolic link: a rewrite (compaction, close after a delete) writes
 the file the link points to and leaves the link a link, as zarr's ZipStore does (it writes in
-place)."""
+place). An archive with other hard links is not rewritten: a copy in its place would leave the
+other names on the old file."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from zarr.core.buffer import cpu, default_buffer_prototype
 
 from zarr_anyio import ZipStore
 from zarr_anyio import zip as zip_module
+from zarr_anyio.zip import RewriteRefused, ZipNotRewrittenWarning
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
@@ -94,3 +96,23 @@ async def test_a_rewrite_left_by_a_crash_beside_the_target_is_removed(tmp_path: 
     async with ZipStore(link, mode="a") as store:
         await store.set("b", buf(b"B"))
     assert not stale.exists()
+
+
+async def test_a_hard_linked_archive_is_not_split_by_a_rewrite(tmp_path: Path) -> None:
+    archive, other = tmp_path / "data.zip", tmp_path / "other-name.zip"
+    async with ZipStore(archive, mode="w") as store:
+        await store.set("a", buf(b"A" * 1000))
+        await store.set("b", buf(b"B"))
+    os.link(archive, other)
+    with pytest.warns(ZipNotRewrittenWarning, match="2 hard links"):
+        async with ZipStore(archive, mode="a") as store:
+            await store.delete("a")
+    assert os.path.samefile(archive, other)
+    assert names(other) == ["b"]
+    store = ZipStore(other, mode="a")
+    await store.set("c", buf(b"C"))
+    with pytest.raises(RewriteRefused, match="hard links"):
+        await store.rewrite()
+    await store.aclose()
+    assert os.path.samefile(archive, other)
+    assert names(archive) == ["b", "c"]

@@ -145,11 +145,11 @@ def test_an_explicit_rewrite_that_the_folder_refuses_says_why_and_changes_nothin
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_a_sticky_folder_that_lets_the_copy_be_made_but_not_renamed(
+def test_a_sticky_folder_with_an_archive_someone_else_owns(
     shared_folder: Path, backend: str
 ) -> None:
     """Anyone may create files in a sticky folder (as /tmp), but only the archive's owner may
-    replace it: the copy is made, the rename refused, the copy removed."""
+    replace it (and the copy would be this user's): refused before any copying, nothing left."""
     if os.geteuid() != 0:
         unprivileged.restrict(shared_folder, 0o755)  # not root: cannot give the archive away
     else:
@@ -158,5 +158,42 @@ def test_a_sticky_folder_that_lets_the_copy_be_made_but_not_renamed(
     assert report["names"] == ["k", "keep"]
     assert [kind for kind, _ in report["warnings"]] == ["ZipNotRewrittenWarning"] * 2
     if os.geteuid() == 0:
-        assert "Operation not permitted" in report["warnings"][0][1]  # the rename's EPERM
+        assert report["probe"] == "created"
+        assert f"belongs to user {unprivileged.OTHER}" in report["warnings"][0][1]
     assert no_rewrite_files(shared_folder)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_an_archive_of_another_user_is_not_made_this_users_by_a_rewrite(
+    shared_folder: Path, backend: str
+) -> None:
+    """A folder anyone may write, an archive someone else owns: the copy could be made and put
+    in place, but it would be this user's, and the owner could lose write access to it."""
+    shared_folder.chmod(0o777)
+    owner = (shared_folder / "data.zip").stat().st_uid
+    report = run_unprivileged(str(shared_folder / "data.zip"), backend, "overwrites")
+    assert report["names"] == ["k", "keep"]
+    assert (shared_folder / "data.zip").stat().st_uid == owner
+    if os.geteuid() == 0:  # only root can make an archive someone else's
+        assert report["probe"] == "created"
+        assert [kind for kind, _ in report["warnings"]] == ["ZipNotRewrittenWarning"] * 2
+        assert f"belongs to user {unprivileged.OTHER}" in report["warnings"][0][1]
+    assert no_rewrite_files(shared_folder)
+
+
+@pytest.mark.anyio
+async def test_a_rewrite_keeps_the_owner_where_it_can(shared_folder: Path) -> None:
+    """Where this user may give files away (root), the copy takes the archive's owner and
+    group, and the rewrite goes ahead."""
+    from zarr_anyio import ZipStore
+
+    path = shared_folder / "data.zip"
+    before = path.stat()
+    async with ZipStore(path, mode="a") as store:
+        await store.delete("gone")
+    after = path.stat()
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+    assert after.st_ino != before.st_ino  # rewritten: a new file in its place
+    assert after.st_size < 50_000
+    with zipfile.ZipFile(path) as archive:
+        assert archive.namelist() == ["keep"]

@@ -1,7 +1,7 @@
 """Running a check in a child process that file permissions bind, on folders set up for it.
 
 Root ignores file modes, so as root the child runs without the capabilities that bypass them
-(CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_LINUX_IMMUTABLE: dropped from its
+(CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_LINUX_IMMUTABLE: dropped from its
 bounding set before it starts, so the new program cannot have them), and `give_away` hands the
 files it must be refused to another user (`OTHER`, nobody): for the kernel the child is then a
 user like any other, owning none of them. (Switching to nobody outright would need the Python
@@ -23,7 +23,7 @@ __all__ = ["OTHER", "give_away", "restrict", "run"]
 OTHER = 65534
 TOP = Path(__file__).resolve().parent.parent
 _PR_CAPBSET_DROP = 24
-_BYPASSING = (1, 2, 3, 9)  # DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, LINUX_IMMUTABLE
+_BYPASSING = (0, 1, 2, 3, 9)  # CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, LINUX_IMMUTABLE
 
 
 def _drop_bypassing_capabilities() -> None:

@@ -24,11 +24,13 @@ a member, close appends a directory, and the archive as it was stays intact befo
   grew to 200 MiB; with it, 6 MiB, at 0.55 ms a write instead of 0.16 ms (each rewrite copies the
   live values and fsyncs once). A small key rewritten often (zarr.json) waits for 1 MiB of
   rewrites.
-- A rewrite needs the folder, not only the file: its copy is made beside the archive and renamed
-  over it. Where the folder refuses (a shared archive in a folder someone else owns, or a sticky
-  one), compaction and close after a delete leave the file as it is, whole (its last directory
-  leaves out deleted keys and old copies), keep appending, try again once the dead bytes
-  doubled, and say so with a `ZipNotRewrittenWarning`; `rewrite()` raises `RewriteRefused`.
+- A rewrite needs the folder, not only the file: its copy is made beside the archive, given the
+  archive's owner and group, and renamed over it. Where that cannot be done faithfully (the
+  folder refuses; the archive is another user's and this one cannot give the copy away; the
+  file has other hard links, which would stay on the old file), compaction and close after a
+  delete leave the file as it is, whole (its last directory leaves out deleted keys and old
+  copies), keep appending, try again once the dead bytes doubled, and say so with a
+  `ZipNotRewrittenWarning`; `rewrite()` raises `RewriteRefused`.
 - One writer, in one process. A writable store used in another process than the one that made
   it (sent to a dask worker, say) refuses with an error that says what to do: two processes
   appending to one file would corrupt it. A writable store holds an advisory lock on the file
@@ -221,8 +223,9 @@ class ArchiveLocked(BlockingIOError):
 
 
 class RewriteRefused(PermissionError):
-    """A rewrite of the archive could not create its copy beside it, or put it in its place:
-    the folder does not let this user create or replace files."""
+    """A rewrite of the archive (a copy put in its place) is refused: the folder does not let
+    this user create or replace files, the file has other hard links, or it belongs to a user
+    that this one cannot give the copy to."""
 
 
 class ZipNotRewrittenWarning(UserWarning):
@@ -239,6 +242,25 @@ def _refused(target: Path, error: PermissionError) -> RewriteRefused:
         f"({error.strerror})",
         str(target),
     )
+
+
+def _give_copy(fd: int, archive: os.stat_result, target: Path) -> None:
+    """Give the rewrite's copy the archive's owner and group, or refuse the rewrite: a shared
+    archive must not become this user's (its owner could lose write access to it)."""
+    copy = os.fstat(fd)
+    uid = archive.st_uid if copy.st_uid != archive.st_uid else -1
+    gid = archive.st_gid if copy.st_gid != archive.st_gid else -1
+    if uid == -1 and gid == -1:
+        return
+    try:
+        os.fchown(fd, uid, gid)
+    except PermissionError:
+        raise RewriteRefused(
+            errno.EPERM,
+            f"it belongs to user {archive.st_uid} (group {archive.st_gid}), and a copy made by "
+            "this user cannot be given to them, so it would change hands",
+            str(target),
+        ) from None
 
 
 def _record_size(info: zipfile.ZipInfo) -> int:
@@ -818,6 +840,15 @@ class ZipStore(BlockingStore):
         The archive is untouched until the copy is complete and on disk; a failure or a
         cancellation (checked between members and pieces) removes the copy and raises."""
         target = self._target()
+        archive = os.fstat(session.fd)
+        if archive.st_nlink > 1:
+            # zarr's ZipStore writes in place, so every name of the file sees its writes.
+            raise RewriteRefused(
+                errno.EMLINK,
+                f"it has {archive.st_nlink} hard links, and a copy put in its place would leave "
+                "the other names on the old file",
+                str(target),
+            )
         temporary = target.with_name(f"{_REWRITE_MARK}{target.name}.{uuid.uuid4().hex}")
         try:
             fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -827,7 +858,8 @@ class ZipStore(BlockingStore):
             if session.locked_by == os.getpid():
                 # Locked before it takes the archive's name: no second writer slips in between.
                 try_lock(fd)
-            os.fchmod(fd, stat.S_IMODE(os.fstat(session.fd).st_mode))
+            _give_copy(fd, archive, target)
+            os.fchmod(fd, stat.S_IMODE(archive.st_mode))
             infos: list[zipfile.ZipInfo] = []
             offsets: dict[int, int] = {}
             checked: set[int] = set()
