@@ -44,9 +44,11 @@ Keys and folders. A key cannot be where a folder of keys is, nor below a key (``
 such a write raises a `KeyConflict` naming both keys, and changes nothing. A folder that holds no
 key is as if it were not there, as in MemoryStore and the object stores: a delete removes the
 folders it empties (a writer whose folder vanished under it starts again), `list_dir` leaves out
-folders that hold no key (one ``scandir`` per level, stopping at the first key), and a key of its
-name replaces a tree of empty folders. Errors of refused writes and deletes name the root and the
-key (`_where`): the file system's own name a temporary file of ours or a folder-relative name.
+folders that hold no key (one ``scandir`` per level, stopping at the first key: ~12 µs a
+sub-folder, so a ``list_dir`` of 2,000 chunk folders takes 25 ms where it took 1 ms; zarr lists
+folders only to find a group's members), and a key of its name replaces a tree of empty
+folders. Errors of refused writes and deletes name the root and the key (`_where`): the file
+system's own name a temporary file of ours, or a name relative to some folder.
 """
 
 from __future__ import annotations
@@ -442,8 +444,10 @@ def _list_dir(root: str, prefix: str) -> list[str]:
         dir_fd = _open_listable(root_fd, folder)
         if dir_fd is None:
             return names
-        with _opened(dir_fd), os.scandir(dir_fd) as listing:
-            for entry in listing:
+        with _opened(dir_fd):
+            with os.scandir(dir_fd) as listing:
+                entries = list(listing)
+            for entry in entries:
                 if OURS in entry.name:
                     continue
                 if entry.is_file(follow_symlinks=False):
@@ -457,11 +461,29 @@ def _list_dir(root: str, prefix: str) -> list[str]:
                         names.append(entry.name)
                     elif stat.S_ISDIR(mode):
                         folders.append(entry.name)
-        # A folder that holds no key (emptied by deletes, or made by someone else) is not
-        # named: a store with no key under a prefix behaves as if the folder were not there,
-        # as MemoryStore and the object stores do.
-        names.extend(name for name in folders if _key_under(root_fd, _key_path(folder, name)))
+            # A folder that holds no key (emptied by deletes, or made by someone else) is not
+            # named: a store with no key under a prefix behaves as if the folder were not
+            # there, as MemoryStore and the object stores do.
+            names.extend(
+                name
+                for name in folders
+                if _file_in(dir_fd, name) or _key_under(root_fd, _key_path(folder, name))
+            )
     return sorted(names)
+
+
+def _file_in(dir_fd: int, name: str) -> bool:
+    """Whether the folder ``name`` in ``dir_fd`` (not a link) holds a regular file of its own:
+    the quick answer for a folder of keys (one ``openat`` and ``scandir``, where resolving it
+    from the root again cost 2-3 times as much); `_key_under` answers the rest."""
+    try:
+        fd = os.open(name, _LISTABLE | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError:
+        return False
+    with _opened(fd), os.scandir(fd) as listing:
+        return any(
+            OURS not in entry.name and entry.is_file(follow_symlinks=False) for entry in listing
+        )
 
 
 # ---------------------------------------------------------------- writes (in threads)
