@@ -17,7 +17,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 
 import zarr_anyio
 import zarr_anyio.api as za
-import zarr_anyio.local
+import zarr_anyio.storage._local
 from api_doubles import BACKENDS, UVLOOP_CLASS, CountingStore
 
 pytestmark = pytest.mark.anyio
@@ -161,7 +161,7 @@ async def test_a_cancelled_read_from_a_local_store_waits_for_its_threads(
     running = 0
     started = 0
     lock = threading.Lock()
-    real_read = zarr_anyio.local._read_file
+    real_read = zarr_anyio.storage._local._read_file
 
     def slow_read(*args: Any) -> Any:
         nonlocal running, started
@@ -175,9 +175,9 @@ async def test_a_cancelled_read_from_a_local_store_waits_for_its_threads(
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(zarr_anyio.local, "_read_file", slow_read)
+    monkeypatch.setattr(zarr_anyio.storage._local, "_read_file", slow_read)
     # On a slow disk nothing is read on the event loop (those reads are for cached bytes).
-    monkeypatch.setattr(zarr_anyio.local.LocalStore, "_reads_on_loop", False)
+    monkeypatch.setattr(zarr_anyio.storage._local.LocalStore, "_reads_on_loop", False)
     # Cancel once reads are under way, however slowly a loaded machine gets them started.
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:

@@ -25,7 +25,7 @@ from zarr.core.buffer import default_buffer_prototype
 from servers import Faults, HTTPServer, S3Server
 from test_remote import fill, http_store
 from zarr_anyio import FsspecStore, Limiter, Retry, ZipStore
-from zarr_anyio._zipformat import _LOCAL, directory_record, member_record
+from zarr_anyio.storage._zipformat import _LOCAL, directory_record, member_record
 
 pytestmark = pytest.mark.anyio
 
@@ -98,7 +98,7 @@ async def test_a_garbage_retry_after_is_ignored_not_raised(
 
 
 def test_parse_retry_after_never_raises() -> None:
-    from zarr_anyio._retry import parse_retry_after
+    from zarr_anyio.storage._retry import parse_retry_after
 
     for value in ["²", "٣", "1" * 400, "Mon, 01 Jan 99999999999999999999999 00:00:00 GMT"]:
         parsed = parse_retry_after(value)

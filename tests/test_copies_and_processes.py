@@ -18,7 +18,7 @@ import pytest
 import zarr
 from zarr.core.buffer import cpu, default_buffer_prototype
 
-import zarr_anyio.zip
+import zarr_anyio.storage._zip
 from zarr_anyio import FsspecStore, LocalStore, MemoryStore, ZipStore
 
 pytestmark = pytest.mark.anyio
@@ -196,7 +196,7 @@ def test_copies_in_another_process_share_one_limiter(
 
 @pytest.fixture
 def small_floor(monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(zarr_anyio.zip, "_COMPACT_FLOOR", 64 * 1024)
+    monkeypatch.setattr(zarr_anyio.storage._zip, "_COMPACT_FLOOR", 64 * 1024)
     return 64 * 1024
 
 
@@ -225,13 +225,13 @@ async def test_overwrites_do_not_grow_the_file_without_bound(
 async def test_dead_bytes_from_earlier_sessions_count(tmp_path: Path, small_floor: int) -> None:
     path = tmp_path / "a.zip"
     # Made with compaction out of reach: 40 overwrites left behind.
-    zarr_anyio.zip._COMPACT_FLOOR = 1 << 40
+    zarr_anyio.storage._zip._COMPACT_FLOOR = 1 << 40
     async with ZipStore(path, mode="w") as first:
         for _ in range(40):
             await first.set("big", buf(os.urandom(10_000)))
     grown = path.stat().st_size
     assert grown > 400_000
-    zarr_anyio.zip._COMPACT_FLOOR = small_floor
+    zarr_anyio.storage._zip._COMPACT_FLOOR = small_floor
     async with ZipStore(path, mode="a") as second:
         await second.set("small", buf(b"x"))  # the first write sees the dead bytes
         assert path.stat().st_size < 30_000

@@ -18,8 +18,8 @@ import pytest
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 
-import zarr_anyio._buffers
-import zarr_anyio.local
+import zarr_anyio.storage._buffers
+import zarr_anyio.storage._local
 from doubles import InFlight
 from zarr_anyio import LocalStore
 
@@ -38,7 +38,7 @@ def address(buffer: Buffer) -> int:
 
 def slot_addresses() -> set[int]:
     found = set()
-    for slots in zarr_anyio._buffers._pool._slots.values():
+    for slots in zarr_anyio.storage._buffers._pool._slots.values():
         for slot in slots:
             view = (ctypes.c_char * 1).from_buffer(slot.mapping)
             found.add(ctypes.addressof(view))
@@ -51,8 +51,8 @@ class ThreadReads:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        self._read = zarr_anyio.local._read_file
-        monkeypatch.setattr(zarr_anyio.local, "_read_file", self)
+        self._read = zarr_anyio.storage._local._read_file
+        monkeypatch.setattr(zarr_anyio.storage._local, "_read_file", self)
 
     def __call__(self, *args: object) -> object:
         self.calls += 1
@@ -158,16 +158,16 @@ async def test_large_reads_each_get_a_hop_of_their_own(
 
 
 @pytest.fixture
-def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> zarr_anyio._buffers._Pool:
+def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> zarr_anyio.storage._buffers._Pool:
     """A pool of its own for the test, not holding slots of earlier tests."""
-    pool = zarr_anyio._buffers._Pool()
-    monkeypatch.setattr(zarr_anyio._buffers, "_pool", pool)
-    monkeypatch.setattr(zarr_anyio._buffers, "take", pool.take)
+    pool = zarr_anyio.storage._buffers._Pool()
+    monkeypatch.setattr(zarr_anyio.storage._buffers, "_pool", pool)
+    monkeypatch.setattr(zarr_anyio.storage._buffers, "take", pool.take)
     return pool
 
 
 async def test_a_large_read_lands_in_reused_memory_and_is_not_copied(
-    tmp_path: Path, fresh_pool: zarr_anyio._buffers._Pool
+    tmp_path: Path, fresh_pool: zarr_anyio.storage._buffers._Pool
 ) -> None:
     store = LocalStore(tmp_path)
     await store.set("a", cpu.Buffer.from_bytes(value(1)))
@@ -179,7 +179,10 @@ async def test_a_large_read_lands_in_reused_memory_and_is_not_copied(
     del first
     # Free again at once: nothing of the store's holds on to a buffer it handed out.
     slots = [slot for slots in fresh_pool._slots.values() for slot in slots]
-    assert all(zarr_anyio._buffers._references(s) == zarr_anyio._buffers._FREE for s in slots)
+    assert all(
+        zarr_anyio.storage._buffers._references(s) == zarr_anyio.storage._buffers._FREE
+        for s in slots
+    )
     second = await store.get("b", PROTO)
     assert second is not None
     assert address(second) == where  # the same memory again: no fresh pages to fault in
@@ -210,7 +213,9 @@ async def test_memory_in_use_is_never_handed_out_again(tmp_path: Path) -> None:
         assert view.tobytes() == value(i, sizes[i])[10:][::3]
     assert held_sync is not None
     assert held_sync.to_bytes() == value(0)
-    assert zarr_anyio._buffers._pool.mapped_bytes() <= zarr_anyio._buffers.POOL_BYTES
+    assert (
+        zarr_anyio.storage._buffers._pool.mapped_bytes() <= zarr_anyio.storage._buffers.POOL_BYTES
+    )
 
 
 FORKED = """
@@ -250,10 +255,10 @@ def test_a_forked_child_reads_into_its_own_memory(tmp_path: Path) -> None:
 
 
 async def test_the_pool_is_bounded_and_gives_back_what_it_no_longer_uses(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_pool: zarr_anyio._buffers._Pool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_pool: zarr_anyio.storage._buffers._Pool
 ) -> None:
     pool = fresh_pool
-    monkeypatch.setattr(zarr_anyio._buffers, "POOL_BYTES", 3 * MIB)
+    monkeypatch.setattr(zarr_anyio.storage._buffers, "POOL_BYTES", 3 * MIB)
     store = LocalStore(tmp_path)
     for i in range(5):
         await store.set(f"k{i}", cpu.Buffer.from_bytes(value(i)))
@@ -261,9 +266,9 @@ async def test_the_pool_is_bounded_and_gives_back_what_it_no_longer_uses(
     assert [h.to_bytes() for h in held if h is not None] == [value(i) for i in range(5)]
     assert pool.mapped_bytes() == 3 * MIB
     del held
-    monkeypatch.setattr(zarr_anyio._buffers, "IDLE_SECONDS", 0.0)
+    monkeypatch.setattr(zarr_anyio.storage._buffers, "IDLE_SECONDS", 0.0)
     pool._next_sweep = 0.0
     await store.set("small", cpu.Buffer.from_bytes(value(9, 300_000)))
     kept = await store.get("small", PROTO)  # a take sweeps the slots unused since
     assert kept is not None
-    assert pool.mapped_bytes() == zarr_anyio._buffers._size_class(300_000)
+    assert pool.mapped_bytes() == zarr_anyio.storage._buffers._size_class(300_000)

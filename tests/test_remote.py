@@ -19,8 +19,8 @@ from zarr.core.buffer import default_buffer_prototype
 
 from servers import CountingProxy, Faults, HTTPServer, S3Server, s3fs_at
 from zarr_anyio import NO_RETRY, FsspecStore, ObjectStore, RateLimit, RemoteStore, Retry
-from zarr_anyio._bridge import run_on_loop
-from zarr_anyio._retry import http_status, is_transient
+from zarr_anyio._core.bridge import run_on_loop
+from zarr_anyio.storage._retry import http_status, is_transient
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()

@@ -27,8 +27,8 @@ from zarr_anyio import (
     Retry,
     RetryBudget,
 )
-from zarr_anyio._adaptive import Outcome
-from zarr_anyio._retry import describe, is_transient, parse_retry_after
+from zarr_anyio._core.adaptive import Outcome
+from zarr_anyio.storage._retry import describe, is_transient, parse_retry_after
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()

@@ -28,7 +28,7 @@ from zarr.core.buffer import cpu, default_buffer_prototype
 from zipdisk import SlowDisk, SmallDisk, small_disk
 
 from zarr_anyio import ZipStore
-from zarr_anyio._zipformat import directory_record, member_record, write_all
+from zarr_anyio.storage._zipformat import directory_record, member_record, write_all
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
@@ -556,7 +556,7 @@ async def test_entries_that_share_bytes_are_refused(tmp_path: Path, damaged: boo
 def test_the_crc_of_any_span_comes_from_one_pass(tmp_path: Path) -> None:
     # Recovery checks overlapping candidates without reading their bytes again: the CRC-32 of
     # a span is worked out from the CRC-32s up to its two ends.
-    from zarr_anyio._zipformat import _Region, crc_of_tail
+    from zarr_anyio.storage._zipformat import _Region, crc_of_tail
 
     rng = random.Random(5)
     for length in [0, 1, 7, 512, 4099, 1 << 20]:

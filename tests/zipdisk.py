@@ -1,7 +1,7 @@
 """Disks for the ZipStore tests: a small real filesystem to fill, or slow and full stand-ins.
 
 `small_disk` mounts a 1 MiB tmpfs or a 4 MiB ext4 image (loop device) when the tests run as root,
-and falls back to tmpfs, then to an injected ENOSPC (`zarr_anyio._zipformat._write_at`, the one
+and falls back to tmpfs, then to an injected ENOSPC (`zarr_anyio.storage._zipformat._write_at`, the one
 place ZipStore writes) where mounting is not possible.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from zarr_anyio import _zipformat
+from zarr_anyio.storage import _zipformat
 
 
 def _run(*command: str) -> bool:

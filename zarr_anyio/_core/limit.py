@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 
-from ._loops import current_loop_key, waker
+from .loops import current_loop_key, waker
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",

@@ -19,9 +19,10 @@ import anyio
 import zarr
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from ._base import AnyioStore
-from ._copy import is_metadata
-from ._listing import list_node
+from zarr_anyio.storage._base import AnyioStore
+from zarr_anyio.storage._listing import list_node
+
+from .copy import is_metadata
 
 __all__ = ["Node", "describe", "human_size", "render_info", "render_tree"]
 

@@ -43,8 +43,8 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import anyio
 
-from ._limit import ConcurrencyLimit
-from ._loops import LoopLocal, current_loop_key, wait_out, waker
+from .limit import ConcurrencyLimit
+from .loops import LoopLocal, current_loop_key, wait_out, waker
 
 __all__ = ["CheckCancelled", "HopCoalescer", "Timed", "run_in_worker", "timed"]
 

@@ -39,14 +39,15 @@ import zarr.storage
 from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
 
+from zarr_anyio._core.bridge import run_blocking
+
 from . import _live
 from ._base import AnyioStore
-from ._bridge import run_blocking
-from .fsspec import FsspecStore
-from .local import LocalStore, check_root
-from .memory import MemoryStore
-from .object import ObjectStore
-from .zip import ZipStore
+from ._fsspec import FsspecStore
+from ._local import LocalStore, check_root
+from ._memory import MemoryStore
+from ._obstore import ObjectStore
+from ._zip import ZipStore
 
 __all__ = ["AccessMode", "make_store", "open_store", "open_store_async"]
 

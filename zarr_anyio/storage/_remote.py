@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 
 import anyio
 
-from ._adaptive import DEFAULT_CEILING, AdaptiveLimiter, Outcome
+from zarr_anyio._core.adaptive import DEFAULT_CEILING, AdaptiveLimiter, Outcome
+from zarr_anyio._core.limit import LimiterLike
+
 from ._base import AnyioStore
-from ._limit import LimiterLike
 from ._retry import Failure, RateLimit, Retry, RetryBudget, describe
 
 __all__ = ["DEFAULT_TIMEOUT", "RemoteStore", "RequestStats"]

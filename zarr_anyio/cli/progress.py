@@ -17,9 +17,10 @@ from typing import Any, Literal, TextIO
 import anyio
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from ._base import AnyioStore
-from ._copy import CopyReport
-from ._remote import RemoteStore
+from zarr_anyio.storage._base import AnyioStore
+from zarr_anyio.storage._remote import RemoteStore
+
+from .copy import CopyReport
 
 __all__ = ["Mode", "choose_mode", "show_progress", "store_counters"]
 

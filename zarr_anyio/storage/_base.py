@@ -34,11 +34,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
-from ._api_call import in_api_call, tracked
-from ._bridge import run_blocking
+from zarr_anyio._core.api_scope import in_api_call, tracked
+from zarr_anyio._core.bridge import run_blocking
+from zarr_anyio._core.limit import ConcurrencyLimit, Limiter, LimiterLike, OneLoopLimiter
+from zarr_anyio._core.threads import CheckCancelled, HopCoalescer, run_in_worker, timed
+
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
-from ._limit import ConcurrencyLimit, Limiter, LimiterLike, OneLoopLimiter
-from ._threads import CheckCancelled, HopCoalescer, run_in_worker, timed
 
 __all__ = [
     "AnyioStore",

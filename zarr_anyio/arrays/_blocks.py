@@ -27,7 +27,7 @@ import zarr
 from anyio.streams.memory import MemoryObjectReceiveStream
 from zarr.core.indexing import BasicIndexer, replace_ellipsis
 
-from ._base import single_error
+from zarr_anyio.storage._base import single_error
 
 if TYPE_CHECKING:
     from ._nodes import AsyncArray

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 
-from ._limit import copy_in_process
+from zarr_anyio._core.limit import copy_in_process
 
 __all__ = [
     "NO_RETRY",

@@ -32,9 +32,9 @@ from typing import Any, Literal
 import anyio
 from zarr.core.buffer import Buffer, default_buffer_prototype
 
-from ._base import AnyioStore, single_error
-from ._keys import validate_key
-from ._listing import Entry, list_node
+from zarr_anyio.storage._base import AnyioStore, single_error
+from zarr_anyio.storage._keys import validate_key
+from zarr_anyio.storage._listing import Entry, list_node
 
 __all__ = ["METADATA_NAMES", "ByteBudget", "CopyOptions", "CopyReport", "copy_node"]
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from ._loops import current_loop_key, wait_out, waker
+from .loops import current_loop_key, wait_out, waker
 
 __all__ = ["bridge_loop", "run_blocking", "run_on_loop"]
 

@@ -20,12 +20,13 @@ from typing import Any, TypeVar
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
+from zarr_anyio._core.bridge import run_blocking, run_on_loop
+from zarr_anyio._core.limit import LimiterLike
+from zarr_anyio._core.threads import run_in_worker
+
 from . import _live
-from ._bridge import run_blocking, run_on_loop
-from ._limit import LimiterLike
 from ._remote import DEFAULT_TIMEOUT, RemoteStore
 from ._retry import RateLimit, Retry, RetryBudget, describe, http_status
-from ._threads import run_in_worker
 
 __all__ = ["ALLOWED_EXCEPTIONS", "FsspecStore"]
 

@@ -63,10 +63,10 @@ except ImportError:  # zarr < 3.1.1
         VindexInvalidSelectionError,
     )
 
-from ._api_call import CURRENT, ApiCall
-from ._base import AnyioStore
-from ._bridge import run_on_loop
-from ._loops import current_loop_key
+from zarr_anyio._core.api_scope import CURRENT, ApiCall
+from zarr_anyio._core.bridge import run_on_loop
+from zarr_anyio._core.loops import current_loop_key
+from zarr_anyio.storage._base import AnyioStore
 
 __all__ = [
     "AsyncArray",

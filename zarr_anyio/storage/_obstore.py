@@ -22,14 +22,15 @@ from typing import Any, TypeVar
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
+from zarr_anyio._core.bridge import run_on_loop
+from zarr_anyio._core.limit import LimiterLike
+from zarr_anyio._core.loops import current_loop_key
+from zarr_anyio._core.threads import run_in_worker
+
 from . import _live
-from ._bridge import run_on_loop
 from ._keys import check_byte_range, validate_key
-from ._limit import LimiterLike
-from ._loops import current_loop_key
 from ._remote import DEFAULT_TIMEOUT, RemoteStore
 from ._retry import RateLimit, Retry, RetryBudget, http_status
-from ._threads import run_in_worker
 
 __all__ = ["ObjectStore"]
 

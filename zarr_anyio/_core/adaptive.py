@@ -47,7 +47,7 @@ import threading
 import time
 from typing import Any
 
-from ._limit import Limiter, copy_in_process
+from .limit import Limiter, copy_in_process
 
 __all__ = ["DEFAULT_CEILING", "AdaptiveLimiter", "Outcome"]
 

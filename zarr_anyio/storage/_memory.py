@@ -20,10 +20,11 @@ import anyio.lowlevel
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from zarr_anyio._core.limit import LimiterLike
+
 from . import _live
 from ._base import AnyioStore
 from ._keys import byte_range_slice, check_byte_range, names_under, validate_key
-from ._limit import LimiterLike
 
 __all__ = ["MemoryStore"]
 

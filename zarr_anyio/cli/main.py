@@ -29,14 +29,15 @@ import numpy as np
 import zarr
 from anyio.abc import TaskStatus
 
-from ._base import AnyioStore, single_error
-from ._copy import CopyOptions, CopyReport, copy_node
-from ._inspect import describe, human_size, render_info, render_tree
-from ._limit import DEFAULT_MAX_CONCURRENCY
-from ._open import REMOTE_SCHEMES, AccessMode, make_store
-from ._progress import choose_mode, show_progress, store_counters
-from ._retry import RateLimit
-from .local import LocalStore
+from zarr_anyio._core.limit import DEFAULT_MAX_CONCURRENCY
+from zarr_anyio.storage._base import AnyioStore, single_error
+from zarr_anyio.storage._local import LocalStore
+from zarr_anyio.storage._open import REMOTE_SCHEMES, AccessMode, make_store
+from zarr_anyio.storage._retry import RateLimit
+
+from .copy import CopyOptions, CopyReport, copy_node
+from .info import describe, human_size, render_info, render_tree
+from .progress import choose_mode, show_progress, store_counters
 
 __all__ = ["main"]
 
@@ -637,7 +638,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {_describe(error)}", file=sys.stderr)
         return 1
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

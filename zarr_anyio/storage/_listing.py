@@ -22,13 +22,14 @@ import posixpath
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
+from zarr_anyio._core.bridge import run_on_loop
+from zarr_anyio._core.threads import run_in_worker
+
 from ._base import AnyioStore
-from ._bridge import run_on_loop
+from ._fsspec import FsspecStore
 from ._keys import directory_prefix
-from ._threads import run_in_worker
-from .fsspec import FsspecStore
-from .local import Folder, LocalStore, scan_folder
-from .object import ObjectStore
+from ._local import Folder, LocalStore, scan_folder
+from ._obstore import ObjectStore
 
 __all__ = ["PAGE_SIZE", "Entry", "list_node"]
 

@@ -60,13 +60,14 @@ from typing import Any, Self
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from zarr_anyio._core.limit import LimiterLike
+from zarr_anyio._core.threads import CheckCancelled, run_in_worker
+
 from . import _buffers
 from ._base import NOT_READY, BlockingStore, Pending
 from ._beneath import DIRECTORY, O_PATH, LeavesRoot, open_beneath, open_cached, open_root
 from ._fileio import read_exact
 from ._keys import byte_range_slice, check_byte_range, validate_key
-from ._limit import LimiterLike
-from ._threads import CheckCancelled, run_in_worker
 
 __all__ = ["Folder", "LeavesRoot", "LocalStore", "check_root", "scan_folder"]
 

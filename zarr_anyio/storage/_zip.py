@@ -53,13 +53,14 @@ from typing import Any, Literal, Self
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from zarr_anyio._core.limit import LimiterLike
+from zarr_anyio._core.store_calls import InFlight
+from zarr_anyio._core.threads import CheckCancelled, run_in_worker
+
 from . import _live
 from ._base import NOT_READY, BlockingStore, Pending
-from ._calls import InFlight
 from ._fileio import read_exact
 from ._keys import byte_range_slice, check_byte_range, names_under, validate_key
-from ._limit import LimiterLike
-from ._threads import CheckCancelled, run_in_worker
 from ._zipformat import (
     PIECE,
     Contents,
