@@ -80,7 +80,7 @@ def fill(endpoint: str, bucket: str, name: str, count: int, size: int) -> None:
 
 
 def run_ours(endpoint: str, src: str, dst: str, backend: str) -> float:
-    from zarr_anyio.cli.main import main
+    from zarr_anyio.cli import main
 
     if backend == "obstore":
         options = [

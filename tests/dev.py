@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
         pins.append(f"zarr=={_oldest_zarr()}")
     py = str(_ensure_venv(pins))
     if job == "demo":
-        return _run(py, "-m", "zarr_anyio.cli.main", "demo", *extra)
+        return _run(py, "-m", "zarr_anyio.cli", "demo", *extra)
     if job == "test":
         versions = "; ".join(
             f"print('{name}', importlib.metadata.version('{name}'))"

@@ -19,8 +19,8 @@ from servers import Faults, HTTPServer, S3Server
 from test_remote import fill, http_store
 from zarr_anyio import Retry
 from zarr_anyio.cli.main import storage_options
-from zarr_anyio.cli.main.copy import ByteBudget, CopyOptions, CopyReport, copy_node, metadata_levels
-from zarr_anyio.cli.main.progress import progress_line, store_counters
+from zarr_anyio.cli.copy import ByteBudget, CopyOptions, CopyReport, copy_node, metadata_levels
+from zarr_anyio.cli.progress import progress_line, store_counters
 from zarr_anyio.storage._listing import PAGE_SIZE, list_node
 
 pytestmark = pytest.mark.anyio

@@ -29,7 +29,8 @@ import zarr.api.asynchronous
 from zarr.abc.store import Store
 from zarr.storage import StorePath
 
-from .arrays._nodes import AsyncArray, AsyncGroup, NodeIterator, forward, raise_zarr_concurrency
+from .arrays._nodes import AsyncArray, AsyncGroup, NodeIterator, forward
+from .arrays._run import raise_zarr_concurrency
 from .storage import MemoryStore, open_store
 
 __all__ = [

@@ -1,7 +1,7 @@
 """An adaptive window of requests in flight: a `Limiter` whose bound follows the server.
 
 A fixed window is wrong both ways: too small leaves a fast server idle, too large hammers a
-throttled one (measured in issue 8: 128 in flight against a server admitting 300 requests/s got
+throttled one (measured: 128 in flight against a server admitting 300 requests/s got
 80% of that rate with 59% of requests throttled). `AdaptiveLimiter` keeps a window between 1 and
 ``ceiling`` and feeds it the outcome and latency of every request:
 

@@ -3,7 +3,7 @@
 zarr fans a read out into tasks with ``asyncio.gather``, which does not wait for them: the first
 task to end cancelled (or failed) ends the gather, while the others are still winding down, a
 thread still reading, a request still open (seen here: 8 reads still running when a cancelled
-``getitem`` returned). So a call of the API runs with an `ApiCall` in a context variable, which
+``getitem`` returned). So a call of the API runs with an `ApiScope` in a context variable, which
 zarr's tasks inherit; every store operation made under it is counted, and when the call ends —
 returned, failed or cancelled — it waits until none is running. After a failure or cancellation
 the operations still running are cancelled first: their results are wanted by no one.
@@ -26,13 +26,13 @@ from typing import Any, ParamSpec, TypeVar
 
 import anyio
 
-__all__ = ["ApiCall", "in_api_call", "tracked"]
+__all__ = ["ApiScope", "in_api_call", "tracked"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class ApiCall:
+class ApiScope:
     """The store operations one API call has running, by the task running each."""
 
     def __init__(self) -> None:
@@ -76,7 +76,7 @@ class ApiCall:
             raise interrupted
 
 
-CURRENT: ContextVar[ApiCall | None] = ContextVar("zarr_anyio_api_call", default=None)
+CURRENT: ContextVar[ApiScope | None] = ContextVar("zarr_anyio_api_call", default=None)
 
 
 def _current_task() -> asyncio.Task[object] | None:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-__all__ = ["InFlight"]
+__all__ = ["StoreCalls"]
 
 
-class InFlight:
+class StoreCalls:
     """Counts the calls in flight, per thread that made them: ``with in_flight: ...``.
 
     A call enters and exits in the same thread (a task's loop thread, or a blocking caller's).

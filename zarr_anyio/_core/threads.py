@@ -15,7 +15,7 @@ whatever their CPU time, and so do calls that are slow: those skip the queue and
 thread (a call through the queue cost ~60 µs of the loop's time here, the hop alone ~25 µs). The
 CPU time of a 1 MiB read is no guide: ~130 µs into memory already mapped, ~500 µs into fresh
 memory (page faults), on either side of the batching threshold, which made the batch size, and
-the speed of zarr's ``arr[:]``, change from run to run (issue 12).
+the speed of zarr's ``arr[:]``, change from run to run.
 
 Only idempotent calls (reads) belong in a batch: a task cancelled while its call is in a batch
 stops waiting, but the call itself still completes in the thread and its result is dropped.
@@ -258,7 +258,8 @@ class HopCoalescer:
             # through the queue, ~25 µs for the hop alone).
             # The result comes back through a box, not as the hop's return value: the futures
             # that carry a return value outlive the call by a turn of the loop, and a read's
-            # buffer must be free again as soon as its caller lets go of it (see `._buffers`).
+            # buffer must be free again as soon as its caller lets go of it (see
+            # `zarr_anyio.storage._buffers`).
             box: list[Timed[T]] = []
             async with self._limit.current():
                 await run_in_worker(lambda _: box.append(timed(fn)))

@@ -20,19 +20,34 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import anyio
 import zarr
 from anyio.streams.memory import MemoryObjectReceiveStream
 from zarr.core.indexing import BasicIndexer, replace_ellipsis
 
-from zarr_anyio.storage._base import single_error
+from zarr_anyio._core.errors import single_error
 
-if TYPE_CHECKING:
-    from ._nodes import AsyncArray
+from ._compat import chunk_grid
 
 __all__ = ["Block", "BlockStream", "stream_blocks"]
+
+
+class BlockSource(Protocol):
+    """What blocks are read from: an `AsyncArray` (named by what it does, so that this module
+    needs nothing of the node classes, which call it)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def store(self) -> object: ...
+
+    @property
+    def async_array(self) -> zarr.AsyncArray[Any]: ...
+
+    async def getitem(self, selection: Any) -> Any: ...
 
 
 class Block(NamedTuple):
@@ -57,17 +72,15 @@ def _region(selection: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
 
 
 def block_regions(
-    array: AsyncArray, selection: Any
+    array: BlockSource, selection: Any
 ) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
     """Each block of the region: its grid index and its region in array coordinates.
 
     The region is checked now; the blocks are walked lazily, so a huge grid costs no memory.
     """
-    from ._nodes import _chunk_grid
-
     region = _region(selection, array.shape)
     # zarr's own indexer walks the grid, regular or not, and checks the bounds.
-    indexer = BasicIndexer(region, array.shape, _chunk_grid(array.async_array))
+    indexer = BasicIndexer(region, array.shape, chunk_grid(array.async_array))
     return _walk(region, indexer)
 
 
@@ -110,7 +123,7 @@ class BlockStream:
         return block
 
 
-def _default_limit(array: AsyncArray) -> int:
+def _default_limit(array: BlockSource) -> int:
     limit = getattr(array.store, "max_concurrency", None)
     if isinstance(limit, int):
         return limit
@@ -119,7 +132,7 @@ def _default_limit(array: AsyncArray) -> int:
 
 @asynccontextmanager
 async def stream_blocks(
-    array: AsyncArray, selection: Any, max_concurrency: int | None
+    array: BlockSource, selection: Any, max_concurrency: int | None
 ) -> AsyncIterator[BlockStream]:
     limit = _default_limit(array) if max_concurrency is None else max_concurrency
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:

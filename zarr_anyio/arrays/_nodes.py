@@ -5,11 +5,13 @@ run what comes back as a coroutine where asyncio can run it:
 
 * under asyncio (uvloop included), on the caller's own loop, in a task of its own (so that a
   cancellation reaches zarr's work once, however often anyio repeats it): no hop, no thread;
-* under trio, on the bridge's asyncio loop (`._bridge.run_on_loop`): the trio task waits on an
-  event, holding no thread, and cancelling it cancels the zarr task and waits for its end.
+* under trio, on the bridge's asyncio loop (`zarr_anyio._core.bridge.run_on_loop`): the trio
+  task waits on an event, holding no thread, and cancelling it cancels the zarr task and waits
+  for its end.
 
-Either way the call ends only when every store operation made for it has ended (`._api_call`): no
-chunk read or write of a returned, failed or cancelled call is left running.
+Either way the call ends only when every store operation made for it has ended
+(`zarr_anyio.arrays._run`): no chunk read or write of a returned, failed or cancelled call is
+left running.
 
 Forwarding is generic (``__getattr__``): a coroutine method zarr adds later works unchanged, async
 generators (``members()``, ``keys()``) are stepped one item per hop, and zarr nodes coming back are
@@ -26,16 +28,12 @@ holds. Measured: 64 chunk reads in flight with ``max_concurrency=64``, against 1
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import inspect
-import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar, cast
 
-import anyio
 import numpy as np
 import zarr
 from zarr.abc.store import Store
@@ -56,90 +54,19 @@ from zarr.core.indexing import (
     replace_lists,
 )
 
-try:
-    from zarr.errors import VindexInvalidSelectionError
-except ImportError:  # zarr < 3.1.1
-    from zarr.core.indexing import (  # type: ignore[attr-defined,no-redef,unused-ignore]
-        VindexInvalidSelectionError,
-    )
-
-from zarr_anyio._core.api_scope import CURRENT, ApiCall
-from zarr_anyio._core.bridge import run_on_loop
-from zarr_anyio._core.loops import current_loop_key
-from zarr_anyio.storage._base import AnyioStore
+from ._blocks import stream_blocks
+from ._compat import VindexInvalidSelectionError, chunk_grid
+from ._run import raise_zarr_concurrency, run_zarr
 
 __all__ = [
     "AsyncArray",
     "AsyncGroup",
     "NodeIterator",
     "adopt",
-    "raise_zarr_concurrency",
-    "run_zarr",
+    "forward",
 ]
 
 T = TypeVar("T")
-
-
-# ------------------------------------------------------------------------ running zarr's code
-
-
-async def run_zarr(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Await the zarr coroutine ``make()`` from any anyio backend (see the module docstring)."""
-    if isinstance(current_loop_key(), asyncio.AbstractEventLoop):
-        return await _in_a_task_of_its_own(lambda: _as_api_call(make))
-    return await run_on_loop(lambda: _as_api_call(make))
-
-
-async def _in_a_task_of_its_own(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    # On the caller's loop, but in a task of its own, so that zarr's work is cancelled exactly
-    # once, as the bridge does it under trio. An anyio cancel scope cancels its task again on
-    # every turn of the loop, and through zarr's nested gathers each time reaches every chunk
-    # task again, cutting short whatever they await while winding down (before the stores'
-    # waits for their threads were made proof against it, reads outlived the call this way).
-    # The task is awaited to its end on every path, as the bridge's are.
-    task = asyncio.get_running_loop().create_task(make())
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.cancel()
-        with anyio.CancelScope(shield=True):
-            while not task.done():
-                # Asked again (native double cancellation): still wait for the end.
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()  # retrieved: what it raised is superseded by the cancellation
-        raise
-
-
-async def _as_api_call(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    # zarr's tasks inherit the mark, so their store operations count as this call's, and the
-    # call ends only when none is running (zarr's gather does not wait for them: see _api_call).
-    call = ApiCall()
-    token = CURRENT.set(call)
-    try:
-        result = await make()
-    except BaseException:
-        await call.settle(cancel=True)
-        raise
-    finally:
-        CURRENT.reset(token)
-    await call.settle(cancel=False)
-    return result
-
-
-_concurrency_lock = threading.Lock()
-
-
-def raise_zarr_concurrency(store: object) -> None:
-    """Raise zarr's ``async.concurrency`` to ``store``'s bound, so that zarr's cap is not lower."""
-    if not isinstance(store, AnyioStore):
-        return
-    wanted = store.max_concurrency
-    with _concurrency_lock:
-        current = zarr.config.get("async.concurrency")
-        if current is not None and current < wanted:
-            zarr.config.set({"async.concurrency": wanted})
 
 
 def _unwrap(value: Any) -> Any:
@@ -302,13 +229,6 @@ def _fitted(value: Any, target: tuple[int, ...]) -> Any:
     return np.broadcast_to(np.asarray(value).reshape(shape), target)
 
 
-def _chunk_grid(array: Any) -> Any:
-    """The array's grid of stored chunks (shards, if sharded): zarr 3.4 keeps it on the array,
-    zarr 3.1 in the metadata."""
-    grid = getattr(array, "_chunk_grid", None)
-    return grid if grid is not None else array.metadata.chunk_grid
-
-
 class AsyncArray(_Node):
     """zarr's ``AsyncArray``, usable from asyncio and trio.
 
@@ -408,7 +328,7 @@ class AsyncArray(_Node):
         fields: Any = None,
         prototype: BufferPrototype | None = None,
     ) -> Any:
-        indexer = BasicIndexer(selection, self.shape, _chunk_grid(self._zarr))
+        indexer = BasicIndexer(selection, self.shape, chunk_grid(self._zarr))
         return await self._get(indexer, out, fields, prototype)
 
     async def set_basic_selection(
@@ -419,7 +339,7 @@ class AsyncArray(_Node):
         fields: Any = None,
         prototype: BufferPrototype | None = None,
     ) -> None:
-        indexer = BasicIndexer(selection, self.shape, _chunk_grid(self._zarr))
+        indexer = BasicIndexer(selection, self.shape, chunk_grid(self._zarr))
         await self._set(indexer, value, fields, prototype)
 
     async def get_orthogonal_selection(
@@ -430,7 +350,7 @@ class AsyncArray(_Node):
         fields: Any = None,
         prototype: BufferPrototype | None = None,
     ) -> Any:
-        indexer = OrthogonalIndexer(selection, self.shape, _chunk_grid(self._zarr))
+        indexer = OrthogonalIndexer(selection, self.shape, chunk_grid(self._zarr))
         return await self._get(indexer, out, fields, prototype)
 
     async def set_orthogonal_selection(
@@ -441,7 +361,7 @@ class AsyncArray(_Node):
         fields: Any = None,
         prototype: BufferPrototype | None = None,
     ) -> None:
-        indexer = OrthogonalIndexer(selection, self.shape, _chunk_grid(self._zarr))
+        indexer = OrthogonalIndexer(selection, self.shape, chunk_grid(self._zarr))
         await self._set(indexer, value, fields, prototype)
 
     async def get_mask_selection(
@@ -452,7 +372,7 @@ class AsyncArray(_Node):
         fields: Any = None,
         prototype: BufferPrototype | None = None,
     ) -> Any:
-        indexer = MaskIndexer(mask, self.shape, _chunk_grid(self._zarr))
+        indexer = MaskIndexer(mask, self.shape, chunk_grid(self._zarr))
         return await self._get(indexer, out, fields, prototype)
 
     async def set_mask_selection(
@@ -463,7 +383,7 @@ class AsyncArray(_Node):
         fields: Any = None,
         prototype: BufferPrototype | None = None,
     ) -> None:
-        indexer = MaskIndexer(mask, self.shape, _chunk_grid(self._zarr))
+        indexer = MaskIndexer(mask, self.shape, chunk_grid(self._zarr))
         await self._set(indexer, value, fields, prototype)
 
     async def get_coordinate_selection(
@@ -474,7 +394,7 @@ class AsyncArray(_Node):
         fields: Any = None,
         prototype: BufferPrototype | None = None,
     ) -> Any:
-        indexer = CoordinateIndexer(selection, self.shape, _chunk_grid(self._zarr))
+        indexer = CoordinateIndexer(selection, self.shape, chunk_grid(self._zarr))
         result = await self._get(indexer, out, fields, prototype)
         if hasattr(result, "shape"):
             # The points come back flat; give them the selection's shape, as zarr's Array does.
@@ -489,7 +409,7 @@ class AsyncArray(_Node):
         fields: Any = None,
         prototype: BufferPrototype | None = None,
     ) -> None:
-        indexer = CoordinateIndexer(selection, self.shape, _chunk_grid(self._zarr))
+        indexer = CoordinateIndexer(selection, self.shape, chunk_grid(self._zarr))
         # As zarr's Array: the values go in flat, and their number must match the points'.
         if not is_scalar(value, self._zarr.dtype):
             value = np.asarray(value)
@@ -510,7 +430,7 @@ class AsyncArray(_Node):
         fields: Any = None,
         prototype: BufferPrototype | None = None,
     ) -> Any:
-        indexer = BlockIndexer(selection, self.shape, _chunk_grid(self._zarr))
+        indexer = BlockIndexer(selection, self.shape, chunk_grid(self._zarr))
         return await self._get(indexer, out, fields, prototype)
 
     async def set_block_selection(
@@ -521,7 +441,7 @@ class AsyncArray(_Node):
         fields: Any = None,
         prototype: BufferPrototype | None = None,
     ) -> None:
-        indexer = BlockIndexer(selection, self.shape, _chunk_grid(self._zarr))
+        indexer = BlockIndexer(selection, self.shape, chunk_grid(self._zarr))
         await self._set(indexer, value, fields, prototype)
 
     @property
@@ -558,8 +478,6 @@ class AsyncArray(_Node):
         blocks are being fetched or held at once, the one the loop holds included; leaving the
         block early cancels the fetches still running; an error is raised as itself.
         """
-        from ._blocks import stream_blocks
-
         return stream_blocks(self, selection, max_concurrency)
 
 

@@ -1,10 +1,10 @@
 """Copying a Zarr node from one store to another: the engine behind ``zarr-anyio copy``.
 
-Keys are listed a page at a time (`._listing`) and handed to ``workers`` tasks in one task
-group through a small memory object stream, so a bucket of millions of keys costs memory for a
-page and the values in flight, not for the listing. Values in flight are also bounded in bytes
-(``max_bytes``; a value bigger than the budget goes alone), since 32 workers on 1 GiB chunks
-would otherwise hold 32 GiB. The default, 64 MiB, was measured on 64 chunks of 8 MiB from moto's
+Keys are listed a page at a time (`zarr_anyio.storage._listing`) and handed to ``workers``
+tasks in one task group through a small memory object stream, so a bucket of millions of keys
+costs memory for a page and the values in flight, not for the listing. Values in flight are
+also bounded in bytes (``max_bytes``; a value bigger than the budget goes alone), since 32
+workers on 1 GiB chunks would otherwise hold 32 GiB. The default, 64 MiB, was measured on 64 chunks of 8 MiB from moto's
 S3 server (``benchmarks/copy_cli.py``, obstore, median of 3): 1.45 s at a peak of 156 MiB, where
 256 MiB gave 1.86 s at 320 MiB: past a handful of big values in flight, more only costs memory.
 
@@ -32,7 +32,8 @@ from typing import Any, Literal
 import anyio
 from zarr.core.buffer import Buffer, default_buffer_prototype
 
-from zarr_anyio.storage._base import AnyioStore, single_error
+from zarr_anyio._core.errors import single_error
+from zarr_anyio.storage._base import AnyioStore
 from zarr_anyio.storage._keys import validate_key
 from zarr_anyio.storage._listing import Entry, list_node
 

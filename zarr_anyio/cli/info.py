@@ -2,7 +2,8 @@
 
 zarr-python reads the metadata (its own rules for v2 and v3, consolidated metadata when there is
 some), in a worker thread since its blocking API runs on a loop of its own. Stored sizes come
-from one paged listing of the node (`._listing`), each key's size added to every node above it:
+from one paged listing of the node (`zarr_anyio.storage._listing`), each key's size added to
+every node above it:
 zarr's own ``info_complete()`` asks the store for the size of every key, which on S3 is a HEAD
 request per chunk where a listing gives a thousand sizes per request.
 """

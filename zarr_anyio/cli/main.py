@@ -1,7 +1,7 @@
 """The ``zarr-anyio`` command: copy Zarr data between stores, look at what a store holds.
 
 This module parses arguments, opens stores, handles signals and turns outcomes into messages
-and exit codes; the work is done by `._copy` (copy), `._inspect` (ls, info) and `._progress`.
+and exit codes; the work is done by `.copy` (copy), `.info` (ls, info) and `.progress`.
 
 Exit codes: 0 done; 1 failed while running (a missing source, a refused write, a network error,
 keys that ``--verify`` found different); 2 the command line is wrong (an unknown option, a URL
@@ -29,8 +29,9 @@ import numpy as np
 import zarr
 from anyio.abc import TaskStatus
 
+from zarr_anyio._core.errors import single_error
 from zarr_anyio._core.limit import DEFAULT_MAX_CONCURRENCY
-from zarr_anyio.storage._base import AnyioStore, single_error
+from zarr_anyio.storage._base import AnyioStore
 from zarr_anyio.storage._local import LocalStore
 from zarr_anyio.storage._open import REMOTE_SCHEMES, AccessMode, make_store
 from zarr_anyio.storage._retry import RateLimit

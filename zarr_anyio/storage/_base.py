@@ -20,11 +20,10 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Generator,
     Iterable,
     Iterator,
 )
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from itertools import islice
 from typing import Any, Literal, Self, TypeVar
 
@@ -36,6 +35,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from zarr_anyio._core.api_scope import in_api_call, tracked
 from zarr_anyio._core.bridge import run_blocking
+from zarr_anyio._core.errors import single_error
 from zarr_anyio._core.limit import ConcurrencyLimit, Limiter, LimiterLike, OneLoopLimiter
 from zarr_anyio._core.threads import CheckCancelled, HopCoalescer, run_in_worker, timed
 
@@ -45,7 +45,6 @@ __all__ = [
     "AnyioStore",
     "BlockingStore",
     "FetchRequest",
-    "single_error",
 ]
 
 T = TypeVar("T")
@@ -60,37 +59,6 @@ NOT_READY = Pending.NOT_READY
 
 FetchRequest = str | tuple[str, ByteRequest | None]
 """What `AnyioStore.fetch_many` takes per item: a key, or a key and a byte range."""
-
-
-@contextmanager
-def single_error() -> Generator[None, None, None]:
-    """Raise a task group's errors as one error, as a single call would have raised it.
-
-    zarr and its users catch ``FileNotFoundError``, ``ValueError`` and the like, not an
-    ``ExceptionGroup``. When several workers fail at once, the first failure is raised as itself
-    and the others are named in its notes. A cancellation that arrived beside a real error gives
-    way to the error, as trio itself does.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        errors = _leaves(group)
-        cancelled = anyio.get_cancelled_exc_class()
-        real = [error for error in errors if not isinstance(error, cancelled)]
-        first, others = (real[0], real[1:]) if real else (errors[0], [])
-        for other in others:
-            first.add_note(f"(another operation of the same call failed too: {other!r})")
-        raise first from first.__cause__
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            found.extend(_leaves(error))
-        else:
-            found.append(error)
-    return found
 
 
 def _as_request(item: FetchRequest) -> tuple[str, ByteRequest | None]:

@@ -5,7 +5,8 @@ adds a page fault for each of its 256 pages (~350 µs more here: ``os.pread`` in
 took ~490 µs per MiB, the same read into a reused buffer ~140 µs). Whether a fresh allocation of
 1 MiB faults depends on the allocator's history (glibc serves it from ``mmap`` or from a heap it
 may have trimmed), so the cost of the same read swung with what the process had done before:
-it was the largest part of the swing of issue 12. Zarr's own store pays it on every chunk.
+it was the largest part of the run-to-run swing of large reads. Zarr's own store pays it on
+every chunk.
 
 So large reads go into slots of a pool: anonymous private mappings (never shared across a
 ``fork``) that stay mapped, handed out as a ``memoryview`` that zarr wraps without copying. A slot

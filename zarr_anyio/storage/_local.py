@@ -1,7 +1,7 @@
 """LocalStore: a directory tree, drop-in for ``zarr.storage.LocalStore``.
 
 The layout is zarr's: key ``a/b/c`` is the file ``<root>/a/b/c``. Blocking file calls run in
-worker threads; short reads are batched several to a hop (see `._threads`).
+worker threads; short reads are batched several to a hop (see `zarr_anyio._core.threads`).
 
 Never outside the root. Every path is resolved beneath a handle on the root (`._beneath`:
 ``openat2(RESOLVE_BENEATH)``, or a walk with ``O_NOFOLLOW``), so a symbolic link planted in the
@@ -16,7 +16,7 @@ its path rather than a folder once seen there.
 Reads. A small read whose names and bytes are all in the kernel's caches is made on the event
 loop (``RESOLVE_CACHED``, ``RWF_NOWAIT``: ~5 µs, no hop); one that would wait goes to a thread.
 A large read goes into a reused buffer (`._buffers`) that zarr wraps as is, in a hop of its own.
-Why (issue 12, zarr's ``arr[:]`` of 512 x 1 MiB chunks on this 2-core machine, instrumented):
+Why (zarr's ``arr[:]`` of 512 x 1 MiB chunks on this 2-core machine, instrumented):
 zarr's store reads each chunk into fresh memory, 75-100,000 page faults per pass and 170-600 ms
 of system time, varying with the allocator's state. Ours did the same (50-72,000 faults, 270-530
 ms), and the CPU time those faults added to a read (320-600 µs) sat either side of the 400 µs

@@ -54,7 +54,7 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from zarr_anyio._core.limit import LimiterLike
-from zarr_anyio._core.store_calls import InFlight
+from zarr_anyio._core.store_calls import StoreCalls
 from zarr_anyio._core.threads import CheckCancelled, run_in_worker
 
 from . import _live
@@ -268,7 +268,7 @@ class ZipStore(BlockingStore):
     def _init_archive_state(self) -> None:
         self._lock = threading.RLock()
         self._shared = _Shared()
-        self._calls = InFlight()
+        self._calls = StoreCalls()
 
     @property
     def _session(self) -> _Session | None:
