@@ -1,12 +1,13 @@
 """Copying a Zarr node from one store to another: the engine behind ``zarr-anyio copy``.
 
-Keys are listed a page at a time (`zarr_anyio.storage._listing`) and handed to ``workers``
-tasks in one task group through a small memory object stream, so a bucket of millions of keys
-costs memory for a page and the values in flight, not for the listing. Values in flight are
-also bounded in bytes (``max_bytes``; a value bigger than the budget goes alone), since 32
-workers on 1 GiB chunks would otherwise hold 32 GiB. The default, 64 MiB, was measured on 64 chunks of 8 MiB from moto's
-S3 server (``benchmarks/copy_cli.py``, obstore, median of 3): 1.45 s at a peak of 156 MiB, where
-256 MiB gave 1.86 s at 320 MiB: past a handful of big values in flight, more only costs memory.
+Keys are listed a page at a time (`zarr_anyio.storage._listing`) and handed to ``workers`` tasks
+in one task group through a small memory object stream, so a bucket of millions of keys costs
+memory for a page and the values in flight, not for the listing. Values in flight are also
+bounded in bytes (``max_bytes``; a value bigger than the budget goes alone), since 32 workers on
+1 GiB chunks would otherwise hold 32 GiB. The default, 64 MiB, was measured on 64 chunks of 8
+MiB from moto's S3 server (``benchmarks/copy_cli.py``, obstore, median of 3): 1.45 s at a peak
+of 156 MiB, where 256 MiB gave 1.86 s at 320 MiB: past a handful of big values in flight, more
+only costs memory.
 
 Each value is written with the destination's own atomic ``set`` (a temporary file renamed over
 its target, one zip member appended under the archive lock, one PUT), so a cancelled copy
