@@ -23,7 +23,7 @@ from collections.abc import (
     Iterable,
     Iterator,
 )
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from itertools import islice
 from typing import Any, Literal, Self, TypeVar
 
@@ -42,8 +42,10 @@ from zarr_anyio._core.threads import CheckCancelled, HopCoalescer, run_in_worker
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
 
 __all__ = [
+    "PAGE_SIZE",
     "AnyioStore",
     "BlockingStore",
+    "Entry",
     "FetchRequest",
 ]
 
@@ -56,6 +58,13 @@ class Pending(enum.Enum):
 
 NOT_READY = Pending.NOT_READY
 """What `BlockingStore._read_nowait` gives when a read would block: make it in a thread."""
+
+PAGE_SIZE = 1000
+"""Keys per page of `AnyioStore._backend_list_pages`: S3's own page size, and what one
+worker-thread hop takes of a local folder."""
+
+Entry = tuple[str, int | None]
+"""A key and its size in bytes (``None`` where the backend does not say)."""
 
 FetchRequest = str | tuple[str, ByteRequest | None]
 """What `AnyioStore.fetch_many` takes per item: a key, or a key and a byte range."""
@@ -201,6 +210,32 @@ class AnyioStore(Store, abc.ABC):
         """Delete every key under ``prefix`` (``""`` or ending in ``/``)."""
         keys = list(await self._backend_list_prefix(prefix))
         await self._for_each(keys, self._backend_delete)
+
+    async def _backend_list_pages(self, prefix: str) -> AsyncGenerator[list[Entry], None]:
+        """Every key under ``prefix`` (``""`` or ending in ``/``) with its size in bytes, a page
+        of at most `PAGE_SIZE` at a time: what the command's copy, ``ls`` and ``info`` walk.
+
+        This default takes the whole listing from ``_backend_list_prefix`` and asks each key's
+        size of the store, a page at a time. A backend that pages by itself (one folder a hop
+        on a disk, one request a page on S3) and knows sizes as it lists overrides it, each page
+        one backend call under one token of the limit. An override must not ``yield`` while it
+        holds a task group or cancel scope open.
+        """
+        keys = list(await self._backend_list_prefix(prefix))
+        for start in range(0, len(keys), PAGE_SIZE):
+            names = keys[start : start + PAGE_SIZE]
+            sizes: dict[str, int | None] = {}
+
+            async def size_of(key: str) -> None:
+                try:
+                    sizes[key] = await self.getsize(key)  # noqa: B023
+                except FileNotFoundError:
+                    pass  # gone since it was listed
+                except ValueError:
+                    sizes[key] = None  # not a valid key: the caller decides what to do with it  # noqa: B023
+
+            await self._for_each(names, size_of)
+            yield [(key, sizes[key]) for key in names if key in sizes]
 
     # ----------------------------------------------------------------- the worker pool
 
@@ -465,11 +500,12 @@ class AnyioStore(Store, abc.ABC):
         await self._backend_delete_dir("")
 
     # ----------------------------------------------------------------- zarr >= 3.4's sync surface
-    # For any backend: the async call, run on the bridge's loop and waited for. zarr is told not
-    # to take its sync path (`_supports_sync_io`): that path makes one call at a time, each a
-    # hop to the bridge's loop, where the async path keeps a window of them in flight. A store
-    # whose backend can serve a call without a loop (a dict, a file) overrides these with plain
-    # blocking calls and sets `_serves_sync_io = True`.
+    # One template for every store. For any backend: the async call, run on the bridge's loop and
+    # waited for; zarr is told not to take its sync path (`_supports_sync_io`): that path makes
+    # one call at a time, each a hop to the bridge's loop, where the async path keeps a window of
+    # them in flight. A store whose backend can serve a call without a loop (a dict, a file) sets
+    # `_serves_sync_io = True` and fills in the `_sync_*` hooks, which get input already
+    # validated, as the `_backend_*` hooks do.
     _serves_sync_io: bool = False
 
     @property
@@ -486,13 +522,48 @@ class AnyioStore(Store, abc.ABC):
         prototype: BufferPrototype | None = None,
         byte_range: ByteRequest | None = None,
     ) -> Buffer | None:
-        return run_blocking(lambda: self.get(key, prototype, byte_range))
+        if not self._serves_sync_io:
+            return run_blocking(lambda: self.get(key, prototype, byte_range))
+        validate_key(key)
+        check_byte_range(byte_range)
+        with self._sync_call():
+            return self._sync_get(key, prototype or default_buffer_prototype(), byte_range)
 
     def set_sync(self, key: str, value: Buffer) -> None:
-        run_blocking(lambda: self.set(key, value))
+        if not self._serves_sync_io:
+            run_blocking(lambda: self.set(key, value))
+            return
+        self._check_writable()
+        validate_key(key)
+        self._check_value(value)
+        with self._sync_call():
+            self._sync_set(key, value)
 
     def delete_sync(self, key: str) -> None:
-        run_blocking(lambda: self.delete(key))
+        if not self._serves_sync_io:
+            run_blocking(lambda: self.delete(key))
+            return
+        self._check_writable()
+        validate_key(key)
+        with self._sync_call():
+            self._sync_delete(key)
+
+    @contextmanager
+    def _sync_call(self) -> Iterator[None]:
+        """Around each blocking call of the sync surface: opens the store (without a loop)."""
+        self._is_open = True
+        yield
+
+    def _sync_get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> Buffer | None:
+        raise NotImplementedError(f"{type(self).__name__} serves no blocking reads")
+
+    def _sync_set(self, key: str, value: Buffer) -> None:
+        raise NotImplementedError(f"{type(self).__name__} serves no blocking writes")
+
+    def _sync_delete(self, key: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} serves no blocking deletes")
 
 
 class BlockingStore(AnyioStore):
@@ -526,6 +597,12 @@ class BlockingStore(AnyioStore):
     @abc.abstractmethod
     def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> bytes | memoryview | None:
         """Read ``key`` (or the part ``byte_range`` asks for); ``None`` if it does not exist."""
+
+    def _sync_get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+    ) -> Buffer | None:
+        data = self._read_blocking(key, byte_range)
+        return None if data is None else prototype.buffer.from_bytes(data)
 
     async def _blocking(self, function: Callable[[CheckCancelled], T]) -> T:
         """One blocking call in a worker thread, holding a token.

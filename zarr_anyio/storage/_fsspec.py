@@ -14,9 +14,10 @@ import contextlib
 import inspect
 import posixpath
 import urllib.parse
-from collections.abc import Awaitable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Iterable
 from typing import Any, TypeVar
 
+import anyio
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
@@ -25,6 +26,7 @@ from zarr_anyio._core.limit import LimiterLike
 from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
+from ._base import PAGE_SIZE, Entry
 from ._remote import DEFAULT_TIMEOUT, RemoteStore
 from ._retry import RateLimit, Retry, RetryBudget, describe, http_status
 
@@ -374,6 +376,60 @@ class FsspecStore(RemoteStore):
         paths = await self._files_under(self._path(folder))
         keys = (self._key_of(path) for path in paths)
         return [key for key in keys if key.startswith(prefix)]
+
+    def _pages_s3(self) -> bool:
+        protocol = self.fs.protocol
+        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        return (
+            any(p in ("s3", "s3a") for p in protocols)
+            and bool(self.fs.async_impl)
+            and hasattr(self.fs, "_iterdir")
+        )
+
+    async def _backend_list_pages(self, prefix: str) -> AsyncGenerator[list[Entry], None]:
+        if not self._pages_s3():
+            async for page in super()._backend_list_pages(prefix):
+                yield page
+            return
+        fs = self.fs
+        bucket, root, _ = fs.split_path(self.path)
+        key_prefix = posixpath.join(root, prefix) if root else prefix
+        if root and not key_prefix.endswith("/"):
+            key_prefix += "/"
+        strip = len(root.rstrip("/")) + 1 if root else 0
+        # s3fs's own paged listing, an async generator that lives on the filesystem's loop: each
+        # step below takes one page's worth of it there, through the bridge.
+        objects: Any = None
+
+        async def take_page() -> list[Entry]:
+            nonlocal objects
+            if objects is None:
+                objects = fs._iterdir(bucket, delimiter="", prefix=key_prefix)
+            page: list[Entry] = []
+            while len(page) < PAGE_SIZE:
+                try:
+                    info = await objects.__anext__()
+                except StopAsyncIteration:
+                    break
+                if info.get("type") == "file":
+                    page.append((str(info["name"]).split("/", 1)[1][strip:], int(info["size"])))
+            return page
+
+        async def close() -> None:
+            if objects is not None:
+                await objects.aclose()
+
+        loop = self._loop()
+        try:
+            while True:
+                async with self._limit.current():
+                    page = await run_on_loop(take_page, loop)
+                if not page:
+                    return
+                yield page
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run_on_loop(close, loop)
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
         folder = self._path(prefix.rstrip("/"))

@@ -53,21 +53,21 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
 from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.core.buffer import Buffer
 
 from zarr_anyio._core.limit import LimiterLike
 from zarr_anyio._core.threads import CheckCancelled, run_in_worker
 
 from . import _buffers
-from ._base import NOT_READY, BlockingStore, Pending
+from ._base import NOT_READY, PAGE_SIZE, BlockingStore, Entry, Pending
 from ._beneath import DIRECTORY, O_PATH, LeavesRoot, open_beneath, open_cached, open_root
 from ._fileio import read_exact
-from ._keys import byte_range_slice, check_byte_range, validate_key
+from ._keys import byte_range_slice
 
 __all__ = ["Folder", "LeavesRoot", "LocalStore", "check_root", "scan_folder"]
 
@@ -920,6 +920,19 @@ class LocalStore(BlockingStore):
         root = self._root
         return await self._blocking(lambda _: _list_prefix(root, prefix))
 
+    async def _backend_list_pages(self, prefix: str) -> AsyncGenerator[list[Entry], None]:
+        # Depth first, so what waits in memory is the folders not yet read, not their keys. Each
+        # folder is read as the store lists (`scan_folder`): never through a link out of the root.
+        root = os.fspath(self.root)
+        pending: list[Folder] = [(prefix, frozenset())]
+        while pending:
+            folder = pending.pop()
+            files, folders = await self._blocking(lambda _: scan_folder(root, folder))  # noqa: B023
+            pending.extend(reversed(folders))
+            entries: list[Entry] = list(files)
+            for start in range(0, len(entries), PAGE_SIZE):
+                yield entries[start : start + PAGE_SIZE]
+
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
         root = self._root
         return await self._blocking(lambda _: _list_dir(root, prefix))
@@ -932,36 +945,16 @@ class LocalStore(BlockingStore):
     # Plain blocking calls: zarr may take its synchronous path.
     _serves_sync_io = True
 
-    def _ensure_open_sync(self) -> None:
+    @contextlib.contextmanager
+    def _sync_call(self) -> Iterator[None]:
         if not self._is_open:
             _prepare_root(self.root, create=not self.read_only)
             self._is_open = True
+        yield
 
-    def get_sync(
-        self,
-        key: str,
-        *,
-        prototype: BufferPrototype | None = None,
-        byte_range: ByteRequest | None = None,
-    ) -> Buffer | None:
-        validate_key(key)
-        check_byte_range(byte_range)
-        self._ensure_open_sync()
-        data = _read_file(self._root, key, byte_range)
-        if data is None:
-            return None
-        return (prototype or default_buffer_prototype()).buffer.from_bytes(data)
-
-    def set_sync(self, key: str, value: Buffer) -> None:
-        self._check_writable()
-        validate_key(key)
-        self._check_value(value)
-        self._ensure_open_sync()
+    def _sync_set(self, key: str, value: Buffer) -> None:
         view = memoryview(value.as_buffer_like()).cast("B")
         _write_file(self._root, key, view, exclusive=False, check_cancelled=_no_cancel_check)
 
-    def delete_sync(self, key: str) -> None:
-        self._check_writable()
-        validate_key(key)
-        self._ensure_open_sync()
+    def _sync_delete(self, key: str) -> None:
         _delete_file(self._root, key)

@@ -18,13 +18,13 @@ from collections.abc import Iterable, MutableMapping
 import anyio
 import anyio.lowlevel
 from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.core.buffer import Buffer, BufferPrototype
 
 from zarr_anyio._core.limit import LimiterLike
 
 from . import _live
 from ._base import AnyioStore
-from ._keys import byte_range_slice, check_byte_range, names_under, validate_key
+from ._keys import byte_range_slice, names_under
 
 __all__ = ["MemoryStore"]
 
@@ -160,27 +160,13 @@ class MemoryStore(AnyioStore):
     # Plain blocking calls: zarr may take its synchronous path.
     _serves_sync_io = True
 
-    def get_sync(
-        self,
-        key: str,
-        *,
-        prototype: BufferPrototype | None = None,
-        byte_range: ByteRequest | None = None,
+    def _sync_get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
     ) -> Buffer | None:
-        validate_key(key)
-        check_byte_range(byte_range)
-        self._is_open = True
-        return self._read(key, prototype or default_buffer_prototype(), byte_range)
+        return self._read(key, prototype, byte_range)
 
-    def set_sync(self, key: str, value: Buffer) -> None:
-        self._check_writable()
-        validate_key(key)
-        self._check_value(value)
-        self._is_open = True
+    def _sync_set(self, key: str, value: Buffer) -> None:
         self._store_dict[key] = _copy(value)
 
-    def delete_sync(self, key: str) -> None:
-        self._check_writable()
-        validate_key(key)
-        self._is_open = True
+    def _sync_delete(self, key: str) -> None:
         self._store_dict.pop(key, None)

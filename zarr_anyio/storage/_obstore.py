@@ -16,7 +16,7 @@ import contextlib
 import pickle
 import posixpath
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
@@ -28,6 +28,7 @@ from zarr_anyio._core.loops import current_loop_key
 from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
+from ._base import PAGE_SIZE, Entry
 from ._keys import check_byte_range, validate_key
 from ._remote import DEFAULT_TIMEOUT, RemoteStore
 from ._retry import RateLimit, Retry, RetryBudget, http_status
@@ -295,6 +296,23 @@ class ObjectStore(RemoteStore):
         # obstore lists whole path segments ("a" means "a/…"): list the folder, filter by string.
         folder = posixpath.dirname(prefix)
         return [key for key in await self._list_under(folder) if key.startswith(prefix)]
+
+    async def _backend_list_pages(self, prefix: str) -> AsyncGenerator[list[Entry], None]:
+        import obstore
+
+        # obstore lists whole path segments: "a" means "a/...", which is what a node is.
+        stream = obstore.list(self.store, prefix=prefix.rstrip("/") or None, chunk_size=PAGE_SIZE)
+
+        def next_page() -> list[Entry] | None:
+            batch = next(stream, None)
+            return None if batch is None else [(meta["path"], int(meta["size"])) for meta in batch]
+
+        while True:
+            # The blocking API in a thread, as the store lists: one request per page.
+            page = await self._call_blocking(next_page)
+            if page is None:
+                return
+            yield page
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
         import obstore

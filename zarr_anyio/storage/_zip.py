@@ -46,12 +46,12 @@ import uuid
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Self
 
 from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.core.buffer import Buffer, BufferPrototype
 
 from zarr_anyio._core.limit import LimiterLike
 from zarr_anyio._core.store_calls import StoreCalls
@@ -60,7 +60,7 @@ from zarr_anyio._core.threads import CheckCancelled, run_in_worker
 from . import _live
 from ._base import NOT_READY, BlockingStore, Pending
 from ._fileio import read_exact
-from ._keys import byte_range_slice, check_byte_range, names_under, validate_key
+from ._keys import byte_range_slice, names_under, validate_key
 from ._zipformat import (
     PIECE,
     Contents,
@@ -939,33 +939,14 @@ class ZipStore(BlockingStore):
     # Plain blocking calls: zarr may take its synchronous path.
     _serves_sync_io = True
 
-    def get_sync(
-        self,
-        key: str,
-        *,
-        prototype: BufferPrototype | None = None,
-        byte_range: ByteRequest | None = None,
-    ) -> Buffer | None:
-        validate_key(key)
-        check_byte_range(byte_range)
+    @contextlib.contextmanager
+    def _sync_call(self) -> Iterator[None]:
         with self._calls:
             self._is_open = True
-            data = self._read_blocking(key, byte_range)
-        if data is None:
-            return None
-        return (prototype or default_buffer_prototype()).buffer.from_bytes(data)
+            yield
 
-    def set_sync(self, key: str, value: Buffer) -> None:
-        self._check_writable()
-        validate_key(key)
-        self._check_value(value)
-        with self._calls:
-            self._is_open = True
-            self._write_blocking(key, value.to_bytes(), exclusive=False)
+    def _sync_set(self, key: str, value: Buffer) -> None:
+        self._write_blocking(key, value.to_bytes(), exclusive=False)
 
-    def delete_sync(self, key: str) -> None:
-        self._check_writable()
-        validate_key(key)
-        with self._calls:
-            self._is_open = True
-            self._delete_blocking([key])
+    def _sync_delete(self, key: str) -> None:
+        self._delete_blocking([key])
