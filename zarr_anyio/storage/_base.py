@@ -135,6 +135,12 @@ class AnyioStore(Store, abc.ABC):
             return {"limiter": self._limit.shared}
         return {"max_concurrency": self._limit.total_tokens}
 
+    def _over_same_data(self, read_only: bool, options: dict[str, Any]) -> AnyioStore:
+        """Another store over this one's data, made with ``options`` (this store's own settings
+        where there are none): what `open_store` gives for ``str(store)`` while this store is
+        alive in the process and its name alone cannot reach its data (see ``_live``)."""
+        raise TypeError(f"cannot open another store over the data of {self!r}")
+
     @property
     def max_concurrency(self) -> int:
         """How many backend operations may be in flight at once."""

@@ -15,20 +15,19 @@ import inspect
 import posixpath
 import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 import anyio
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from zarr_anyio._core.bridge import run_blocking, run_on_loop
-from zarr_anyio._core.limit import LimiterLike
 from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
 from ._base import PAGE_SIZE, Entry
-from ._remote import DEFAULT_TIMEOUT, RemoteStore
-from ._retry import RateLimit, Retry, RetryBudget, describe, http_status
+from ._remote import RemoteOptions, RemoteStore
+from ._retry import describe, http_status
 
 __all__ = ["ALLOWED_EXCEPTIONS", "FsspecStore"]
 
@@ -130,25 +129,9 @@ class FsspecStore(RemoteStore):
         read_only: bool = False,
         path: str = "/",
         allowed_exceptions: tuple[type[Exception], ...] = ALLOWED_EXCEPTIONS,
-        *,
-        max_concurrency: int | None = None,
-        limiter: LimiterLike | None = None,
-        adaptive: bool = True,
-        retry: Retry | int | None = None,
-        retry_budget: RetryBudget | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        rate_limit: RateLimit | float | None = None,
+        **options: Unpack[RemoteOptions],
     ) -> None:
-        super().__init__(
-            read_only=read_only,
-            max_concurrency=max_concurrency,
-            limiter=limiter,
-            adaptive=adaptive,
-            retry=retry,
-            retry_budget=retry_budget,
-            timeout=timeout,
-            rate_limit=rate_limit,
-        )
+        super().__init__(read_only=read_only, **options)
         mapper_fs = getattr(fs, "fs", None)
         if mapper_fs is not None and hasattr(fs, "root"):
             # An FSMap: its filesystem, rooted where the mapping is.
@@ -204,13 +187,13 @@ class FsspecStore(RemoteStore):
     def from_mapper(cls, fs_map: Any, read_only: bool = False, **kwargs: Any) -> FsspecStore:
         return cls(fs_map, read_only=read_only, **kwargs)
 
-    def with_read_only(self, read_only: bool = False) -> FsspecStore:
+    def _with_options(self, read_only: bool, options: dict[str, Any]) -> Self:
         return type(self)(
             self.fs,
             read_only=read_only,
             path=self.path,
             allowed_exceptions=self.allowed_exceptions,
-            **self._store_kwargs(),
+            **options,
         )
 
     def __str__(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, MutableMapping
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -76,6 +77,9 @@ class MemoryStore(AnyioStore):
         copy = type(self)(self._store_dict, read_only=read_only, **self._store_kwargs())
         copy._pid = self._pid
         return copy
+
+    def _over_same_data(self, read_only: bool, options: dict[str, Any]) -> MemoryStore:
+        return type(self)(self._store_dict, read_only=read_only, **options)
 
     def _check_writable(self) -> None:
         super()._check_writable()

@@ -17,21 +17,20 @@ import pickle
 import posixpath
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from zarr_anyio._core.bridge import run_on_loop
-from zarr_anyio._core.limit import LimiterLike
 from zarr_anyio._core.loops import current_loop_key
 from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
 from ._base import PAGE_SIZE, Entry
 from ._keys import check_byte_range, validate_key
-from ._remote import DEFAULT_TIMEOUT, RemoteStore
-from ._retry import RateLimit, Retry, RetryBudget, http_status
+from ._remote import RemoteOptions, RemoteStore
+from ._retry import http_status
 
 __all__ = ["ObjectStore"]
 
@@ -95,32 +94,17 @@ class ObjectStore(RemoteStore):
         store: Any,
         *,
         read_only: bool = False,
-        max_concurrency: int | None = None,
-        limiter: LimiterLike | None = None,
-        adaptive: bool = True,
-        retry: Retry | int | None = None,
-        retry_budget: RetryBudget | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        rate_limit: RateLimit | float | None = None,
+        **options: Unpack[RemoteOptions],
     ) -> None:
         if not type(store).__module__.startswith("obstore"):
             raise TypeError(f"expected an obstore store, got {store!r}")
-        super().__init__(
-            read_only=read_only,
-            max_concurrency=max_concurrency,
-            limiter=limiter,
-            adaptive=adaptive,
-            retry=retry,
-            retry_budget=retry_budget,
-            timeout=timeout,
-            rate_limit=rate_limit,
-        )
+        super().__init__(read_only=read_only, **options)
         self.store = store
         # open_store(str(store)) reaches this obstore client again while this store lives.
         _live.remember(str(self), self)
 
-    def with_read_only(self, read_only: bool = False) -> ObjectStore:
-        return type(self)(self.store, read_only=read_only, **self._store_kwargs())
+    def _with_options(self, read_only: bool, options: dict[str, Any]) -> Self:
+        return type(self)(self.store, read_only=read_only, **options)
 
     def __str__(self) -> str:
         return f"object_store://{self.store}"

@@ -358,27 +358,7 @@ def _object_store_from_str(
 
 def _same_data(live: AnyioStore, mode: str | None, kwargs: dict[str, Any]) -> AnyioStore:
     """A store over the data of ``live`` (a store alive in this process that the URL named)."""
-    read_only = mode == "r"
-    if isinstance(live, ZipStore):
-        if kwargs:
-            raise TypeError(
-                f"{live!r} is open for writing in this process: open_store gives that store "
-                f"again, and cannot apply {sorted(kwargs)} to it"
-            )
-        return live
-    if isinstance(live, MemoryStore):
-        return MemoryStore(live._store_dict, read_only=read_only, **kwargs)
-    if isinstance(live, FsspecStore):
-        return FsspecStore(
-            live.fs,
-            read_only=read_only,
-            path=live.path,
-            allowed_exceptions=live.allowed_exceptions,
-            **(kwargs or live._store_kwargs()),
-        )
-    if isinstance(live, ObjectStore):
-        return ObjectStore(live.store, read_only=read_only, **(kwargs or live._store_kwargs()))
-    raise TypeError(f"cannot open another store over the data of {live!r}")  # pragma: no cover
+    return live._over_same_data(mode == "r", kwargs)
 
 
 def _from_zarr_store(store: Store) -> AnyioStore:

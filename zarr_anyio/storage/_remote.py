@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 import anyio
 
@@ -25,7 +25,7 @@ from zarr_anyio._core.limit import LimiterLike
 from ._base import AnyioStore
 from ._retry import Failure, RateLimit, Retry, RetryBudget, describe
 
-__all__ = ["DEFAULT_TIMEOUT", "RemoteStore", "RequestStats"]
+__all__ = ["DEFAULT_TIMEOUT", "RemoteOptions", "RemoteStore", "RequestStats"]
 
 T = TypeVar("T")
 
@@ -89,6 +89,19 @@ def _size(result: object) -> int:
     return 0
 
 
+class RemoteOptions(TypedDict, total=False):
+    """The keyword arguments every remote store takes (`RemoteStore` says what each does),
+    declared once: `FsspecStore` and `ObjectStore` pass them on as they are."""
+
+    max_concurrency: int | None
+    limiter: LimiterLike | None
+    adaptive: bool
+    retry: Retry | int | None
+    retry_budget: RetryBudget | None
+    timeout: float | None
+    rate_limit: RateLimit | float | None
+
+
 class RemoteStore(AnyioStore):
     """A store that talks to a server: the base of `FsspecStore` and `ObjectStore`, and of a
     custom store whose hooks make each request with ``self._request(make)``.
@@ -115,18 +128,17 @@ class RemoteStore(AnyioStore):
         A `RateLimit` (shareable between stores), or requests per second, or ``None``.
     """
 
-    def __init__(
-        self,
-        *,
-        read_only: bool = False,
-        max_concurrency: int | None = None,
-        limiter: LimiterLike | None = None,
-        adaptive: bool = True,
-        retry: Retry | int | None = None,
-        retry_budget: RetryBudget | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        rate_limit: RateLimit | float | None = None,
-    ) -> None:
+    def __init__(self, *, read_only: bool = False, **options: Unpack[RemoteOptions]) -> None:
+        unknown = sorted(set(options) - set(RemoteOptions.__annotations__))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {unknown}")
+        max_concurrency = options.get("max_concurrency")
+        limiter = options.get("limiter")
+        adaptive = options.get("adaptive", True)
+        retry = options.get("retry")
+        retry_budget = options.get("retry_budget")
+        timeout = options.get("timeout", DEFAULT_TIMEOUT)
+        rate_limit = options.get("rate_limit")
         if limiter is None and adaptive:
             ceiling = DEFAULT_CEILING if max_concurrency is None else max_concurrency
             if not isinstance(ceiling, int) or isinstance(ceiling, bool):
@@ -168,18 +180,28 @@ class RemoteStore(AnyioStore):
         # A copy (``with_read_only``) talks to the same server: it shares an adaptive window
         # (ours or the caller's); a fixed one of its own is as big as ours.
         shared = self._limit.shared
-        window: dict[str, Any] = (
-            {"limiter": shared}
-            if shared is not None
-            else {"max_concurrency": self._limit.total_tokens, "adaptive": False}
+        options = RemoteOptions(
+            retry=self.retry,
+            retry_budget=self.retry_budget,
+            timeout=self.timeout,
+            rate_limit=self.rate_limit,
         )
-        return {
-            **window,
-            "retry": self.retry,
-            "retry_budget": self.retry_budget,
-            "timeout": self.timeout,
-            "rate_limit": self.rate_limit,
-        }
+        if shared is not None:
+            options["limiter"] = shared
+        else:
+            options["max_concurrency"] = self._limit.total_tokens
+            options["adaptive"] = False
+        return dict(options)
+
+    def with_read_only(self, read_only: bool = False) -> Self:
+        return self._over_same_data(read_only, {})
+
+    def _over_same_data(self, read_only: bool, options: dict[str, Any]) -> Self:
+        return self._with_options(read_only, options or self._store_kwargs())
+
+    def _with_options(self, read_only: bool, options: dict[str, Any]) -> Self:
+        """A store of this class over the same data, with these remote options."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------------- the window
 

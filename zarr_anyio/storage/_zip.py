@@ -283,6 +283,16 @@ class ZipStore(BlockingStore):
         writer = self._owner or self
         return self._session is not None and not writer.read_only
 
+    def _over_same_data(self, read_only: bool, options: dict[str, Any]) -> ZipStore:
+        # The zip is open for writing in this process: a second store over it would be a second
+        # writer, so it is this store again.
+        if options:
+            raise TypeError(
+                f"{self!r} is open for writing in this process: open_store gives that store "
+                f"again, and cannot apply {sorted(options)} to it"
+            )
+        return self
+
     def with_read_only(self, read_only: bool = False) -> ZipStore:
         """A copy of this store that is read-only (or writable).
 
