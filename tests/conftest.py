@@ -45,8 +45,8 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], InFlight]:
     """Replaces LocalStore's blocking read with an `InFlight` counter; give it ``hold_until``."""
 
     def install(hold_until: int) -> InFlight:
-        double = InFlight(zarr_anyio.storage._local._read_file, hold_until)
-        monkeypatch.setattr(zarr_anyio.storage._local, "_read_file", double)
+        double = InFlight(zarr_anyio.storage._local.read_file, hold_until)
+        monkeypatch.setattr(zarr_anyio.storage._local, "read_file", double)
         # Every read to a thread, where the double counts it (small cached reads are otherwise
         # made on the event loop, without a hop; tests/test_large_reads.py covers those).
         monkeypatch.setattr(zarr_anyio.storage._local.LocalStore, "_reads_on_loop", False)

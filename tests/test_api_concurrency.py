@@ -161,7 +161,7 @@ async def test_a_cancelled_read_from_a_local_store_waits_for_its_threads(
     running = 0
     started = 0
     lock = threading.Lock()
-    real_read = zarr_anyio.storage._local._read_file
+    real_read = zarr_anyio.storage._local.read_file
 
     def slow_read(*args: Any) -> Any:
         nonlocal running, started
@@ -175,7 +175,7 @@ async def test_a_cancelled_read_from_a_local_store_waits_for_its_threads(
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(zarr_anyio.storage._local, "_read_file", slow_read)
+    monkeypatch.setattr(zarr_anyio.storage._local, "read_file", slow_read)
     # On a slow disk nothing is read on the event loop (those reads are for cached bytes).
     monkeypatch.setattr(zarr_anyio.storage._local.LocalStore, "_reads_on_loop", False)
     # Cancel once reads are under way, however slowly a loaded machine gets them started.

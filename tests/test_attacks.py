@@ -25,7 +25,7 @@ from zarr.core.buffer import default_buffer_prototype
 from servers import Faults, HTTPServer, S3Server
 from test_remote import fill, http_store
 from zarr_anyio import FsspecStore, Limiter, Retry, ZipStore
-from zarr_anyio.storage._zipformat import _LOCAL, directory_record, member_record
+from zarr_anyio.storage._zipformat import LOCAL, directory_record, member_record
 
 pytestmark = pytest.mark.anyio
 
@@ -137,7 +137,7 @@ async def test_a_member_claiming_more_bytes_than_the_file_is_damaged_not_a_memor
 
 def _descriptor_header(name: bytes, method: int) -> bytes:
     # A local header whose sizes and CRC follow the data (flag 8), as streaming writers make.
-    return _LOCAL.pack(b"PK\x03\x04", 20, 0, 0x08, method, 0, 0x21, 0, 0, 0, len(name), 0) + name
+    return LOCAL.pack(b"PK\x03\x04", 20, 0, 0x08, method, 0, 0x21, 0, 0, 0, len(name), 0) + name
 
 
 def test_recovering_a_crafted_file_does_not_inflate_a_zip_bomb_into_memory(
@@ -206,7 +206,7 @@ def _overlapping_candidates(kind: str, size: int) -> bytes:
     for i in range(count):
         left = 31 * count - (31 * i + 31)  # from its data to the last header's end
         if kind == "sizes in the header":
-            headers += _LOCAL.pack(b"PK\x03\x04", 20, 0, 0, 0, 0, 0x21, 1, left, left, 1, 0) + b"k"
+            headers += LOCAL.pack(b"PK\x03\x04", 20, 0, 0, 0, 0, 0x21, 1, left, left, 1, 0) + b"k"
         else:
             headers += _descriptor_header(b"k", zipfile.ZIP_STORED)
     if kind == "sizes in a descriptor":
@@ -239,7 +239,7 @@ def test_recovery_holds_a_descriptor_member_to_the_size_its_header_claims(
     compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
     value = b"\0" * (4 << 20)
     stream = compressor.compress(value) + compressor.flush()
-    header = _LOCAL.pack(b"PK\x03\x04", 20, 0, 0x08, 8, 0, 0x21, 0, 100, 1000, 3, 0) + b"c/0"
+    header = LOCAL.pack(b"PK\x03\x04", 20, 0, 0x08, 8, 0, 0x21, 0, 100, 1000, 3, 0) + b"c/0"
     descriptor = struct.pack("<4sLLL", b"PK\x07\x08", zlib.crc32(value), len(stream), len(value))
     _, whole_header, whole_data = member_record("c/1", b"whole", zipfile.ZIP_STORED, True)
     path = tmp_path / "claims.zip"

@@ -15,11 +15,12 @@ from anyio import wait_all_tasks_blocked
 from zarr.core.buffer import Buffer, default_buffer_prototype
 
 import zarr_anyio
+import zarr_anyio.storage._localfs
 from servers import Faults, HTTPServer, S3Server
 from test_remote import fill, http_store
 from zarr_anyio import Retry
-from zarr_anyio.cli.main import storage_options
 from zarr_anyio.cli.copy import ByteBudget, CopyOptions, CopyReport, copy_node, metadata_levels
+from zarr_anyio.cli.main import storage_options
 from zarr_anyio.cli.progress import progress_line, store_counters
 from zarr_anyio.storage._listing import PAGE_SIZE, list_node
 
@@ -54,7 +55,7 @@ async def test_local_listing_is_paged_with_sizes(tmp_path: Path) -> None:
         (folder / str(number)).write_bytes(b"x" * (number % 7))
     (tmp_path / "a" / "zarr.json").write_text("{}")
     # A write in progress (its temporary file's name holds a backslash, which no key can).
-    (folder / f"{zarr_anyio.storage._local.TEMP_PREFIX}half-written").write_bytes(b"partial")
+    (folder / f"{zarr_anyio.storage._localfs.TEMP_PREFIX}half-written").write_bytes(b"partial")
     (tmp_path / "other").write_bytes(b"elsewhere")
 
     pages = [page async for page in list_node(store, "a")]

@@ -15,6 +15,7 @@ import pytest
 from zarr.core.buffer import cpu, default_buffer_prototype
 
 import zarr_anyio.storage._local
+import zarr_anyio.storage._localfs
 from doubles import InFlight
 from zarr_anyio import Limiter, LocalStore
 
@@ -144,8 +145,8 @@ async def test_a_write_cancelled_midway_leaves_the_old_value(
     store = LocalStore(tmp_path)
     await store.set("c/0", cpu.Buffer.from_bytes(b"old value"))
     writes = BlockingWrites()
-    monkeypatch.setattr(zarr_anyio.storage._local, "_write_piece", writes)
-    monkeypatch.setattr(zarr_anyio.storage._local, "WRITE_PIECE", 4)
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "_write_piece", writes)
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "WRITE_PIECE", 4)
 
     async def let_the_write_go_on() -> None:
         # Once the cancelled writer is blocked waiting for its thread, the cancellation has
@@ -184,8 +185,8 @@ async def test_a_write_that_fails_midway_leaves_the_old_value(
 
         return os.write(fd, piece)
 
-    monkeypatch.setattr(zarr_anyio.storage._local, "_write_piece", disk_full)
-    monkeypatch.setattr(zarr_anyio.storage._local, "WRITE_PIECE", 4)
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "_write_piece", disk_full)
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "WRITE_PIECE", 4)
     with pytest.raises(OSError, match="No space left"):
         await store.set("c/0", cpu.Buffer.from_bytes(b"a much longer new value"))
     with pytest.raises(OSError, match="No space left"):

@@ -322,13 +322,13 @@ def test_a_local_write_is_waited_for_under_asyncio_timeouts(
 ) -> None:
     # asyncio.timeout inside a TaskGroup: the write's thread has ended when the call returns,
     # and the key holds the old value or the new one.
-    import zarr_anyio.storage._local
+    import zarr_anyio.storage._localfs
 
     store = LocalStore(tmp_path)
     lock = threading.Lock()
     pieces_in_flight = 0
     pieces_written = 0
-    real_write = zarr_anyio.storage._local._write_piece
+    real_write = zarr_anyio.storage._localfs._write_piece
 
     def slow_write(fd: int, data: memoryview) -> int:
         nonlocal pieces_in_flight, pieces_written
@@ -344,7 +344,7 @@ def test_a_local_write_is_waited_for_under_asyncio_timeouts(
 
     async def main() -> None:
         await store.set("k", cpu.Buffer.from_bytes(b"old"))
-        zarr_anyio.storage._local._write_piece = slow_write
+        zarr_anyio.storage._localfs._write_piece = slow_write
         try:
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.01):
@@ -358,7 +358,7 @@ def test_a_local_write_is_waited_for_under_asyncio_timeouts(
             assert pieces_in_flight == 0
             assert pieces_written >= 1
         finally:
-            zarr_anyio.storage._local._write_piece = real_write
+            zarr_anyio.storage._localfs._write_piece = real_write
         value = await store.get("k", PROTO)
         assert value is not None
         assert value.to_bytes() in (b"old", b"n" * (4 << 20))

@@ -27,8 +27,10 @@ from zarr.core.sync import sync
 
 import zarr_anyio.storage._beneath
 import zarr_anyio.storage._local
+import zarr_anyio.storage._localfs
 from zarr_anyio import LocalStore
-from zarr_anyio.storage._local import TEMP_FOLDER, TEMP_PREFIX, LeavesRoot
+from zarr_anyio.storage import LeavesRoot
+from zarr_anyio.storage._localfs import TEMP_FOLDER, TEMP_PREFIX
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
@@ -411,7 +413,7 @@ async def test_without_file_locks_only_old_temporaries_are_removed(
 
     root = tmp_path / "root"
     root.mkdir()
-    old = plant_temp(root, age=2 * zarr_anyio.storage._local.STALE_AFTER)
+    old = plant_temp(root, age=2 * zarr_anyio.storage._localfs.STALE_AFTER)
     recent = plant_temp(root, age=60)
     monkeypatch.setattr(fcntl, "flock", no_locks)
     await LocalStore.open(root)
@@ -447,7 +449,7 @@ WRITER = textwrap.dedent(
             print("mid-write", flush=True)
             import time; time.sleep(60)
             return written
-        zarr_anyio.storage._local._write_piece = stall
+        zarr_anyio.storage._localfs._write_piece = stall
 
     async def main():
         generation = first
@@ -563,7 +565,7 @@ def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
         budget[0] -= len(piece)
         return os.write(fd, piece)
 
-    monkeypatch.setattr(zarr_anyio.storage._local, "_write_piece", write_piece)
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "_write_piece", write_piece)
     yield disk
 
 
@@ -636,8 +638,8 @@ async def test_a_cancelled_delete_dir_or_clear_stops_between_files(
     store = LocalStore(tmp_path / "root")
     keys = [f"c/{i // 100}/{i % 100}" for i in range(400)]
     await store.set_many((key, buf(key.encode() * 50)) for key in keys)
-    gate = Gate(zarr_anyio.storage._local._unlink_at, free=50)
-    monkeypatch.setattr(zarr_anyio.storage._local, "_unlink_at", gate)
+    gate = Gate(zarr_anyio.storage._localfs._unlink_at, free=50)
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "_unlink_at", gate)
     await cancel_at_the_gate(gate, lambda: store.delete_dir(prefix) if prefix else store.clear())
     assert gate.taken <= 51  # it stopped at the first check after the held file
     left = await collect(store.list())
@@ -657,7 +659,7 @@ def cross_device(monkeypatch: pytest.MonkeyPatch) -> None:
     def rename(source: Path, dest: Path) -> None:
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(source))
 
-    monkeypatch.setattr(zarr_anyio.storage._local, "_rename", rename)
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "_rename", rename)
 
 
 async def test_a_cancelled_move_across_file_systems_leaves_the_store_where_it_was(
@@ -669,14 +671,14 @@ async def test_a_cancelled_move_across_file_systems_leaves_the_store_where_it_wa
     await store.set_many((key, buf(key.encode())) for key in keys)
     os.mkfifo(root / "c" / "fifo")  # not a key: left behind by a move
     cross_device(monkeypatch)
-    gate = Gate(zarr_anyio.storage._local._copy_file, free=20)
-    monkeypatch.setattr(zarr_anyio.storage._local, "_copy_file", gate)
+    gate = Gate(zarr_anyio.storage._localfs._copy_file, free=20)
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "_copy_file", gate)
     await cancel_at_the_gate(gate, lambda: store.move(tmp_path / "moved"))
     assert gate.taken <= 21
     assert store.root == root
     assert not (tmp_path / "moved").exists()
     assert await collect(store.list()) == sorted(keys)
-    monkeypatch.setattr(zarr_anyio.storage._local, "_copy_file", gate.step)
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "_copy_file", gate.step)
     await store.move(tmp_path / "moved")
     assert store.root == tmp_path / "moved"
     assert not root.exists()

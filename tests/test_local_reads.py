@@ -51,8 +51,8 @@ class ThreadReads:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        self._read = zarr_anyio.storage._local._read_file
-        monkeypatch.setattr(zarr_anyio.storage._local, "_read_file", self)
+        self._read = zarr_anyio.storage._local.read_file
+        monkeypatch.setattr(zarr_anyio.storage._local, "read_file", self)
 
     def __call__(self, *args: object) -> object:
         self.calls += 1

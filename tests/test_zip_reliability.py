@@ -25,10 +25,10 @@ import anyio
 import pytest
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import cpu, default_buffer_prototype
-from zipdisk import SlowDisk, SmallDisk, small_disk
 
 from zarr_anyio import ZipStore
 from zarr_anyio.storage._zipformat import directory_record, member_record, write_all
+from zipdisk import SlowDisk, SmallDisk, small_disk
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
@@ -302,7 +302,8 @@ WRITER = r"""
 import os, random, sys, time
 import anyio
 from zarr.core.buffer import cpu
-from zarr_anyio import ZipStore, _zipformat
+from zarr_anyio import ZipStore
+from zarr_anyio.storage import _zipformat
 
 path, session = sys.argv[1], int(sys.argv[2])
 
@@ -556,7 +557,7 @@ async def test_entries_that_share_bytes_are_refused(tmp_path: Path, damaged: boo
 def test_the_crc_of_any_span_comes_from_one_pass(tmp_path: Path) -> None:
     # Recovery checks overlapping candidates without reading their bytes again: the CRC-32 of
     # a span is worked out from the CRC-32s up to its two ends.
-    from zarr_anyio.storage._zipformat import _Region, crc_of_tail
+    from zarr_anyio.storage._zipread import _Region, crc_of_tail
 
     rng = random.Random(5)
     for length in [0, 1, 7, 512, 4099, 1 << 20]:

@@ -44,16 +44,8 @@ beside its target instead (a name of ours too); those are not cleaned up on open
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
-import shutil
-import stat
-import threading
-import time
-import uuid
-import zipfile
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -61,723 +53,30 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer
 
 from zarr_anyio._core.limit import LimiterLike
-from zarr_anyio._core.threads import CheckCancelled, run_in_worker
+from zarr_anyio._core.threads import run_in_worker
 
-from . import _buffers
 from ._base import NOT_READY, PAGE_SIZE, BlockingStore, Entry, Pending
-from ._beneath import DIRECTORY, O_PATH, LeavesRoot, open_beneath, open_cached, open_root
-from ._fileio import read_exact
-from ._keys import byte_range_slice
-
-__all__ = ["Folder", "LeavesRoot", "LocalStore", "check_root", "scan_folder"]
-
-# Every name of the library's own files holds this, which no key may hold (`._keys`): no key can
-# collide with them, and a name that holds it is never a key.
-OURS = "\\"
-# The folder of temporary files of writes in progress, in the root.
-TEMP_FOLDER = ".zarr_anyio\\tmp"
-# Temporary files are named this and 16 random hex digits: 28 bytes, whatever the key.
-TEMP_PREFIX = ".zarr_anyio\\"
-# Reads of at most this many bytes are made on the event loop when that cannot block (see
-# `_read_cached`); larger ones are copies worth a thread (and a core) of their own.
-ON_LOOP_READ = 64 << 10
-_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
-# Reads of at least this many bytes go into a reused buffer (see `._buffers`); smaller ones come
-# from the allocator's heap, which costs no page faults.
-POOLED_READ = 128 << 10
-# A write checks for cancellation between pieces of this size.
-WRITE_PIECE = 1 << 20
-# Where the file system cannot lock files: a temporary file untouched this long (a write touches
-# it with every piece) is taken as left by a writer that died.
-STALE_AFTER = 3600.0
-# The blocking write of one piece; a module attribute so tests can stand in for the disk.
-_write_piece: Callable[[int, memoryview], int] = os.write
-# The same for the rename and the copies that move a root, and the removal of one file of a tree.
-_rename: Callable[[Path, Path], None] = os.rename
-_copy_file: Callable[[str, str], object] = shutil.copy2
-
-
-def _unlink_at(name: str, dir_fd: int) -> None:
-    os.unlink(name, dir_fd=dir_fd)
-
-
-# A handle on a folder that scandir can list (O_NONBLOCK: never wait, whatever it turns out to be).
-_LISTABLE = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
-# Reading a name that is absent, not a folder where one is needed, or leads out of the root.
-_ABSENT = (FileNotFoundError, NotADirectoryError, LeavesRoot)
-
-
-def _no_cancel_check() -> None:
-    """Used by the sync surface, which has no host task to be cancelled."""
-
-
-@contextlib.contextmanager
-def _opened(fd: int) -> Iterator[int]:
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _no_file_there(error: OSError) -> bool:
-    """Whether opening a key failed because it names no regular file in the root: a loop of
-    links, a socket (ENXIO), a device without a driver."""
-    return error.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV)
-
-
-# ---------------------------------------------------------------- reads (in threads)
-
-
-def _read_file(root: str, key: str, byte_range: ByteRequest | None) -> bytes | memoryview | None:
-    try:
-        root_fd = open_root(root)
-    except _ABSENT:
-        return None
-    try:
-        # O_NONBLOCK: opening a FIFO for reading would wait for a writer for ever.
-        fd = open_beneath(root_fd, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except (*_ABSENT, IsADirectoryError):
-        return None
-    except OSError as error:
-        if _no_file_there(error):
-            return None
-        raise
-    finally:
-        os.close(root_fd)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        wanted = byte_range_slice(byte_range, info.st_size)
-        if wanted.stop - wanted.start >= POOLED_READ:
-            return _read_into(fd, _buffers.take(wanted.stop - wanted.start), wanted.start)
-        return read_exact(fd, wanted.stop - wanted.start, wanted.start)
-    finally:
-        os.close(fd)
-
-
-def _read_into(fd: int, buffer: memoryview, offset: int) -> memoryview:
-    """Fill ``buffer`` from ``offset``: the bytes land where zarr will use them, no copy after."""
-    done = os.preadv(fd, [buffer], offset)
-    while done < len(buffer):
-        more = os.preadv(fd, [buffer[done:]], offset + done)
-        if not more:
-            return buffer[:done]  # the file shrank under us
-        done += more
-    return buffer
-
-
-class _NoWaitUnsupported(Exception):
-    """This file system cannot read without waiting (``RWF_NOWAIT``: EOPNOTSUPP, as tmpfs)."""
-
-
-def _read_cached(
-    root: str, key: str, byte_range: ByteRequest | None
-) -> bytes | memoryview | Pending | None:
-    """A small read made without waiting: every name of the path in the kernel's lookup cache
-    (``RESOLVE_CACHED``) and every byte in the page cache (``RWF_NOWAIT``), else `NOT_READY`."""
-    try:
-        fd = open_cached(root, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except (*_ABSENT, IsADirectoryError):
-        return None
-    except OSError as error:
-        if _no_file_there(error):
-            return None
-        raise
-    if fd is None:
-        return NOT_READY
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        wanted = byte_range_slice(byte_range, info.st_size)
-        length = wanted.stop - wanted.start
-        if length > ON_LOOP_READ or _RWF_NOWAIT is None:
-            return NOT_READY
-        buffer = bytearray(length)
-        try:
-            done = os.preadv(fd, [buffer], wanted.start, _RWF_NOWAIT)
-        except BlockingIOError:
-            return NOT_READY  # not all in the page cache
-        except OSError as error:
-            if error.errno == errno.EOPNOTSUPP:
-                raise _NoWaitUnsupported from None
-            raise
-        # Fewer bytes: some were not cached, or the file shrank; a thread sorts it out.
-        return memoryview(buffer) if done == length else NOT_READY
-    finally:
-        os.close(fd)
-
-
-def _stat_key(root: str, key: str) -> os.stat_result | None:
-    """The status of the regular file ``key`` names, or ``None`` if it names no regular file."""
-    try:
-        with _opened(open_root(root)) as root_fd, _opened(open_beneath(root_fd, key, O_PATH)) as fd:
-            info = os.fstat(fd)
-    except _ABSENT:
-        return None
-    except OSError as error:
-        if _no_file_there(error):
-            return None
-        raise
-    return info if stat.S_ISREG(info.st_mode) else None
-
-
-def _is_file(root: str, key: str) -> bool:
-    return _stat_key(root, key) is not None
-
-
-def _size_of(root: str, key: str) -> int:
-    info = _stat_key(root, key)
-    if info is None:
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), key)
-    return info.st_size
-
-
-# ---------------------------------------------------------------- listing (in threads)
-
-
-def _resolve(root_fd: int, key: str) -> os.stat_result | None:
-    """The status of what ``key`` names, following links beneath the root; ``None`` if it is
-    absent or out of the root. (Opened without blocking: a FIFO does not wait for a writer.)"""
-    try:
-        fd = open_beneath(root_fd, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError:
-        return None
-    with _opened(fd):
-        return os.fstat(fd)
-
-
-def _open_listable(root_fd: int, folder: str) -> int | None:
-    try:
-        return open_beneath(root_fd, folder or ".", _LISTABLE)
-    except OSError:
-        return None
-
-
-Folder = tuple[str, frozenset[tuple[int, int]]]
-"""A folder still to list: its key prefix (``""`` or ending in ``/``) and the folders above it."""
-
-
-def scan_folder(
-    root: str, folder: Folder, stem: str = ""
-) -> tuple[list[tuple[str, int]], list[Folder]]:
-    """One folder of the store: its keys (names starting with ``stem``) with their sizes, and the
-    folders in it to list next. Blocking: one call per folder, so that a walk pages.
-
-    Names resolve beneath the root: a link is followed where it stays inside (to a file: a key;
-    to a folder: listed, unless it is one of the folders above, a loop), and left out where it
-    leads out; FIFOs and the like are no keys; names holding a backslash are the library's own.
-    """
-    key_prefix, above = folder
-    files: list[tuple[str, int]] = []
-    folders: list[Folder] = []
-    try:
-        root_fd = open_root(root)
-    except _ABSENT:
-        return files, folders
-    with _opened(root_fd):
-        dir_fd = _open_listable(root_fd, key_prefix.rstrip("/"))
-        if dir_fd is None:
-            return files, folders
-        with _opened(dir_fd):
-            info = os.fstat(dir_fd)
-            here = (info.st_dev, info.st_ino)
-            if here in above:
-                return files, folders  # a link back to a folder above: listed there already
-            inside = above | {here}
-            with os.scandir(dir_fd) as listing:
-                entries = [e for e in listing if e.name.startswith(stem) and OURS not in e.name]
-            for entry in entries:
-                key = f"{key_prefix}{entry.name}"
-                if entry.is_symlink():
-                    target = _resolve(root_fd, key)
-                    mode = 0 if target is None else target.st_mode
-                    if stat.S_ISREG(mode):
-                        assert target is not None
-                        files.append((key, target.st_size))
-                    elif stat.S_ISDIR(mode):
-                        folders.append((f"{key}/", inside))
-                elif entry.is_file(follow_symlinks=False):
-                    files.append((key, entry.stat(follow_symlinks=False).st_size))
-                elif entry.is_dir(follow_symlinks=False):
-                    folders.append((f"{key}/", inside))
-    return files, folders
-
-
-def _list_prefix(root: str, prefix: str) -> list[str]:
-    """Keys that start with ``prefix`` as a string: ``"a/b"`` takes in ``"a/bc/0"`` too."""
-    folder, _, stem = prefix.rpartition("/")
-    keys: list[str] = []
-    files, pending = scan_folder(root, (f"{folder}/" if folder else "", frozenset()), stem)
-    while True:
-        keys.extend(key for key, _ in files)
-        if not pending:
-            return keys
-        files, more = scan_folder(root, pending.pop())
-        pending.extend(more)
-
-
-def _list_dir(root: str, prefix: str) -> list[str]:
-    """The names directly under ``prefix``: keys, and folders that resolve inside the root."""
-    folder = prefix.rstrip("/")
-    names: list[str] = []
-    try:
-        root_fd = open_root(root)
-    except _ABSENT:
-        return names
-    with _opened(root_fd):
-        dir_fd = _open_listable(root_fd, folder)
-        if dir_fd is None:
-            return names
-        with _opened(dir_fd), os.scandir(dir_fd) as listing:
-            for entry in listing:
-                if OURS in entry.name:
-                    continue
-                if entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False):
-                    names.append(entry.name)
-                elif entry.is_symlink():
-                    target = _resolve(root_fd, f"{prefix}{entry.name}")
-                    mode = 0 if target is None else target.st_mode
-                    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-                        names.append(entry.name)
-    return sorted(names)
-
-
-# ---------------------------------------------------------------- writes (in threads)
-
-
-def _make_folders(root_fd: int, folder: str) -> int:
-    """A handle on ``folder`` beneath the root, made (with its parents) if missing."""
-    if not folder:
-        return os.dup(root_fd)
-    try:
-        return open_beneath(root_fd, folder, DIRECTORY)
-    except FileNotFoundError:
-        pass
-    parts = folder.split("/")
-    here = os.dup(root_fd)
-    try:
-        for depth, name in enumerate(parts, start=1):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, dir_fd=here)
-            # Resolved from the root again: a name that already existed may be a link.
-            following = open_beneath(root_fd, "/".join(parts[:depth]), DIRECTORY)
-            os.close(here)
-            here = following
-    except BaseException:
-        os.close(here)
-        raise
-    return here
-
-
-class _TempFolders:
-    """Counts this process's writes using each root's temporary folder, so that the last one
-    out removes it (zarr's own LocalStore would list it otherwise) and none removes it under
-    another."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users: dict[tuple[int, int], int] = {}
-
-    @contextlib.contextmanager
-    def using(self, root_fd: int) -> Iterator[None]:
-        info = os.fstat(root_fd)
-        root = (info.st_dev, info.st_ino)
-        with self._lock:
-            self._users[root] = self._users.get(root, 0) + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users[root] -= 1
-                if not self._users[root]:
-                    del self._users[root]
-                    _remove_temp_folder(root_fd)
-
-    def remove_if_unused(self, root_fd: int) -> None:
-        info = os.fstat(root_fd)
-        with self._lock:
-            if (info.st_dev, info.st_ino) not in self._users:
-                _remove_temp_folder(root_fd)
-
-
-_temp_folders = _TempFolders()
-
-
-def _remove_temp_folder(root_fd: int) -> None:
-    # Not empty: another process is writing (or left files, removed on a later open).
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError, OSError):
-        os.rmdir(TEMP_FOLDER, dir_fd=root_fd)
-
-
-def _lock_temp(fd: int) -> bool:
-    """Take the lock that tells cleaners this file is in use; ``False`` if a cleaner got it
-    first (it is removing the file: make another)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True  # no locks on this file system: the age of the file decides instead
-    # A cleaner unlinks only while holding the lock: once we hold it, the name is ours.
-    return os.fstat(fd).st_nlink > 0
-
-
-def _create_temp(dir_fd: int) -> tuple[str, int]:
-    while True:
-        name = f"{TEMP_PREFIX}{uuid.uuid4().hex[:16]}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, flags, 0o666, dir_fd=dir_fd)
-        if _lock_temp(fd):
-            return name, fd
-        os.close(fd)
-
-
-def _create_temp_in_root(root_fd: int) -> tuple[int, str, int]:
-    """A new temporary file in the root's temporary folder: (folder, name, open file)."""
-    for _ in range(8):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(TEMP_FOLDER, dir_fd=root_fd)
-        # A name in the root itself, not followed if a link: beneath the root by construction.
-        temp_dir = os.open(TEMP_FOLDER, DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
-        try:
-            return (temp_dir, *_create_temp(temp_dir))
-        except FileNotFoundError:
-            # Another process removed the folder, empty, between our mkdir and our file.
-            os.close(temp_dir)
-        except BaseException:
-            os.close(temp_dir)
-            raise
-    raise FileNotFoundError(errno.ENOENT, "the temporary folder keeps vanishing", TEMP_FOLDER)
-
-
-def _write_through(
-    temp_dir: int,
-    temp: str,
-    fd: int,
-    dir_fd: int,
-    name: str,
-    value: memoryview,
-    *,
-    exclusive: bool,
-    check_cancelled: CheckCancelled,
-) -> None:
-    """Fill the temporary file ``temp`` with ``value`` and move it into place.
-
-    ``fd`` stays open, holding its lock, until the file is in place: a cleaner must never take
-    a finished temporary file for an abandoned one.
-    """
-    try:
-        try:
-            written = 0
-            while written < len(value):
-                written += _write_piece(fd, value[written : written + WRITE_PIECE])
-                check_cancelled()
-            if exclusive:
-                # link, unlike rename, fails if the target exists: creation is atomic.
-                with contextlib.suppress(FileExistsError):
-                    os.link(
-                        temp, name, src_dir_fd=temp_dir, dst_dir_fd=dir_fd, follow_symlinks=False
-                    )
-                os.unlink(temp, dir_fd=temp_dir)
-            else:
-                os.replace(temp, name, src_dir_fd=temp_dir, dst_dir_fd=dir_fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp, dir_fd=temp_dir)
-        raise
-
-
-def _write_via_temp_folder(
-    root_fd: int,
-    dir_fd: int,
-    name: str,
-    value: memoryview,
-    *,
-    exclusive: bool,
-    check_cancelled: CheckCancelled,
-) -> bool:
-    """Write through the root's temporary folder; ``False`` if the target is on another file
-    system than the root (nothing written)."""
-    with _temp_folders.using(root_fd):
-        temp_dir, temp, fd = _create_temp_in_root(root_fd)
-        with _opened(temp_dir):
-            try:
-                _write_through(
-                    temp_dir,
-                    temp,
-                    fd,
-                    dir_fd,
-                    name,
-                    value,
-                    exclusive=exclusive,
-                    check_cancelled=check_cancelled,
-                )
-            except OSError as error:
-                if error.errno != errno.EXDEV:
-                    raise
-                return False
-    return True
-
-
-def _write_file(
-    root: str, key: str, value: memoryview, *, exclusive: bool, check_cancelled: CheckCancelled
-) -> None:
-    folder, _, name = key.rpartition("/")
-    try:
-        root_fd = open_root(root)
-    except FileNotFoundError:
-        # Removed since the store was opened: a write makes it again, as zarr's store does.
-        os.makedirs(root, exist_ok=True)
-        root_fd = open_root(root)
-    with _opened(root_fd):
-        try:
-            dir_fd = _make_folders(root_fd, folder)
-        except LeavesRoot as error:
-            raise LeavesRoot(errno.EPERM, error.strerror, key) from None
-        with _opened(dir_fd):
-            if exclusive and _entry_exists(dir_fd, name):
-                return
-            if not _write_via_temp_folder(
-                root_fd, dir_fd, name, value, exclusive=exclusive, check_cancelled=check_cancelled
-            ):
-                # The target's folder is another file system than the root: write beside it.
-                temp, fd = _create_temp(dir_fd)
-                _write_through(
-                    dir_fd,
-                    temp,
-                    fd,
-                    dir_fd,
-                    name,
-                    value,
-                    exclusive=exclusive,
-                    check_cancelled=check_cancelled,
-                )
-
-
-def _entry_exists(dir_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-# ---------------------------------------------------------------- deletes (in threads)
-
-
-def _delete_file(root: str, key: str) -> None:
-    folder, _, name = key.rpartition("/")
-    try:
-        root_fd = open_root(root)
-    except _ABSENT:
-        return
-    with _opened(root_fd):
-        try:
-            dir_fd = open_beneath(root_fd, folder or ".", DIRECTORY)
-        except _ABSENT:
-            return  # nothing of the store's lies there
-        with _opened(dir_fd):
-            try:
-                # Removes a link itself, never what it points to.
-                os.unlink(name, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
-            except (IsADirectoryError, PermissionError):
-                # A key that names a folder is not a key: delete never removes a whole folder.
-                if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-                    raise
-
-
-def _empty_folder(dir_fd: int, check_cancelled: CheckCancelled, keep: str = "") -> None:
-    """Remove everything in the folder ``dir_fd``, checking for cancellation between files.
-
-    Links are removed, never followed; each file is there or gone at every moment.
-    """
-    with os.scandir(dir_fd) as listing:
-        entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in listing]
-    for name, is_dir in entries:
-        if name == keep:
-            continue
-        if is_dir:
-            _remove_folder(dir_fd, name, check_cancelled)
-        else:
-            check_cancelled()
-            with contextlib.suppress(FileNotFoundError):
-                _unlink_at(name, dir_fd)
-
-
-def _remove_folder(dir_fd: int, name: str, check_cancelled: CheckCancelled) -> None:
-    try:
-        fd = os.open(name, _LISTABLE | os.O_NOFOLLOW, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return
-    except OSError as error:
-        if error.errno not in (errno.ELOOP, errno.ENOTDIR):
-            raise
-        # Swapped for a link or a file since it was listed: remove that, as an entry.
-        check_cancelled()
-        with contextlib.suppress(FileNotFoundError):
-            _unlink_at(name, dir_fd)
-        return
-    with _opened(fd):
-        _empty_folder(fd, check_cancelled)
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(name, dir_fd=dir_fd)
-
-
-def _delete_tree(root: str, prefix: str, check_cancelled: CheckCancelled) -> None:
-    """Delete every key under ``prefix`` (a folder, no trailing ``/``; ``""``: the whole root)."""
-    try:
-        root_fd = open_root(root)
-    except _ABSENT:
-        return
-    with _opened(root_fd):
-        if not prefix:
-            # The whole store: empty the root but keep it (the store stays open), and the
-            # folder where writes in progress keep their files.
-            with _opened(os.open(".", _LISTABLE, dir_fd=root_fd)) as listable:
-                _empty_folder(listable, check_cancelled, keep=TEMP_FOLDER)
-            return
-        folder, _, name = prefix.rpartition("/")
-        try:
-            dir_fd = open_beneath(root_fd, folder or ".", DIRECTORY)
-        except _ABSENT:
-            return
-        with _opened(dir_fd):
-            try:
-                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return
-            if stat.S_ISDIR(info.st_mode):
-                _remove_folder(dir_fd, name, check_cancelled)
-            elif stat.S_ISLNK(info.st_mode) and _is_folder(_resolve(root_fd, prefix)):
-                # The node is a link to a folder in the root: its keys go with the link.
-                os.unlink(name, dir_fd=dir_fd)
-            # A file (the key `prefix` itself, not a node): no keys lie under it.
-
-
-def _is_folder(info: os.stat_result | None) -> bool:
-    return info is not None and stat.S_ISDIR(info.st_mode)
-
-
-# ---------------------------------------------------------------- opening and moving
-
-
-def check_root(root: Path) -> None:
-    """The root must be a folder that exists: say which it is not."""
-    if root.is_dir():
-        return
-    if root.exists() or root.is_symlink():
-        hint = " (for a zip file, use ZipStore)" if zipfile.is_zipfile(root) else ""
-        raise NotADirectoryError(
-            f"{root} is a file, not a folder: a LocalStore keeps its keys in a folder{hint}"
-        )
-    raise FileNotFoundError(f"{root} does not exist (a LocalStore's root folder)")
-
-
-def _prepare_root(root: Path, *, create: bool) -> None:
-    if create:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            # A file in the way, at the root or above it.
-            check_root(root)
-            raise
-        _remove_abandoned_temps(str(root))
-    else:
-        check_root(root)
-
-
-def _abandoned(dir_fd: int, name: str, now: float) -> bool:
-    """Remove the temporary file ``name`` if its writer is gone; say whether it was."""
-    try:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
-        )
-    except FileNotFoundError:
-        return False
-    except OSError:
-        # Not a file we made (a link, say): it has no business in our folder.
-        with contextlib.suppress(OSError):
-            os.unlink(name, dir_fd=dir_fd)
-        return True
-    with _opened(fd):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # a live writer holds it
-        except OSError:
-            if now - os.fstat(fd).st_mtime < STALE_AFTER:
-                return False
-        # Unlinked while we hold the lock, so a writer that locks it after sees it gone.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dir_fd)
-        return True
-
-
-def _remove_abandoned_temps(root: str) -> None:
-    with _opened(open_root(root)) as root_fd:
-        try:
-            temp_dir = os.open(TEMP_FOLDER, _LISTABLE | os.O_NOFOLLOW, dir_fd=root_fd)
-        except OSError:
-            return  # no folder, or not ours to look into
-        with _opened(temp_dir):
-            with os.scandir(temp_dir) as listing:
-                names = [e.name for e in listing if not e.is_dir(follow_symlinks=False)]
-            now = time.time()
-            for name in names:
-                _abandoned(temp_dir, name, now)
-        _temp_folders.remove_if_unused(root_fd)
-
-
-def _copy_tree(source: Path, dest: Path, check_cancelled: CheckCancelled) -> None:
-    """Copy a store's folder to another file system: files and links as they are (a link is
-    copied, never followed), whatever is not a file or a folder left out."""
-
-    def copy(src: str, dst: str) -> None:
-        check_cancelled()
-        _copy_file(src, dst)
-
-    def special(folder: str, names: list[str]) -> set[str]:
-        left_out = set()
-        for name in names:
-            mode = os.lstat(os.path.join(folder, name)).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-                left_out.add(name)
-        return left_out
-
-    shutil.copytree(source, dest, symlinks=True, copy_function=copy, ignore=special)
-
-
-def _move_root(
-    source: Path, dest: Path, check_cancelled: CheckCancelled, moved: list[bool]
-) -> None:
-    if dest.exists():
-        raise FileExistsError(f"Destination root {dest} already exists.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        _rename(source, dest)  # one step: nothing to cancel half-way
-    except OSError as error:
-        if error.errno != errno.EXDEV:
-            raise
-    else:
-        moved.append(True)
-        return
-    try:
-        _copy_tree(source, dest, check_cancelled)
-    except BaseException:
-        # Cancelled or failed while copying: the store stays where it was, whole.
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
-    # The copy is complete: from here the store lives at dest, whatever happens to the source.
-    moved.append(True)
-    with _opened(os.open(source, _LISTABLE)) as root_fd:
-        _empty_folder(root_fd, check_cancelled)
-    source.rmdir()
+from ._localfs import (
+    ON_LOOP_READ,
+    RWF_NOWAIT,
+    Folder,
+    NoWaitUnsupported,
+    delete_file,
+    delete_tree,
+    is_file,
+    list_dir,
+    list_prefix,
+    move_root,
+    no_cancel_check,
+    prepare_root,
+    read_cached,
+    read_file,
+    scan_folder,
+    size_of,
+    write_file,
+)
+
+__all__ = ["LocalStore"]
 
 
 class LocalStore(BlockingStore):
@@ -828,7 +127,7 @@ class LocalStore(BlockingStore):
         # decides what the returned store may do.
         must_exist = mode in ("r", "r+") if mode is not None else read_only
         if must_exist:
-            await run_in_worker(lambda _: _prepare_root(Path(root), create=False))
+            await run_in_worker(lambda _: prepare_root(Path(root), create=False))
         store = cls(root, read_only=read_only, **kwargs)
         await store._open()
         return store
@@ -856,7 +155,7 @@ class LocalStore(BlockingStore):
         source = self.root
         moved: list[bool] = []
         try:
-            await self._blocking(lambda check: _move_root(source, dest, check, moved))
+            await self._blocking(lambda check: move_root(source, dest, check, moved))
         finally:
             if moved:
                 self.root = dest
@@ -869,17 +168,17 @@ class LocalStore(BlockingStore):
 
     async def _backend_open(self) -> None:
         root, create = self.root, not self.read_only
-        await run_in_worker(lambda _: _prepare_root(root, create=create))
+        await run_in_worker(lambda _: prepare_root(root, create=create))
 
     def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> bytes | memoryview | None:
-        data = _read_file(self._root, key, byte_range)
+        data = read_file(self._root, key, byte_range)
         if data is not None:
             self._hops.note_bytes(len(data))
         return data
 
     # Small reads whose names and bytes are all cached are made on the event loop (~5 µs,
-    # against a hop to a thread); see `_read_cached`.
-    _reads_on_loop = _RWF_NOWAIT is not None
+    # against a hop to a thread); see `read_cached`.
+    _reads_on_loop = RWF_NOWAIT is not None
 
     def _read_nowait(
         self, key: str, byte_range: ByteRequest | None
@@ -887,8 +186,8 @@ class LocalStore(BlockingStore):
         if self._hops.mean_bytes() > ON_LOOP_READ:
             return NOT_READY  # reads here have been large: do not try on the loop first
         try:
-            data = _read_cached(self._root, key, byte_range)
-        except _NoWaitUnsupported:
+            data = read_cached(self._root, key, byte_range)
+        except NoWaitUnsupported:
             self._reads_on_loop = False  # not on this file system: go to threads from now on
             return NOT_READY
         if data is not None and not isinstance(data, Pending):
@@ -899,26 +198,26 @@ class LocalStore(BlockingStore):
         root = self._root
         view = memoryview(value.as_buffer_like()).cast("B")
         await self._blocking(
-            lambda check: _write_file(root, key, view, exclusive=exclusive, check_cancelled=check)
+            lambda check: write_file(root, key, view, exclusive=exclusive, check_cancelled=check)
         )
 
     async def _backend_delete(self, key: str) -> None:
         root = self._root
-        await self._blocking(lambda _: _delete_file(root, key))
+        await self._blocking(lambda _: delete_file(root, key))
 
     async def _backend_exists(self, key: str) -> bool:
         root = self._root
-        result: bool = await self._hops.run(lambda: _is_file(root, key))
+        result: bool = await self._hops.run(lambda: is_file(root, key))
         return result
 
     async def _backend_getsize(self, key: str) -> int:
         root = self._root
-        size: int = await self._hops.run(lambda: _size_of(root, key))
+        size: int = await self._hops.run(lambda: size_of(root, key))
         return size
 
     async def _backend_list_prefix(self, prefix: str) -> Iterable[str]:
         root = self._root
-        return await self._blocking(lambda _: _list_prefix(root, prefix))
+        return await self._blocking(lambda _: list_prefix(root, prefix))
 
     async def _backend_list_pages(self, prefix: str) -> AsyncGenerator[list[Entry], None]:
         # Depth first, so what waits in memory is the folders not yet read, not their keys. Each
@@ -935,11 +234,11 @@ class LocalStore(BlockingStore):
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
         root = self._root
-        return await self._blocking(lambda _: _list_dir(root, prefix))
+        return await self._blocking(lambda _: list_dir(root, prefix))
 
     async def _backend_delete_dir(self, prefix: str) -> None:
         root = self._root
-        await self._blocking(lambda check: _delete_tree(root, prefix.rstrip("/"), check))
+        await self._blocking(lambda check: delete_tree(root, prefix.rstrip("/"), check))
 
     # ------------------------------------------------------------ zarr >= 3.4's sync surface
     # Plain blocking calls: zarr may take its synchronous path.
@@ -948,13 +247,13 @@ class LocalStore(BlockingStore):
     @contextlib.contextmanager
     def _sync_call(self) -> Iterator[None]:
         if not self._is_open:
-            _prepare_root(self.root, create=not self.read_only)
+            prepare_root(self.root, create=not self.read_only)
             self._is_open = True
         yield
 
     def _sync_set(self, key: str, value: Buffer) -> None:
         view = memoryview(value.as_buffer_like()).cast("B")
-        _write_file(self._root, key, view, exclusive=False, check_cancelled=_no_cancel_check)
+        write_file(self._root, key, view, exclusive=False, check_cancelled=no_cancel_check)
 
     def _sync_delete(self, key: str) -> None:
-        _delete_file(self._root, key)
+        delete_file(self._root, key)

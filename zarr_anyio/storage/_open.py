@@ -44,7 +44,8 @@ from zarr_anyio._core.bridge import run_blocking
 from . import _live
 from ._base import AnyioStore
 from ._fsspec import FsspecStore
-from ._local import LocalStore, check_root
+from ._local import LocalStore
+from ._localfs import check_root
 from ._memory import MemoryStore
 from ._obstore import ObjectStore
 from ._zip import ZipStore

@@ -63,17 +63,19 @@ from ._fileio import read_exact
 from ._keys import byte_range_slice, names_under, validate_key
 from ._zipformat import (
     PIECE,
-    Contents,
-    FdReader,
-    crc_of,
     data_offset,
     directory_record,
     member_record,
+    rewritten_header,
+    write_all,
+)
+from ._zipread import (
+    Contents,
+    FdReader,
+    crc_of,
     overlapping,
     read_contents,
     recover,
-    rewritten_header,
-    write_all,
 )
 
 __all__ = ["ZipStore"]
