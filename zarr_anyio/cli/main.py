@@ -1,7 +1,5 @@
-"""The ``zarr-anyio`` command: copy Zarr data between stores, look at what a store holds.
-
-This module parses arguments, opens stores, handles signals and turns outcomes into messages
-and exit codes; the work is done by `.copy` (copy), `.info` (ls, info) and `.progress`.
+"""The ``zarr-anyio`` command's entry point: the argument parser, and outcomes turned into exit
+codes and one-line messages; `.commands` does the work (with `.copy`, `.info` and `.progress`).
 
 Exit codes: 0 done; 1 failed while running (a missing source, a refused write, a network error,
 keys that ``--verify`` found different); 2 the command line is wrong (an unknown option, a URL
@@ -12,370 +10,19 @@ SIGINT (130) or SIGTERM (143). An error is one line on stderr; ``--debug`` adds 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
-import tempfile
-import time
 import traceback
-import warnings
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TextIO
 
-import anyio
-import numpy as np
-import zarr
-from anyio.abc import TaskStatus
-
-from zarr_anyio._core.errors import single_error
 from zarr_anyio._core.limit import DEFAULT_MAX_CONCURRENCY
-from zarr_anyio.storage._base import AnyioStore
-from zarr_anyio.storage._local import LocalStore
-from zarr_anyio.storage._open import REMOTE_SCHEMES, AccessMode, make_store
-from zarr_anyio.storage._retry import RateLimit
 
-from .copy import CopyOptions, CopyReport, copy_node
-from .info import describe, human_size, render_info, render_tree
-from .progress import choose_mode, show_progress, store_counters
+from .commands import PROG, copy_command, demo_command, info_command, ls_command
+from .copy import CopyOptions
+from .urls import UsageError, describe_error
 
-__all__ = ["main"]
-
-PROG = "zarr-anyio"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class UsageError(Exception):
-    """The command line asks for something impossible: exit code 2."""
-
-
-# ---------------------------------------------------------------- demo
-
-
-def demo(folder: Path, backend: str) -> int:
-    store = LocalStore(folder / "demo.zarr", max_concurrency=8)
-    data = np.arange(256 * 256, dtype="int32").reshape(256, 256)
-    array = zarr.create_array(
-        store=store, shape=data.shape, chunks=(32, 32), dtype=data.dtype, compressors=None
-    )
-    array[:] = data
-    print(f"wrote {array} with zarr-python: {array.nchunks} chunks in {store}")
-
-    async def read_back() -> int:
-        keys = [
-            f"c/{i}/{j}" for i in range(data.shape[0] // 32) for j in range(data.shape[1] // 32)
-        ]
-        checked = 0
-        started = time.perf_counter()
-        async with store.fetch_many(keys) as results:
-            async for key, buffer in results:
-                assert buffer is not None, f"{key} is missing"
-                i, j = (int(part) for part in key.split("/")[1:])
-                chunk = np.frombuffer(buffer.to_bytes(), dtype="<i4").reshape(32, 32)
-                if not np.array_equal(chunk, data[i * 32 : (i + 1) * 32, j * 32 : (j + 1) * 32]):
-                    raise SystemExit(f"chunk {key} differs from what zarr wrote")
-                checked += 1
-        elapsed = time.perf_counter() - started
-        stats = store.limiter.statistics()
-        print(
-            f"read {checked} chunks back under {backend} with fetch_many in "
-            f"{elapsed * 1000:.1f} ms, at most {store.max_concurrency} in flight "
-            f"(limiter now: {stats.borrowed_tokens} borrowed, {stats.tasks_waiting} waiting)"
-        )
-        return checked
-
-    checked = anyio.run(read_back, backend=backend)
-    print(f"all {checked} chunks match the array zarr wrote")
-    return 0
-
-
-def _demo_command(args: argparse.Namespace) -> int:
-    if args.folder is not None:
-        return demo(args.folder, args.backend)
-    with tempfile.TemporaryDirectory() as folder:
-        return demo(Path(folder), args.backend)
-
-
-# ---------------------------------------------------------------- opening stores
-
-
-def _set_option(options: dict[str, Any], pair: str) -> None:
-    key, separator, text = pair.partition("=")
-    if not separator or not key:
-        raise UsageError(f"a storage option is KEY=VALUE, got {pair!r}")
-    try:
-        value: Any = json.loads(text)
-    except ValueError:
-        value = text
-    *parents, last = key.split(".")
-    for parent in parents:
-        inner = options.setdefault(parent, {})
-        if not isinstance(inner, dict):
-            raise UsageError(f"storage option {parent!r} is both a value and a group in {pair!r}")
-        options = inner
-    options[last] = value
-
-
-def storage_options(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs as a dict: VALUE as JSON if it parses, else as text; ``a.b=1`` nests."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        _set_option(options, pair)
-    return options
-
-
-def _scheme(url: str) -> str:
-    scheme, separator, _ = url.partition("://")
-    return scheme.lower() if separator else ""
-
-
-def _local_path(url: str) -> str | None:
-    scheme = _scheme(url)
-    if scheme not in ("", "file"):
-        return None
-    return os.path.realpath(url.partition("://")[2] if scheme else url)
-
-
-def open_url(
-    url: str, args: argparse.Namespace, extra_options: list[str], mode: AccessMode
-) -> AnyioStore:
-    """The store for ``url``; a URL no store takes is a usage error."""
-    remote = _scheme(url) in REMOTE_SCHEMES
-    if extra_options and not remote:
-        raise UsageError(f"storage options are for remote URLs (s3://, gs://, ...), not {url!r}")
-    options = storage_options([*args.storage_option, *extra_options])
-    if not remote:
-        options = {}  # --storage-option goes to every remote URL of the command, no local one
-    kwargs: dict[str, Any] = {"max_concurrency": args.max_concurrency}
-    if remote and args.rate is not None:
-        # One budget for every remote store of the command.
-        if getattr(args, "rate_limit", None) is None:
-            args.rate_limit = RateLimit(args.rate)
-        kwargs["rate_limit"] = args.rate_limit
-    try:
-        return make_store(
-            url, mode=mode, storage_options=options or None, backend=args.backend, **kwargs
-        )
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{url!r} does not exist: {error}") from None
-    except (ValueError, TypeError) as error:
-        raise UsageError(f"cannot open {url!r}: {error}") from None
-    except ImportError as error:
-        raise RuntimeError(f"cannot open {url!r}: {error.name or error} is not installed") from None
-
-
-async def _ensure_open(store: AnyioStore, what: str, url: str) -> None:
-    try:
-        await store._ensure_open()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {url!r} does not exist") from None
-    except OSError as error:
-        raise OSError(f"cannot open {what} {url!r}: {_describe(error)}") from None
-
-
-async def _close(*stores: AnyioStore) -> None:
-    # Shielded: closing a zip writes its central directory, also after Ctrl-C.
-    with anyio.CancelScope(shield=True):
-        for store in stores:
-            if store._is_open:
-                await store.aclose()
-
-
-# ---------------------------------------------------------------- signals
-
-
-class Interrupt:
-    """Cancels ``scope`` on the first SIGINT or SIGTERM and remembers which it was.
-
-    Signals are received for as long as `watch` runs, so a second Ctrl-C while the command
-    cleans up (closing a zip writes its central directory) does not cut the cleanup short.
-    """
-
-    def __init__(self) -> None:
-        self.scope = anyio.CancelScope()
-        self.signal: int | None = None
-
-    async def watch(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        with anyio.open_signal_receiver(*STOP_SIGNALS) as received:
-            task_status.started()
-            async for number in received:
-                if self.signal is None:
-                    self.signal = int(number)
-                    self.scope.cancel()
-
-    @property
-    def exit_code(self) -> int:
-        assert self.signal is not None
-        return 128 + self.signal
-
-    @property
-    def name(self) -> str:
-        assert self.signal is not None
-        return signal.Signals(self.signal).name
-
-
-async def interruptible(work: Callable[[Interrupt], Awaitable[int]]) -> int:
-    """Run ``work`` with SIGINT/SIGTERM turned into a cancellation of ``interrupt.scope``."""
-    interrupt = Interrupt()
-    code = 0
-    with single_error():
-        async with anyio.create_task_group() as tg:
-            await tg.start(interrupt.watch)
-            try:
-                code = await work(interrupt)
-            finally:
-                tg.cancel_scope.cancel()
-    return code
-
-
-# ---------------------------------------------------------------- copy
-
-
-def _summary_lines(report: CopyReport, args: argparse.Namespace) -> list[str]:
-    verb = "would copy" if args.dry_run else "copied"
-    total = report.keys_total if report.keys_total is not None else "?"
-    lines = [
-        f"{verb} {report.keys_copied} keys ({human_size(report.bytes_copied)}), "
-        f"skipped {report.keys_skipped} ({human_size(report.bytes_skipped)}) already there, "
-        f"{report.keys_done} of {total} keys in {report.seconds:.1f} s"
-    ]
-    if report.keys_vanished:
-        lines.append(f"{report.keys_vanished} keys vanished from the source while copying")
-    if report.invalid_keys:
-        examples = ", ".join(repr(k) for k in report.examples.get("invalid keys", [])[:3])
-        lines.append(f"left out {report.invalid_keys} objects that are not valid keys: {examples}")
-    if args.verify:
-        lines.append(
-            f"verified {report.keys_verified} keys by {args.verify}: "
-            f"{report.mismatched_keys} differ"
-        )
-        for example in report.examples.get("mismatched", []):
-            lines.append(f"  differs: {example}")
-    return lines
-
-
-def _copy_json(
-    report: CopyReport, args: argparse.Namespace, counters: dict[str, int] | None, status: str
-) -> str:
-    summary: dict[str, Any] = {
-        "status": status,
-        "source": args.src,
-        "destination": args.dst,
-        "path": args.path,
-        "dry_run": args.dry_run,
-        "verify": args.verify,
-        **report.as_dict(),
-        "requests": counters,
-    }
-    return json.dumps(summary, indent=2)
-
-
-async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> int:
-    src_path, dst_path = _local_path(args.src), _local_path(args.dst)
-    if src_path is not None and src_path == dst_path:
-        raise UsageError("SRC and DST are the same place")
-    if src_path is not None and dst_path is not None and dst_path.startswith(src_path + os.sep):
-        # Each run would copy what the last one wrote, one level deeper.
-        raise UsageError("DST is inside SRC: copy to a place outside it")
-    if _scheme(args.dst) in ("http", "https"):
-        raise UsageError(f"cannot write to {args.dst!r}: HTTP is read-only here")
-    src = open_url(args.src, args, args.src_storage_option, "r")
-    # A dry run writes nothing, so it does not create DST either.
-    dst = open_url(args.dst, args, args.dst_storage_option, "r" if args.dry_run else "a")
-    report = CopyReport()
-    options = CopyOptions(
-        workers=args.max_concurrency,
-        skip_existing=args.skip_existing,
-        verify=args.verify,
-        dry_run=args.dry_run,
-        max_bytes=args.max_memory,
-    )
-    mode = choose_mode(args.quiet)
-
-    def counters() -> dict[str, int] | None:
-        return store_counters([src, dst])
-
-    status = "done"
-    failure: BaseException | None = None
-    try:
-        with interrupt.scope, single_error():
-            await _ensure_open(src, "source", args.src)
-            if not args.dry_run:
-                await _ensure_open(dst, "destination", args.dst)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(show_progress, report, counters, mode, None, args.progress_interval)
-                await copy_node(src, dst, args.path or "", options, report)
-                tg.cancel_scope.cancel()
-    except Exception as error:
-        failure, status = error, "failed"
-    finally:
-        await _close(src, dst)
-    if interrupt.signal is not None:
-        status = "interrupted"
-    report.finished = report.finished or time.monotonic()
-    if args.json:
-        print(_copy_json(report, args, counters(), status), file=out)
-    elif not args.quiet:
-        for line in _summary_lines(report, args):
-            print(line, file=out)
-    out.flush()  # before anything on stderr, so that a terminal shows them in order
-    if interrupt.signal is not None:
-        print(
-            f"{PROG}: stopped by {interrupt.name} after {report.keys_done} of "
-            f"{report.keys_total if report.keys_total is not None else '?'} keys "
-            f"({human_size(report.bytes_done)}); every key at DST is whole or absent and the "
-            f"metadata goes last: run the same command with --skip-existing to finish",
-            file=sys.stderr,
-        )
-        return interrupt.exit_code
-    if failure is not None:
-        raise failure
-    if report.mismatched_keys:
-        raise RuntimeError(
-            f"--verify found {report.mismatched_keys} keys that differ at the destination "
-            f"(first: {report.examples['mismatched'][0]})"
-        )
-    return 0
-
-
-def _copy_command(args: argparse.Namespace) -> int:
-    # zipfile warns when a member is written again (a copy into an existing zip): expected here.
-    warnings.filterwarnings("ignore", "Duplicate name", UserWarning)
-    return anyio.run(interruptible, lambda interrupt: _copy(args, interrupt, sys.stdout))
-
-
-# ---------------------------------------------------------------- ls and info
-
-
-async def _inspect(args: argparse.Namespace, interrupt: Interrupt, *, tree: bool) -> int:
-    store = open_url(args.url, args, [], "r")
-    try:
-        with interrupt.scope:
-            await _ensure_open(store, "source", args.url)
-            node = await describe(
-                store, args.path or "", args.depth if tree else 0, detail=not tree
-            )
-    finally:
-        await _close(store)
-    if interrupt.signal is not None:
-        return interrupt.exit_code
-    if args.json:
-        print(json.dumps(node.as_dict(children=tree), indent=2))
-    else:
-        print("\n".join(render_tree(node) if tree else render_info(node)))
-    return 0
-
-
-def _ls_command(args: argparse.Namespace) -> int:
-    return anyio.run(interruptible, lambda interrupt: _inspect(args, interrupt, tree=True))
-
-
-def _info_command(args: argparse.Namespace) -> int:
-    return anyio.run(interruptible, lambda interrupt: _inspect(args, interrupt, tree=False))
-
-
-# ---------------------------------------------------------------- arguments
+__all__ = ["build_parser", "main"]
 
 
 def _whole_number(text: str, lowest: int) -> int:
@@ -563,11 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between progress lines when stderr is not a terminal (default: 5)",
     )
-    copy.set_defaults(run=_copy_command)
+    copy.set_defaults(run=copy_command)
 
     for name, run, summary, examples in (
-        ("ls", _ls_command, "show a hierarchy as a tree", LS_EXAMPLES),
-        ("info", _info_command, "show one group or array in detail", INFO_EXAMPLES),
+        ("ls", ls_command, "show a hierarchy as a tree", LS_EXAMPLES),
+        ("info", info_command, "show one group or array in detail", INFO_EXAMPLES),
     ):
         sub = commands.add_parser(
             name,
@@ -594,28 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         parents=[common],
         help="write with zarr-python, read back under trio",
-        description=__doc__,
+        description=(
+            "Write a 256 x 256 array with zarr-python into a LocalStore in FOLDER (default: a "
+            "temporary folder), then read its chunks back with fetch_many under trio (or "
+            "asyncio) and check them: a first look at zarr_anyio, and a check of the install."
+        ),
         epilog=DEMO_EXAMPLES,
         formatter_class=raw,
     )
     demo_parser.add_argument("folder", nargs="?", type=Path, help="where to write (default: temp)")
     demo_parser.add_argument("--backend", choices=["trio", "asyncio"], default="trio")
-    demo_parser.set_defaults(run=_demo_command)
+    demo_parser.set_defaults(run=demo_command)
     return parser
 
 
 def _spelled_out(argv: list[str]) -> list[str]:
     # A bare --verify means sizes; argparse alone would take the next word (SRC) as its value.
     return ["--verify=sizes" if arg == "--verify" else arg for arg in argv]
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror and error.filename:
-        return f"{error.strerror}: {error.filename}"
-    text = str(error) or type(error).__name__
-    if isinstance(error, KeyError | FileNotFoundError) and text.startswith(("'", '"')):
-        text = text[1:-1]
-    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -636,6 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {_describe(error)}", file=sys.stderr)
+        print(f"{PROG}: error: {describe_error(error)}", file=sys.stderr)
         return 1
     return code
