@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throttling
 from processes import server_process
 from run import median_results, median_seconds
-from servers import S3ServerProcess
+from support.servers import S3ServerProcess
 
 HERE = Path(__file__).resolve().parent
 

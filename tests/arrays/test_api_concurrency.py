@@ -18,7 +18,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 import zarr_anyio
 import zarr_anyio.api as za
 import zarr_anyio.storage._local
-from api_doubles import BACKENDS, UVLOOP_CLASS, CountingStore
+from support.arrays import BACKENDS, UVLOOP_CLASS, CountingStore
 
 pytestmark = pytest.mark.anyio
 

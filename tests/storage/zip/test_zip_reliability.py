@@ -26,13 +26,13 @@ import pytest
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import cpu, default_buffer_prototype
 
+from support import TOP
+from support.zipdisk import SlowDisk, SmallDisk, small_disk
 from zarr_anyio import ZipStore
 from zarr_anyio.storage._zipformat import directory_record, member_record, write_all
-from zipdisk import SlowDisk, SmallDisk, small_disk
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
-TOP = Path(__file__).resolve().parent.parent
 
 
 def buf(data: bytes) -> cpu.Buffer:

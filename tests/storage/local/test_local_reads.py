@@ -20,7 +20,7 @@ from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 
 import zarr_anyio.storage._buffers
 import zarr_anyio.storage._local
-from doubles import InFlight
+from support.doubles import ConcurrencyProbe
 from zarr_anyio import LocalStore
 
 pytestmark = pytest.mark.anyio
@@ -138,7 +138,7 @@ async def test_on_a_file_system_that_cannot_read_without_waiting_reads_go_to_thr
 
 
 async def test_large_reads_each_get_a_hop_of_their_own(
-    tmp_path: Path, reads: Callable[[int], InFlight]
+    tmp_path: Path, reads: Callable[[int], ConcurrencyProbe]
 ) -> None:
     store = LocalStore(tmp_path, max_concurrency=8)
     keys = [f"c/{i}" for i in range(8)]

@@ -12,7 +12,7 @@ import pytest
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 
-from servers import S3Server
+from support.servers import S3Server
 from zarr_anyio import AnyioStore, FsspecStore, LocalStore, MemoryStore, ObjectStore, ZipStore
 
 pytestmark = pytest.mark.anyio

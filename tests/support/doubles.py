@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 
-class InFlight:
+class ConcurrencyProbe:
     """Wraps a blocking function; counts calls running at once, and can hold them at a gate.
 
     A held call waits until ``hold_until`` calls are running together (or a safety timeout),

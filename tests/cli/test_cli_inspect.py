@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import zarr
 
-from clitools import files_of, make_hierarchy, run_cli, s3_options
-from servers import S3Server
+from support.command_line import files_of, make_hierarchy, run_cli, s3_options
+from support.servers import S3Server
 
 
 def stored_under(root: Path, prefix: str) -> int:

@@ -28,13 +28,13 @@ from zarr.core.sync import sync
 import zarr_anyio.storage._beneath
 import zarr_anyio.storage._local
 import zarr_anyio.storage._localfs
+from support import TOP
 from zarr_anyio import LocalStore
 from zarr_anyio.storage import LeavesRoot
 from zarr_anyio.storage._localfs import TEMP_FOLDER, TEMP_PREFIX
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
-TOP = Path(__file__).resolve().parent.parent
 
 
 def buf(data: bytes) -> Buffer:

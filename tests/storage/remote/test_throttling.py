@@ -15,8 +15,8 @@ import anyio
 import pytest
 from zarr.core.buffer import default_buffer_prototype
 
-from servers import Faults, HTTPServer, s3fs_at
-from test_remote import KINDS, fill, http_store
+from support.remote import KINDS, fill, http_store
+from support.servers import Faults, HTTPServer, s3fs_at
 from zarr_anyio import (
     NO_RETRY,
     AdaptiveLimiter,

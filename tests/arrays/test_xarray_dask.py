@@ -18,7 +18,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from servers import HTTPServer, S3Server
+from support.servers import HTTPServer, S3Server
 from zarr_anyio import (
     AnyioStore,
     FsspecStore,

@@ -16,12 +16,12 @@ from zarr.core.buffer import Buffer, default_buffer_prototype
 
 import zarr_anyio
 import zarr_anyio.storage._localfs
-from servers import Faults, HTTPServer, S3Server
-from test_remote import fill, http_store
+from support.remote import fill, http_store
+from support.servers import Faults, HTTPServer, S3Server
 from zarr_anyio import Retry
 from zarr_anyio.cli.copy import ByteBudget, CopyOptions, CopyReport, copy_node, metadata_levels
-from zarr_anyio.cli.urls import storage_options
 from zarr_anyio.cli.progress import progress_line, store_counters
+from zarr_anyio.cli.urls import storage_options
 from zarr_anyio.storage._listing import PAGE_SIZE, list_node
 
 pytestmark = pytest.mark.anyio

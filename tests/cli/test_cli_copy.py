@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import zarr
 
-from clitools import (
+from support.command_line import (
     TEMP_MARK,
     files_of,
     make_hierarchy,
@@ -27,7 +27,7 @@ from clitools import (
     s3_options,
     start_cli,
 )
-from servers import CountingProxy, S3Server
+from support.servers import CountingProxy, S3Server
 
 METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
 

@@ -16,8 +16,8 @@ import anyio
 import pytest
 from zarr.core.buffer import cpu, default_buffer_prototype
 
-from doubles import InFlight
-from test_concurrency import _fill
+from support.doubles import ConcurrencyProbe
+from support.stores import fill_keys as _fill
 from zarr_anyio import Limiter, LocalStore, MemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -26,7 +26,7 @@ PROTO = default_buffer_prototype()
 
 @pytest.mark.parametrize("other_backend", ["asyncio", "trio"])
 async def test_one_store_from_two_event_loops_holds_one_bound(
-    tmp_path: Path, reads: Callable[[int], InFlight], other_backend: str
+    tmp_path: Path, reads: Callable[[int], ConcurrencyProbe], other_backend: str
 ) -> None:
     # The same store read at once from this test's loop and from a loop in another thread:
     # together they never have more than max_concurrency reads at the disk.
@@ -50,7 +50,7 @@ async def test_one_store_from_two_event_loops_holds_one_bound(
 
 
 async def test_zarr_and_the_caller_share_the_bound(
-    tmp_path: Path, reads: Callable[[int], InFlight]
+    tmp_path: Path, reads: Callable[[int], ConcurrencyProbe]
 ) -> None:
     # zarr-python's sync API runs on zarr's own loop thread; the caller awaits on its own loop.
     import zarr

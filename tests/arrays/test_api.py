@@ -21,7 +21,7 @@ import zarr.storage
 
 import zarr_anyio
 import zarr_anyio.api as za
-from api_doubles import BACKENDS, CountingStore
+from support.arrays import BACKENDS, CountingStore
 
 pytestmark = pytest.mark.anyio
 

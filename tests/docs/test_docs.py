@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from servers import HTTPServer, S3Server
+from support import TOP
+from support.servers import HTTPServer, S3Server
 
-TOP = Path(__file__).resolve().parent.parent
 PAGES = sorted([TOP / "README.md", *(TOP / "docs").glob("*.md")])
 BLOCK = re.compile(r"^```(python|console)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 NUMBER = re.compile(r"\d+(?:\.\d+)?")

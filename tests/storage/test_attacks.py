@@ -22,8 +22,8 @@ import anyio
 import pytest
 from zarr.core.buffer import default_buffer_prototype
 
-from servers import Faults, HTTPServer, S3Server
-from test_remote import fill, http_store
+from support.remote import fill, http_store
+from support.servers import Faults, HTTPServer, S3Server
 from zarr_anyio import FsspecStore, Limiter, Retry, ZipStore
 from zarr_anyio.storage._zipformat import LOCAL, directory_record, member_record
 

@@ -25,7 +25,7 @@ from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage._common import make_store_path
 
-from servers import HTTPServer, S3Server
+from support.servers import HTTPServer, S3Server
 from zarr_anyio import (
     AnyioStore,
     FsspecStore,

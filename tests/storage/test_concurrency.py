@@ -16,22 +16,17 @@ from zarr.core.buffer import cpu, default_buffer_prototype
 
 import zarr_anyio.storage._local
 import zarr_anyio.storage._localfs
-from doubles import InFlight
+from support.doubles import ConcurrencyProbe
+from support.stores import fill_keys as _fill
 from zarr_anyio import Limiter, LocalStore
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
 
 
-async def _fill(store: LocalStore, count: int) -> list[str]:
-    keys = [f"c/{i}" for i in range(count)]
-    await store.set_many((key, cpu.Buffer.from_bytes(b"x" * 64)) for key in keys)
-    return keys
-
-
 @pytest.mark.parametrize("limit", [1, 4, 8])
 async def test_bulk_read_holds_max_concurrency(
-    tmp_path: Path, reads: Callable[[int], InFlight], limit: int
+    tmp_path: Path, reads: Callable[[int], ConcurrencyProbe], limit: int
 ) -> None:
     store = LocalStore(tmp_path, max_concurrency=limit)
     keys = await _fill(store, 120)
@@ -43,7 +38,7 @@ async def test_bulk_read_holds_max_concurrency(
 
 
 async def test_single_calls_from_zarr_style_gather_hold_the_limit(
-    tmp_path: Path, reads: Callable[[int], InFlight]
+    tmp_path: Path, reads: Callable[[int], ConcurrencyProbe]
 ) -> None:
     # zarr-python issues one `get` per chunk from its own concurrency; the limit applies there too.
     store = LocalStore(tmp_path, max_concurrency=3)
@@ -58,7 +53,7 @@ async def test_single_calls_from_zarr_style_gather_hold_the_limit(
 
 @pytest.mark.parametrize("kind", ["zarr_anyio", "anyio"])
 async def test_two_stores_share_one_limiter(
-    tmp_path: Path, reads: Callable[[int], InFlight], kind: str
+    tmp_path: Path, reads: Callable[[int], ConcurrencyProbe], kind: str
 ) -> None:
     shared = Limiter(3) if kind == "zarr_anyio" else anyio.CapacityLimiter(3)
     first = LocalStore(tmp_path / "a", limiter=shared)
@@ -82,7 +77,7 @@ async def test_limiter_statistics_show_the_store_at_work(tmp_path: Path) -> None
 
 
 async def test_cancelling_a_bulk_read_stops_it_and_leaves_nothing_running(
-    tmp_path: Path, reads: Callable[[int], InFlight]
+    tmp_path: Path, reads: Callable[[int], ConcurrencyProbe]
 ) -> None:
     store = LocalStore(tmp_path, max_concurrency=4)
     keys = await _fill(store, 400)
@@ -106,7 +101,7 @@ async def test_cancelling_a_bulk_read_stops_it_and_leaves_nothing_running(
 
 
 async def test_cancelled_fetch_many_leaves_no_task(
-    tmp_path: Path, reads: Callable[[int], InFlight]
+    tmp_path: Path, reads: Callable[[int], ConcurrencyProbe]
 ) -> None:
     store = LocalStore(tmp_path, max_concurrency=4)
     keys = await _fill(store, 200)

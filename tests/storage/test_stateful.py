@@ -30,7 +30,7 @@ from zarr.testing.stateful import (
 )
 from zarr.testing.strategies import keys as zarr_keys
 
-from servers import S3Server
+from support.servers import S3Server
 from zarr_anyio import AnyioStore, FsspecStore, LocalStore, MemoryStore, ObjectStore, ZipStore
 
 T = TypeVar("T")

@@ -1,8 +1,8 @@
 """Disks for the ZipStore tests: a small real filesystem to fill, or slow and full stand-ins.
 
 `small_disk` mounts a 1 MiB tmpfs or a 4 MiB ext4 image (loop device) when the tests run as root,
-and falls back to tmpfs, then to an injected ENOSPC (`zarr_anyio.storage._zipformat._write_at`, the one
-place ZipStore writes) where mounting is not possible.
+and falls back to tmpfs, then to an injected ENOSPC (`zarr_anyio.storage._zipformat._write_at`,
+the one place ZipStore writes) where mounting is not possible.
 """
 
 from __future__ import annotations

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-TOP = Path(__file__).resolve().parent.parent
+from support import TOP
 
 
 def test_benchmark_script_runs_quick() -> None:

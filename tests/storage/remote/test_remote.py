@@ -17,37 +17,14 @@ import pytest
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 
-from servers import CountingProxy, Faults, HTTPServer, S3Server, s3fs_at
+from support.remote import KINDS, fill, http_store
+from support.servers import CountingProxy, Faults, HTTPServer, S3Server, s3fs_at
 from zarr_anyio import NO_RETRY, FsspecStore, ObjectStore, RateLimit, RemoteStore, Retry
 from zarr_anyio._core.bridge import run_on_loop
 from zarr_anyio.storage._retry import http_status, is_transient
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
-
-
-def http_store(kind: str, server: HTTPServer, **kwargs: Any) -> RemoteStore:
-    """A store reading ``server``'s objects, with the client's own retries off."""
-    if kind == "fsspec":
-        import fsspec
-
-        fs = fsspec.filesystem("http", asynchronous=True, skip_instance_cache=True)
-        return FsspecStore(fs, path=server.url, read_only=True, **kwargs)
-    from obstore.store import HTTPStore
-
-    store = HTTPStore.from_url(
-        server.url, client_options={"allow_http": True}, retry_config={"max_retries": 0}
-    )
-    return ObjectStore(store, read_only=True, **kwargs)
-
-
-KINDS = ["fsspec", "obstore"]
-
-
-def fill(server: HTTPServer, count: int, size: int = 256) -> dict[str, bytes]:
-    objects = {f"c/{i}": bytes([i % 251]) * size for i in range(count)}
-    server.objects.update(objects)
-    return objects
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -15,7 +15,7 @@ import anyio.to_thread
 import pytest
 from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 
-from servers import S3Server
+from support.servers import S3Server
 from zarr_anyio import FsspecStore, LocalStore, MemoryStore, ObjectStore, ZipStore
 from zarr_anyio.testing import AnyioStoreTests
 

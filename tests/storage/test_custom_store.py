@@ -12,7 +12,8 @@ import types
 from pathlib import Path
 from typing import Any
 
-TOP = Path(__file__).resolve().parent.parent
+from support import TOP
+
 PAGE = TOP / "docs" / "custom-stores.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
