@@ -45,7 +45,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], ConcurrencyProbe]:
     """Replaces LocalStore's blocking read with a `ConcurrencyProbe`; give it ``hold_until``."""
 
     def install(hold_until: int) -> ConcurrencyProbe:
-        double = ConcurrencyProbe(zarr_anyio.storage._local.read_file, hold_until)
+        double = ConcurrencyProbe(zarr_anyio.storage._localfs.read_file, hold_until)
         monkeypatch.setattr(zarr_anyio.storage._local, "read_file", double)
         # Every read to a thread, where the double counts it (small cached reads are otherwise
         # made on the event loop, without a hop; storage/local/test_local_reads.py covers those).

@@ -197,9 +197,11 @@ async def test_store_takes_what_open_store_takes(tmp_path: Path) -> None:
     in_zip = await za.create_array(str(tmp_path / "z.zip"), shape=(3,), dtype="u1")
     await in_zip.setitem(slice(None), [1, 2, 3])
     assert isinstance(in_zip.store, zarr_anyio.ZipStore)
+    assert isinstance(in_zip.store, zarr_anyio.ZipStore)
     await in_zip.store.aclose()
     again = await za.open_array(store=str(tmp_path / "z.zip"), mode="r")
     np.testing.assert_array_equal(await again.getitem(...), [1, 2, 3])
+    assert isinstance(again.store, zarr_anyio.ZipStore)
     await again.store.aclose()
 
     in_memory = await za.zeros((2, 2), chunks=(1, 1))  # no store: a new MemoryStore of ours
@@ -408,7 +410,7 @@ async def test_zarr_methods_are_forwarded_without_code_here(
         return store
 
     monkeypatch.setattr(zarr.api.asynchronous, "ping", ping, raising=False)
-    assert isinstance(await za.ping(store={}), zarr_anyio.MemoryStore)  # type: ignore[attr-defined]
+    assert isinstance(await za.ping(store={}), zarr_anyio.MemoryStore)
     assert "store" in str(__import__("inspect").signature(za.open_array))
 
 

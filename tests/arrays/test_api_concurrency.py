@@ -161,7 +161,7 @@ async def test_a_cancelled_read_from_a_local_store_waits_for_its_threads(
     running = 0
     started = 0
     lock = threading.Lock()
-    real_read = zarr_anyio.storage._local.read_file
+    real_read = zarr_anyio.storage._localfs.read_file
 
     def slow_read(*args: Any) -> Any:
         nonlocal running, started

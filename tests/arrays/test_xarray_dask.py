@@ -70,7 +70,8 @@ def make_store(tmp_path: Path, s3_server: S3Server) -> Callable[[str], AnyioStor
 
 
 def opened(store: AnyioStore) -> xr.Dataset:
-    return xr.open_zarr(store, **ZARR)  # type: ignore[arg-type]
+    dataset: xr.Dataset = xr.open_zarr(store, **ZARR)  # type: ignore[arg-type]
+    return dataset
 
 
 # ---------------------------------------------------------------------- xarray, dask threads
@@ -121,7 +122,7 @@ def client() -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     with (
-        LocalCluster(
+        LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=2,
             threads_per_worker=1,
             processes=True,
@@ -129,7 +130,9 @@ def client() -> Iterator[Any]:
             dashboard_address=None,
             silence_logs=logging.ERROR,
         ) as cluster,
-        Client(cluster, set_as_default=False, timeout="60s") as client,
+        Client(  # type: ignore[no-untyped-call]
+            cluster, set_as_default=False, timeout="60s"
+        ) as client,
     ):
         yield client
 
@@ -214,7 +217,8 @@ def test_the_bound_is_per_store_per_worker_process(client: Any, http_server: HTT
         )
         # HTTP cannot list, so the array is opened by its path (no xarray, which lists).
         zarray = zarr.open_array(store=store, path="t", mode="r")
-        array = dask.array.from_zarr(zarray, chunks=(16, 4))  # 8 zarr chunks a task
+        # 8 zarr chunks a task
+        array = dask.array.from_zarr(zarray, chunks=(16, 4))  # type: ignore[no-untyped-call]
         back, readers = on_cluster(client, lambda: array.compute())
         assert len(readers) == 2
         np.testing.assert_array_equal(back, dataset(0, 64)["t"].values)

@@ -11,6 +11,7 @@ import pickle
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -57,7 +58,7 @@ async def test_zarr_and_the_caller_share_the_bound(
 
     store = LocalStore(tmp_path, max_concurrency=2)
 
-    def create() -> zarr.Array:  # zarr's sync API, in a thread as a trio program must call it
+    def create() -> zarr.Array[Any]:  # zarr's sync API, in a thread as a trio program must call it
         array = zarr.create_array(store=store, shape=(64,), chunks=(1,), dtype="uint8")
         array[:] = 7
         return array

@@ -188,7 +188,9 @@ def test_copies_in_another_process_share_one_limiter(
         assert bound == store.max_concurrency
         # In the process that made it, a copy has a limiter of its own, as a deepcopy would.
         assert pickle.loads(sent).limiter is not pickle.loads(sent).limiter
-    assert pickle.loads(pickle.dumps(stores[1])).rate_limit is not stores[1].rate_limit
+    remote = stores[1]
+    assert isinstance(remote, FsspecStore)
+    assert pickle.loads(pickle.dumps(remote)).rate_limit is not remote.rate_limit
 
 
 # ---------------------------------------------------------------------- compaction

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio.from_thread
 import pytest
@@ -64,7 +65,7 @@ def fresh_store(kind: str, base: Path) -> Iterator[AnyioStore]:
             store.close()
 
 
-def check_key(store: AnyioStore, key: str, call: Callable[..., object]) -> None:
+def check_key(store: AnyioStore, key: str, call: Callable[..., Any]) -> None:
     value = cpu.Buffer.from_bytes(b"payload:" + key.encode("utf-8", "surrogatepass"))
     refusal = None
     try:

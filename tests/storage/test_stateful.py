@@ -140,7 +140,8 @@ def test_store_state_machine(
     with make_store(kind, tmp_path, request) as store:
         if backend == "asyncio":
             run_state_machine_as_test(
-                lambda: store_machine(kind, store), settings=_settings(kind, 40)
+                lambda: store_machine(kind, store),  # type: ignore[arg-type]
+                settings=_settings(kind, 40),
             )
             return
         with anyio.from_thread.start_blocking_portal(backend="trio") as portal:
@@ -150,12 +151,16 @@ def test_store_state_machine(
                 machine.store = TrioStoreWrapper(store, portal)
                 return machine
 
-            run_state_machine_as_test(machine_on_trio, settings=_settings(kind, 40))
+            run_state_machine_as_test(
+                machine_on_trio,  # type: ignore[arg-type]
+                settings=_settings(kind, 40),
+            )
 
 
 @pytest.mark.parametrize("kind", STORE_KINDS)
 def test_hierarchy_state_machine(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     with make_store(kind, tmp_path, request) as store:
         run_state_machine_as_test(
-            lambda: ZarrHierarchyStateMachine(store), settings=_settings(kind, 20)
+            lambda: ZarrHierarchyStateMachine(store),  # type: ignore[arg-type]
+            settings=_settings(kind, 20),
         )

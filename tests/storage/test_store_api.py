@@ -145,7 +145,9 @@ async def test_fetch_many_streams_every_result(store: AnyioStore) -> None:
             seen.setdefault(key, []).append(None if buffer is None else buffer.to_bytes())
     assert seen.pop("missing") == [None]
     # Results come as they complete: c/3's suffix may come before its whole value.
-    assert sorted(seen.pop("c/3") or []) == sorted([keys["c/3"], keys["c/3"][-2:]])
+    assert sorted(value or b"" for value in seen.pop("c/3")) == sorted(
+        [keys["c/3"], keys["c/3"][-2:]]
+    )
     assert seen == {key: [value] for key, value in keys.items() if key != "c/3"}
 
 
@@ -356,10 +358,11 @@ async def test_read_only_refuses_every_write_and_changes_nothing(store: AnyioSto
     for write in writes:
         with pytest.raises(ValueError, match=READ_ONLY_MESSAGE):
             await write()
-    for sync_write in [
-        lambda: reader.set_sync("new", buf(b"new")),  # type: ignore[attr-defined]
-        lambda: reader.delete_sync("a/c/0"),  # type: ignore[attr-defined]
-    ]:
+    sync_writes: list[Callable[[], None]] = [
+        lambda: reader.set_sync("new", buf(b"new")),
+        lambda: reader.delete_sync("a/c/0"),
+    ]
+    for sync_write in sync_writes:
         with pytest.raises(ValueError, match=READ_ONLY_MESSAGE):
             sync_write()
     assert await collect(store.list()) == ["a/c/0", "zarr.json"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -56,12 +56,15 @@ def test_sync_api_arrays_and_groups(store: AnyioStore) -> None:
 
     reopened = zarr.open_group(store=store.with_read_only(True), mode="r")
     assert reopened.attrs["title"] == "demo"
-    np.testing.assert_array_equal(reopened["temperature"][:], data)
-    np.testing.assert_array_equal(reopened["sub/x"][:], [1, 2, 3])
+    temperature, x = reopened["temperature"], reopened["sub/x"]
+    assert isinstance(temperature, zarr.Array)
+    assert isinstance(x, zarr.Array)
+    np.testing.assert_array_equal(temperature[:], data)
+    np.testing.assert_array_equal(x[:], [1, 2, 3])
     assert sorted(reopened.group_keys()) == ["sub"]
     assert sorted(reopened.array_keys()) == ["temperature"]
     with pytest.raises(ValueError, match="read-only"):
-        reopened["temperature"][0, 0] = 5
+        temperature[0, 0] = 5
 
 
 def test_sharded_and_compressed_arrays(store: AnyioStore) -> None:
@@ -77,7 +80,7 @@ def test_sharded_and_compressed_arrays(store: AnyioStore) -> None:
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
 async def test_async_api_arrays_and_groups(
-    store: AnyioStore, anyio_backend: str, zarr_format: int
+    store: AnyioStore, anyio_backend: str, zarr_format: Literal[2, 3]
 ) -> None:
     data = np.arange(120, dtype="int16").reshape(10, 12)
 

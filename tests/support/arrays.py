@@ -95,15 +95,15 @@ class CountingStore(MemoryStore):
     async def _backend_get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
     ) -> Buffer | None:
-        parent = super()
         return await self._io(
-            key, lambda: parent._backend_get(key, prototype, byte_range), reading=True
+            key, lambda: MemoryStore._backend_get(self, key, prototype, byte_range), reading=True
         )
 
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
-        parent = super()
         await self._io(
-            key, lambda: parent._backend_set(key, value, exclusive=exclusive), reading=False
+            key,
+            lambda: MemoryStore._backend_set(self, key, value, exclusive=exclusive),
+            reading=False,
         )
 
     def chunk_keys(self) -> list[str]:

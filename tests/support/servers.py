@@ -44,6 +44,7 @@ class S3Server:
 
     def start(self) -> None:
         self._server.start()
+        assert self._server._server is not None
         self.endpoint = f"http://127.0.0.1:{self._server._server.server_port}"
 
     def stop(self) -> None:
@@ -417,7 +418,9 @@ class CountingProxy:
                 }
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
-                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                upstream = http.client.HTTPConnection(
+                    target.hostname or "127.0.0.1", target.port, timeout=30
+                )
                 try:
                     upstream.request(self.command, self.path, body=body, headers=headers)
                     response = upstream.getresponse()

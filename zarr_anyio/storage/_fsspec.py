@@ -171,7 +171,7 @@ class FsspecStore(RemoteStore):
         **kwargs: Any,
     ) -> FsspecStore:
         """A store for ``url`` (``s3://bucket/path``, ``https://…``, ``memory://…``, …)."""
-        from fsspec import url_to_fs  # type: ignore[import-untyped]
+        from fsspec import url_to_fs
 
         # An instance of our own: an async filesystem's session belongs to the loop that first
         # used it, and fsspec would otherwise hand the same cached instance to other code.

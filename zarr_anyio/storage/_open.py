@@ -193,7 +193,7 @@ def _make_store(
 
 def _is_fsmap(value: object) -> bool:
     try:
-        from fsspec.mapping import FSMap  # type: ignore[import-untyped]
+        from fsspec.mapping import FSMap
     except ImportError:  # pragma: no cover - fsspec is a dependency of the remote extras
         return False
     return isinstance(value, FSMap)
@@ -261,7 +261,7 @@ def _from_string(
 
 def _fsspec_protocols() -> set[str]:
     try:
-        import fsspec  # type: ignore[import-untyped]
+        import fsspec
     except ImportError:  # pragma: no cover - fsspec is a dependency of the remote extras
         return set()
     return set(fsspec.available_protocols())

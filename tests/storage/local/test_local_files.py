@@ -15,7 +15,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -574,12 +574,13 @@ async def test_a_full_disk_fails_the_write_and_keeps_the_old_value(small_disk: P
     old = b"old value" * 10_000
     await store.set("c/0", buf(old))
     big = buf(b"n" * (3 << 20))
-    for write in (
+    writes: list[Callable[[], Awaitable[object]]] = [
         lambda: store.set("c/0", big),
         lambda: anyio.to_thread.run_sync(store.set_sync, "c/0", big),
         lambda: store.set_if_not_exists("c/1", big),
         lambda: store.set_many([("c/2", big)]),
-    ):
+    ]
+    for write in writes:
         with pytest.raises(OSError, match="No space left") as raised:
             await write()
         assert type(raised.value) is OSError

@@ -51,7 +51,7 @@ class ThreadReads:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        self._read = zarr_anyio.storage._local.read_file
+        self._read = zarr_anyio.storage._localfs.read_file
         monkeypatch.setattr(zarr_anyio.storage._local, "read_file", self)
 
     def __call__(self, *args: object) -> object:

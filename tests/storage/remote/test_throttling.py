@@ -333,7 +333,7 @@ async def test_bulk_calls_raise_one_error_not_a_group(http_server: HTTPServer, k
                 pass
     assert not isinstance(error.value, BaseExceptionGroup)
     writable = http_store(kind, http_server, retry=NO_RETRY, max_concurrency=8)
-    writable._read_only = False  # type: ignore[attr-defined]
+    writable._read_only = False
     with pytest.raises(Exception) as error:  # noqa: PT011
         await writable.set_many([(key, PROTO.buffer.from_bytes(b"x")) for key in objects])
     assert not isinstance(error.value, BaseExceptionGroup)

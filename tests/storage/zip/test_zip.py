@@ -8,6 +8,7 @@ import os
 import shutil
 import warnings
 import zipfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import zarr
 import zarr.storage
-from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import cpu, default_buffer_prototype
 
 from zarr_anyio import ZipStore
@@ -122,12 +123,13 @@ async def test_byte_ranges_of_a_stored_member_read_only_those_bytes(
     # Reads from the page cache are made on the event loop (preadv), others in a thread (pread).
     monkeypatch.setattr(os, "pread", counting_pread)
     monkeypatch.setattr(os, "preadv", counting_preadv)
-    for byte_range, expected in [
+    cases: list[tuple[ByteRequest | None, bytes]] = [
         (RangeByteRequest(100, 110), data[100:110]),
         (OffsetByteRequest(len(data) - 5), data[-5:]),
         (SuffixByteRequest(7), data[-7:]),
         (RangeByteRequest(len(data) - 3, len(data) + 100), data[-3:]),
-    ]:
+    ]
+    for byte_range, expected in cases:
         requested.clear()
         result = await store.get("c/0", PROTO, byte_range)
         assert result is not None
@@ -141,12 +143,13 @@ async def test_byte_ranges_of_compressed_members(tmp_path: Path) -> None:
     store = ZipStore(tmp_path / "deflated.zip", mode="w", compression=zipfile.ZIP_DEFLATED)
     data = os.urandom(5000) + b"z" * 50_000
     await store.set("c/0", buf(data))
-    for byte_range, expected in [
+    cases: list[tuple[ByteRequest | None, bytes]] = [
         (RangeByteRequest(4990, 5010), data[4990:5010]),
         (SuffixByteRequest(3), data[-3:]),
         (OffsetByteRequest(54_990), data[54_990:]),
         (None, data),
-    ]:
+    ]
+    for byte_range, expected in cases:
         result = await store.get("c/0", PROTO, byte_range)
         assert result is not None
         assert result.to_bytes() == expected
@@ -161,7 +164,7 @@ async def test_a_file_that_is_not_a_zip_is_refused_and_left_alone(tmp_path: Path
     path.write_bytes(b"this is not a zip archive, just text" * 10)
     before = digest(path)
     for mode in ("r", "a"):
-        store = ZipStore(path, mode=mode)  # type: ignore[arg-type]
+        store = ZipStore(path, mode=mode)
         with pytest.raises(zipfile.BadZipFile):
             await store.get("zarr.json", PROTO)
         if mode == "a":
@@ -222,14 +225,15 @@ async def test_writes_to_a_read_only_zip_change_nothing(tmp_path: Path) -> None:
     before = digest(path)
     reader = await ZipStore.open(path, mode="r")
     assert reader.read_only
-    for write in [
+    writes: list[Callable[[], Awaitable[object]]] = [
         lambda: reader.set("c/0", buf(b"x")),
         lambda: reader.set_if_not_exists("c/0", buf(b"x")),
         lambda: reader.delete("zarr.json"),
         lambda: reader.delete_dir(""),
         lambda: reader.clear(),
         lambda: reader.rewrite(),
-    ]:
+    ]
+    for write in writes:
         with pytest.raises(ValueError, match="read-only"):
             await write()
     with pytest.raises(ValueError, match="read-only"):

@@ -59,7 +59,7 @@ def data_start(path: Path, key: str) -> int:
         file.seek(info.header_offset)
         header = file.read(30)
     name_length, extra_length = struct.unpack("<2H", header[26:30])
-    return info.header_offset + 30 + name_length + extra_length
+    return int(info.header_offset + 30 + name_length + extra_length)
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -410,7 +410,7 @@ async def test_recovery_keeps_whole_members_and_names_the_cut_one(tmp_path: Path
     before = digest(crashed)
     for mode in ("r", "a"):
         with pytest.warns(UserWarning, match=r"damaged.*'c/cut' at offset \d+ \(incomplete"):
-            recovered = await ZipStore.open(crashed, mode=mode)  # type: ignore[arg-type]
+            recovered = await ZipStore.open(crashed, mode=mode)
         assert await read(recovered, "old/0") == b"kept from the first session"
         assert await read(recovered, "c/1") == b"second value of c/1"
         assert await read(recovered, "c/2") == pattern(9, 10_000)
@@ -454,7 +454,7 @@ async def test_recovery_reads_members_with_data_descriptors(
 ) -> None:
     stream = Unseekable()
     values = {f"c/{i}": pattern(i, 3000 + i) for i in range(5)}
-    with zipfile.ZipFile(stream, "w", compression=compression) as archive:  # type: ignore[arg-type]
+    with zipfile.ZipFile(stream, "w", compression=compression) as archive:
         for key, value in values.items():
             with archive.open(key, "w") as member:  # sizes unknown up front: descriptors
                 member.write(value)
@@ -503,7 +503,7 @@ async def test_a_damaged_archive_with_an_unsafe_name_is_refused(tmp_path: Path) 
     for mode in ("r", "a"):
         with pytest.raises(ValueError, match="not a safe key"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            await ZipStore.open(path, mode=mode)  # type: ignore[arg-type]
+            await ZipStore.open(path, mode=mode)
     assert digest(path) == before
 
 
@@ -518,7 +518,7 @@ async def test_a_folder_entry_with_an_unsafe_name_is_refused(tmp_path: Path) -> 
     before = digest(path)
     for mode in ("r", "a"):
         with pytest.raises(ValueError, match=r"not a safe key.*\.\./escape"):
-            await ZipStore.open(path, mode=mode)  # type: ignore[arg-type]
+            await ZipStore.open(path, mode=mode)
     assert digest(path) == before
 
 
@@ -550,7 +550,7 @@ async def test_entries_that_share_bytes_are_refused(tmp_path: Path, damaged: boo
             warnings.catch_warnings(),
         ):
             warnings.simplefilter("ignore")
-            await ZipStore.open(path, mode=mode)  # type: ignore[arg-type]
+            await ZipStore.open(path, mode=mode)
     assert digest(path) == before
 
 
