@@ -2,7 +2,7 @@
 
 One private module per backend (`_memory`, `_local`, `_zip`, `_fsspec`, `_obstore`), each holding
 only what is particular to its backend, with its helpers beside it (`_localfs` and `_beneath`:
-file-system calls beneath a root; `_zipformat` and `_ziprecover`: writing and reading the zip
+file-system calls beneath a root; `_zipformat` and `_zipread`: writing and reading the zip
 format); what the stores share lives once: `_base` (`AnyioStore`, `BlockingStore`: opening,
 validation, the limit, bulk calls, the sync surface), `_remote` (`RemoteStore`: retries, the
 adaptive window, counters), `_keys` (keys are untrusted input), `_retry`, `_listing` (a node a
