@@ -446,20 +446,19 @@ class AnyioStore(Store, abc.ABC):
 
     @tracked
     async def set(self, key: str, value: Buffer) -> None:
-        self._check_writable()
-        validate_key(key)
-        self._check_value(value)
-        await self._ensure_open()
-        await self._backend_set(key, value, exclusive=False)
+        await self._write(key, value, exclusive=False)
 
     @tracked
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         """Write ``value`` unless ``key`` exists; atomic against concurrent writers."""
+        await self._write(key, value, exclusive=True)
+
+    async def _write(self, key: str, value: Buffer, *, exclusive: bool) -> None:
         self._check_writable()
         validate_key(key)
         self._check_value(value)
         await self._ensure_open()
-        await self._backend_set(key, value, exclusive=True)
+        await self._backend_set(key, value, exclusive=exclusive)
 
     @tracked
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
