@@ -47,8 +47,8 @@ folders it empties (a writer whose folder vanished under it starts again), `list
 folders that hold no key (one ``scandir`` per level, stopping at the first key: ~12 µs a
 sub-folder, so a ``list_dir`` of 2,000 chunk folders takes 25 ms where it took 1 ms; zarr lists
 folders only to find a group's members), and a key of its name replaces a tree of empty
-folders. Errors of refused writes and deletes name the root and the key (`._localfs._where`): the file
-system's own name a temporary file of ours, or a name relative to some folder.
+folders. Errors of refused writes and deletes name the root and the key (`._localfs._where`):
+the file system's own name a temporary file of ours, or a name relative to some folder.
 """
 
 from __future__ import annotations
