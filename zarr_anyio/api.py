@@ -11,7 +11,7 @@ it, with two differences: ``store=`` takes anything `zarr_anyio.open_store` take
 store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), made with the
 call's ``mode`` and ``storage_options``; and arrays and groups come back as `AsyncArray` and
 `AsyncGroup`, whose coroutines run under asyncio on the caller's loop and under trio on the
-bridge's loop (see `zarr_anyio._nodes`). A zarr store or ``StorePath`` is passed on as it is.
+bridge's loop (see `zarr_anyio.arrays._nodes`). A zarr store or ``StorePath`` is passed on as it is.
 
 The functions are made from zarr's, not written out, so their parameters are zarr's own
 (``help()`` shows them), and a node function zarr adds later is here too (module ``__getattr__``).
@@ -29,9 +29,9 @@ import zarr.api.asynchronous
 from zarr.abc.store import Store
 from zarr.storage import StorePath
 
-from ._nodes import AsyncArray, AsyncGroup, NodeIterator, forward, raise_zarr_concurrency
-from ._open import open_store
-from .memory import MemoryStore
+from .arrays._nodes import AsyncArray, AsyncGroup, NodeIterator, forward
+from .arrays._run import raise_zarr_concurrency
+from .storage import MemoryStore, open_store
 
 __all__ = [
     "array",

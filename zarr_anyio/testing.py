@@ -44,8 +44,8 @@ from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.testing.store import StoreTests
 
-from ._base import AnyioStore
-from ._limit import Limiter
+from ._core.limit import Limiter
+from .storage import AnyioStore
 
 __all__ = ["BAD_KEYS", "AnyioStoreTests"]
 
