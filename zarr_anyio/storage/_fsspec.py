@@ -22,6 +22,7 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Suf
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from zarr_anyio._core.bridge import run_blocking, run_on_loop
+from zarr_anyio._core.extras import require_for_url
 from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
@@ -171,6 +172,7 @@ class FsspecStore(RemoteStore):
         **kwargs: Any,
     ) -> FsspecStore:
         """A store for ``url`` (``s3://bucket/path``, ``https://…``, ``memory://…``, …)."""
+        require_for_url(url, url.partition("://")[0].rpartition("::")[2])
         from fsspec import url_to_fs
 
         # An instance of our own: an async filesystem's session belongs to the loop that first
