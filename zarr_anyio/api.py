@@ -29,8 +29,8 @@ import zarr.api.asynchronous
 from zarr.abc.store import Store
 from zarr.storage import StorePath
 
-from .arrays._nodes import AsyncArray, AsyncGroup, NodeIterator, forward
-from .arrays._run import raise_zarr_concurrency
+from .arrays._nodes import AsyncArray, AsyncGroup, NodeIterator, adopt, unwrap
+from .arrays._run import concurrency_floor
 from .storage import MemoryStore, open_store
 
 __all__ = [
@@ -79,8 +79,9 @@ def _resolve(store: Any, mode: Any, storage_options: Any) -> tuple[Any, bool]:
 
 def _with_store(
     signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``args`` and ``kwargs`` with ``store=`` made into a store, wherever the call passes it."""
+) -> tuple[tuple[Any, ...], dict[str, Any], int]:
+    """``args`` and ``kwargs`` with ``store=`` made into a store, wherever the call passes it,
+    and the call's concurrency floor (`concurrency_floor`)."""
     bound = signature.bind_partial(*args, **kwargs)
     parameters = signature.parameters
     named = parameters.get("store")
@@ -88,12 +89,12 @@ def _with_store(
     if named is not None and named.kind is not named.VAR_KEYWORD:
         place = bound.arguments
         if "store" not in place and named.default is named.empty:
-            return args, kwargs  # a required store left out: zarr says so
+            return args, kwargs, 0  # a required store left out: zarr says so
     elif extra is not None:
         # zarr.api.asynchronous.zeros(shape, **kwargs) and friends pass store= on to create().
         place = bound.arguments.setdefault(extra, {})
     else:
-        return args, kwargs
+        return args, kwargs, 0
     everything = {**bound.arguments, **bound.arguments.get(extra or "", {})}
     store, used_options = _resolve(
         place.get("store"), everything.get("mode"), everything.get("storage_options")
@@ -102,20 +103,20 @@ def _with_store(
     if used_options:
         for where in (bound.arguments, bound.arguments.get(extra or "", {})):
             where.pop("storage_options", None)
-    raise_zarr_concurrency(store)
-    return bound.args, bound.kwargs
+    return bound.args, bound.kwargs, concurrency_floor(store)
 
 
 def _from_zarr(name: str) -> Callable[..., Any]:
     """zarr's ``zarr.api.asynchronous.<name>``, taking our stores and nodes, giving our nodes."""
     target = getattr(zarr.api.asynchronous, name)
     signature = inspect.signature(target)
-    call_zarr = forward(target)
 
     @functools.wraps(target)
     def call(*args: Any, **kwargs: Any) -> Any:
-        args, kwargs = _with_store(signature, args, kwargs)
-        return call_zarr(*args, **kwargs)
+        args, kwargs, floor = _with_store(signature, args, kwargs)
+        args = tuple(unwrap(arg) for arg in args)
+        kwargs = {key: unwrap(value) for key, value in kwargs.items()}
+        return adopt(target(*args, **kwargs), floor=floor)
 
     call.__module__ = __name__
     return call
