@@ -70,7 +70,7 @@ def test_an_unknown_scheme_is_still_unknown_on_a_base_install(tmp_path: Path) ->
     code = "import zarr_anyio; zarr_anyio.open_store('nosuch://x')"
     result = run_without(BASE_INSTALL_LACKS, ["-c", code], tmp_path)
     assert "ValueError: no zarr_anyio store for the scheme 'nosuch'" in result.stderr
-    assert "fsspec is not installed" in result.stderr
+    assert "fsspec, which knows others, is not installed" in result.stderr
 
 
 def test_the_demo_runs_under_asyncio_on_a_base_install(tmp_path: Path) -> None:

@@ -563,9 +563,9 @@ class AsyncGroup(_Node):
 
     ``AsyncGroup(group)`` wraps a ``zarr.Group``, a ``zarr.AsyncGroup`` or one of ours. Every
     attribute and coroutine method of zarr's ``AsyncGroup`` is here (``getitem``,
-    ``create_array``, ``create_group``, ``require_group``, ``update_attributes``, ``tree``, …), its
-    async generators (``members``, ``keys``, ``arrays``, …) are `NodeIterator`s, and the arrays
-    and groups they give are ours.
+    ``create_array``, ``create_group``, ``require_group``, ``update_attributes``, ``tree``, …),
+    each of its async generators (``members``, ``keys``, ``arrays``, …) is a `NodeIterator`, and
+    the arrays and groups they give are ours.
     """
 
     def __init__(self, group: zarr.Group | zarr.AsyncGroup | AsyncGroup) -> None:

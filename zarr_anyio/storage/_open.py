@@ -258,10 +258,14 @@ def _from_string(
     require_for_url(url, scheme)
     protocols = _fsspec_protocols()
     if scheme not in protocols:
-        known = "nor one that fsspec knows" if protocols else "and fsspec is not installed"
+        fsspecs = (
+            "nor one that fsspec knows (s3, gs, az, http, https, …)"
+            if protocols
+            else "and fsspec, which knows others, is not installed"
+        )
         raise ValueError(
-            f"no zarr_anyio store for the scheme {scheme!r} of {url!r}: it is not ours "
-            f"(file, zip, memory, object_store, s3, gs, az, http, https), {known}"
+            f"no zarr_anyio store for the scheme {scheme!r} of {url!r}: it is neither ours "
+            f"(file, zip, memory, object_store) {fsspecs}"
         )
     return FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only, **kwargs)
 
