@@ -2,16 +2,17 @@
 it, so the examples cannot rot.
 
 A page's python blocks are one script, run as a file by a fresh interpreter (``python page.py``)
-in a temporary folder (a block that starts with ``# name.py`` is a file of its own, written
-there first, so the script can import it, and run by itself too): nothing is given to it but the environment a reader would set, so a
-missing import, a name another page defines or a missing ``if __name__ == "__main__":`` guard
-fails here as it would for the reader. The remote examples find the loopback servers the tests
-start through the environment (``S3_ENDPOINT``, ``BUCKET``, ``HTTP_URL``, and credentials for
-moto), as they would find a real service. Console blocks run after the script, in the same
-folder, line by line in bash: ``$ command`` runs the command (``zarr-anyio`` is the console
-script installed beside this Python); it must exit 0, and the lines shown under it must appear
-in what it printed (stdout and stderr), in order, with every number taken as any number (sizes,
-times and counts vary from machine to machine). A line ``...`` stands for any lines.
+in a temporary folder; a block that starts with ``# name.py`` is a file of its own, written there
+first (so the script can import it) and run by itself too. Nothing is given to them but the
+environment a reader would set, so a missing import, a name another page defines or a missing
+``if __name__ == "__main__":`` guard fails here as it would for the reader. The remote examples
+find the loopback servers the tests start through the environment (``S3_ENDPOINT``, ``BUCKET``,
+``HTTP_URL``, and credentials for moto), as they would find a real service. Console blocks run
+after the scripts, in the same folder, line by line in bash: ``$ command`` runs the command
+(``zarr-anyio`` is the console script installed beside this Python); it must exit 0, and the
+lines shown under it must appear in what it printed (stdout and stderr), in order, with every
+number taken as any number (sizes, times and counts vary from machine to machine). A line
+``...`` stands for any lines.
 """
 
 from __future__ import annotations
