@@ -189,6 +189,25 @@ class FsspecStore(RemoteStore):
     def from_mapper(cls, fs_map: Any, read_only: bool = False, **kwargs: Any) -> FsspecStore:
         return cls(fs_map, read_only=read_only, **kwargs)
 
+    @classmethod
+    def from_upath(
+        cls,
+        upath: Any,
+        read_only: bool = False,
+        allowed_exceptions: tuple[type[Exception], ...] = ALLOWED_EXCEPTIONS,
+        **kwargs: Any,
+    ) -> FsspecStore:
+        """A store at a ``upath.UPath`` (universal_pathlib): its filesystem and its path, as
+        zarr's ``FsspecStore.from_upath``; ``kwargs`` (``max_concurrency=``, ``retry=``, …) go to
+        the store. The filesystem is the path's own (shared, and closed by its owner)."""
+        return cls(
+            upath.fs,
+            read_only=read_only,
+            path=upath.path.rstrip("/"),
+            allowed_exceptions=allowed_exceptions,
+            **kwargs,
+        )
+
     def _with_options(self, read_only: bool, options: dict[str, Any]) -> Self:
         return type(self)(
             self.fs,
