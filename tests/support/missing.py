@@ -17,8 +17,9 @@ from . import TOP
 
 __all__ = ["BASE_INSTALL_LACKS", "run_without"]
 
-BASE_INSTALL_LACKS = ("fsspec", "s3fs", "gcsfs", "adlfs", "aiohttp", "obstore", "trio")
-"""What ``pip install zarr-anyio`` (no extras) does not bring."""
+BASE_INSTALL_LACKS = ("fsspec", "s3fs", "gcsfs", "adlfs", "aiohttp", "obstore", "trio", "upath")
+"""What ``pip install zarr-anyio`` (no extras) does not bring (universal_pathlib, of the test
+extra, needs fsspec: zarr 3.4 imports it whenever it is there)."""
 
 _SITECUSTOMIZE = """
 import os
