@@ -17,6 +17,8 @@ root_doc = "index"
 exclude_patterns = ["_build", "README.md"]
 
 myst_heading_anchors = 3
+# The glossary is a definition list.
+myst_enable_extensions = ["deflist"]
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 autodoc_member_order = "bysource"

@@ -18,6 +18,7 @@ import pytest
 import zarr
 import zarr.codecs
 import zarr.storage
+from zarr.core.common import ZarrFormat
 
 import zarr_anyio
 import zarr_anyio.api as za
@@ -66,7 +67,7 @@ LAYOUTS = [
 
 async def make_array(
     store: Any,
-    zarr_format: int,
+    zarr_format: ZarrFormat,
     codec: str,
     shards: tuple[int, ...] | None,
     *,
@@ -87,7 +88,7 @@ async def make_array(
 
 @pytest.mark.parametrize(("zarr_format", "codec", "shards"), LAYOUTS)
 async def test_every_selection_round_trips(
-    tmp_path: Path, zarr_format: int, codec: str, shards: tuple[int, ...] | None
+    tmp_path: Path, zarr_format: ZarrFormat, codec: str, shards: tuple[int, ...] | None
 ) -> None:
     arr = await make_array(tmp_path / "a.zarr", zarr_format, codec, shards)
     assert isinstance(arr, zarr_anyio.AsyncArray)
@@ -151,7 +152,7 @@ async def test_every_selection_round_trips(
 )
 @pytest.mark.parametrize("zarr_format", [2, 3])
 async def test_fill_values_come_back_for_unwritten_chunks(
-    zarr_format: int, dtype: str, fill_value: Any
+    zarr_format: ZarrFormat, dtype: str, fill_value: Any
 ) -> None:
     store = zarr_anyio.MemoryStore()
     arr = await make_array(store, zarr_format, "zstd", None, fill_value=fill_value, dtype=dtype)
@@ -164,7 +165,7 @@ async def test_fill_values_come_back_for_unwritten_chunks(
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
-async def test_resize_append_and_attributes(zarr_format: int) -> None:
+async def test_resize_append_and_attributes(zarr_format: ZarrFormat) -> None:
     store = zarr_anyio.MemoryStore()
     arr = await za.create_array(
         store, shape=(10,), chunks=(4,), dtype="i8", zarr_format=zarr_format, fill_value=-1
@@ -460,7 +461,7 @@ async def test_missing_array_read_only_raises_zarrs_error_and_writes_nothing(
     ids=["short", "2d", "long"],
 )
 async def test_setitem_shape_mismatch_raises_zarrs_error_and_writes_nothing(
-    zarr_format: int, selection: Any, value: Any
+    zarr_format: ZarrFormat, selection: Any, value: Any
 ) -> None:
     store = CountingStore()
     arr = await za.create_array(

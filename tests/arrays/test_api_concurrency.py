@@ -78,15 +78,49 @@ async def test_the_stores_bound_is_the_one_that_holds(
     limit: int, zarr_cap: int, expected: int
 ) -> None:
     # zarr caps one call at async.concurrency (default 10); the store's bound must win, both ways.
+    before = zarr.config.get("async.concurrency")
     with zarr.config.set({"async.concurrency": zarr_cap}):
         store = CountingStore(max_concurrency=limit)
         arr = await filled(store, 2 * limit)
         store.delay = 0.05
         await arr.getitem(...)
-        # raised to the store's bound when that is higher, never lowered
-        assert zarr.config.get("async.concurrency") == max(limit, zarr_cap)
+        # Raised inside our calls only: zarr's setting is the user's, before, during and after.
+        assert zarr.config.get("async.concurrency") == zarr_cap
+    assert zarr.config.get("async.concurrency") == before
     assert store.started == 2 * limit
     assert store.most == expected
+
+
+async def test_calls_on_stores_of_different_bounds_at_once_keep_each_bound() -> None:
+    with zarr.config.set({"async.concurrency": 10}):
+        wide, narrow = CountingStore(max_concurrency=48), CountingStore(max_concurrency=16)
+        arrays = [await filled(wide, 96), await filled(narrow, 96)]
+        wide.delay = narrow.delay = 0.05
+        seen_during: list[int] = []
+
+        async def watch() -> None:
+            while wide.now + narrow.now == 0:
+                await anyio.sleep(0.001)
+            seen_during.append(zarr.config.get("async.concurrency"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            for arr in arrays:
+                tg.start_soon(arr.getitem, Ellipsis)
+        assert zarr.config.get("async.concurrency") == 10
+    assert seen_during == [10]  # zarr's setting, read beside the calls, is the user's
+    assert (wide.most, narrow.most) == (48, 16)
+
+
+async def test_group_members_leave_zarrs_setting_alone() -> None:
+    store = CountingStore(max_concurrency=40)
+    group = await za.open_group(store, mode="w")
+    for name in "abc":
+        await group.create_array(name, shape=(4,), dtype="i1")
+    assert sorted([name async for name, _ in group.members()]) == ["a", "b", "c"]
+    # Wrapping nodes and stepping their iterators left zarr's setting alone (zarr's own API in
+    # this process keeps zarr's cap).
+    assert zarr.config.get("async.concurrency") < 40
 
 
 async def test_a_cancelled_read_leaves_nothing_in_flight_and_the_store_usable() -> None:

@@ -124,7 +124,7 @@ def _stored_member_claiming(path: Path, claimed: int) -> None:
 async def test_a_member_claiming_more_bytes_than_the_file_is_damaged_not_a_memory_error(
     tmp_path: Path, claimed: int
 ) -> None:
-    # Promise (docs/index.md): "a damaged member raises zipfile.BadZipFile naming the key and
+    # Promise (docs/local.md): "a damaged member raises zipfile.BadZipFile naming the key and
     # the archive". A 150-byte archive whose directory claims a TiB made get() try to allocate
     # the claim: MemoryError, which no caller of a store expects.
     path = tmp_path / "liar.zip"
@@ -143,7 +143,7 @@ def _descriptor_header(name: bytes, method: int) -> bytes:
 def test_recovering_a_crafted_file_does_not_inflate_a_zip_bomb_into_memory(
     tmp_path: Path,
 ) -> None:
-    # Promise (docs/index.md, "A crash loses only what was not whole"): opening a file with no
+    # Promise (docs/local.md, "A crash loses only what was not whole"): opening a file with no
     # directory recovers its whole members. Recovery inflated a deflated member with a data
     # descriptor 1 MiB of input at a time with no bound on the output: a 64 KiB file took
     # 128 MiB at open, and a 1 MiB piece of zeros takes ~2 GiB.
@@ -286,7 +286,7 @@ async def test_exists_against_a_failing_server_raises(http_server: HTTPServer, k
 async def test_delete_dir_of_a_node_with_glob_characters_deletes_only_that_node(
     node: str, filesystem: str, request: pytest.FixtureRequest
 ) -> None:
-    # Promise (docs/index.md): "delete_dir(p) ... treat p as a node of the hierarchy ("a"
+    # Promise (docs/local.md): "delete_dir(p) ... treat p as a node of the hierarchy ("a"
     # means "a/…")". fsspec's rm() expands glob patterns in the paths it is given, so deleting
     # the node "a*" (a legal zarr name) also deleted every sibling it matched: "ab/k" is gone.
     import fsspec
@@ -333,7 +333,7 @@ def test_a_token_granted_to_a_waiter_of_a_closed_loop_on_this_thread_is_passed_o
 
 
 def test_a_waiter_of_a_closed_loop_gives_its_token_back_once() -> None:
-    # Promise (docs/index.md): "at most max_concurrency operations in flight in all". A waiter
+    # Promise (docs/local.md): "at most max_concurrency operations in flight in all". A waiter
     # whose loop (in another thread) was closed while it waited was granted a token: the
     # releaser gave it back on its behalf, and when the abandoned coroutine was collected it
     # gave it back again, so a Limiter(1) let two holders in at once.
@@ -370,7 +370,7 @@ def test_a_waiter_of_a_closed_loop_gives_its_token_back_once() -> None:
 
 
 def test_overlapping_members_do_not_multiply_the_file_on_rewrite(tmp_path: Path) -> None:
-    # Promise (docs/index.md): "Bad archives are refused before anything is written" (zipfile
+    # Promise (docs/local.md): "Bad archives are refused before anything is written" (zipfile
     # itself refuses overlapped entries, a known zip-bomb shape). 200 directory entries naming
     # one 64 KiB member: a delete and close() rewrote a 75 kB file into 13 MB (65,535 entries
     # on a 1 MiB member: 64 GiB from a 3 MiB file).

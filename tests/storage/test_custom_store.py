@@ -18,19 +18,19 @@ PAGE = TOP / "docs" / "custom-stores.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
-def _page_module(*names: str) -> dict[str, Any]:
-    """The python blocks of the page that start with ``# <name>``, run as one module (a real
-    one, in ``sys.modules``, so that its store pickles as zarr's tests require)."""
-    module = types.ModuleType("custom_store_example")
-    sys.modules[module.__name__] = module
+def _page_module(name: str) -> dict[str, Any]:
+    """The python block of the page that starts with ``# <name>.py``, as the module ``name`` (a
+    real one, in ``sys.modules``, so that the test file's imports find it and its store pickles
+    as zarr's tests require)."""
+    module = types.ModuleType(name)
+    sys.modules[name] = module
     blocks = {block.splitlines()[0]: block for block in BLOCK.findall(PAGE.read_text())}
-    for name in names:
-        exec(compile(blocks[f"# {name}"], f"{PAGE.name}: {name}", "exec"), module.__dict__)
+    exec(compile(blocks[f"# {name}.py"], f"{PAGE.name}: {name}.py", "exec"), module.__dict__)
     return module.__dict__
 
 
-_example = _page_module("sqlite_store.py", "test_sqlite_store.py")
-TestSQLiteStore = _example["TestSQLiteStore"]
+_page_module("sqlite_store")
+TestSQLiteStore = _page_module("test_sqlite_store")["TestSQLiteStore"]
 
 
 BROKEN_STORES = '''

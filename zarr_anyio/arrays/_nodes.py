@@ -21,9 +21,10 @@ orthogonal, coordinate, mask and block selections for writing (and, before zarr 
 
 zarr caps the chunk requests of one call at its ``async.concurrency`` setting (default 10). A
 zarr_anyio store has a bound of its own (``max_concurrency``, default 32) that holds across calls,
-so a lower zarr cap would silently win: wrapping a node on a zarr_anyio store raises zarr's setting
-(process-wide, never lowering it) to the store's bound, and the store's bound is the one that
-holds. Measured: 64 chunk reads in flight with ``max_concurrency=64``, against 10 without this.
+so a lower zarr cap would silently win: inside each call on a zarr_anyio store, zarr reads its
+setting raised (never lowered) to the store's bound (`zarr_anyio.arrays._run.concurrency_floor`),
+and the store's bound is the one that holds; outside our calls the setting is as the user left
+it. Measured: 64 chunk reads in flight with ``max_concurrency=64``, against 10 without this.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from zarr.core.indexing import (
 
 from ._blocks import stream_blocks
 from ._compat import VindexInvalidSelectionError, chunk_grid
-from ._run import raise_zarr_concurrency, run_zarr
+from ._run import concurrency_floor, run_zarr
 
 __all__ = [
     "AsyncArray",
@@ -64,12 +65,13 @@ __all__ = [
     "NodeIterator",
     "adopt",
     "forward",
+    "unwrap",
 ]
 
 T = TypeVar("T")
 
 
-def _unwrap(value: Any) -> Any:
+def unwrap(value: Any) -> Any:
     # An array goes to zarr as a zarr.Array, the form its async functions take as data
     # (``from_array``, ``array``, ``*_like``), reading it through its async array.
     if isinstance(value, AsyncArray):
@@ -94,9 +96,9 @@ def _wrap(value: Any) -> Any:
     return value
 
 
-async def _finish(coroutine: Coroutine[Any, Any, Any], owner: _Node | None) -> Any:
+async def _finish(coroutine: Coroutine[Any, Any, Any], owner: _Node | None, floor: int) -> Any:
     try:
-        result = await run_zarr(lambda: coroutine)
+        result = await run_zarr(lambda: coroutine, floor)
     finally:
         coroutine.close()  # if cancelled before it started, it was never awaited: no warning
     if owner is not None and result is owner._zarr:
@@ -104,13 +106,17 @@ async def _finish(coroutine: Coroutine[Any, Any, Any], owner: _Node | None) -> A
     return _wrap(result)
 
 
-def adopt(result: Any, owner: _Node | None = None) -> Any:
+def adopt(result: Any, owner: _Node | None = None, floor: int | None = None) -> Any:
     """What a call into zarr gave, made usable from any backend: coroutines become awaitables
-    that run as `run_zarr` says, async generators `NodeIterator`s, zarr nodes our wrappers."""
+    that run as `run_zarr` says, async generators `NodeIterator`s, zarr nodes our wrappers.
+    ``floor`` is zarr's concurrency floor for the call (`concurrency_floor`; by default, that
+    of ``owner``'s store)."""
+    if floor is None:
+        floor = owner._floor if owner is not None else 0
     if inspect.iscoroutine(result):
-        return _finish(result, owner)
+        return _finish(result, owner, floor)
     if inspect.isasyncgen(result):
-        return NodeIterator(cast("AsyncGenerator[Any, None]", result))
+        return NodeIterator(cast("AsyncGenerator[Any, None]", result), floor)
     if owner is not None and result is owner._zarr:
         return owner
     return _wrap(result)
@@ -121,8 +127,8 @@ def forward(target: Callable[..., Any], owner: _Node | None = None) -> Callable[
 
     @functools.wraps(target)
     def call(*args: Any, **kwargs: Any) -> Any:
-        args = tuple(_unwrap(arg) for arg in args)
-        kwargs = {key: _unwrap(value) for key, value in kwargs.items()}
+        args = tuple(unwrap(arg) for arg in args)
+        kwargs = {key: unwrap(value) for key, value in kwargs.items()}
         return adopt(target(*args, **kwargs), owner)
 
     return call
@@ -140,8 +146,9 @@ class NodeIterator(Generic[T]):
     generator when the block is left early (otherwise that happens when it is garbage-collected).
     """
 
-    def __init__(self, generator: AsyncGenerator[T, None]) -> None:
+    def __init__(self, generator: AsyncGenerator[T, None], floor: int = 0) -> None:
         self._generator = generator
+        self._floor = floor
 
     def __aiter__(self) -> NodeIterator[T]:
         return self
@@ -155,7 +162,7 @@ class NodeIterator(Generic[T]):
             except StopAsyncIteration:
                 return _END
 
-        item = await run_zarr(step)
+        item = await run_zarr(step, self._floor)
         if item is _END:
             raise StopAsyncIteration
         wrapped: T = _wrap(item)
@@ -167,7 +174,7 @@ class NodeIterator(Generic[T]):
         async def close() -> None:
             await generator.aclose()
 
-        await run_zarr(close)
+        await run_zarr(close, self._floor)
 
     async def __aenter__(self) -> NodeIterator[T]:
         return self
@@ -183,6 +190,10 @@ class _Node:
     """What arrays and groups share: generic forwarding to the zarr object."""
 
     _zarr: Any
+
+    @property
+    def _floor(self) -> int:
+        return concurrency_floor(self._zarr.store)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "_zarr":
@@ -247,7 +258,6 @@ class AsyncArray(_Node):
         if not isinstance(array, zarr.AsyncArray):
             raise TypeError(f"expected a zarr array, got {type(array).__name__}")
         self._zarr: zarr.AsyncArray[Any] = array
-        raise_zarr_concurrency(array.store)
 
     @property
     def async_array(self) -> zarr.AsyncArray[Any]:
@@ -280,7 +290,8 @@ class AsyncArray(_Node):
         array = self._zarr
         proto = prototype or default_buffer_prototype()
         return await run_zarr(
-            lambda: array._get_selection(indexer, prototype=proto, out=out, fields=fields)
+            lambda: array._get_selection(indexer, prototype=proto, out=out, fields=fields),
+            self._floor,
         )
 
     async def _set(
@@ -294,7 +305,10 @@ class AsyncArray(_Node):
         if fields is None and not is_scalar(value, array.dtype):
             value = _fitted(value, tuple(indexer.shape))
         proto = prototype or default_buffer_prototype()
-        await run_zarr(lambda: array._set_selection(indexer, value, prototype=proto, fields=fields))
+        await run_zarr(
+            lambda: array._set_selection(indexer, value, prototype=proto, fields=fields),
+            self._floor,
+        )
 
     async def getitem(self, selection: Any, *, prototype: BufferPrototype | None = None) -> Any:
         """``arr[selection]`` awaited: basic, orthogonal, coordinate or mask, as zarr's
@@ -549,9 +563,9 @@ class AsyncGroup(_Node):
 
     ``AsyncGroup(group)`` wraps a ``zarr.Group``, a ``zarr.AsyncGroup`` or one of ours. Every
     attribute and coroutine method of zarr's ``AsyncGroup`` is here (``getitem``,
-    ``create_array``, ``create_group``, ``require_group``, ``update_attributes``, ``tree``, …), its
-    async generators (``members``, ``keys``, ``arrays``, …) are `NodeIterator`s, and the arrays
-    and groups they give are ours.
+    ``create_array``, ``create_group``, ``require_group``, ``update_attributes``, ``tree``, …),
+    each of its async generators (``members``, ``keys``, ``arrays``, …) is a `NodeIterator`, and
+    the arrays and groups they give are ours.
     """
 
     def __init__(self, group: zarr.Group | zarr.AsyncGroup | AsyncGroup) -> None:
@@ -562,7 +576,6 @@ class AsyncGroup(_Node):
         if not isinstance(group, zarr.AsyncGroup):
             raise TypeError(f"expected a zarr group, got {type(group).__name__}")
         self._zarr: zarr.AsyncGroup = group
-        raise_zarr_concurrency(group.store)
 
     @property
     def async_group(self) -> zarr.AsyncGroup:

@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from zarr_anyio._core.errors import single_error
+from zarr_anyio._core.extras import missing_module
 from zarr_anyio.storage import AnyioStore, LocalStore, MemoryStore
 from zarr_anyio.storage._redact import redact
 
@@ -36,6 +37,7 @@ from .verify import verify_node
 __all__ = ["PROG", "copy_command", "demo", "demo_command", "info_command", "ls_command"]
 
 PROG = "zarr-anyio"
+TRIO_EXTRA = "pip install 'zarr-anyio[trio]'"
 
 
 def demo(folder: Path, backend: str) -> int:
@@ -76,10 +78,24 @@ def demo(folder: Path, backend: str) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    backend = _demo_backend(args.backend)
     if args.folder is not None:
-        return demo(args.folder, args.backend)
+        return demo(args.folder, backend)
     with tempfile.TemporaryDirectory() as folder:
-        return demo(Path(folder), args.backend)
+        return demo(Path(folder), backend)
+
+
+def _demo_backend(asked: str | None) -> str:
+    """The backend the demo reads under: checked before it writes anything, so that a base
+    install (no trio) either runs the whole demo under asyncio or names the extra up front."""
+    trio_missing = missing_module("trio") is not None
+    if asked == "trio" and trio_missing:
+        # anyio's own message would name anyio[trio]; ours installs trio at a tested version.
+        raise UsageError("--backend trio needs trio, which is not installed: " + TRIO_EXTRA)
+    if asked is None and trio_missing:
+        print(f"trio is not installed ({TRIO_EXTRA}): reading back under asyncio")
+        return "asyncio"
+    return asked or "trio"
 
 
 def _summary_lines(report: CopyReport, args: argparse.Namespace, verified: bool) -> list[str]:

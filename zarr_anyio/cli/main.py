@@ -285,7 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     demo_parser.add_argument("folder", nargs="?", type=Path, help="where to write (default: temp)")
-    demo_parser.add_argument("--backend", choices=["trio", "asyncio"], default="trio")
+    demo_parser.add_argument(
+        "--backend",
+        choices=["trio", "asyncio"],
+        default=None,
+        help="default: trio if it is installed (the trio extra), else asyncio",
+    )
     demo_parser.set_defaults(run=demo_command)
     return parser
 

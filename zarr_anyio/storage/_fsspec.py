@@ -24,6 +24,7 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Suf
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from zarr_anyio._core.bridge import run_blocking, run_on_loop
+from zarr_anyio._core.extras import require_for_url
 from zarr_anyio._core.fork import keep_inherited
 from zarr_anyio._core.threads import run_in_worker
 
@@ -200,6 +201,7 @@ class FsspecStore(RemoteStore):
         **kwargs: Any,
     ) -> FsspecStore:
         """A store for ``url`` (``s3://bucket/path``, ``https://…``, ``memory://…``, …)."""
+        require_for_url(url, url.partition("://")[0].rpartition("::")[2])
         from fsspec import url_to_fs
 
         # An instance of our own: an async filesystem's session belongs to the loop that first
@@ -215,6 +217,25 @@ class FsspecStore(RemoteStore):
     @classmethod
     def from_mapper(cls, fs_map: Any, read_only: bool = False, **kwargs: Any) -> FsspecStore:
         return cls(fs_map, read_only=read_only, **kwargs)
+
+    @classmethod
+    def from_upath(
+        cls,
+        upath: Any,
+        read_only: bool = False,
+        allowed_exceptions: tuple[type[Exception], ...] = ALLOWED_EXCEPTIONS,
+        **kwargs: Any,
+    ) -> FsspecStore:
+        """A store at a ``upath.UPath`` (universal_pathlib): its filesystem and its path, as
+        zarr's ``FsspecStore.from_upath``; ``kwargs`` (``max_concurrency=``, ``retry=``, …) go to
+        the store. The filesystem is the path's own (shared, and closed by its owner)."""
+        return cls(
+            upath.fs,
+            read_only=read_only,
+            path=upath.path.rstrip("/"),
+            allowed_exceptions=allowed_exceptions,
+            **kwargs,
+        )
 
     def _with_options(self, read_only: bool, options: dict[str, Any]) -> Self:
         return type(self)(

@@ -40,6 +40,7 @@ from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
 
 from zarr_anyio._core.bridge import run_blocking
+from zarr_anyio._core.extras import require_for_url
 
 from . import _live
 from ._base import AnyioStore
@@ -218,6 +219,7 @@ def _from_string(
         return _same_data(live, mode, kwargs)
     if "::" in url:
         # A chained fsspec URL (simplecache::s3://…): fsspec's to resolve, as zarr does.
+        require_for_url(url, url.partition("://")[0].rpartition("::")[2])
         return FsspecStore.from_url(
             url, storage_options=storage_options, read_only=read_only, **kwargs
         )
@@ -251,15 +253,24 @@ def _from_string(
                 f"no zarr_anyio store for the scheme {scheme!r} of {url!r} with "
                 f"backend='obstore' (it takes {', '.join(OBSTORE_SCHEMES)})"
             )
+        require_for_url(url, scheme, backend="obstore")
         from obstore.store import from_url
 
         client = from_url(url, **(storage_options or {}))
         return ObjectStore(client, read_only=read_only, **kwargs)
-    if scheme not in _fsspec_protocols():
+    # Before asking fsspec: without it (or the package a scheme needs) the URL is not unknown,
+    # just missing its extra, and the error should say which.
+    require_for_url(url, scheme)
+    protocols = _fsspec_protocols()
+    if scheme not in protocols:
+        fsspecs = (
+            "nor one that fsspec knows (s3, gs, az, http, https, …)"
+            if protocols
+            else "and fsspec, which knows others, is not installed"
+        )
         raise ValueError(
             f"no zarr_anyio store for the scheme {scheme!r} of {url!r}: it is neither ours "
-            "(file, zip, memory, object_store) nor one that fsspec knows (s3, gs, az, http, "
-            "https, …)"
+            f"(file, zip, memory, object_store) {fsspecs}"
         )
     return FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only, **kwargs)
 

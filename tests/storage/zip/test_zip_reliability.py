@@ -140,7 +140,7 @@ async def test_a_flipped_byte_never_comes_back_from_any_read(
 async def test_a_byte_range_reads_the_whole_member_once_per_opening(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: int
 ) -> None:
-    # docs/index.md: the first byte range of a member reads (inflates) all of it, to check its
+    # docs/local.md: the first byte range of a member reads (inflates) all of it, to check its
     # CRC-32; later ranges of a compressed member decompress up to the end of the range.
     path = tmp_path / "ranges.zip"
     data = pattern(3, 200_000)
@@ -538,7 +538,7 @@ def _members_sharing_bytes(path: Path, damaged: bool) -> None:
 
 @pytest.mark.parametrize("damaged", [False, True], ids=["whole", "recovered"])
 async def test_entries_that_share_bytes_are_refused(tmp_path: Path, damaged: bool) -> None:
-    # docs/index.md: "Bad archives are refused before anything is written"; zipfile refuses
+    # docs/local.md: "Bad archives are refused before anything is written"; zipfile refuses
     # overlapping entries too. Both ways of opening: the directory at the end, and recovery
     # (which takes the last directory whose entries point at local headers of their names).
     path = tmp_path / "shared.zip"
