@@ -15,9 +15,11 @@ from ._core.adaptive import AdaptiveLimiter
 from ._core.limit import Limiter
 from .arrays import AsyncArray, AsyncGroup, Block
 from .storage import (
+    DEFAULT_DEADLINE,
     NO_RETRY,
     AnyioStore,
     BlockingStore,
+    DeadlineExceeded,
     FetchRequest,
     FsspecStore,
     LeavesRoot,
@@ -37,6 +39,7 @@ from .storage import (
 )
 
 __all__ = [
+    "DEFAULT_DEADLINE",
     "NO_RETRY",
     "AdaptiveLimiter",
     "AnyioStore",
@@ -44,6 +47,7 @@ __all__ = [
     "AsyncGroup",
     "Block",
     "BlockingStore",
+    "DeadlineExceeded",
     "FetchRequest",
     "FsspecStore",
     "LeavesRoot",

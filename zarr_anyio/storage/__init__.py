@@ -18,13 +18,15 @@ from ._memory import MemoryStore
 from ._obstore import ObjectStore
 from ._open import open_store, open_store_async
 from ._remote import RemoteStore, RequestStats
-from ._retry import NO_RETRY, RateLimit, Retry, RetryBudget
+from ._retry import DEFAULT_DEADLINE, NO_RETRY, DeadlineExceeded, RateLimit, Retry, RetryBudget
 from ._zip import ZipStore
 
 __all__ = [
+    "DEFAULT_DEADLINE",
     "NO_RETRY",
     "AnyioStore",
     "BlockingStore",
+    "DeadlineExceeded",
     "FetchRequest",
     "FsspecStore",
     "LeavesRoot",

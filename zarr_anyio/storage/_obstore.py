@@ -28,6 +28,7 @@ from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
 from ._base import PAGE_SIZE, Entry
+from ._client_retries import warn_if_client_retries
 from ._keys import check_byte_range, validate_key
 from ._remote import RemoteOptions, RemoteStore
 from ._retry import http_status
@@ -83,8 +84,10 @@ class ObjectStore(RemoteStore):
     read_only
         Refuse every write.
     max_concurrency, limiter, adaptive, retry, retry_budget, timeout, rate_limit
-        See `RemoteStore`. obstore's own client retries too (its ``retry_config``); see the docs
-        for what each layer does.
+        See `RemoteStore`. The store retries; a client that retries too (obstore's default
+        ``retry_config``) hides its throttles from the window, so it draws a
+        `ClientRetriesWarning`: make it with ``retry_config={"max_retries": 0}``, as
+        `open_store` does.
     """
 
     store: Any
@@ -99,6 +102,7 @@ class ObjectStore(RemoteStore):
         if not type(store).__module__.startswith("obstore"):
             raise TypeError(f"expected an obstore store, got {store!r}")
         super().__init__(read_only=read_only, **options)
+        warn_if_client_retries(store, "ObjectStore")
         self.store = store
         # open_store(str(store)) reaches this obstore client again while this store lives.
         _live.remember(str(self), self)

@@ -43,6 +43,7 @@ from zarr_anyio._core.bridge import run_blocking
 
 from . import _live
 from ._base import AnyioStore
+from ._client_retries import obstore_options_without_retries
 from ._fsspec import FsspecStore
 from ._local import LocalStore
 from ._localfs import check_root
@@ -248,7 +249,8 @@ def _from_string(
             )
         from obstore.store import from_url
 
-        client = from_url(url, **(storage_options or {}))
+        # The client's own retries off: the store retries, and its window sees every throttle.
+        client = from_url(url, **obstore_options_without_retries(storage_options))
         return ObjectStore(client, read_only=read_only, **kwargs)
     if scheme not in _fsspec_protocols():
         raise ValueError(
@@ -332,7 +334,7 @@ def _object_store_from_str(
     kind, inner = parsed.groups()
     positional = [value for name, value in _OBSTORE_ARG.findall(inner) if not name]
     named = {name: value for name, value in _OBSTORE_ARG.findall(inner) if name}
-    options = dict(storage_options or {})
+    options = obstore_options_without_retries(storage_options)
     prefix = named.get("prefix", "")
     from obstore.store import LocalStore as ObstoreLocal
     from obstore.store import from_url
