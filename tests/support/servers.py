@@ -23,16 +23,22 @@ from urllib.parse import urlsplit
 import requests
 
 
-def s3fs_at(endpoint: str, **options: Any) -> Any:
-    """An s3fs filesystem speaking to the S3 server (or proxy, or fake) at ``endpoint``."""
+def s3fs_at(endpoint: str, *, client_retries: bool = False, **options: Any) -> Any:
+    """An s3fs filesystem speaking to the S3 server (or proxy, or fake) at ``endpoint``, with
+    its own retries and botocore's off (the store retries), unless ``client_retries``."""
     import s3fs
 
-    return s3fs.S3FileSystem(
+    if not client_retries:
+        options.setdefault("config_kwargs", {"retries": {"total_max_attempts": 1}})
+    fs = s3fs.S3FileSystem(
         key="testing",
         secret="testing",
         client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"},
         **options,
     )
+    if not client_retries:
+        fs.retries = 1
+    return fs
 
 
 class S3Server:
@@ -71,7 +77,7 @@ class S3Server:
             secret_access_key="testing",
             region="us-east-1",
             client_options={"allow_http": True},
-            **options,
+            **{"retry_config": {"max_retries": 0}, **options},  # the store retries
         )
 
 

@@ -11,6 +11,7 @@ page at a time), `_open` (`open_store`).
 
 from ._base import AnyioStore, BlockingStore, FetchRequest
 from ._beneath import LeavesRoot
+from ._client_retries import ClientRetriesWarning
 from ._fsspec import FsspecStore
 from ._keys import byte_range_slice, names_under
 from ._local import LocalStore
@@ -26,6 +27,7 @@ __all__ = [
     "NO_RETRY",
     "AnyioStore",
     "BlockingStore",
+    "ClientRetriesWarning",
     "DeadlineExceeded",
     "FetchRequest",
     "FsspecStore",

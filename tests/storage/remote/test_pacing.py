@@ -24,6 +24,7 @@ from support.servers import Faults, HTTPServer, s3fs_at
 from zarr_anyio import (
     DEFAULT_DEADLINE,
     NO_RETRY,
+    ClientRetriesWarning,
     DeadlineExceeded,
     FsspecStore,
     ObjectStore,
@@ -32,7 +33,6 @@ from zarr_anyio import (
     open_store_async,
 )
 from zarr_anyio._core.bridge import run_blocking
-from zarr_anyio.storage._client_retries import ClientRetriesWarning
 from zarr_anyio.storage._retry import describe
 
 pytestmark = pytest.mark.anyio
@@ -210,13 +210,10 @@ def test_a_client_that_retries_itself_draws_one_warning(http_server: HTTPServer)
         )
         ObjectStore(quiet)
     with pytest.warns(ClientRetriesWarning, match="fs.retries = 1"):
-        FsspecStore(s3fs_at(http_server.url, skip_instance_cache=True), path="bucket")
-    fs = s3fs_at(
-        http_server.url,
-        skip_instance_cache=True,
-        config_kwargs={"retries": {"total_max_attempts": 1}},
-    )
-    fs.retries = 1
+        FsspecStore(
+            s3fs_at(http_server.url, client_retries=True, skip_instance_cache=True), path="bucket"
+        )
+    fs = s3fs_at(http_server.url, skip_instance_cache=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ClientRetriesWarning)
         FsspecStore(fs, path="bucket")
