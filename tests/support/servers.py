@@ -29,7 +29,10 @@ def s3fs_at(endpoint: str, *, client_retries: bool = False, **options: Any) -> A
     import s3fs
 
     if not client_retries:
-        options.setdefault("config_kwargs", {"retries": {"total_max_attempts": 1}})
+        # With its mode named, botocore leaves the dict (and so the filesystem's token) as is.
+        options.setdefault(
+            "config_kwargs", {"retries": {"total_max_attempts": 1, "mode": "standard"}}
+        )
     fs = s3fs.S3FileSystem(
         key="testing",
         secret="testing",

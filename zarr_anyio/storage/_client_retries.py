@@ -31,8 +31,10 @@ __all__ = [
 
 # obstore's RetryConfig with no retries: every 503 and 429 reaches the store's window.
 OBSTORE_NO_RETRIES: dict[str, Any] = {"max_retries": 0}
-# botocore's: one attempt, no retry of its own (its "legacy" default makes five).
-BOTOCORE_NO_RETRIES: dict[str, Any] = {"total_max_attempts": 1}
+# botocore's: one attempt, no retry of its own (its "legacy" default makes five). With the mode
+# named, botocore does not add it to the dict: a filesystem's options (and so its fsspec token,
+# and the equality of a store and its pickled copy) stay what they were when it was made.
+BOTOCORE_NO_RETRIES: dict[str, Any] = {"total_max_attempts": 1, "mode": "standard"}
 
 
 class ClientRetriesWarning(UserWarning):
@@ -48,7 +50,7 @@ _warned_lock = threading.Lock()
 def obstore_options_without_retries(options: dict[str, Any] | None) -> dict[str, Any]:
     """``storage_options`` for obstore's ``from_url`` with the client's retries off, unless the
     caller chose a ``retry_config``."""
-    return {"retry_config": OBSTORE_NO_RETRIES, **(options or {})}
+    return {"retry_config": dict(OBSTORE_NO_RETRIES), **(options or {})}
 
 
 def _is_s3(protocol: object) -> bool:
@@ -62,7 +64,7 @@ def fsspec_options_without_retries(url: str, options: dict[str, Any]) -> dict[st
     if not _is_s3(url.partition("://")[0].lower()):
         return options
     config = dict(options.get("config_kwargs") or {})
-    config.setdefault("retries", BOTOCORE_NO_RETRIES)
+    config.setdefault("retries", dict(BOTOCORE_NO_RETRIES))  # a copy: botocore may change it
     return {**options, "config_kwargs": config}
 
 
