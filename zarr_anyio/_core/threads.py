@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -70,6 +71,17 @@ def _shared_executor() -> ThreadPoolExecutor:
             if _executor is None:
                 _executor = ThreadPoolExecutor(_EXECUTOR_THREADS, thread_name_prefix="zarr_anyio")
     return _executor
+
+
+def _after_fork_in_child() -> None:
+    # The pool's threads did not come along: it would queue new calls for idle workers the
+    # child does not have. The child makes a pool of its own on first use.
+    global _executor, _executor_lock
+    _executor = None
+    _executor_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 async def run_in_worker(function: Callable[[CheckCancelled], T]) -> T:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -79,6 +80,14 @@ async def _as_api_call(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 _concurrency_lock = threading.Lock()
+
+
+def _renew_concurrency_lock() -> None:
+    global _concurrency_lock
+    _concurrency_lock = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+os.register_at_fork(after_in_child=_renew_concurrency_lock)
 
 
 def raise_zarr_concurrency(store: object) -> None:

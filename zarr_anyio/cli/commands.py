@@ -22,6 +22,7 @@ import zarr
 
 from zarr_anyio._core.errors import single_error
 from zarr_anyio.storage import LocalStore
+from zarr_anyio.storage._redact import redact
 
 from .copy import CopyOptions, CopyReport, copy_node
 from .info import describe, human_size, render_info, render_tree
@@ -106,8 +107,8 @@ def _copy_json(
 ) -> str:
     summary: dict[str, Any] = {
         "status": status,
-        "source": args.src,
-        "destination": args.dst,
+        "source": redact(args.src),
+        "destination": redact(args.dst),
         "path": args.path,
         "dry_run": args.dry_run,
         "verify": args.verify,

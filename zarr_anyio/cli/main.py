@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 
 from zarr_anyio._core.limit import DEFAULT_MAX_CONCURRENCY
+from zarr_anyio.storage._redact import redact, scrub
 
 from .commands import PROG, copy_command, demo_command, info_command, ls_command
 from .copy import CopyOptions
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.run(args)
     except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {redact(str(error))}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader went away (`zarr-anyio ls ... | head`): stop quietly, as if by SIGPIPE.
@@ -276,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as error:
+        # A URL given on the command line may hold a password: never echoed back.
+        scrub(error)
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {describe_error(error)}", file=sys.stderr)
+        print(f"{PROG}: error: {redact(describe_error(error))}", file=sys.stderr)
         return 1
     return code

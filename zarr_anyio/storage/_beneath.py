@@ -96,6 +96,14 @@ _cached_works: bool | None = None if _syscall is not None else False
 _probe_lock = threading.Lock()
 
 
+def _renew_probe_lock() -> None:
+    global _probe_lock
+    _probe_lock = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+os.register_at_fork(after_in_child=_renew_probe_lock)
+
+
 def openat2_available() -> bool:
     """Whether this kernel resolves paths beneath a root itself (else the walk is used)."""
     global _openat2_works

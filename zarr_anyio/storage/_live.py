@@ -7,6 +7,7 @@ Weak references only: registering a store never keeps it, or its data, alive.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import Any
@@ -15,6 +16,14 @@ __all__ = ["find", "remember"]
 
 _stores: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _lock = threading.Lock()
+
+
+def _renew_lock() -> None:
+    global _lock
+    _lock = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+os.register_at_fork(after_in_child=_renew_lock)
 
 
 def remember(name: str, store: Any) -> None:

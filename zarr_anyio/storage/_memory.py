@@ -37,6 +37,14 @@ __all__ = ["MemoryStore"]
 _EXCLUSIVE_WRITE = threading.Lock()
 
 
+def _renew_exclusive_write() -> None:
+    global _EXCLUSIVE_WRITE
+    _EXCLUSIVE_WRITE = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+os.register_at_fork(after_in_child=_renew_exclusive_write)
+
+
 def _copy(value: Buffer) -> Buffer:
     # An uncompressed chunk can be a view of the caller's array; keep a copy, not an alias.
     return type(value).from_bytes(value.to_bytes())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import weakref
 from typing import Any
@@ -47,11 +48,13 @@ def _has_session(fs: Any) -> bool:
     return getattr(fs, "_session", None) is not None or getattr(fs, "_s3", None) is not None
 
 
-def _close_on_bridge(fs: Any) -> None:
+def _close_on_bridge(fs: Any, pid: int) -> None:
     """Close ``fs``'s session on the bridge loop from wherever a finalizer runs: wait (a little)
-    from any other thread, only schedule it from the bridge's own."""
-    if not _has_session(fs):
-        return  # never used, or closed already: no loop to start
+    from any other thread, only schedule it from the bridge's own. Never in a forked child: the
+    session and its sockets are the parent's (closing them there would unregister the parent's
+    sockets from the epoll instance the two processes share)."""
+    if os.getpid() != pid or not _has_session(fs):
+        return  # a child's copy; or never used, or closed already: no loop to start
     loop = bridge_loop()
     if loop.is_closed() or not loop.is_running():
         return
@@ -64,4 +67,4 @@ def _close_on_bridge(fs: Any) -> None:
 
 def close_when_collected(owner: object, fs: Any) -> None:
     """Close ``fs``'s session when ``owner`` is collected, or at exit if it is still alive."""
-    weakref.finalize(owner, _close_on_bridge, fs)
+    weakref.finalize(owner, _close_on_bridge, fs, os.getpid())

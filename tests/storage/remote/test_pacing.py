@@ -95,7 +95,10 @@ async def test_the_deadline_ends_a_read_the_server_keeps_throttling(
         await store.get("c/0", PROTO)
     error = raised.value
     # How long and how often, in the error; the server's last answer as its cause.
-    assert error.throttled == http_server.requests > QUICK.attempts
+    # Refused more often than QUICK's attempts allow: throttles are not counted against them.
+    # (At most what the server refused: a request cancelled at the end of the test before may
+    # still reach it after its counts were reset.)
+    assert QUICK.attempts < error.throttled <= http_server.spoiled["503"]
     assert error.failed == 0
     # It gave up when the next retry could not start in time (waits are at most max_delay).
     assert error.elapsed > 0.5 - QUICK.max_delay
