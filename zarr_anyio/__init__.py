@@ -15,10 +15,13 @@ from ._core.adaptive import AdaptiveLimiter
 from ._core.limit import Limiter
 from .arrays import AsyncArray, AsyncGroup, Block
 from .storage import (
+    DEFAULT_DEADLINE,
     NO_RETRY,
     AnyioStore,
     ArchiveLocked,
     BlockingStore,
+    ClientRetriesWarning,
+    DeadlineExceeded,
     FetchRequest,
     FolderIsAKey,
     FsspecStore,
@@ -44,6 +47,7 @@ from .storage import (
 )
 
 __all__ = [
+    "DEFAULT_DEADLINE",
     "NO_RETRY",
     "AdaptiveLimiter",
     "AnyioStore",
@@ -52,6 +56,8 @@ __all__ = [
     "AsyncGroup",
     "Block",
     "BlockingStore",
+    "ClientRetriesWarning",
+    "DeadlineExceeded",
     "FetchRequest",
     "FolderIsAKey",
     "FsspecStore",

@@ -3,8 +3,10 @@ HTTP server with Range support that can count requests in flight and inject faul
 
 from __future__ import annotations
 
+import collections
 import http.client
 import logging
+import math
 import random
 import socket
 import subprocess
@@ -21,16 +23,25 @@ from urllib.parse import urlsplit
 import requests
 
 
-def s3fs_at(endpoint: str, **options: Any) -> Any:
-    """An s3fs filesystem speaking to the S3 server (or proxy, or fake) at ``endpoint``."""
+def s3fs_at(endpoint: str, *, client_retries: bool = False, **options: Any) -> Any:
+    """An s3fs filesystem speaking to the S3 server (or proxy, or fake) at ``endpoint``, with
+    its own retries and botocore's off (the store retries), unless ``client_retries``."""
     import s3fs
 
-    return s3fs.S3FileSystem(
+    if not client_retries:
+        # With its mode named, botocore leaves the dict (and so the filesystem's token) as is.
+        options.setdefault(
+            "config_kwargs", {"retries": {"total_max_attempts": 1, "mode": "standard"}}
+        )
+    fs = s3fs.S3FileSystem(
         key="testing",
         secret="testing",
         client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"},
         **options,
     )
+    if not client_retries:
+        fs.retries = 1
+    return fs
 
 
 class S3Server:
@@ -69,7 +80,7 @@ class S3Server:
             secret_access_key="testing",
             region="us-east-1",
             client_options={"allow_http": True},
-            **options,
+            **{"retry_config": {"max_retries": 0}, **options},  # the store retries
         )
 
 
@@ -129,6 +140,11 @@ class Faults:
     rate_limit: float | None = None  # requests a second admitted; beyond: 503 SlowDown
     rate_burst: int = 1  # how many requests may come at once within the rate
     concurrency_limit: int | None = None  # requests in flight admitted; beyond: 503 SlowDown
+    # At most `window_limit` requests admitted in any one second ("sliding", as API gateways
+    # count) or in each second of the clock ("fixed": the count resets on the second); beyond:
+    # 503 SlowDown at once. Refused requests are not counted against the limit.
+    window_limit: int | None = None
+    window_kind: str = "sliding"
     too_many_first: int = 0  # the first n requests are answered 429 (with `retry_after`)
     retry_after: str | None = None  # the Retry-After header of 429 and 503 answers
     hang_first: int = 0  # the first n requests hang until `release()` (or `hang_for` s)
@@ -184,6 +200,7 @@ class HTTPServer:
         self._lock = threading.Lock()
         self._release = threading.Event()
         self._rate_next = 0.0
+        self._admitted: collections.deque[float] = collections.deque()
         self.cancelled_mid_request = 0
         server = self
 
@@ -217,6 +234,8 @@ class HTTPServer:
                             fault = "limit"
                         else:
                             server._rate_next = slot + interval
+                    if fault is None and faults.window_limit is not None:
+                        fault = server._window_fault(now, faults)
                     if fault == "limit":
                         server.throttled += 1
                     elif fault:
@@ -358,6 +377,21 @@ class HTTPServer:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
+    def _window_fault(self, now: float, faults: Faults) -> str | None:
+        """Whether a window limit refuses a request arriving ``now`` (under ``_lock``)."""
+        admitted = self._admitted
+        if faults.window_kind == "fixed":
+            while admitted and math.floor(admitted[0]) != math.floor(now):
+                admitted.popleft()
+        else:
+            while admitted and admitted[0] <= now - 1.0:
+                admitted.popleft()
+        assert faults.window_limit is not None
+        if len(admitted) >= faults.window_limit:
+            return "limit"
+        admitted.append(now)
+        return None
+
     def start(self) -> None:
         self._thread.start()
 
@@ -385,6 +419,7 @@ class HTTPServer:
             self.paths.clear()
             self.answers.clear()
             self._rate_next = 0.0
+            self._admitted.clear()
             self._release = threading.Event()
 
 

@@ -11,6 +11,7 @@ page at a time), `_open` (`open_store`).
 
 from ._base import AnyioStore, BlockingStore, FetchRequest
 from ._beneath import LeavesRoot
+from ._client_retries import ClientRetriesWarning
 from ._fsspec import FsspecStore
 from ._http_range import RangeNotHonoured
 from ._keys import byte_range_slice, names_under
@@ -20,14 +21,17 @@ from ._memory import MemoryStore
 from ._obstore import ObjectStore
 from ._open import open_store, open_store_async
 from ._remote import RemoteStore, RequestStats
-from ._retry import NO_RETRY, RateLimit, Retry, RetryBudget
+from ._retry import DEFAULT_DEADLINE, NO_RETRY, DeadlineExceeded, RateLimit, Retry, RetryBudget
 from ._zip import ArchiveLocked, RewriteRefused, ZipNotRewrittenWarning, ZipStore
 
 __all__ = [
+    "DEFAULT_DEADLINE",
     "NO_RETRY",
     "AnyioStore",
     "ArchiveLocked",
     "BlockingStore",
+    "ClientRetriesWarning",
+    "DeadlineExceeded",
     "FetchRequest",
     "FolderIsAKey",
     "FsspecStore",

@@ -30,11 +30,17 @@ from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
 from ._base import PAGE_SIZE, Entry
+from ._client_retries import (
+    fsspec_options_without_retries,
+    turn_off_fsspec_retries,
+    warn_if_client_retries,
+)
 from ._http_range import get_range
 from ._keys import is_valid_key
 from ._redact import redact
 from ._remote import RemoteOptions, RemoteStore
 from ._retry import describe, http_status
+from ._sessions import close_session, close_when_collected
 
 __all__ = ["ALLOWED_EXCEPTIONS", "FsspecStore"]
 
@@ -82,24 +88,6 @@ def _fetch_limits(byte_range: ByteRequest | None) -> tuple[int | None, int | Non
     if isinstance(byte_range, SuffixByteRequest):
         return -byte_range.suffix, None
     raise TypeError(f"Unexpected byte_range, got {byte_range!r}.")
-
-
-async def _close_session(fs: Any) -> None:
-    """Close the network session of an ``asynchronous=True`` filesystem, on the loop it uses.
-
-    fsspec closes the sessions of its blocking instances when they are garbage-collected, but
-    leaves those of async instances to their owner. Only two shapes are known here: s3fs's
-    aiobotocore client context and the aiohttp session of fsspec's HTTP filesystem. Each is
-    reset to ``None`` first, so the filesystem makes a new one if it is used again.
-    """
-    creator = getattr(fs, "_s3creator", None)
-    if creator is not None and getattr(fs, "_s3", None) is not None:
-        fs._s3 = None
-        await creator.__aexit__(None, None, None)
-    session = getattr(fs, "_session", None)
-    if session is not None and hasattr(session, "close") and hasattr(session, "closed"):
-        fs._session = None
-        await session.close()
 
 
 _renew_lock = threading.Lock()
@@ -165,6 +153,7 @@ class FsspecStore(RemoteStore):
             raise TypeError(f"fs must be an fsspec filesystem or FSMap, got {type(fs).__name__}")
         if not isinstance(path, str):
             raise TypeError(f"path must be a str, got {type(path).__name__}")
+        warn_if_client_retries(fs, "FsspecStore")
         self.fs = fs
         self.path = path
         self.allowed_exceptions = allowed_exceptions
@@ -185,6 +174,8 @@ class FsspecStore(RemoteStore):
         )
         # A filesystem that from_url made is ours to close; one the caller passed is theirs.
         self._owns_fs = False
+        # The store that owns the filesystem, kept alive by a copy that reads through it.
+        self._session_owner: FsspecStore | None = None
         # The process whose filesystem self.fs is (see _filesystem).
         self._fs_pid = os.getpid()
         # open_store(str(store)) reaches this filesystem (its options, credentials) again
@@ -207,11 +198,14 @@ class FsspecStore(RemoteStore):
         # An instance of our own: an async filesystem's session belongs to the loop that first
         # used it, and fsspec would otherwise hand the same cached instance to other code.
         options = {"asynchronous": True, "skip_instance_cache": True, **(storage_options or {})}
-        fs, path = url_to_fs(url, **options)
+        # The client's own retries off (botocore's here, s3fs's below): ours see every throttle.
+        fs, path = url_to_fs(url, **fsspec_options_without_retries(url, options))
+        turn_off_fsspec_retries(fs)
         store = cls(
             fs, read_only=read_only, path=path, allowed_exceptions=allowed_exceptions, **kwargs
         )
         store._owns_fs = True
+        close_when_collected(store, fs)
         return store
 
     @classmethod
@@ -238,13 +232,16 @@ class FsspecStore(RemoteStore):
         )
 
     def _with_options(self, read_only: bool, options: dict[str, Any]) -> Self:
-        return type(self)(
+        copy = type(self)(
             self._filesystem(),
             read_only=read_only,
             path=self.path,
             allowed_exceptions=self.allowed_exceptions,
             **options,
         )
+        # The copy reads through our filesystem: while it lives, its session stays open.
+        copy._session_owner = self if self._owns_fs else self._session_owner
+        return copy
 
     def __str__(self) -> str:
         """The URL of the store's root (``s3://bucket/path``), credentials in it shown as
@@ -269,11 +266,14 @@ class FsspecStore(RemoteStore):
         state = super().__getstate__()
         state["fs"] = self._filesystem()
         del state["_fs_pid"]
+        state["_session_owner"] = None  # the copy in another process has a filesystem of its own
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._fs_pid = os.getpid()  # unpickling made the filesystem anew in this process
+        if self._owns_fs:
+            close_when_collected(self, self.fs)
 
     def _owned_session_on_bridge(self) -> bool:
         fs = self._filesystem()
@@ -283,12 +283,12 @@ class FsspecStore(RemoteStore):
         """Close the store; a filesystem made by `from_url` also closes its network session
         (it opens a new one if the store is used again)."""
         if self._owned_session_on_bridge():
-            run_blocking(lambda: _close_session(self.fs))
+            run_blocking(lambda: close_session(self.fs))
         super().close()
 
     async def aclose(self) -> None:
         if self._owned_session_on_bridge():
-            await run_on_loop(lambda: _close_session(self.fs))
+            await run_on_loop(lambda: close_session(self.fs))
         super().close()
 
     # ---------------------------------------------------------------- calling the filesystem

@@ -30,6 +30,7 @@ from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
 from ._base import PAGE_SIZE, Entry
+from ._client_retries import warn_if_client_retries
 from ._http_range import RangeNotHonoured, span
 from ._keys import check_byte_range, is_valid_key, validate_key
 from ._obstore_listing import Lister
@@ -157,8 +158,10 @@ class ObjectStore(RemoteStore):
     read_only
         Refuse every write.
     max_concurrency, limiter, adaptive, retry, retry_budget, timeout, rate_limit
-        See `RemoteStore`. obstore's own client retries too (its ``retry_config``); see the docs
-        for what each layer does.
+        See `RemoteStore`. The store retries; a client that retries too (obstore's default
+        ``retry_config``) hides its throttles from the window, so it draws a
+        `ClientRetriesWarning`: make it with ``retry_config={"max_retries": 0}``, as
+        `open_store` does.
     """
 
     store: Any
@@ -173,6 +176,7 @@ class ObjectStore(RemoteStore):
         if not type(store).__module__.startswith("obstore"):
             raise TypeError(f"expected an obstore store, got {store!r}")
         super().__init__(read_only=read_only, **options)
+        warn_if_client_retries(store, "ObjectStore")
         self.store = store
         # Set once the server has answered a range request with the whole object (see _fetch).
         self._ranges_ignored = False

@@ -44,6 +44,7 @@ from zarr_anyio._core.extras import require_for_url
 
 from . import _live
 from ._base import AnyioStore
+from ._client_retries import obstore_options_without_retries
 from ._fsspec import FsspecStore
 from ._local import LocalStore
 from ._localfs import check_root
@@ -256,7 +257,8 @@ def _from_string(
         require_for_url(url, scheme, backend="obstore")
         from obstore.store import from_url
 
-        client = from_url(url, **(storage_options or {}))
+        # The client's own retries off: the store retries, and its window sees every throttle.
+        client = from_url(url, **obstore_options_without_retries(storage_options))
         return ObjectStore(client, read_only=read_only, **kwargs)
     # Before asking fsspec: without it (or the package a scheme needs) the URL is not unknown,
     # just missing its extra, and the error should say which.
@@ -348,7 +350,7 @@ def _object_store_from_str(
     kind, inner = parsed.groups()
     positional = [value for name, value in _OBSTORE_ARG.findall(inner) if not name]
     named = {name: value for name, value in _OBSTORE_ARG.findall(inner) if name}
-    options = dict(storage_options or {})
+    options = obstore_options_without_retries(storage_options)
     prefix = named.get("prefix", "")
     from obstore.store import LocalStore as ObstoreLocal
     from obstore.store import from_url

@@ -30,7 +30,9 @@ from zarr_anyio._core.fork import reset_in_child
 from zarr_anyio._core.limit import adopt_copy, copy_in_process
 
 __all__ = [
+    "DEFAULT_DEADLINE",
     "NO_RETRY",
+    "DeadlineExceeded",
     "Failure",
     "RateLimit",
     "Retry",
@@ -42,6 +44,39 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+DEFAULT_DEADLINE = 120.0
+"""Seconds a request may keep being refused (throttled or failing) before it is given up on.
+
+Throttles are retried for as long as this allows, never against the retry budget: a server that
+paces us is not broken. Two minutes of refusals for one request is far beyond any pacing a
+healthy server does (S3 scales a prefix up within minutes, and every throttled request here
+waits at most ``Retry.max_delay`` between tries), and short enough that a server answering
+nothing but 503 is reported rather than waited on forever."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request the server kept refusing until the store's ``deadline`` passed.
+
+    Raised from the server's last answer; ``elapsed`` is how long the request had been tried,
+    ``throttled`` and ``failed`` how often the server asked it to slow down and how often it
+    failed otherwise.
+    """
+
+    def __init__(self, elapsed: float, throttled: int, failed: int, deadline: float) -> None:
+        self.elapsed = elapsed
+        self.throttled = throttled
+        self.failed = failed
+        self.deadline = deadline
+        super().__init__(
+            f"the server refused this request {throttled + failed} times over "
+            f"{elapsed:.1f} s ({throttled} of them asking to slow down); no retry could start "
+            f"within the store's deadline of {deadline:g} s (deadline=)"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.elapsed, self.throttled, self.failed, self.deadline))
+
 
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _THROTTLE_STATUS = frozenset({429, 503})
@@ -226,6 +261,9 @@ def describe(error: BaseException) -> Failure:
     missing key, a refused permission, a bad request fail the same way again). A
     ``FileNotFoundError`` raised *from* a 503 (fsspec's http ``info`` does that) is a 503.
     """
+    if isinstance(error, DeadlineExceeded):
+        # Already retried for as long as the caller allows: no layer above retries it again.
+        return _PERMANENT
     for current in _chain(error):
         obstore = _obstore_failure(current)
         if obstore is not None:
@@ -284,11 +322,13 @@ def parse_retry_after(value: object) -> float | None:
 class Retry:
     """How a remote store retries a request that failed transiently (see `is_transient`).
 
-    ``attempts`` counts the first try. Waits grow exponentially from ``base_delay`` up to
-    ``max_delay``, with full jitter (a random wait between 0 and the bound), so many clients
-    throttled at once do not come back at once. A server's ``Retry-After`` (seconds or an HTTP
-    date) lengthens the wait to what it asks, up to ``max_retry_after`` seconds. Permanent
-    errors are raised at once.
+    ``attempts`` counts the first try; it bounds the retries of failures (a 500, a dropped
+    connection, a timeout), not those of throttles (429, 503 ``SlowDown``), which go on until
+    the store's ``deadline``. ``attempts=1`` (`NO_RETRY`) retries nothing, throttles included.
+    Waits grow exponentially from ``base_delay`` up to ``max_delay``, with full jitter (a random
+    wait between 0 and the bound), so many clients throttled at once do not come back at once.
+    A server's ``Retry-After`` (seconds or an HTTP date) lengthens the wait to what it asks, up
+    to ``max_retry_after`` seconds. Permanent errors are raised at once.
     """
 
     attempts: int = 4
@@ -305,8 +345,10 @@ class Retry:
             raise ValueError(f"delays must be numbers of seconds, not negative, got {delays}")
 
     def delay(self, retry_number: int, retry_after: float | None = None) -> float:
-        """How long to wait before retry number ``retry_number`` (0 for the first)."""
-        wait = random.uniform(0, min(self.max_delay, self.base_delay * 2**retry_number))
+        """How long to wait before retry number ``retry_number`` (0 for the first); throttles
+        count their own retries (the n-th throttle of a request waits as the n-th retry)."""
+        # Capped exponent: a request throttled a thousand times must not overflow a float.
+        wait = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** min(retry_number, 64)))
         if retry_after is not None:
             wait = max(wait, min(retry_after, self.max_retry_after))
         return wait

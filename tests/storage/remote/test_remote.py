@@ -124,7 +124,8 @@ async def test_persistent_server_errors_give_up_after_the_attempts(
     http_server: HTTPServer, kind: str
 ) -> None:
     fill(http_server, 1)
-    http_server.faults = Faults(slow_down=1.0)
+    # Always 500: a failure counts against the attempts (a throttle would be paced instead).
+    http_server.faults = Faults(server_error=1.0)
     store = http_store(kind, http_server, retry=Retry(attempts=3, base_delay=0.001))
     with pytest.raises(Exception) as error:  # noqa: PT011 -- each client has its own type
         await store.get("c/0", PROTO)

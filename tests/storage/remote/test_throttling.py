@@ -244,7 +244,8 @@ async def test_a_spent_retry_budget_surfaces_errors_at_once(
     http_server: HTTPServer, kind: str
 ) -> None:
     fill(http_server, 1)
-    http_server.faults = Faults(slow_down=1.0)  # always 503
+    # Always 500: a failure (a throttle would be paced, not spent from the budget).
+    http_server.faults = Faults(server_error=1.0)
     budget = RetryBudget(capacity=50, retry_cost=5)  # ten retries
     store = http_store(kind, http_server, retry=QUICK, retry_budget=budget)
     sent = []
@@ -253,7 +254,7 @@ async def test_a_spent_retry_budget_surfaces_errors_at_once(
         with pytest.raises(Exception) as error:  # noqa: PT011 -- each client has its own type
             await store.get("c/0", PROTO)
         sent.append(http_server.requests - before)
-        assert describe(error.value).throttled
+        assert describe(error.value).status == 500
     # QUICK allows ten attempts: the first call spends nine retries of the budget's ten, the
     # second one, the third none: a bounded number of requests, and a clear word why.
     assert sent == [10, 2, 1]
