@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from servers import S3ServerProcess
+from support.servers import S3ServerProcess
 
 CONTENDERS = [
     "zarr-anyio copy (fsspec)",

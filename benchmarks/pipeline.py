@@ -42,10 +42,10 @@ import zarr.codecs
 import zarr.storage
 
 import zarr_anyio
-import zarr_anyio._pipeline  # registers the pipeline
 import zarr_anyio.api as za
+import zarr_anyio.arrays  # registers the pipeline
 
-OURS = "zarr_anyio._pipeline.AnyioCodecPipeline"
+OURS = "zarr_anyio.arrays.AnyioCodecPipeline"
 ZARR = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 ZARRS = "zarrs.ZarrsCodecPipeline"
 MIB = 1 << 20

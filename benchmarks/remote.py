@@ -41,15 +41,15 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 import zarr_anyio
-from zarr_anyio._bridge import run_on_loop
-from zarr_anyio._threads import run_in_worker
+from zarr_anyio._core.bridge import run_on_loop
+from zarr_anyio._core.threads import run_in_worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throttling
 from processes import server_process
 from run import median_results, median_seconds
-from servers import S3ServerProcess
+from support.servers import S3ServerProcess
 
 HERE = Path(__file__).resolve().parent
 

@@ -3,11 +3,14 @@ process of its own, so that its CPU time (and its GIL) is not the client's.
 
     python benchmarks/throttle_http.py --delay 0.02 --rate 300
     python benchmarks/throttle_http.py --delay 0.1 --concurrency 48
+    python benchmarks/throttle_http.py --delay 0.02 --window 300 [--window-kind fixed]
     python benchmarks/throttle_http.py --delay 0.2
 
 Every GET or HEAD of any path is answered with ``size`` bytes after ``delay`` seconds, unless a
 limit refuses it at once with S3's ``503 SlowDown``: ``--rate`` admits that many requests a
-second (a token bucket with ``--burst``), ``--concurrency`` that many in flight. ``GET
+second (a token bucket with ``--burst``), ``--concurrency`` that many in flight, ``--window``
+that many in any one second (a sliding window, as API gateways count; ``--window-kind fixed``:
+in each second of the clock, the count reset on the second). ``GET
 /__stats__`` gives the server's own counts as JSON (and the times of its answers), ``POST
 /__reset__`` zeroes them. Prints ``http://127.0.0.1:PORT`` on its first line, serves until its
 standard input closes.
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
+import math
 import sys
 import time
 
@@ -40,6 +45,7 @@ class Counts:
         self.in_flight = 0
         self.most_in_flight = 0
         self.next_slot = 0.0
+        self.window: collections.deque[float] = collections.deque()  # admitted, last second
         self.answers: list[tuple[float, bool]] = []  # (time, admitted)
 
 
@@ -57,6 +63,17 @@ async def serve(args: argparse.Namespace) -> None:
             if slot - now > (args.burst - 1) * interval:
                 return False
             counts.next_slot = slot + interval
+        if args.window:
+            admitted = counts.window
+            if args.window_kind == "fixed":
+                while admitted and math.floor(admitted[0]) != math.floor(now):
+                    admitted.popleft()
+            else:
+                while admitted and admitted[0] <= now - 1.0:
+                    admitted.popleft()
+            if len(admitted) >= args.window:
+                return False
+            admitted.append(now)
         return True
 
     async def answer(request: web.Request) -> web.Response:
@@ -115,6 +132,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="requests/s admitted (0: any)")
     parser.add_argument("--burst", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=0, help="in flight (0: any)")
+    parser.add_argument("--window", type=int, default=0, help="in any 1 s (0: any)")
+    parser.add_argument("--window-kind", choices=["sliding", "fixed"], default="sliding")
     asyncio.run(serve(parser.parse_args()))
 
 

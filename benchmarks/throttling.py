@@ -1,13 +1,18 @@
 """Remote stores against throttling servers, beside zarr.storage's stores on the same servers.
 
     python benchmarks/throttling.py                 # every scenario, then the plot
-    python benchmarks/throttling.py --only rate     # one of: rate, concurrency, plain, plot
+    python benchmarks/throttling.py --only rate     # one of: rate, sliding, fixed,
+                                                    # concurrency, plain, plot
 
 Each server is `throttle_http.py` in a process of its own; every count is the server's own.
 
 * **rate**: a server admitting 300 requests/s (20 ms each), S3's 503 SlowDown beyond; 1,500 x
   4 KiB read with ``get_partial_values``, at max_concurrency 32, 128 and 256. Target: >= 95% of
   the admitted rate, <= 5% of requests throttled, never a failure.
+* **sliding**: a server admitting at most 300 requests in any one second (a sliding window, as
+  API gateways count), 503 SlowDown at once beyond, 20 ms; the same reads. **fixed**: 300 in
+  each second of the clock (the count resets on the second). Target: every read arrives (a
+  throttle is paced, never a failure), >= 90% of the admitted rate, <= 10% throttled.
 * **concurrency**: a server admitting 48 requests in flight (100 ms each), 503 beyond. Target:
   >= 90% of 480 requests/s, <= 5% throttled.
 * **plain**: an unthrottled 200 ms server, ceiling 128: the adaptive window against a fixed
@@ -120,20 +125,27 @@ def read_zarrs(store: Any, count: int, concurrency: int) -> float:
     return time.perf_counter() - started
 
 
-def row(name: str, url: str, count: int, seconds: float | None, admitted: float) -> str:
+def row(
+    name: str, url: str, count: int, seconds: float | None, admitted: float, store: Any = None
+) -> str:
+    """One client's line; ``seen`` is how many of the server's throttles the store counted."""
     counts = server_counts(url)
     throttled = counts["throttled"] / max(1, counts["requests"])
     if seconds is None:
         return f"{name:44s} {'fails':>8s} {'':>7s} {throttled:10.0%} {counts['requests']:9d}"
     rate = count / seconds
+    seen = ""
+    if isinstance(store, zarr_anyio.RemoteStore):
+        seen = f"{store.stats().throttled}/{counts['throttled']}"
     return (
         f"{name:44s} {rate:8.0f} {rate / admitted:7.0%} {throttled:10.0%} "
-        f"{counts['requests']:9d} {counts['most_in_flight']:7d}"
+        f"{counts['requests']:9d} {counts['most_in_flight']:7d} {seen:>11s}"
     )
 
 
 HEADER = (
     f"{'client':44s} {'reads/s':>8s} {'share':>7s} {'throttled':>10s} {'requests':>9s} {'most':>7s}"
+    f" {'seen':>11s}"
 )
 
 
@@ -144,13 +156,17 @@ def run_all(url: str, count: int, admitted: float, ceilings: list[int], knee: in
     for name, store in stores(url, knee, adaptive=False).items():
         reset(url)
         seconds = read_ours(store, count)
-        lines.append(row(f"{name}, fixed window {knee} (oracle)", url, count, seconds, admitted))
+        lines.append(
+            row(f"{name}, fixed window {knee} (oracle)", url, count, seconds, admitted, store)
+        )
         store.close()
     for ceiling in ceilings:
         for name, store in stores(url, ceiling).items():
             reset(url)
             seconds = read_ours(store, count)
-            lines.append(row(f"{name}, max_concurrency={ceiling}", url, count, seconds, admitted))
+            lines.append(
+                row(f"{name}, max_concurrency={ceiling}", url, count, seconds, admitted, store)
+            )
             store.close()
     for name, store in zarr_stores(url).items():
         reset(url)
@@ -174,6 +190,15 @@ def close_zarrs(store: Any) -> None:
 def bench_rate(count: int, ceilings: list[int]) -> list[str]:
     lines = [f"\n## Rate-limited server: 300 requests/s admitted, 20 ms, {count} x 4 KiB"]
     with server("--delay=0.02", "--rate=300") as url:
+        lines += run_all(url, count, 300.0, ceilings, knee=7)
+    return lines
+
+
+def bench_window(count: int, ceilings: list[int], kind: str) -> list[str]:
+    lines = [
+        f"\n## {kind.capitalize()}-window server: 300 requests in a second, 20 ms, {count} x 4 KiB"
+    ]
+    with server("--delay=0.02", "--window=300", f"--window-kind={kind}") as url:
         lines += run_all(url, count, 300.0, ceilings, knee=7)
     return lines
 
@@ -262,15 +287,21 @@ def bench_plot(count: int, path: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--only", choices=["rate", "concurrency", "plain", "plot"])
+    parser.add_argument(
+        "--only", choices=["rate", "sliding", "fixed", "concurrency", "plain", "plot"]
+    )
+    parser.add_argument("--ceilings", default="32,128,256", help="comma-separated")
     parser.add_argument("--count", type=int, default=1500)
     args = parser.parse_args(argv)
     load = os.getloadavg()
     print(f"# throttling benchmarks (python {sys.version.split()[0]}, zarr {zarr.__version__})")
     print(f"# load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    ceilings = [32, 128, 256]
+    ceilings = [int(c) for c in args.ceilings.split(",")]
     if args.only in (None, "rate"):
         print("\n".join(bench_rate(args.count, ceilings)), flush=True)
+    for kind in ("sliding", "fixed"):
+        if args.only in (None, kind):
+            print("\n".join(bench_window(args.count, ceilings, kind)), flush=True)
     if args.only in (None, "concurrency"):
         print("\n".join(bench_concurrency(args.count * 2, ceilings)), flush=True)
     if args.only in (None, "plain"):

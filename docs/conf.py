@@ -2,7 +2,7 @@
 
 Sphinx rather than MkDocs: its configuration can live in ``docs/`` beside the pages (the top of
 the repository holds only what it holds), so the pages stay where the tests, the README and the
-other branches expect them (``docs/*.md``, run by ``tests/test_docs.py``); MkDocs needs its pages
+other branches expect them (``docs/*.md``, run by ``tests/docs/test_docs.py``); MkDocs needs its pages
 in a folder below its configuration. Autodoc with napoleon reads the numpy-style docstrings as
 they are. Built with warnings as errors by ``python3 tests/dev.py docs`` (CI runs it after lint).
 """
@@ -17,6 +17,8 @@ root_doc = "index"
 exclude_patterns = ["_build", "README.md"]
 
 myst_heading_anchors = 3
+# The glossary is a definition list.
+myst_enable_extensions = ["deflist"]
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 autodoc_member_order = "bysource"

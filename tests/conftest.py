@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-import zarr_anyio.local
-from doubles import InFlight
-from servers import HTTPServer, S3Server
+import zarr_anyio.storage._local
+from support.doubles import ConcurrencyProbe
+from support.servers import HTTPServer, S3Server
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -41,15 +41,15 @@ def http_server(http_server_session: HTTPServer) -> HTTPServer:
 
 
 @pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], InFlight]:
-    """Replaces LocalStore's blocking read with an `InFlight` counter; give it ``hold_until``."""
+def reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], ConcurrencyProbe]:
+    """Replaces LocalStore's blocking read with a `ConcurrencyProbe`; give it ``hold_until``."""
 
-    def install(hold_until: int) -> InFlight:
-        double = InFlight(zarr_anyio.local._read_file, hold_until)
-        monkeypatch.setattr(zarr_anyio.local, "_read_file", double)
+    def install(hold_until: int) -> ConcurrencyProbe:
+        double = ConcurrencyProbe(zarr_anyio.storage._localfs.read_file, hold_until)
+        monkeypatch.setattr(zarr_anyio.storage._local, "read_file", double)
         # Every read to a thread, where the double counts it (small cached reads are otherwise
-        # made on the event loop, without a hop; tests/test_large_reads.py covers those).
-        monkeypatch.setattr(zarr_anyio.local.LocalStore, "_reads_on_loop", False)
+        # made on the event loop, without a hop; storage/local/test_local_reads.py covers those).
+        monkeypatch.setattr(zarr_anyio.storage._local.LocalStore, "_reads_on_loop", False)
         return double
 
     return install

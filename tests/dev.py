@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     for command in (
         (py, "-m", "ruff", "check", "zarr_anyio", "tests", "benchmarks"),
         (py, "-m", "ruff", "format", "--check", "zarr_anyio", "tests", "benchmarks"),
-        (py, "-m", "mypy", "--strict", "zarr_anyio"),
+        (py, "-m", "mypy", "--strict", "zarr_anyio", "tests"),
     ):
         if code := _run(*command):
             return code

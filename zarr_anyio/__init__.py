@@ -2,44 +2,81 @@
 
 ``zarr_anyio.api`` is zarr's async array and group API for both; `AsyncArray` and `AsyncGroup`
 wrap zarr's arrays and groups for it.
+
+The package is layered, and imports run one way (``cli → storage → _core``, ``api → arrays →
+storage → _core``): `zarr_anyio._core` is the concurrency engine (loops, limiters, worker
+threads, the asyncio bridge), `zarr_anyio.storage` the stores, `zarr_anyio.arrays` zarr's arrays
+and groups from any event loop, `zarr_anyio.cli` the ``zarr-anyio`` command. Every public name is
+re-exported here.
 """
 
 from . import api
-from ._adaptive import AdaptiveLimiter
-from ._base import AnyioStore, BlockingStore, FetchRequest
-from ._blocks import Block
-from ._keys import byte_range_slice, names_under
-from ._limit import Limiter
-from ._nodes import AsyncArray, AsyncGroup
-from ._open import open_store, open_store_async
-from ._remote import RemoteStore, RequestStats
-from ._retry import NO_RETRY, RateLimit, Retry, RetryBudget
-from .fsspec import FsspecStore
-from .local import LeavesRoot, LocalStore
-from .memory import MemoryStore
-from .object import ObjectStore
-from .zip import ZipStore
+from ._core.adaptive import AdaptiveLimiter
+from ._core.limit import Limiter
+from .arrays import AnyioCodecPipeline, AsyncArray, AsyncGroup, Block
+from .storage import (
+    DEFAULT_DEADLINE,
+    NO_RETRY,
+    AnyioStore,
+    ArchiveLocked,
+    BlockingStore,
+    ClientRetriesWarning,
+    DeadlineExceeded,
+    FetchRequest,
+    FolderIsAKey,
+    FsspecStore,
+    KeyConflict,
+    KeyIsAFolder,
+    LeavesRoot,
+    LocalStore,
+    MemoryStore,
+    ObjectStore,
+    RangeNotHonoured,
+    RateLimit,
+    RemoteStore,
+    RequestStats,
+    Retry,
+    RetryBudget,
+    RewriteRefused,
+    ZipNotRewrittenWarning,
+    ZipStore,
+    byte_range_slice,
+    names_under,
+    open_store,
+    open_store_async,
+)
 
 __all__ = [
+    "DEFAULT_DEADLINE",
     "NO_RETRY",
     "AdaptiveLimiter",
+    "AnyioCodecPipeline",
     "AnyioStore",
+    "ArchiveLocked",
     "AsyncArray",
     "AsyncGroup",
     "Block",
     "BlockingStore",
+    "ClientRetriesWarning",
+    "DeadlineExceeded",
     "FetchRequest",
+    "FolderIsAKey",
     "FsspecStore",
+    "KeyConflict",
+    "KeyIsAFolder",
     "LeavesRoot",
     "Limiter",
     "LocalStore",
     "MemoryStore",
     "ObjectStore",
+    "RangeNotHonoured",
     "RateLimit",
     "RemoteStore",
     "RequestStats",
     "Retry",
     "RetryBudget",
+    "RewriteRefused",
+    "ZipNotRewrittenWarning",
     "ZipStore",
     "api",
     "byte_range_slice",

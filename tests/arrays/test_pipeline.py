@@ -1,0 +1,630 @@
+"""Our codec pipeline against zarr's own, on the same arrays and selections.
+
+Each property test builds an array with zarr's default pipeline, then reads (or writes) a random
+selection through ours and through zarr's, and compares: the values, the chunks stored, which
+chunks are missing. The async tests drive the pipeline directly, under asyncio and trio, for what
+zarr's API cannot show: the store's bound, cancellation, errors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+import zarr
+import zarr.codecs
+import zarr.storage
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from zarr.abc.store import ByteRequest
+from zarr.core.array_spec import ArrayConfig, ArraySpec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.codec_pipeline import BatchedCodecPipeline
+from zarr.storage import StorePath
+from zarr.testing.strategies import basic_indices, orthogonal_indices
+
+import zarr_anyio
+from zarr_anyio.arrays import AnyioCodecPipeline
+
+OURS = "zarr_anyio.arrays.AnyioCodecPipeline"
+ZARRS = "zarr.core.codec_pipeline.BatchedCodecPipeline"
+
+SETTINGS = settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@contextmanager
+def pipeline(path: str) -> Iterator[None]:
+    with zarr.config.set({"codec_pipeline.path": path}):
+        yield
+
+
+def opened(store: Any, path: str) -> zarr.Array[Any]:
+    """The array in ``store``, opened so that it reads through the pipeline ``path``."""
+    with pipeline(path):
+        array = zarr.open_array(store, mode="r+")
+    assert type(array._async_array.codec_pipeline).__name__ == path.rsplit(".", 1)[1]
+    return array
+
+
+# ---------------------------------------------------------------- arrays of every kind
+
+CODECS = [
+    "raw",
+    "zstd",
+    "gzip+crc32c",
+    "transpose+zstd",
+    "big-endian",
+    "sharding",
+    "sharding+zstd-inner",
+    "v2-zlib",
+    "v2-raw",
+]
+
+
+def _create(
+    store: Any,
+    kind: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: str,
+    fill_value: int,
+    write_empty: bool,
+) -> zarr.Array[Any]:
+    common: dict[str, Any] = {
+        "shape": shape,
+        "dtype": dtype,
+        "fill_value": fill_value,
+        "config": {"write_empty_chunks": write_empty},
+    }
+    if kind.startswith("v2"):
+        compressor: Any = None
+        if kind == "v2-zlib":
+            import numcodecs
+
+            compressor = numcodecs.Zlib(level=1)
+        return zarr.create_array(
+            store, chunks=chunks, zarr_format=2, compressors=compressor, **common
+        )
+    serializer: Any = "auto"
+    filters: Any = None
+    compressors: Any = None
+    shards = None
+    if kind == "zstd":
+        compressors = zarr.codecs.ZstdCodec(level=1)
+    elif kind == "gzip+crc32c":
+        compressors = [zarr.codecs.GzipCodec(level=1), zarr.codecs.Crc32cCodec()]
+    elif kind == "transpose+zstd":
+        filters = [zarr.codecs.TransposeCodec(order=tuple(reversed(range(len(shape)))))]
+        compressors = zarr.codecs.ZstdCodec(level=1)
+    elif kind == "big-endian":
+        serializer = zarr.codecs.BytesCodec(endian="big")
+    elif kind.startswith("sharding"):
+        # A shard of up to two chunks per dimension, the last shard partial.
+        shards = tuple(c * 2 for c in chunks)
+        if kind == "sharding+zstd-inner":
+            compressors = zarr.codecs.ZstdCodec(level=1)
+    return zarr.create_array(
+        store,
+        chunks=chunks,
+        shards=shards,
+        serializer=serializer,
+        filters=filters,
+        compressors=compressors,
+        **common,
+    )
+
+
+@st.composite
+def arrays_and_data(draw: st.DrawFn, tmp_root: Path) -> tuple[zarr.Array[Any], np.ndarray, Any]:
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    chunks = tuple(draw(st.integers(1, n + 1)) for n in shape)
+    kind = draw(st.sampled_from(CODECS))
+    dtype = draw(st.sampled_from(["i2", "f4", "u1", "f8"]))
+    if kind == "big-endian" and dtype == "u1":
+        dtype = "i4"
+    fill_value = draw(st.integers(0, 5))
+    write_empty = draw(st.booleans())
+    store_kind = draw(st.sampled_from(["local", "memory", "zarr-memory", "zip"]))
+    store: Any
+    if store_kind == "local":
+        store = zarr_anyio.LocalStore(tmp_root / f"{uuid.uuid4().hex}")
+    elif store_kind == "memory":
+        store = zarr_anyio.MemoryStore()
+    elif store_kind == "zip":
+        store = zarr_anyio.ZipStore(tmp_root / f"{uuid.uuid4().hex}.zip", mode="w")
+    else:
+        store = zarr.storage.MemoryStore()
+    with pipeline(ZARRS):
+        array = _create(store, kind, shape, chunks, dtype, fill_value, write_empty)
+        data = np.full(shape, fill_value, dtype=dtype)
+        # Some chunks written, some left missing, some holding only the fill value.
+        region = draw(basic_indices(shape=shape, allow_ellipsis=False))
+        values = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape) % 7
+        data[region] = values[region]
+        array[region] = values[region]
+    return array, data, store
+
+
+@pytest.fixture
+def tmp_root(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@SETTINGS
+@given(data=st.data())
+def test_reads_match_zarrs_pipeline(data: st.DataObject, tmp_root: Path) -> None:
+    array, expected, store = data.draw(arrays_and_data(tmp_root))
+    ours, theirs = opened(store, OURS), opened(store, ZARRS)
+    np.testing.assert_array_equal(ours[...], expected)
+    for _ in range(3):
+        kind = data.draw(st.sampled_from(["basic", "orthogonal", "coordinate", "mask", "block"]))
+        if kind == "basic":
+            selection = data.draw(basic_indices(shape=array.shape))
+            np.testing.assert_array_equal(ours[selection], theirs[selection])
+            np.testing.assert_array_equal(ours[selection], expected[selection])
+        elif kind == "orthogonal":
+            zarr_sel, numpy_sel = data.draw(orthogonal_indices(shape=array.shape))
+            np.testing.assert_array_equal(ours.oindex[zarr_sel], expected[numpy_sel])
+        elif kind == "coordinate":
+            count = data.draw(st.integers(1, 6))
+            coords = tuple(
+                np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=count, max_size=count)))
+                for n in array.shape
+            )
+            np.testing.assert_array_equal(ours.vindex[coords], expected[coords])
+        elif kind == "mask":
+            mask = np.array(
+                data.draw(st.lists(st.booleans(), min_size=expected.size, max_size=expected.size))
+            ).reshape(expected.shape)
+            np.testing.assert_array_equal(ours.vindex[mask], expected[mask])
+        else:
+            block = tuple(
+                data.draw(st.integers(0, -(-n // c) - 1))
+                for n, c in zip(array.shape, array.shards or array.chunks, strict=True)
+            )
+            np.testing.assert_array_equal(ours.blocks[block], theirs.blocks[block])
+
+
+def _stored(store: Any, *, metadata: bool = False) -> dict[str, bytes]:
+    async def collect() -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        async for key in store.list():
+            if not metadata and key.endswith(("zarr.json", ".zarray", ".zattrs", ".zgroup")):
+                continue
+            value = await store.get(key, default_buffer_prototype())
+            found[key] = value.to_bytes()
+        return found
+
+    return zarr.core.sync.sync(collect())
+
+
+@SETTINGS
+@given(data=st.data())
+def test_writes_match_zarrs_pipeline(data: st.DataObject, tmp_root: Path) -> None:
+    array, _, store = data.draw(arrays_and_data(tmp_root))
+    # The same array again, byte for byte, in memory: written through zarr's pipeline.
+    twin_store = zarr.storage.MemoryStore()
+    for key, stored in _stored(store, metadata=True).items():
+        zarr.core.sync.sync(
+            twin_store.set(key, default_buffer_prototype().buffer.from_bytes(stored))
+        )
+    ours = opened(store, OURS)
+    theirs = opened(twin_store, ZARRS)
+    for _ in range(2):
+        kind = data.draw(st.sampled_from(["basic", "orthogonal", "scalar", "coordinate"]))
+        if kind in ("basic", "scalar"):
+            selection = data.draw(basic_indices(shape=array.shape, allow_ellipsis=False))
+            target = np.empty(array.shape)[selection].shape
+            value: Any = (
+                data.draw(st.integers(0, 9))
+                if kind == "scalar"
+                else (np.arange(int(np.prod(target))).reshape(target) % 5).astype(array.dtype)
+            )
+            ours[selection] = value
+            theirs[selection] = value
+        elif kind == "orthogonal":
+            zarr_sel, _ = data.draw(orthogonal_indices(shape=array.shape))
+            ours.oindex[zarr_sel] = 3
+            theirs.oindex[zarr_sel] = 3
+        else:
+            coords = tuple(np.array([n - 1, 0]) for n in array.shape)
+            ours.vindex[coords] = 4
+            theirs.vindex[coords] = 4
+        np.testing.assert_array_equal(ours[...], theirs[...])
+    assert _stored(store) == _stored(twin_store)
+
+
+# ---------------------------------------------------------------- the async surface, both backends
+
+
+class SlowDisk(zarr_anyio.LocalStore):
+    """A LocalStore whose reads take a while and are counted while they run."""
+
+    delay = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+        self.done = 0
+        self.into = 0
+
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            time.sleep(self.delay)
+            yield
+        finally:
+            with self.lock:
+                self.running -= 1
+                self.done += 1
+
+    def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> Any:
+        with self._counted():
+            return super()._read_blocking(key, byte_range)
+
+    def _set_blocking(self, key: str, value: memoryview, check_cancelled: Any) -> None:
+        with self._counted():
+            super()._set_blocking(key, value, check_cancelled)
+
+    def _read_into_blocking(self, key: str, into: memoryview) -> Any:
+        self.into += 1
+        with self._counted():
+            return super()._read_into_blocking(key, into)
+
+
+def _items(array: zarr.Array[Any], store: Any, start: int, stop: int) -> list[Any]:
+    """What zarr gives a pipeline to read ``array[start:stop]`` of a 1-D array."""
+    (chunk,) = array.chunks
+    spec = ArraySpec(
+        shape=(chunk,),
+        dtype=array.metadata.data_type,  # type: ignore[union-attr]
+        fill_value=array.fill_value,
+        config=ArrayConfig.from_dict({}),
+        prototype=default_buffer_prototype(),
+    )
+    items = []
+    for index in range(start // chunk, -(-stop // chunk)):
+        low, high = max(start, index * chunk), min(stop, (index + 1) * chunk)
+        key = f"{array.path}/{array.metadata.encode_chunk_key((index,))}".lstrip("/")
+        items.append(
+            (
+                StorePath(store, key),
+                spec,
+                (slice(low - index * chunk, high - index * chunk, 1),),
+                (slice(low - start, high - start),),
+                high - low == chunk,
+            )
+        )
+    return items
+
+
+async def _made(
+    store: Any,
+    length: int,
+    chunk: int,
+    dtype: str,
+    values: Any,
+    upto: int | None = None,
+    **kwargs: Any,
+) -> tuple[zarr.Array[Any], AnyioCodecPipeline]:
+    """A 1-D array written up to ``upto``, and our pipeline for it (made by zarr's sync API, in
+    a thread: it must not run on the test's event loop)."""
+
+    def make() -> tuple[zarr.Array[Any], AnyioCodecPipeline]:
+        array = zarr.create_array(store, shape=(length,), chunks=(chunk,), dtype=dtype, **kwargs)
+        array[:upto] = values[:upto] if isinstance(values, np.ndarray) else values
+        with pipeline(OURS):
+            found = zarr.open_array(store, mode="r")._async_array.codec_pipeline
+        assert isinstance(found, AnyioCodecPipeline)
+        return array, found
+
+    return await anyio.to_thread.run_sync(make)
+
+
+def _out(length: int, dtype: Any) -> Any:
+    return default_buffer_prototype().nd_buffer.create(
+        shape=(length,), dtype=np.dtype(dtype), fill_value=99
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("kind", ["local", "memory"])
+async def test_read_under_both_backends(tmp_path: Path, compressed: bool, kind: str) -> None:
+    store: Any = (
+        zarr_anyio.LocalStore(tmp_path / "a") if kind == "local" else zarr_anyio.MemoryStore()
+    )
+    values = np.arange(1000, dtype="i4")
+    compressors = zarr.codecs.ZstdCodec(level=1) if compressed else None
+    # The chunks after 700 are missing.
+    array, ours = await _made(
+        store, 1000, 7, "i4", values, 700, fill_value=5, compressors=compressors
+    )
+    out = _out(990, "i4")
+    statuses = await ours.read(_items(array, store, 3, 993), out)
+    expected = np.where(np.arange(1000) < 700, values, 5)[3:993]
+    np.testing.assert_array_equal(out.as_numpy_array(), expected)
+    missing = [s["status"] for s in statuses].count("missing")
+    assert missing == len(range(700 // 7, -(-993 // 7)))
+
+
+@pytest.mark.anyio
+async def test_reads_hold_the_stores_limiter(tmp_path: Path) -> None:
+    # Three tokens, two of them held by someone else: one left for the pipeline's hops.
+    limiter = zarr_anyio.Limiter(3)
+    store = SlowDisk(tmp_path / "a", limiter=limiter)
+    array, ours = await _made(store, 4000, 10, "u1", 1, compressors=None)
+    store.delay = 0.0005
+    store.peak = 0
+    out = _out(4000, "u1")
+    limiter.acquire_nowait()
+    limiter.acquire_nowait()
+    try:
+        await ours.read(_items(array, store, 0, 4000), out)
+    finally:
+        limiter.release()
+        limiter.release()
+    assert store.peak == 1  # one read at a time, however many hops the pipeline runs
+    np.testing.assert_array_equal(out.as_numpy_array(), 1)
+    assert limiter.statistics().borrowed_tokens == 0
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_read_leaves_nothing_running(tmp_path: Path) -> None:
+    store = SlowDisk(tmp_path / "a")
+    array, ours = await _made(store, 20000, 10, "u1", 1, compressors=None)
+    store.delay = 0.001
+    before = store.done
+    out = _out(20000, "u1")
+
+    async def read_then_cancel() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ours.read, _items(array, store, 0, 20000), out)
+            while store.done == before:
+                await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+
+    await read_then_cancel()
+    assert store.running == 0  # every hop waited for its thread
+    done = store.done
+    assert 0 < done - before < 2000
+    await anyio.sleep(0.05)
+    assert store.done == done  # and none goes on reading afterwards
+    assert store.limiter.statistics().borrowed_tokens == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("kind", ["local", "memory"])
+async def test_write_under_both_backends(tmp_path: Path, compressed: bool, kind: str) -> None:
+    store: Any = (
+        zarr_anyio.LocalStore(tmp_path / "a") if kind == "local" else zarr_anyio.MemoryStore()
+    )
+    compressors = zarr.codecs.ZstdCodec(level=1) if compressed else None
+    values = np.arange(1000, dtype="i4")
+    array, ours = await _made(
+        store, 1000, 7, "i4", values, 500, fill_value=5, compressors=compressors
+    )
+    new = default_buffer_prototype().nd_buffer.from_numpy_array(-values[3:993])
+    await ours.write(_items(array, store, 3, 993), new)
+    expected = np.concatenate([values[:3], -values[3:993], np.full(7, 5)])
+    expected[993:] = 5
+    got = np.asarray(await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[:]))
+    np.testing.assert_array_equal(got, expected)
+    # The chunks wholly past 993 were never written: still missing.
+    keys = await anyio.to_thread.run_sync(lambda: sorted(_stored(store)))
+    assert len(keys) == -(-993 // 7)
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_write_leaves_nothing_running(tmp_path: Path) -> None:
+    store = SlowDisk(tmp_path / "a")
+    array, ours = await _made(store, 20000, 10, "u1", 1, 10, compressors=None)
+    store.delay = 0.001
+    before = store.done
+    new = default_buffer_prototype().nd_buffer.from_numpy_array(np.full(20000, 2, dtype="u1"))
+
+    async def write_then_cancel() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ours.write, _items(array, store, 0, 20000), new)
+            while store.done == before:
+                await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+
+    await write_then_cancel()
+    assert store.running == 0
+    done = store.done
+    assert 0 < done - before < 2000
+    await anyio.sleep(0.05)
+    assert store.done == done
+    assert store.limiter.statistics().borrowed_tokens == 0
+    # Each chunk holds its old value or its new one, never a torn one.
+    got = np.asarray(await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[:]))
+    assert set(np.unique(got)) <= {0, 1, 2}
+    assert all(len(set(got[i : i + 10])) == 1 for i in range(0, 20000, 10))
+
+
+class SlowMemory(zarr_anyio.MemoryStore):
+    """A MemoryStore whose reads wait a little, counted while they run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.running = self.peak = self.done = 0
+
+    async def _backend_get(self, key: str, prototype: Any, byte_range: Any) -> Any:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await anyio.sleep(0.002)
+            return await super()._backend_get(key, prototype, byte_range)
+        finally:
+            self.running -= 1
+            self.done += 1
+
+
+@pytest.mark.anyio
+async def test_fetches_through_the_store_are_bounded_and_cancelled() -> None:
+    store = SlowMemory(max_concurrency=4)
+    array, ours = await _made(store, 3000, 10, "i2", 1)
+    store.peak = 0
+    out = _out(3000, "i2")
+    await ours.read(_items(array, store, 0, 3000), out)
+    np.testing.assert_array_equal(out.as_numpy_array(), 1)
+    assert store.peak == 4  # as many fetches as the store's bound, no more
+    before = store.done
+
+    async def read_then_cancel() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ours.read, _items(array, store, 0, 3000), out)
+            while store.done == before:
+                await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+
+    await read_then_cancel()
+    assert store.running == 0
+    done = store.done
+    await anyio.sleep(0.02)
+    assert store.done == done < before + 300
+
+
+@pytest.mark.anyio
+async def test_a_failing_read_raises_its_own_error(tmp_path: Path) -> None:
+    store = zarr_anyio.LocalStore(tmp_path / "a")
+    array, ours = await _made(store, 100, 10, "i4", 1, compressors=None)
+    # A chunk of the wrong length: zarr's bytes codec cannot shape it.
+    (tmp_path / "a" / "c" / "3").write_bytes(b"xyz")
+    with pytest.raises(ValueError) as theirs:  # noqa: PT011 (the message is compared below)
+        await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[:])
+    with pytest.raises(ValueError, match=re.escape(str(theirs.value))):
+        await ours.read(_items(array, store, 0, 100), _out(100, "i4"))
+
+
+def test_sync_api_through_zarr_anyio_and_zarrs_stores(tmp_path: Path) -> None:
+    # zarr's own sync API on zarr's own LocalStore: our pipeline through the generic path.
+    store = zarr.storage.LocalStore(tmp_path / "z")
+    values = np.arange(64 * 64, dtype="f4").reshape(64, 64)
+    with pipeline(OURS):
+        array = zarr.create_array(store, shape=(64, 64), chunks=(16, 8), dtype="f4")
+        array[:] = values
+        np.testing.assert_array_equal(array[:], values)
+        np.testing.assert_array_equal(array[5:50:3, 7], values[5:50:3, 7])
+    assert len(os.listdir(tmp_path / "z" / "c")) == 4
+
+
+@pytest.mark.parametrize(
+    ("chunks", "into", "into_part"),
+    [((4, 16), 10, 8), ((4, 8), 0, 0), ((1, 16), 40, 38)],
+)
+@pytest.mark.parametrize("dtype", ["f4", "u1"])
+def test_raw_chunks_contiguous_in_the_result_are_read_straight_into_it(
+    tmp_path: Path, chunks: tuple[int, int], into: int, into_part: int, dtype: str
+) -> None:
+    store = SlowDisk(tmp_path / "a")
+    values = np.arange(40 * 16).reshape(40, 16).astype(dtype)
+    with pipeline(ZARRS):
+        zarr.create_array(store, shape=(40, 16), chunks=chunks, dtype=dtype, compressors=None)[
+            :
+        ] = values
+    ours = opened(store, OURS)
+    # Whole rows of chunks are contiguous in the result; half rows are not.
+    np.testing.assert_array_equal(ours[:], values)
+    assert store.into == into
+    # A part of a chunk goes through a buffer.
+    store.into = 0
+    np.testing.assert_array_equal(ours[1:39], values[1:39])
+    assert store.into == into_part
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values", "kwargs"),
+    [
+        ("str", np.array(["a", "bc", "", "dé", "x" * 10, "y"], dtype=object), {}),
+        ("bool", np.array([True, False, True, True, False, False]), {}),
+        ("complex128", np.arange(6) * (1 + 2j), {}),
+        ("datetime64[s]", np.arange(6).astype("datetime64[s]"), {}),
+        ("f8", np.array([np.nan, 1, 2, np.nan, 4, 5]), {"fill_value": np.nan}),
+        ("i4", np.arange(6, dtype="i4"), {"zarr_format": 2, "order": "F"}),
+    ],
+)
+def test_dtypes_match_zarrs_pipeline(
+    tmp_path: Path, dtype: str, values: np.ndarray, kwargs: dict[str, Any]
+) -> None:
+    for store in (zarr_anyio.LocalStore(tmp_path / "a"), zarr.storage.MemoryStore()):
+        with pipeline(ZARRS):
+            theirs = zarr.create_array(
+                store, shape=(6,), chunks=(4,), dtype=dtype, overwrite=True, **kwargs
+            )
+            theirs[:5] = values[:5]
+        ours = opened(store, OURS)
+        np.testing.assert_array_equal(ours[:], theirs[:])
+        ours[5:] = values[5:]
+        ours[1:3] = values[3:5]
+        expected = values.copy()
+        expected[1:3] = values[3:5]
+        np.testing.assert_array_equal(theirs[:], expected)
+
+
+@pytest.mark.anyio
+async def test_zarr_anyio_api_reads_through_our_pipeline(tmp_path: Path) -> None:
+    import zarr_anyio.api as za
+
+    store = SlowDisk(tmp_path / "a")
+    arr = await za.create_array(store, shape=(100,), chunks=(10,), dtype="i4", compressors=None)
+    await arr.setitem(slice(None), np.arange(100))
+    np.testing.assert_array_equal(await arr.getitem(slice(None)), np.arange(100))
+    assert store.into == 10  # each chunk read straight into the result
+    assert type(arr.async_array.codec_pipeline) is AnyioCodecPipeline
+    # A zarr array the user wraps keeps the pipeline it has.
+    theirs = await anyio.to_thread.run_sync(
+        lambda: zarr.open_array(zarr_anyio.LocalStore(tmp_path / "a"), mode="r")
+    )
+    assert zarr_anyio.AsyncArray(theirs).async_array is theirs._async_array
+    assert type(theirs._async_array.codec_pipeline) is BatchedCodecPipeline
+
+
+def _read_in_child(path: str, queue: Any) -> None:
+    with pipeline(OURS):
+        queue.put(np.asarray(zarr.open_array(zarr_anyio.LocalStore(path), mode="r")[:]).sum())
+
+
+def test_reads_in_a_forked_child(tmp_path: Path) -> None:
+    import multiprocessing
+
+    values = np.arange(1000, dtype="i4")
+    with pipeline(OURS):
+        array = zarr.create_array(
+            zarr_anyio.LocalStore(tmp_path), shape=(1000,), chunks=(10,), dtype="i4"
+        )
+        array[:] = values
+        assert np.asarray(array[:]).sum() == values.sum()  # the parent's worker threads run now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_read_in_child, args=(str(tmp_path), queue))
+    child.start()
+    try:
+        # The parent's threads do not exist in the child: its reads must start threads of its own.
+        assert queue.get(timeout=30) == values.sum()
+    finally:
+        child.join(5)
+        if child.is_alive():
+            child.kill()

@@ -1,0 +1,305 @@
+"""Throttling is pacing, not failure: bulk reads that hold against any server's limiter, the
+deadline that ends what the server keeps refusing, every throttle seen by the window (client
+retries off in the clients we make, a warning for those we are given), counters shared with
+read-only copies, and the sessions of the stores we make closed at exit.
+
+Every count here is the server's own (support.servers), both backends, asyncio and trio.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from typing import Any, Literal
+
+import pytest
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+
+from support import TOP
+from support.remote import KINDS, fill, http_store
+from support.servers import Faults, HTTPServer, s3fs_at
+from zarr_anyio import (
+    DEFAULT_DEADLINE,
+    NO_RETRY,
+    ClientRetriesWarning,
+    DeadlineExceeded,
+    FsspecStore,
+    ObjectStore,
+    RemoteStore,
+    Retry,
+    open_store_async,
+)
+from zarr_anyio._core.bridge import run_blocking
+from zarr_anyio.storage._retry import describe
+
+pytestmark = pytest.mark.anyio
+PROTO = default_buffer_prototype()
+QUICK = Retry(attempts=10, base_delay=0.002, max_delay=0.05)
+
+
+async def read_all(store: Any, objects: dict[str, bytes]) -> None:
+    results = await store.get_partial_values(PROTO, [(key, None) for key in objects])
+    assert [r.to_bytes() if r is not None else None for r in results] == list(objects.values())
+
+
+# ------------------------------------------------------------------------ pacing, not failure
+
+
+@pytest.mark.parametrize("limiter", ["sliding", "fixed"])
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_bulk_read_completes_against_a_window_limiter(
+    http_server: HTTPServer, kind: str, limiter: str
+) -> None:
+    # A server that admits 200 requests in any one second (or in each second of the clock) and
+    # answers 503 SlowDown at once beyond: the default store, its default budget and attempts.
+    objects = fill(http_server, 600, size=64)
+    http_server.faults = Faults(window_limit=200, window_kind=limiter)
+    store = http_store(kind, http_server)
+    await read_all(store, objects)
+    stats = store.stats()
+    assert http_server.throttled > 0
+    assert stats.throttled == http_server.throttled
+    assert stats.requests == http_server.requests == 600 + http_server.throttled
+    assert stats.errors == 0
+    # Paced, not failed: the budget guards failures, and there were none.
+    assert stats.retry_budget == store.retry_budget.capacity
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_read_outlasts_more_throttles_than_the_budget_holds_retries(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # The default budget holds 100 retries: a request throttled 150 times still arrives.
+    objects = fill(http_server, 1)
+    http_server.faults = Faults(too_many_first=150)
+    store = http_store(kind, http_server, retry=Retry(base_delay=0.001, max_delay=0.004))
+    await read_all(store, objects)
+    assert http_server.answers == [429] * 150 + [200]
+    stats = store.stats()
+    assert (stats.throttled, stats.retries, stats.errors) == (150, 150, 0)
+    assert stats.retry_budget == store.retry_budget.capacity
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_deadline_ends_a_read_the_server_keeps_throttling(
+    http_server: HTTPServer, kind: str
+) -> None:
+    objects = fill(http_server, 3)
+    http_server.faults = Faults(slow_down=1.0)  # always 503 SlowDown
+    store = http_store(kind, http_server, retry=QUICK, deadline=0.5)
+    assert store.deadline == 0.5
+    with pytest.raises(DeadlineExceeded) as raised:
+        await store.get("c/0", PROTO)
+    error = raised.value
+    # How long and how often, in the error; the server's last answer as its cause.
+    # Refused more often than QUICK's attempts allow: throttles are not counted against them.
+    # (At most what the server refused: a request cancelled at the end of the test before may
+    # still reach it after its counts were reset.)
+    assert QUICK.attempts < error.throttled <= http_server.spoiled["503"]
+    assert error.failed == 0
+    # It gave up when the next retry could not start in time (waits are at most max_delay).
+    assert error.elapsed > 0.5 - QUICK.max_delay
+    assert f"{error.throttled} times over" in str(error)
+    assert "deadline of 0.5 s" in str(error)
+    assert describe(error.__cause__ or error).throttled
+    assert not describe(error).transient  # retried already, for as long as allowed
+    stats = store.stats()
+    assert stats.errors == 1
+    assert stats.retry_budget == store.retry_budget.capacity
+    # A bulk read raises it as itself, not in a group.
+    with pytest.raises(DeadlineExceeded):
+        await read_all(store, objects)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_failures_still_spend_attempts_and_throttles_do_not(
+    http_server: HTTPServer, kind: str
+) -> None:
+    objects = fill(http_server, 1)
+    # Twelve throttles (more than QUICK's ten attempts), then two failures: it arrives.
+    http_server.faults = Faults(too_many_first=12)
+    store = http_store(kind, http_server, retry=QUICK)
+    await read_all(store, objects)
+    http_server.reset()
+    objects = fill(http_server, 1)
+    http_server.faults = Faults(server_error=1.0)
+    with pytest.raises(Exception) as raised:  # noqa: PT011 -- each client has its own type
+        await store.get("c/0", PROTO)
+    assert describe(raised.value).status == 500
+    assert http_server.requests == QUICK.attempts
+    # NO_RETRY turns retrying off, throttles included.
+    http_server.reset()
+    fill(http_server, 1)
+    http_server.faults = Faults(slow_down=1.0)
+    unretried = http_store(kind, http_server, retry=NO_RETRY)
+    with pytest.raises(Exception) as raised:  # noqa: PT011
+        await unretried.get("c/0", PROTO)
+    assert describe(raised.value).throttled
+    assert http_server.requests == 1
+
+
+def test_the_deadline_is_checked() -> None:
+    from obstore.store import MemoryStore
+
+    assert ObjectStore(MemoryStore()).deadline == DEFAULT_DEADLINE
+    assert ObjectStore(MemoryStore(), deadline=None).deadline is None
+    assert ObjectStore(MemoryStore(), deadline=3).with_read_only(True).deadline == 3
+    with pytest.raises(ValueError, match="deadline"):
+        ObjectStore(MemoryStore(), deadline=0)
+
+
+# ------------------------------------------------------------------------ every throttle seen
+
+
+def _url_store_options(backend: str, scheme: str, server: HTTPServer) -> tuple[str, dict[str, Any]]:
+    if scheme == "http":
+        options = {"client_options": {"allow_http": True}} if backend == "obstore" else {}
+        return server.url, options
+    if backend == "obstore":
+        return "s3://bucket", {
+            "endpoint": server.url,
+            "access_key_id": "testing",
+            "secret_access_key": "testing",
+            "region": "us-east-1",
+            "client_options": {"allow_http": True},
+        }
+    return "s3://bucket", {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": server.url, "region_name": "us-east-1"},
+    }
+
+
+@pytest.mark.parametrize("scheme", ["http", "s3"])
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+async def test_stores_made_from_urls_see_every_throttle(
+    http_server: HTTPServer, backend: Literal["fsspec", "obstore"], scheme: str
+) -> None:
+    url, options = _url_store_options(backend, scheme, http_server)
+    objects = fill(http_server, 100)
+    if scheme == "s3":
+        # The HTTP server answers S3's path-style GETs: the bucket is the first segment.
+        http_server.objects.update({f"bucket/{key}": value for key, value in objects.items()})
+    http_server.faults = Faults(slow_down=0.3, seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClientRetriesWarning)  # nothing to warn of: ours
+        store = await open_store_async(
+            url, mode="r", backend=backend, storage_options=options, retry=QUICK
+        )
+    assert isinstance(store, RemoteStore)
+    await read_all(store, objects)
+    stats = store.stats()
+    assert http_server.spoiled["503"] > 10
+    assert stats.throttled == http_server.spoiled["503"]
+    assert stats.errors == 0
+    await store.aclose()
+
+
+def test_a_client_that_retries_itself_draws_one_warning(http_server: HTTPServer) -> None:
+    from obstore.store import HTTPStore
+
+    client = HTTPStore.from_url(http_server.url, client_options={"allow_http": True})
+    with pytest.warns(ClientRetriesWarning, match="retry_config=.'max_retries': 0."):
+        store = ObjectStore(client)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClientRetriesWarning)
+        ObjectStore(client)  # once per client
+        store.with_read_only(True)
+        quiet = HTTPStore.from_url(
+            http_server.url, client_options={"allow_http": True}, retry_config={"max_retries": 0}
+        )
+        ObjectStore(quiet)
+    with pytest.warns(ClientRetriesWarning, match="fs.retries = 1"):
+        FsspecStore(
+            s3fs_at(http_server.url, client_retries=True, skip_instance_cache=True), path="bucket"
+        )
+    fs = s3fs_at(http_server.url, skip_instance_cache=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClientRetriesWarning)
+        FsspecStore(fs, path="bucket")
+
+
+# ------------------------------------------------------------------------ counters and copies
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_read_only_copies_count_in_the_stores_stats(
+    http_server: HTTPServer, kind: str
+) -> None:
+    objects = fill(http_server, 10)
+    store = http_store(kind, http_server)
+    copy = store.with_read_only(True)
+    await read_all(copy, objects)
+    assert store.stats().requests == copy.stats().requests == 10
+    assert store.stats().bytes_received == sum(len(v) for v in objects.values())
+
+
+def test_zarr_reads_in_mode_r_count_in_the_stores_stats(http_server: HTTPServer) -> None:
+    source = zarr.storage.MemoryStore()
+    array = zarr.create_array(source, shape=(40,), chunks=(10,), dtype="int32")
+    array[:] = range(40)
+    for key, buffer in source._store_dict.items():
+        http_server.objects[f"data/{key}"] = buffer.to_bytes()
+    # Writable, as a user's store often is: zarr reads through its read-only copy.
+    store = FsspecStore.from_url(f"{http_server.url}/data")
+    assert zarr.open_array(store=store, mode="r")[:].tolist() == list(range(40))  # type: ignore[union-attr]
+    assert store.stats().requests >= 5  # the metadata and four chunks
+    store.close()
+
+
+# ------------------------------------------------------------------------ sessions
+
+
+READER = """
+import sys
+import zarr
+import zarr_anyio
+from zarr.core.buffer import default_buffer_prototype
+
+url = sys.argv[1]
+opened = zarr_anyio.open_store(url, mode="r")
+made = zarr_anyio.FsspecStore.from_url(url, read_only=True)
+for store in (opened, made, made.with_read_only(True)):
+    assert zarr_anyio.api  # the package imported in full
+    value = zarr.core.sync.sync(store.get("c/0", default_buffer_prototype()))
+    assert value is not None
+closed = zarr_anyio.FsspecStore.from_url(url, read_only=True)
+assert zarr.core.sync.sync(closed.exists("c/0"))
+closed.close()
+del made
+print("read")
+"""
+
+
+def test_stores_made_from_urls_close_their_sessions_at_exit(http_server: HTTPServer) -> None:
+    fill(http_server, 1)
+    done = subprocess.run(
+        [sys.executable, "-c", READER, http_server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(TOP)},
+        cwd=TOP,
+    )
+    assert done.stdout.strip() == "read", done.stderr
+    assert "Unclosed" not in done.stderr, done.stderr
+    assert done.stderr.strip() == ""
+
+
+def test_a_store_given_a_filesystem_leaves_its_session_alone(http_server: HTTPServer) -> None:
+    import fsspec
+
+    fill(http_server, 1)
+    fs = fsspec.filesystem("http", asynchronous=True, skip_instance_cache=True)
+    store = FsspecStore(fs, path=http_server.url, read_only=True)
+    assert zarr.core.sync.sync(store.exists("c/0"))
+    session = fs._session
+    assert session is not None
+    store.close()
+    del store
+    assert fs._session is session
+    assert not session.closed
+    run_blocking(session.close)

@@ -1,0 +1,1037 @@
+"""The blocking file-system calls behind `LocalStore`, each made in a worker thread (or, for a
+read whose names and bytes are all cached, on the event loop).
+
+Each takes the root's path and a key already validated (`._keys`), and opens every path beneath
+a handle on the root (`._beneath`), so no key and no link planted in the root leads out of it.
+Writes go through a temporary file renamed into place. Why each works as it does, with what it
+costs, is in the store's module docstring (`._local`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import stat
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from zarr.abc.store import ByteRequest
+
+from zarr_anyio._core.threads import CheckCancelled
+
+from . import _buffers
+from ._base import NOT_READY, Pending
+from ._beneath import DIRECTORY, O_PATH, LeavesRoot, open_beneath, open_cached, open_root
+from ._fileio import read_exact
+from ._keys import byte_range_slice
+
+__all__ = [
+    "ON_LOOP_READ",
+    "RWF_NOWAIT",
+    "STALE_AFTER",
+    "TEMP_FOLDER",
+    "TEMP_PREFIX",
+    "Folder",
+    "FolderIsAKey",
+    "KeyConflict",
+    "KeyIsAFolder",
+    "NoWaitUnsupported",
+    "check_root",
+    "delete_file",
+    "delete_tree",
+    "is_file",
+    "list_dir",
+    "list_prefix",
+    "move_root",
+    "no_cancel_check",
+    "prepare_root",
+    "read_cached",
+    "read_file",
+    "scan_folder",
+    "size_of",
+    "write_file",
+]
+
+# Every name of the library's own files holds this, which no key may hold (`._keys`): no key can
+# collide with them, and a name that holds it is never a key.
+OURS = "\\"
+# The folder of temporary files of writes in progress, in the root.
+TEMP_FOLDER = ".zarr_anyio\\tmp"
+# Temporary files are named this and 16 random hex digits: 28 bytes, whatever the key.
+TEMP_PREFIX = ".zarr_anyio\\"
+# Reads of at most this many bytes are made on the event loop when that cannot block (see
+# `read_cached`); larger ones are copies worth a thread (and a core) of their own.
+ON_LOOP_READ = 64 << 10
+RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+# Reads of at least this many bytes go into a reused buffer (see `._buffers`); smaller ones come
+# from the allocator's heap, which costs no page faults.
+POOLED_READ = 128 << 10
+# A write checks for cancellation between pieces of this size.
+WRITE_PIECE = 1 << 20
+# Where the file system cannot lock files: a temporary file untouched this long (a write touches
+# it with every piece) is taken as left by a writer that died.
+STALE_AFTER = 3600.0
+# The blocking write of one piece; a module attribute so tests can stand in for the disk.
+_write_piece: Callable[[int, memoryview], int] = os.write
+# The same for the rename and the copies that move a root, and the removal of one file of a tree.
+_rename: Callable[[Path, Path], None] = os.rename
+_copy_file: Callable[[str, str], object] = shutil.copy2
+
+
+def _unlink_at(name: str, dir_fd: int) -> None:
+    os.unlink(name, dir_fd=dir_fd)
+
+
+# A handle on a folder that scandir can list (O_NONBLOCK: never wait, whatever it turns out to be).
+_LISTABLE = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
+# Reading a name that is absent, not a folder where one is needed, or leads out of the root.
+_ABSENT = (FileNotFoundError, NotADirectoryError, LeavesRoot)
+
+
+def no_cancel_check() -> None:
+    """Used by the sync surface, which has no host task to be cancelled."""
+
+
+@contextlib.contextmanager
+def _opened(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _no_file_there(error: OSError) -> bool:
+    """Whether opening a key failed because it names no regular file in the root: a loop of
+    links, a socket (ENXIO), a device without a driver."""
+    return error.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV)
+
+
+class KeyConflict(OSError):
+    """A key that the tree of files cannot hold beside another: ``key`` is where a folder of
+    keys is, or below a key. ``other`` is the key in the way (``None``: files that are no keys).
+    Nothing was changed."""
+
+    key: str
+    other: str | None
+
+
+class KeyIsAFolder(KeyConflict, IsADirectoryError):
+    """The key names a folder that holds other keys (or files that are no keys)."""
+
+
+class FolderIsAKey(KeyConflict, NotADirectoryError):
+    """A folder on the key's path is a key (a file)."""
+
+
+def _conflict(root: str, key: str, other: str | None, *, below: bool) -> KeyConflict:
+    where = f"cannot write key {key!r} in the LocalStore at {root}"
+    error: KeyConflict
+    if below:
+        error = FolderIsAKey(
+            errno.ENOTDIR,
+            f"{where}: {other!r} is a key, and in a store of files a key cannot also be a "
+            "folder of other keys. Nothing was changed; delete that key first to write this one.",
+        )
+    elif other is None:
+        error = KeyIsAFolder(
+            errno.EISDIR,
+            f"{where}: it is a folder that holds no key but other files (not a store's: left "
+            "as they are). Nothing was changed.",
+        )
+    else:
+        error = KeyIsAFolder(
+            errno.EISDIR,
+            f"{where}: it is a folder of other keys ({other!r}, maybe more), and in a store of "
+            "files a key cannot also be a folder of other keys. Nothing was changed; delete "
+            f"the keys under {key + '/'!r} first to write this one.",
+        )
+    error.key, error.other = key, other
+    return error
+
+
+def _where(error: OSError, doing: str, root: str, key: str) -> OSError:
+    """``error`` of a write or delete, saying which store and which key (the file system's
+    error names a path relative to some folder, or a temporary file of ours)."""
+    if isinstance(error, KeyConflict):
+        return error
+    what = error.strerror or str(error)
+    message = f"{what}: cannot {doing} key {key!r} in the LocalStore at {root}"
+    try:
+        said = type(error)(error.errno, message) if error.errno else type(error)(message)
+    except TypeError:  # an OSError subclass that takes other arguments: leave it as it is
+        return error
+    return said
+
+
+# ---------------------------------------------------------------- reads (in threads)
+
+
+def read_file(
+    root: str, key: str, byte_range: ByteRequest | None, into: memoryview | None = None
+) -> int | bytes | memoryview | None:
+    """The bytes of ``key`` (or the part ``byte_range`` asks for); ``None`` if it names no file.
+
+    With ``into`` (a whole value, no range): when the file is exactly that long it is read
+    straight into ``into`` and its length is given, one ``preadv`` into the caller's memory with
+    no buffer between (see `BlockingStore._read_into_blocking`); a file of another length is
+    given as bytes."""
+    try:
+        root_fd = open_root(root)
+    except _ABSENT:
+        return None
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer for ever.
+        fd = open_beneath(root_fd, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except (*_ABSENT, IsADirectoryError):
+        return None
+    except OSError as error:
+        if _no_file_there(error):
+            return None
+        raise
+    finally:
+        os.close(root_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if into is not None:
+            if info.st_size != len(into):
+                return read_exact(fd, info.st_size, 0)
+            done = _read_into(fd, into, 0)
+            # The file shrank under us: what it held is not a whole value of that length.
+            return len(into) if len(done) == len(into) else bytes(done)
+        wanted = byte_range_slice(byte_range, info.st_size)
+        if wanted.stop - wanted.start >= POOLED_READ:
+            return _read_into(fd, _buffers.take(wanted.stop - wanted.start), wanted.start)
+        return read_exact(fd, wanted.stop - wanted.start, wanted.start)
+    finally:
+        os.close(fd)
+
+
+def _read_into(fd: int, buffer: memoryview, offset: int) -> memoryview:
+    """Fill ``buffer`` from ``offset``: the bytes land where zarr will use them, no copy after."""
+    done = os.preadv(fd, [buffer], offset)
+    while done < len(buffer):
+        more = os.preadv(fd, [buffer[done:]], offset + done)
+        if not more:
+            return buffer[:done]  # the file shrank under us
+        done += more
+    return buffer
+
+
+class NoWaitUnsupported(Exception):
+    """This file system cannot read without waiting (``RWF_NOWAIT``: EOPNOTSUPP, as tmpfs)."""
+
+
+def read_cached(
+    root: str, key: str, byte_range: ByteRequest | None
+) -> bytes | memoryview | Pending | None:
+    """A small read made without waiting: every name of the path in the kernel's lookup cache
+    (``RESOLVE_CACHED``) and every byte in the page cache (``RWF_NOWAIT``), else `NOT_READY`."""
+    try:
+        fd = open_cached(root, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except (*_ABSENT, IsADirectoryError):
+        return None
+    except OSError as error:
+        if _no_file_there(error):
+            return None
+        raise
+    if fd is None:
+        return NOT_READY
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        wanted = byte_range_slice(byte_range, info.st_size)
+        length = wanted.stop - wanted.start
+        if length > ON_LOOP_READ or RWF_NOWAIT is None:
+            return NOT_READY
+        buffer = bytearray(length)
+        try:
+            done = os.preadv(fd, [buffer], wanted.start, RWF_NOWAIT)
+        except BlockingIOError:
+            return NOT_READY  # not all in the page cache
+        except OSError as error:
+            if error.errno == errno.EOPNOTSUPP:
+                raise NoWaitUnsupported from None
+            raise
+        # Fewer bytes: some were not cached, or the file shrank; a thread sorts it out.
+        return memoryview(buffer) if done == length else NOT_READY
+    finally:
+        os.close(fd)
+
+
+def _stat_key(root: str, key: str) -> os.stat_result | None:
+    """The status of the regular file ``key`` names, or ``None`` if it names no regular file."""
+    try:
+        with _opened(open_root(root)) as root_fd, _opened(open_beneath(root_fd, key, O_PATH)) as fd:
+            info = os.fstat(fd)
+    except _ABSENT:
+        return None
+    except OSError as error:
+        if _no_file_there(error):
+            return None
+        raise
+    return info if stat.S_ISREG(info.st_mode) else None
+
+
+def is_file(root: str, key: str) -> bool:
+    return _stat_key(root, key) is not None
+
+
+def size_of(root: str, key: str) -> int:
+    info = _stat_key(root, key)
+    if info is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), key)
+    return info.st_size
+
+
+# ---------------------------------------------------------------- listing (in threads)
+
+
+def _resolve(root_fd: int, key: str) -> os.stat_result | None:
+    """The status of what ``key`` names, following links beneath the root; ``None`` if it is
+    absent or out of the root. (Opened without blocking: a FIFO does not wait for a writer.)"""
+    try:
+        fd = open_beneath(root_fd, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None
+    with _opened(fd):
+        return os.fstat(fd)
+
+
+def _open_listable(root_fd: int, folder: str) -> int | None:
+    try:
+        return open_beneath(root_fd, folder or ".", _LISTABLE)
+    except OSError:
+        return None
+
+
+def _key_path(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def _key_under(root_fd: int, folder: str) -> str | None:
+    """A key under the folder ``folder`` (a key, no trailing ``/``), the first found, or
+    ``None`` if it holds none: a folder emptied of keys is as if it were not there. Stops at
+    the first key (one ``scandir`` per level for a folder of keys); links are followed within
+    the root, once each."""
+    pending, seen = [folder], set()
+    while pending:
+        here = pending.pop()
+        dir_fd = _open_listable(root_fd, here)
+        if dir_fd is None:
+            continue
+        with _opened(dir_fd):
+            info = os.fstat(dir_fd)
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(dir_fd) as listing:
+                for entry in listing:
+                    if OURS in entry.name:
+                        continue
+                    key = _key_path(here, entry.name)
+                    if entry.is_symlink():
+                        mode = getattr(_resolve(root_fd, key), "st_mode", 0)
+                        if stat.S_ISREG(mode):
+                            return key
+                        if stat.S_ISDIR(mode):
+                            pending.append(key)
+                    elif entry.is_file(follow_symlinks=False):
+                        return key
+                    elif entry.is_dir(follow_symlinks=False):
+                        pending.append(key)
+    return None
+
+
+Folder = tuple[str, frozenset[tuple[int, int]]]
+"""A folder still to list: its key prefix (``""`` or ending in ``/``) and the folders above it."""
+
+
+def scan_folder(
+    root: str, folder: Folder, stem: str = ""
+) -> tuple[list[tuple[str, int]], list[Folder]]:
+    """One folder of the store: its keys (names starting with ``stem``) with their sizes, and the
+    folders in it to list next. Blocking: one call per folder, so that a walk pages.
+
+    Names resolve beneath the root: a link is followed where it stays inside (to a file: a key;
+    to a folder: listed, unless it is one of the folders above, a loop), and left out where it
+    leads out; FIFOs and the like are no keys; names holding a backslash are the library's own.
+    """
+    key_prefix, above = folder
+    files: list[tuple[str, int]] = []
+    folders: list[Folder] = []
+    try:
+        root_fd = open_root(root)
+    except _ABSENT:
+        return files, folders
+    with _opened(root_fd):
+        dir_fd = _open_listable(root_fd, key_prefix.rstrip("/"))
+        if dir_fd is None:
+            return files, folders
+        with _opened(dir_fd):
+            info = os.fstat(dir_fd)
+            here = (info.st_dev, info.st_ino)
+            if here in above:
+                return files, folders  # a link back to a folder above: listed there already
+            inside = above | {here}
+            with os.scandir(dir_fd) as listing:
+                entries = [e for e in listing if e.name.startswith(stem) and OURS not in e.name]
+            for entry in entries:
+                key = f"{key_prefix}{entry.name}"
+                if entry.is_symlink():
+                    target = _resolve(root_fd, key)
+                    mode = 0 if target is None else target.st_mode
+                    if stat.S_ISREG(mode):
+                        assert target is not None
+                        files.append((key, target.st_size))
+                    elif stat.S_ISDIR(mode):
+                        folders.append((f"{key}/", inside))
+                elif entry.is_file(follow_symlinks=False):
+                    files.append((key, entry.stat(follow_symlinks=False).st_size))
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append((f"{key}/", inside))
+    return files, folders
+
+
+def list_prefix(root: str, prefix: str) -> list[str]:
+    """Keys that start with ``prefix`` as a string: ``"a/b"`` takes in ``"a/bc/0"`` too."""
+    folder, _, stem = prefix.rpartition("/")
+    keys: list[str] = []
+    files, pending = scan_folder(root, (f"{folder}/" if folder else "", frozenset()), stem)
+    while True:
+        keys.extend(key for key, _ in files)
+        if not pending:
+            return keys
+        files, more = scan_folder(root, pending.pop())
+        pending.extend(more)
+
+
+def list_dir(root: str, prefix: str) -> list[str]:
+    """The names directly under ``prefix``: keys, and folders that resolve inside the root."""
+    folder = prefix.rstrip("/")
+    names: list[str] = []
+    folders: list[str] = []
+    try:
+        root_fd = open_root(root)
+    except _ABSENT:
+        return names
+    with _opened(root_fd):
+        dir_fd = _open_listable(root_fd, folder)
+        if dir_fd is None:
+            return names
+        with _opened(dir_fd):
+            with os.scandir(dir_fd) as listing:
+                entries = list(listing)
+            for entry in entries:
+                if OURS in entry.name:
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    names.append(entry.name)
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.name)
+                elif entry.is_symlink():
+                    target = _resolve(root_fd, f"{prefix}{entry.name}")
+                    mode = 0 if target is None else target.st_mode
+                    if stat.S_ISREG(mode):
+                        names.append(entry.name)
+                    elif stat.S_ISDIR(mode):
+                        folders.append(entry.name)
+            # A folder that holds no key (emptied by deletes, or made by someone else) is not
+            # named: a store with no key under a prefix behaves as if the folder were not
+            # there, as MemoryStore and the object stores do.
+            names.extend(
+                name
+                for name in folders
+                if _file_in(dir_fd, name) or _key_under(root_fd, _key_path(folder, name))
+            )
+    return sorted(names)
+
+
+def _file_in(dir_fd: int, name: str) -> bool:
+    """Whether the folder ``name`` in ``dir_fd`` (not a link) holds a regular file of its own:
+    the quick answer for a folder of keys (one ``openat`` and ``scandir``, where resolving it
+    from the root again cost 2-3 times as much); `_key_under` answers the rest."""
+    try:
+        fd = os.open(name, _LISTABLE | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError:
+        return False
+    with _opened(fd), os.scandir(fd) as listing:
+        return any(
+            OURS not in entry.name and entry.is_file(follow_symlinks=False) for entry in listing
+        )
+
+
+# ---------------------------------------------------------------- writes (in threads)
+
+
+def _make_folders(root_fd: int, folder: str) -> int:
+    """A handle on ``folder`` beneath the root, made (with its parents) if missing."""
+    if not folder:
+        return os.dup(root_fd)
+    try:
+        return open_beneath(root_fd, folder, DIRECTORY)
+    except FileNotFoundError:
+        pass
+    parts = folder.split("/")
+    here = os.dup(root_fd)
+    try:
+        for depth, name in enumerate(parts, start=1):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, dir_fd=here)
+            # Resolved from the root again: a name that already existed may be a link.
+            following = open_beneath(root_fd, "/".join(parts[:depth]), DIRECTORY)
+            os.close(here)
+            here = following
+    except BaseException:
+        os.close(here)
+        raise
+    return here
+
+
+class _TempFolders:
+    """Counts this process's writes using each root's temporary folder, so that the last one
+    out removes it (zarr's own LocalStore would list it otherwise) and none removes it under
+    another."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: dict[tuple[int, int], int] = {}
+
+    @contextlib.contextmanager
+    def using(self, root_fd: int) -> Iterator[None]:
+        info = os.fstat(root_fd)
+        root = (info.st_dev, info.st_ino)
+        with self._lock:
+            self._users[root] = self._users.get(root, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users[root] -= 1
+                if not self._users[root]:
+                    del self._users[root]
+                    _remove_temp_folder(root_fd)
+
+    def remove_if_unused(self, root_fd: int) -> None:
+        info = os.fstat(root_fd)
+        with self._lock:
+            if (info.st_dev, info.st_ino) not in self._users:
+                _remove_temp_folder(root_fd)
+
+
+_temp_folders = _TempFolders()
+
+
+def _forget_writes_in_flight() -> None:
+    # Writes of the parent's other threads never end in a forked child: their counts would
+    # keep the temporary folder for ever, and the lock may have been held by one of them.
+    global _temp_folders
+    _temp_folders = _TempFolders()
+
+
+os.register_at_fork(after_in_child=_forget_writes_in_flight)
+
+
+def _remove_temp_folder(root_fd: int) -> None:
+    # Not empty: another process is writing (or left files, removed on a later open).
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError, OSError):
+        os.rmdir(TEMP_FOLDER, dir_fd=root_fd)
+
+
+def _lock_temp(fd: int) -> bool:
+    """Take the lock that tells cleaners this file is in use; ``False`` if a cleaner got it
+    first (it is removing the file: make another)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # no locks on this file system: the age of the file decides instead
+    # A cleaner unlinks only while holding the lock: once we hold it, the name is ours.
+    return os.fstat(fd).st_nlink > 0
+
+
+def _create_temp(dir_fd: int) -> tuple[str, int]:
+    while True:
+        name = f"{TEMP_PREFIX}{uuid.uuid4().hex[:16]}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, flags, 0o666, dir_fd=dir_fd)
+        if _lock_temp(fd):
+            return name, fd
+        os.close(fd)
+
+
+def _create_temp_in_root(root_fd: int) -> tuple[int, str, int]:
+    """A new temporary file in the root's temporary folder: (folder, name, open file)."""
+    for _ in range(8):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(TEMP_FOLDER, dir_fd=root_fd)
+        # A name in the root itself, not followed if a link: beneath the root by construction.
+        temp_dir = os.open(TEMP_FOLDER, DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+        try:
+            return (temp_dir, *_create_temp(temp_dir))
+        except FileNotFoundError:
+            # Another process removed the folder, empty, between our mkdir and our file.
+            os.close(temp_dir)
+        except BaseException:
+            os.close(temp_dir)
+            raise
+    raise FileNotFoundError(errno.ENOENT, "the temporary folder keeps vanishing", TEMP_FOLDER)
+
+
+def _write_through(
+    temp_dir: int,
+    temp: str,
+    fd: int,
+    dir_fd: int,
+    name: str,
+    value: memoryview,
+    *,
+    exclusive: bool,
+    check_cancelled: CheckCancelled,
+) -> None:
+    """Fill the temporary file ``temp`` with ``value`` and move it into place.
+
+    ``fd`` stays open, holding its lock, until the file is in place: a cleaner must never take
+    a finished temporary file for an abandoned one.
+    """
+    try:
+        try:
+            written = 0
+            while written < len(value):
+                written += _write_piece(fd, value[written : written + WRITE_PIECE])
+                check_cancelled()
+            if exclusive:
+                # link, unlike rename, fails if the target exists: creation is atomic.
+                with contextlib.suppress(FileExistsError):
+                    os.link(
+                        temp, name, src_dir_fd=temp_dir, dst_dir_fd=dir_fd, follow_symlinks=False
+                    )
+                os.unlink(temp, dir_fd=temp_dir)
+            else:
+                os.replace(temp, name, src_dir_fd=temp_dir, dst_dir_fd=dir_fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=temp_dir)
+        raise
+
+
+def _write_via_temp_folder(
+    root_fd: int,
+    dir_fd: int,
+    name: str,
+    value: memoryview,
+    *,
+    exclusive: bool,
+    check_cancelled: CheckCancelled,
+) -> bool:
+    """Write through the root's temporary folder; ``False`` if the target is on another file
+    system than the root (nothing written)."""
+    with _temp_folders.using(root_fd):
+        temp_dir, temp, fd = _create_temp_in_root(root_fd)
+        with _opened(temp_dir):
+            try:
+                _write_through(
+                    temp_dir,
+                    temp,
+                    fd,
+                    dir_fd,
+                    name,
+                    value,
+                    exclusive=exclusive,
+                    check_cancelled=check_cancelled,
+                )
+            except OSError as error:
+                if error.errno != errno.EXDEV:
+                    raise
+                return False
+    return True
+
+
+# How often a write starts again after a folder on its way was removed under it (emptied by a
+# delete of this or another process) or an empty folder was removed to make room for it. Each
+# start costs ~50 µs. Three threads writing and deleting keys of one folder as fast as they can:
+# 83% of 6,000 writes needed one start, the rest fewer each time (a third as many per extra
+# start), at most 9.
+_WRITE_TRIES = 100
+
+
+def write_file(
+    root: str, key: str, value: memoryview, *, exclusive: bool, check_cancelled: CheckCancelled
+) -> None:
+    """Write ``key``; an error says which store and which key (never a temporary of ours)."""
+    for _ in range(_WRITE_TRIES):
+        try:
+            if _write_once(root, key, value, exclusive=exclusive, check_cancelled=check_cancelled):
+                return
+        except OSError as error:
+            raise _where(error, "write", root, key) from None
+    changing = OSError(errno.EAGAIN, "the folders on its path kept changing under the write")
+    raise _where(changing, "write", root, key)
+
+
+def _write_once(
+    root: str,
+    key: str,
+    value: memoryview,
+    *,
+    exclusive: bool,
+    check_cancelled: CheckCancelled,
+) -> bool:
+    """One try at writing ``key``: ``False`` if it must start again (a folder on its way was
+    removed under it, or an empty folder where the key goes was removed to make room)."""
+    folder, _, name = key.rpartition("/")
+    try:
+        root_fd = open_root(root)
+    except FileNotFoundError:
+        # Removed since the store was opened: a write makes it again, as zarr's store does.
+        os.makedirs(root, exist_ok=True)
+        root_fd = open_root(root)
+    with _opened(root_fd):
+        try:
+            dir_fd = _make_folders(root_fd, folder)
+        except LeavesRoot as error:
+            raise LeavesRoot(errno.EPERM, error.strerror, key) from None
+        except NotADirectoryError:
+            other = _key_above(root_fd, folder)
+            if other is None:
+                return False  # a file on the way was removed meanwhile
+            raise _conflict(root, key, other, below=True) from None
+        except FileNotFoundError:
+            return False  # a folder on the way emptied and removed meanwhile
+        with _opened(dir_fd):
+            if exclusive:
+                there = _entry_mode(dir_fd, name)
+                if there is not None and not stat.S_ISDIR(there):
+                    return True
+                if there is not None:
+                    _make_room(root, root_fd, dir_fd, key)
+                    return False
+            try:
+                if not _write_via_temp_folder(
+                    root_fd,
+                    dir_fd,
+                    name,
+                    value,
+                    exclusive=exclusive,
+                    check_cancelled=check_cancelled,
+                ):
+                    # The target's folder is another file system than the root: write beside
+                    # it.
+                    temp, fd = _create_temp(dir_fd)
+                    _write_through(
+                        dir_fd,
+                        temp,
+                        fd,
+                        dir_fd,
+                        name,
+                        value,
+                        exclusive=exclusive,
+                        check_cancelled=check_cancelled,
+                    )
+            except IsADirectoryError:
+                _make_room(root, root_fd, dir_fd, key)
+                return False
+            except FileNotFoundError:
+                if os.fstat(dir_fd).st_nlink:
+                    raise
+                return False  # the key's folder emptied and removed meanwhile
+    return True
+
+
+def _entry_mode(dir_fd: int, name: str) -> int | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return None
+
+
+def _make_room(root: str, root_fd: int, dir_fd: int, key: str) -> None:
+    """The key names a folder: remove it if it holds nothing but empty folders (a store with no
+    key under a prefix behaves as if the folder were not there), else raise `KeyIsAFolder`."""
+    name = key.rpartition("/")[2]
+    if not _remove_empty_tree(dir_fd, name):
+        raise _conflict(root, key, _key_under(root_fd, key), below=False)
+
+
+def _remove_empty_tree(dir_fd: int, name: str) -> bool:
+    """Remove the folder ``name`` if it (and every folder in it) is empty; whether it is gone.
+    Anything else in it (a file, a link, a FIFO, a temporary file of a write in flight) keeps
+    it, as it is."""
+    try:
+        fd = os.open(name, _LISTABLE | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # a link (ELOOP) or no folder (ENOTDIR): not ours to remove
+    with _opened(fd):
+        with os.scandir(fd) as listing:
+            entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in listing]
+        if not all(is_dir and _remove_empty_tree(fd, sub) for sub, is_dir in entries):
+            return False
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False  # something was put in it meanwhile
+    return True
+
+
+def _key_above(root_fd: int, folder: str) -> str | None:
+    """The first folder on ``folder``'s path that is not a folder (a key, if a regular file)."""
+    parts = folder.split("/")
+    for depth in range(1, len(parts) + 1):
+        path = "/".join(parts[:depth])
+        mode = getattr(_resolve(root_fd, path), "st_mode", 0)
+        if not stat.S_ISDIR(mode):
+            return path
+    return None
+
+
+def _remove_emptied(root_fd: int, folder: str) -> None:
+    """Remove ``folder`` (a key's folder, ``""``: the root, kept) and the folders above it,
+    deepest first, while they are empty: a folder emptied of keys is not left behind to show in
+    listings or block a key of its name. Stops at the first that is not empty (or is a link)."""
+    while folder:
+        parent, _, name = folder.rpartition("/")
+        try:
+            with _opened(open_beneath(root_fd, parent or ".", DIRECTORY)) as parent_fd:
+                os.rmdir(name, dir_fd=parent_fd)
+        except OSError:
+            return
+        folder = parent
+
+
+# ---------------------------------------------------------------- deletes (in threads)
+
+
+def delete_file(root: str, key: str) -> None:
+    try:
+        _delete_key(root, key)
+    except OSError as error:
+        raise _where(error, "delete", root, key) from None
+
+
+def _delete_key(root: str, key: str) -> None:
+    folder, _, name = key.rpartition("/")
+    try:
+        root_fd = open_root(root)
+    except _ABSENT:
+        return
+    with _opened(root_fd):
+        try:
+            dir_fd = open_beneath(root_fd, folder or ".", DIRECTORY)
+        except _ABSENT:
+            return  # nothing of the store's lies there
+        with _opened(dir_fd):
+            try:
+                # Removes a link itself, never what it points to.
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return
+            except (IsADirectoryError, PermissionError):
+                # A key that names a folder is not a key: delete never removes a whole folder.
+                if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                    raise
+                return
+        _remove_emptied(root_fd, folder)
+
+
+def _empty_folder(dir_fd: int, check_cancelled: CheckCancelled, keep: str = "") -> None:
+    """Remove everything in the folder ``dir_fd``, checking for cancellation between files.
+
+    Links are removed, never followed; each file is there or gone at every moment.
+    """
+    with os.scandir(dir_fd) as listing:
+        entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in listing]
+    for name, is_dir in entries:
+        if name == keep:
+            continue
+        if is_dir:
+            _remove_folder(dir_fd, name, check_cancelled)
+        else:
+            check_cancelled()
+            with contextlib.suppress(FileNotFoundError):
+                _unlink_at(name, dir_fd)
+
+
+def _remove_folder(dir_fd: int, name: str, check_cancelled: CheckCancelled) -> None:
+    try:
+        fd = os.open(name, _LISTABLE | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        # Swapped for a link or a file since it was listed: remove that, as an entry.
+        check_cancelled()
+        with contextlib.suppress(FileNotFoundError):
+            _unlink_at(name, dir_fd)
+        return
+    with _opened(fd):
+        _empty_folder(fd, check_cancelled)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(name, dir_fd=dir_fd)
+
+
+def delete_tree(root: str, prefix: str, check_cancelled: CheckCancelled) -> None:
+    """Delete every key under ``prefix`` (a folder, no trailing ``/``; ``""``: the whole root)."""
+    try:
+        root_fd = open_root(root)
+    except _ABSENT:
+        return
+    with _opened(root_fd):
+        if not prefix:
+            # The whole store: empty the root but keep it (the store stays open), and the
+            # folder where writes in progress keep their files.
+            with _opened(os.open(".", _LISTABLE, dir_fd=root_fd)) as listable:
+                _empty_folder(listable, check_cancelled, keep=TEMP_FOLDER)
+            return
+        folder, _, name = prefix.rpartition("/")
+        try:
+            dir_fd = open_beneath(root_fd, folder or ".", DIRECTORY)
+        except _ABSENT:
+            return
+        with _opened(dir_fd):
+            try:
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if stat.S_ISDIR(info.st_mode):
+                _remove_folder(dir_fd, name, check_cancelled)
+            elif stat.S_ISLNK(info.st_mode) and _is_folder(_resolve(root_fd, prefix)):
+                # The node is a link to a folder in the root: its keys go with the link.
+                os.unlink(name, dir_fd=dir_fd)
+            else:
+                return  # a file (the key `prefix` itself, not a node): no keys lie under it
+        _remove_emptied(root_fd, folder)
+
+
+def _is_folder(info: os.stat_result | None) -> bool:
+    return info is not None and stat.S_ISDIR(info.st_mode)
+
+
+# ---------------------------------------------------------------- opening and moving
+
+
+def check_root(root: Path) -> None:
+    """The root must be a folder that exists: say which it is not."""
+    if root.is_dir():
+        return
+    if root.exists() or root.is_symlink():
+        hint = " (for a zip file, use ZipStore)" if zipfile.is_zipfile(root) else ""
+        raise NotADirectoryError(
+            f"{root} is a file, not a folder: a LocalStore keeps its keys in a folder{hint}"
+        )
+    raise FileNotFoundError(f"{root} does not exist (a LocalStore's root folder)")
+
+
+def prepare_root(root: Path, *, create: bool) -> None:
+    if create:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            # A file in the way, at the root or above it.
+            check_root(root)
+            raise
+        remove_abandoned_temps(str(root))
+    else:
+        check_root(root)
+
+
+def _abandoned(dir_fd: int, name: str, now: float) -> bool:
+    """Remove the temporary file ``name`` if its writer is gone; say whether it was."""
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except FileNotFoundError:
+        return False
+    except OSError:
+        # Not a file we made (a link, say): it has no business in our folder.
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
+        return True
+    with _opened(fd):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live writer holds it
+        except OSError:
+            if now - os.fstat(fd).st_mtime < STALE_AFTER:
+                return False
+        # Unlinked while we hold the lock, so a writer that locks it after sees it gone.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+        return True
+
+
+def remove_abandoned_temps(root: str) -> None:
+    with _opened(open_root(root)) as root_fd:
+        try:
+            temp_dir = os.open(TEMP_FOLDER, _LISTABLE | os.O_NOFOLLOW, dir_fd=root_fd)
+        except OSError:
+            return  # no folder, or not ours to look into
+        with _opened(temp_dir):
+            with os.scandir(temp_dir) as listing:
+                names = [e.name for e in listing if not e.is_dir(follow_symlinks=False)]
+            now = time.time()
+            for name in names:
+                _abandoned(temp_dir, name, now)
+        _temp_folders.remove_if_unused(root_fd)
+
+
+def _copy_tree(source: Path, dest: Path, check_cancelled: CheckCancelled) -> None:
+    """Copy a store's folder to another file system: files and links as they are (a link is
+    copied, never followed), whatever is not a file or a folder left out."""
+
+    def copy(src: str, dst: str) -> None:
+        check_cancelled()
+        _copy_file(src, dst)
+
+    def special(folder: str, names: list[str]) -> set[str]:
+        left_out = set()
+        for name in names:
+            mode = os.lstat(os.path.join(folder, name)).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                left_out.add(name)
+        return left_out
+
+    shutil.copytree(source, dest, symlinks=True, copy_function=copy, ignore=special)
+
+
+def move_root(source: Path, dest: Path, check_cancelled: CheckCancelled, moved: list[bool]) -> None:
+    if dest.exists():
+        raise FileExistsError(f"Destination root {dest} already exists.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _rename(source, dest)  # one step: nothing to cancel half-way
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+    else:
+        moved.append(True)
+        return
+    try:
+        _copy_tree(source, dest, check_cancelled)
+    except BaseException:
+        # Cancelled or failed while copying: the store stays where it was, whole.
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    # The copy is complete: from here the store lives at dest, whatever happens to the source.
+    moved.append(True)
+    with _opened(os.open(source, _LISTABLE)) as root_fd:
+        _empty_folder(root_fd, check_cancelled)
+    source.rmdir()

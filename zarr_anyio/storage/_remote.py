@@ -1,0 +1,425 @@
+"""The base of the stores that talk to a server (`FsspecStore`, `ObjectStore`): how one request
+is made.
+
+Each attempt holds a token of the store's window while it is on the wire, waits its turn under
+the rate limit, and has ``timeout`` seconds to answer; a throttled request keeps its token while
+it waits to go again (so the window bounds what a server that refuses at once is sent), a failed
+one gives it back. Its
+outcome feeds the adaptive window (`AdaptiveLimiter`) and the store's counters (`stats()`).
+
+Two kinds of refusal are retried, differently. A **throttle** (429, 503, S3's ``SlowDown``) is
+pacing: the window shrinks, the request waits (backoff with jitter, or the server's
+``Retry-After``) and goes again, for as long as the store's ``deadline`` allows, and never draws
+on the retry budget nor counts against ``Retry.attempts`` (measured: a sliding-window server
+admitting 300 requests/s ran a budget of 500 dry in 0.28 s, and a bulk read it was merely pacing
+failed). A **failure** that says nothing of load (another 5xx, a reset, a timeout) is retried
+while attempts remain and the budget allows. Past the deadline a request raises
+`DeadlineExceeded`, saying how long and how often it was refused. A bulk call runs its requests
+in one task group and raises its first failure as itself (``_base.single_error``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Self, TypedDict, TypeVar, Unpack
+
+import anyio
+
+from zarr_anyio._core.adaptive import DEFAULT_CEILING, AdaptiveLimiter, Outcome
+from zarr_anyio._core.fork import reset_in_child
+from zarr_anyio._core.limit import LimiterLike
+
+from ._base import AnyioStore
+from ._redact import scrub
+from ._retry import (
+    DEFAULT_DEADLINE,
+    DeadlineExceeded,
+    Failure,
+    RateLimit,
+    Retry,
+    RetryBudget,
+    describe,
+)
+
+__all__ = ["DEFAULT_TIMEOUT", "RemoteOptions", "RemoteStore", "RequestStats"]
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 30.0
+"""Seconds an attempt may take before it is abandoned (and retried): far beyond any healthy
+answer of an object store, short enough that a server that stopped answering is noticed."""
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """A snapshot of what a remote store has sent and received since it was made.
+
+    ``requests`` counts attempts (retries included); ``retries`` the attempts that were
+    retries; ``throttled`` the answers asking to slow down (429, 503, ``SlowDown``);
+    ``timeouts`` the attempts abandoned after ``timeout`` seconds; ``errors`` the requests given
+    up on (transient failures, not retried again); a server's answer such as a 404 is none of
+    these. ``window`` is how many requests may be in flight now (the adaptive
+    window, or the fixed bound), ``ceiling`` the most it may grow to, ``in_flight`` how many
+    are. ``retry_budget`` is what is left of the retry budget.
+    """
+
+    requests: int
+    retries: int
+    throttled: int
+    timeouts: int
+    errors: int
+    bytes_received: int
+    bytes_sent: int
+    window: int
+    ceiling: int
+    in_flight: int
+    retry_budget: float
+    elapsed: float
+
+
+class _Counters:
+    """The counts behind `RequestStats`, updated from any event loop or thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self.values = dict.fromkeys(
+            ("requests", "retries", "throttled", "timeouts", "errors", "received", "sent"), 0
+        )
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it as it forked
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, count in counts.items():
+                self.values[name] += count
+
+
+def _size(result: object) -> int:
+    """Bytes in a request's result: a buffer, or a list of them (``get_ranges``)."""
+    if isinstance(result, list):
+        return sum(_size(part) for part in result)
+    if isinstance(result, bytes | bytearray | memoryview) or hasattr(result, "__buffer__"):
+        try:
+            return memoryview(result).nbytes
+        except TypeError:
+            return 0
+    return 0
+
+
+class RemoteOptions(TypedDict, total=False):
+    """The keyword arguments every remote store takes (`RemoteStore` says what each does),
+    declared once: `FsspecStore` and `ObjectStore` pass them on as they are."""
+
+    max_concurrency: int | None
+    limiter: LimiterLike | None
+    adaptive: bool
+    retry: Retry | int | None
+    retry_budget: RetryBudget | None
+    timeout: float | None
+    rate_limit: RateLimit | float | None
+    deadline: float | None
+
+
+class RemoteStore(AnyioStore):
+    """A store that talks to a server: the base of `FsspecStore` and `ObjectStore`, and of a
+    custom store whose hooks make each request with ``self._request(make)``.
+
+    Parameters
+    ----------
+    max_concurrency
+        The most requests in flight at once (default 128). With ``adaptive`` (the default) this
+        is the ceiling of a window that adapts to the server; without, a fixed window.
+    limiter
+        A `Limiter` (or `AdaptiveLimiter`) shared with other stores that hit the same server:
+        they share one window.
+    adaptive
+        ``False`` keeps a fixed window of ``max_concurrency`` (default 32 then).
+    retry
+        A `Retry`, or an int (the number of attempts), or ``None`` for the default
+        (``Retry()``: 4 attempts). ``NO_RETRY`` turns this layer off.
+    retry_budget
+        A `RetryBudget` (shareable), or ``None`` for one of the store's own.
+    timeout
+        Seconds each attempt may take (default 30); a timed-out attempt is retried. ``None``:
+        no timeout.
+    rate_limit
+        A `RateLimit` (shareable between stores), or requests per second, or ``None``.
+    deadline
+        Seconds a request may go on being retried, counted from its first attempt (default
+        120, `DEFAULT_DEADLINE`): what ends a request that the server keeps throttling, since
+        throttles are retried without limit otherwise. No retry starts that would begin past
+        it; the request then raises `DeadlineExceeded`. ``None``: no deadline (a server that
+        throttles forever is waited on forever). To bound a whole call instead, wrap it in
+        ``anyio.fail_after``.
+    """
+
+    def __init__(self, *, read_only: bool = False, **options: Unpack[RemoteOptions]) -> None:
+        unknown = sorted(set(options) - set(RemoteOptions.__annotations__))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {unknown}")
+        max_concurrency = options.get("max_concurrency")
+        limiter = options.get("limiter")
+        adaptive = options.get("adaptive", True)
+        retry = options.get("retry")
+        retry_budget = options.get("retry_budget")
+        timeout = options.get("timeout", DEFAULT_TIMEOUT)
+        rate_limit = options.get("rate_limit")
+        deadline = options.get("deadline", DEFAULT_DEADLINE)
+        if limiter is None and adaptive:
+            ceiling = DEFAULT_CEILING if max_concurrency is None else max_concurrency
+            if not isinstance(ceiling, int) or isinstance(ceiling, bool):
+                raise TypeError(f"max_concurrency must be an int, got {ceiling!r}")
+            if ceiling < 1:
+                raise ValueError(f"max_concurrency must be at least 1, got {ceiling}")
+            limiter, max_concurrency = AdaptiveLimiter(ceiling), None
+        elif isinstance(limiter, AdaptiveLimiter) and not adaptive:
+            raise ValueError("adaptive=False with an AdaptiveLimiter: pass a Limiter instead")
+        super().__init__(read_only=read_only, max_concurrency=max_concurrency, limiter=limiter)
+        if retry is None:
+            retry = Retry()
+        elif isinstance(retry, int) and not isinstance(retry, bool):
+            retry = Retry(attempts=retry)
+        if not isinstance(retry, Retry):
+            raise TypeError(f"retry must be a Retry, an int or None, got {retry!r}")
+        if retry_budget is not None and not isinstance(retry_budget, RetryBudget):
+            raise TypeError(f"retry_budget must be a RetryBudget, got {retry_budget!r}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be positive or None, got {timeout!r}")
+        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+            rate_limit = RateLimit(rate_limit)
+        if deadline is not None and not deadline > 0:
+            raise ValueError(f"deadline must be positive or None, got {deadline!r}")
+        self.retry = retry
+        self.retry_budget = RetryBudget() if retry_budget is None else retry_budget
+        self.timeout = timeout
+        self.rate_limit = rate_limit
+        self.deadline = deadline
+        self._counters = _Counters()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        del state["_counters"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._counters = _Counters()
+
+    def _store_kwargs(self) -> dict[str, Any]:
+        # A copy (``with_read_only``) talks to the same server: it shares an adaptive window
+        # (ours or the caller's); a fixed one of its own is as big as ours.
+        shared = self._limit.shared
+        options = RemoteOptions(
+            retry=self.retry,
+            retry_budget=self.retry_budget,
+            timeout=self.timeout,
+            rate_limit=self.rate_limit,
+            deadline=self.deadline,
+        )
+        if shared is not None:
+            options["limiter"] = shared
+        else:
+            options["max_concurrency"] = self._limit.total_tokens
+            options["adaptive"] = False
+        return dict(options)
+
+    def with_read_only(self, read_only: bool = False) -> Self:
+        copy = self._over_same_data(read_only, {})
+        # zarr reads through a copy (it opens with mode="r"): its requests are this store's, so
+        # stats() counts them.
+        copy._counters = self._counters
+        return copy
+
+    def _over_same_data(self, read_only: bool, options: dict[str, Any]) -> Self:
+        return self._with_options(read_only, options or self._store_kwargs())
+
+    def _with_options(self, read_only: bool, options: dict[str, Any]) -> Self:
+        """A store of this class over the same data, with these remote options."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- the window
+
+    @property
+    def adaptive(self) -> bool:
+        return isinstance(self._limit.current(), AdaptiveLimiter)
+
+    @property
+    def max_concurrency(self) -> int:
+        """The most requests in flight at once: the ceiling of an adaptive window."""
+        limiter = self._limit.current()
+        if isinstance(limiter, AdaptiveLimiter):
+            return limiter.ceiling
+        return limiter.total_tokens
+
+    async def _for_each(
+        self,
+        items: Iterable[T],
+        action: Callable[[T], Awaitable[None]],
+        workers: int | None = None,
+    ) -> None:
+        # As many workers as the window may grow to: the window, not the pool, bounds requests.
+        await super()._for_each(items, action, workers or self.max_concurrency)
+
+    def _read_parallelism(self) -> int:
+        return self.max_concurrency
+
+    # ----------------------------------------------------------------- observing
+
+    def stats(self) -> RequestStats:
+        """What this store has sent and received so far, and its window now."""
+        limiter = self._limit.current()
+        window = limiter.statistics()
+        values = self._counters.values
+        return RequestStats(
+            requests=values["requests"],
+            retries=values["retries"],
+            throttled=values["throttled"],
+            timeouts=values["timeouts"],
+            errors=values["errors"],
+            bytes_received=values["received"],
+            bytes_sent=values["sent"],
+            window=window.total_tokens,
+            ceiling=self.max_concurrency,
+            in_flight=window.borrowed_tokens,
+            retry_budget=self.retry_budget.available,
+            elapsed=time.monotonic() - self._counters.started,
+        )
+
+    async def watch(self, interval: float = 1.0) -> AsyncIterator[RequestStats]:
+        """`stats()` every ``interval`` seconds, for as long as the caller iterates.
+
+        For example::
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.get_partial_values, prototype, requests)
+                async for stats in store.watch(0.5):
+                    print(stats.window, stats.throttled)
+                    if stats.in_flight == 0: break
+        """
+        while True:
+            yield self.stats()
+            await anyio.sleep(interval)
+
+    # ----------------------------------------------------------------- one request
+
+    async def _request(self, make: Callable[[], Awaitable[T]], *, sent: int = 0) -> T:
+        """One request to the server: attempts under the window, retried while worth it.
+
+        Its error is raised as itself, with any credentials of the URL in its text redacted
+        (the clients name the URL they requested)."""
+        try:
+            return await self._attempts(make, sent)
+        except Exception as error:
+            scrub(error)
+            raise
+
+    async def _attempts(self, make: Callable[[], Awaitable[T]], sent: int) -> T:
+        started = time.monotonic()
+        failed = 0  # retries after failures: bounded by attempts and the budget
+        throttled = 0  # retries after throttles: bounded by the deadline only
+        last_cost: int | None = None
+        while True:
+            limiter = self._limit.current()
+            async with limiter:
+                try:
+                    result = await self._attempt(limiter, make, sent)
+                except Exception as error:
+                    failure = describe(error)
+                    timed_out = isinstance(error, TimeoutError)
+                    if not (failure.transient or timed_out):
+                        # An answer (a 404, a 412): the server is well, the budget gets its token.
+                        self.retry_budget.refund(last_cost)
+                        raise
+                    if self.retry.attempts == 1:  # NO_RETRY: this layer is off
+                        self._counters.add(errors=1)
+                        raise
+                    throttle = failure.throttled and not timed_out
+                    if throttle:
+                        wait = self.retry.delay(throttled, failure.retry_after)
+                        throttled += 1
+                    else:
+                        retry = self._retry_wait(error, failure, failed)
+                        if retry is None:
+                            self._counters.add(errors=1)
+                            raise
+                        wait, last_cost = retry
+                        failed += 1
+                    elapsed = time.monotonic() - started
+                    if self.deadline is not None and elapsed + wait > self.deadline:
+                        if not throttle and last_cost is not None:
+                            self.retry_budget.refund(last_cost)  # the retry it paid for: not made
+                        self._counters.add(errors=1)
+                        raise DeadlineExceeded(elapsed, throttled, failed, self.deadline) from error
+                    self._counters.add(retries=1)
+                    if throttle:
+                        # A throttled request waits holding its token: a server that refuses
+                        # at once would otherwise see every freed token spent on another
+                        # refused request within a millisecond, whatever the window (measured:
+                        # 53-69% of requests refused by a sliding-window server), where this
+                        # makes the window bound the requests sent per backoff, not per answer.
+                        await anyio.sleep(wait)
+                        continue
+                else:
+                    self.retry_budget.refund(last_cost)
+                    return result
+            # A failure waits without its token: it says nothing of load.
+            await anyio.sleep(wait)
+
+    async def _attempt(self, limiter: object, make: Callable[[], Awaitable[T]], sent: int) -> T:
+        """One attempt, holding a token of ``limiter``: its outcome feeds the window."""
+        if self.rate_limit is not None:
+            await self.rate_limit.acquire()
+        adaptive = limiter if isinstance(limiter, AdaptiveLimiter) else None
+        epoch = adaptive.epoch if adaptive is not None else 0
+        in_flight = adaptive.borrowed_tokens if adaptive is not None else 0
+        self._counters.add(requests=1, sent=sent)
+        started = time.monotonic()
+        try:
+            if self.timeout is None:
+                result = await make()
+            else:
+                with anyio.fail_after(self.timeout):
+                    result = await make()
+        except Exception as error:
+            latency = time.monotonic() - started
+            outcome = self._outcome(error)
+            if adaptive is not None:
+                adaptive.record(outcome, latency, epoch, in_flight)
+            raise
+        if adaptive is not None:
+            adaptive.record(Outcome.ANSWERED, time.monotonic() - started, epoch, in_flight)
+        self._counters.add(received=_size(result))
+        return result
+
+    def _outcome(self, error: Exception) -> Outcome:
+        if isinstance(error, TimeoutError):
+            self._counters.add(timeouts=1)
+            return Outcome.TIMED_OUT
+        failure = describe(error)
+        if failure.throttled:
+            self._counters.add(throttled=1)
+            return Outcome.THROTTLED
+        # A 404, 403 or 416 is the server answering: it says nothing of load.
+        return Outcome.FAILED if failure.transient else Outcome.ANSWERED
+
+    def _retry_wait(
+        self, error: Exception, failure: Failure, retry_number: int
+    ) -> tuple[float, int] | None:
+        """How long to wait before retrying ``error`` and what the retry cost; ``None`` if it
+        is not to be retried."""
+        if retry_number + 1 >= self.retry.attempts:
+            return None
+        cost = self.retry_budget.take(timed_out=isinstance(error, TimeoutError))
+        if cost is None:
+            error.add_note(
+                "Not retried: this store's retry budget is spent (most recent requests failed; "
+                "it refills as requests succeed). See RetryBudget."
+            )
+            return None
+        return self.retry.delay(retry_number, failure.retry_after), cost
