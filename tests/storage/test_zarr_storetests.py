@@ -229,16 +229,20 @@ class TestObjectStoreMemory(ObstoreHarness):
         return {"store": ObstoreMemory()}
 
     def test_store_eq(self, store: ObjectStore, store_kwargs: dict[str, Any]) -> None:
-        # obstore's MemoryStore has no equality of its own: two are equal only if they are one.
-        assert store == store
+        from obstore.store import MemoryStore as ObstoreMemory
+
+        # obstore's MemoryStore has no equality of its own: stores over one are equal, stores
+        # over two are not (they hold different data), nor are a store and its read-only twin.
         assert store == self.store_cls(**store_kwargs)
+        assert store != self.store_cls(store=ObstoreMemory())
+        assert store != self.store_cls(**store_kwargs, read_only=True)
 
     async def test_serializable_store(self, store: ObjectStore) -> None:
         pytest.importorskip("obstore")
         # An obstore MemoryStore does not pickle (its data lives in Rust); S3 and local do.
         import pickle
 
-        with pytest.raises(Exception):  # noqa: B017, PT011
+        with pytest.raises(TypeError, match="cannot pickle 'MemoryStore'"):
             pickle.dumps(store)
 
 

@@ -289,7 +289,7 @@ async def test_cancelling_while_the_server_hangs(http_server: HTTPServer, kind: 
     http_server.faults = Faults(hang_first=1, hang_for=30)
     store = http_store(kind, http_server, timeout=None)
     tasks_before = len(anyio.get_running_tasks())
-    started = time.monotonic()
+    # The server holds the request for 30 s: a cancellation that waited for it would hit this.
     with anyio.move_on_after(5) as outer:
         async with anyio.create_task_group() as tg:
             tg.start_soon(store.get, "c/0", PROTO)
@@ -297,7 +297,6 @@ async def test_cancelling_while_the_server_hangs(http_server: HTTPServer, kind: 
                 await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
     assert not outer.cancelled_caught
-    assert time.monotonic() - started < 3
     assert len(anyio.get_running_tasks()) == tasks_before
     assert store.stats().in_flight == 0
     assert http_server.requests == 1  # not retried: cancelled
