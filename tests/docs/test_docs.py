@@ -35,10 +35,18 @@ BLOCK = re.compile(r"^```(python|console)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # the page's other python blocks are one script, ``page.py``.
 SCRIPT_NAME = re.compile(r"# ([\w-]+\.py)\n")
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
+TEST_FILE = re.compile(r"`(tests/[\w/]+\.py)`")
 
 
 def test_the_docs_have_examples() -> None:
     assert sum(len(BLOCK.findall(page.read_text())) for page in PAGES) >= 5
+
+
+def test_every_test_file_the_docs_name_exists() -> None:
+    # The guarantees page points at the tests that keep each promise: none may point at nothing.
+    named = {name for page in PAGES for name in TEST_FILE.findall(page.read_text())}
+    assert len(named) >= 20
+    assert sorted(name for name in named if not (TOP / name).is_file()) == []
 
 
 def _normal(line: str) -> str:
