@@ -57,7 +57,7 @@ from zarr_anyio._core.limit import LimiterLike
 from zarr_anyio._core.store_calls import StoreCalls
 from zarr_anyio._core.threads import CheckCancelled, run_in_worker
 
-from . import _live
+from . import _live, _oscalls
 from ._base import NOT_READY, BlockingStore, Pending
 from ._fileio import read_exact
 from ._keys import byte_range_slice, names_under, validate_key
@@ -84,7 +84,9 @@ ZipStoreAccessModeLiteral = Literal["r", "w", "a", "x"]
 
 _LOCAL_HEADER_SIZE = 30
 # Linux's "read only what is in the page cache, else fail at once" flag; None elsewhere.
-_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+_RWF_NOWAIT = _oscalls.RWF_NOWAIT
+# Every open of the archive: not inherited, and bytes as they are (Windows' text mode is not).
+_OPENING = _oscalls.O_CLOEXEC | _oscalls.O_BINARY
 # Reads made on the event loop copy and check at most this much: 1 MiB is ~0.3 ms of the loop's
 # time (copy and CRC-32); bigger reads go to a thread.
 _LOOP_READ_LIMIT = 1 << 20
@@ -394,7 +396,7 @@ class ZipStore(BlockingStore):
                 "object store instead), and to read from other processes close it first and "
                 "send store.with_read_only() (or ZipStore(path, mode='r'))."
             )
-        flags = os.O_CLOEXEC | (os.O_RDONLY if mode == "r" else os.O_RDWR | os.O_CREAT)
+        flags = _OPENING | (os.O_RDONLY if mode == "r" else os.O_RDWR | os.O_CREAT)
         if mode == "w":
             flags |= os.O_TRUNC
         elif mode == "x":
@@ -526,7 +528,7 @@ class ZipStore(BlockingStore):
         assert _RWF_NOWAIT is not None
         buffer = bytearray(length)
         try:
-            read = os.preadv(session.fd, [buffer], offset, _RWF_NOWAIT)
+            read = _oscalls.read_into(session.fd, buffer, offset, _RWF_NOWAIT)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
@@ -726,9 +728,9 @@ class ZipStore(BlockingStore):
         The archive is untouched until the copy is complete and on disk; a failure or a
         cancellation (checked between members and pieces) removes the copy and raises."""
         temporary = self.path.with_name(f"{_REWRITE_MARK}{self.path.name}.{uuid.uuid4().hex}")
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPENING, 0o600)
         try:
-            os.fchmod(fd, stat.S_IMODE(os.fstat(session.fd).st_mode))
+            _oscalls.fchmod(fd, temporary, stat.S_IMODE(os.fstat(session.fd).st_mode))
             infos: list[zipfile.ZipInfo] = []
             offsets: dict[int, int] = {}
             checked: set[int] = set()
@@ -751,7 +753,7 @@ class ZipStore(BlockingStore):
             # On disk before it replaces the archive: a power cut must not leave neither.
             os.fsync(fd)
             check_cancelled()
-            os.replace(temporary, self.path)
+            _oscalls.replace(temporary, self.path)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
@@ -855,7 +857,7 @@ class ZipStore(BlockingStore):
                 self.path = destination
                 # A move across filesystems copies: follow the file, not the old inode.
                 reading = os.O_RDONLY if self._zmode == "r" else os.O_RDWR
-                old, session.fd = session.fd, os.open(destination, reading | os.O_CLOEXEC)
+                old, session.fd = session.fd, os.open(destination, reading | _OPENING)
                 os.close(old)
             self._is_open = True
 
