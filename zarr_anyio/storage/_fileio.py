@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._oscalls import pread
+from . import _oscalls
 
 __all__ = ["read_exact"]
 
@@ -12,9 +12,9 @@ def read_exact(fd: int, length: int, offset: int) -> bytes:
 
     A regular file is read whole in one positional read (`._oscalls.pread`) unless it changed
     under us; the loop finishes the read then."""
-    data = pread(fd, length, offset)
+    data = _oscalls.pread(fd, length, offset)
     while len(data) < length:
-        more = pread(fd, length - len(data), offset + len(data))
+        more = _oscalls.pread(fd, length - len(data), offset + len(data))
         if not more:
             break
         data += more

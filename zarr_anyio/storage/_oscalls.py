@@ -10,8 +10,9 @@ guessing from ``sys.platform``, so a system that grows a call gets the faster pa
 What stands in, and what it costs:
 
 - Positional reads and writes (``pread``, ``preadv``, ``pwrite``): a seek and a read or write,
-  serialised per descriptor by a lock, so concurrent readers of one zip file still never see
-  each other's positions. Readers of one descriptor then take turns instead of overlapping.
+  serialised per file by a lock, so concurrent readers of one zip file (and their ``dup``-ed
+  descriptors, which share a position) never see each other's positions. Readers of one file
+  then take turns instead of overlapping.
 - Folder handles (``dir_fd=``): a folder is named by its resolved path (`DirRef` is an ``int``
   or a ``str``), and every call takes the joined path. `._beneath` resolves links itself, so a
   link that leads out of the root is refused as before, but a folder swapped for a link between
@@ -148,18 +149,21 @@ _msvcrt = _import("msvcrt")
 
 
 class _PositionLocks:
-    """One lock per descriptor number, for the seek-then-read stand-ins. A number reused by a
-    new descriptor shares the old one's lock, which only makes unrelated calls take turns."""
+    """One lock per file (device and inode), for the seek-then-read stand-ins. Per file, not
+    per descriptor: a descriptor and its ``dup`` share one position. Costs an ``fstat`` per
+    call; descriptors of one file take turns."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._locks: dict[int, threading.Lock] = {}
+        self._locks: dict[tuple[int, int], threading.Lock] = {}
 
     def __call__(self, fd: int) -> threading.Lock:
-        lock = self._locks.get(fd)
+        info = os.fstat(fd)
+        file = (info.st_dev, info.st_ino)
+        lock = self._locks.get(file)
         if lock is None:
             with self._lock:
-                lock = self._locks.setdefault(fd, threading.Lock())
+                lock = self._locks.setdefault(file, threading.Lock())
         return lock
 
 
