@@ -25,8 +25,8 @@ from zarr.core.buffer import default_buffer_prototype
 from support.remote import fill, http_store
 from support.servers import Faults, HTTPServer, S3Server
 from zarr_anyio import FsspecStore, Limiter, Retry, ZipStore
-from zarr_anyio.storage._zipformat import LOCAL, directory_record, member_record
 from zarr_anyio.storage import _oscalls
+from zarr_anyio.storage._zipformat import LOCAL, directory_record, member_record
 
 pytestmark = pytest.mark.anyio
 

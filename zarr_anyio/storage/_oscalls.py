@@ -44,6 +44,7 @@ from types import ModuleType
 __all__ = [
     "DIRECTORY",
     "DIR_FD",
+    "FILE_LOCKS",
     "LISTABLE",
     "O_BINARY",
     "O_CLOEXEC",
@@ -143,6 +144,8 @@ def _import(name: str) -> ModuleType | None:
 
 _fcntl = _import("fcntl")
 _msvcrt = _import("msvcrt")
+FILE_LOCKS = _fcntl is not None or _msvcrt is not None
+"""Whether `try_lock` can lock at all here (a file system may still refuse: then ``None``)."""
 
 
 # ---------------------------------------------------------------- positional reads and writes
