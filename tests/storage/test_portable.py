@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -147,8 +146,8 @@ class HeldOpen:
 
 
 @pytest.fixture
-def held_open(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldOpen]:
-    yield HeldOpen(monkeypatch)
+def held_open(monkeypatch: pytest.MonkeyPatch) -> HeldOpen:
+    return HeldOpen(monkeypatch)
 
 
 async def test_a_write_waits_out_a_reader_that_holds_the_file_open(
