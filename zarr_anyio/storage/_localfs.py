@@ -278,13 +278,19 @@ def scan_folder(
         if dir_fd is None:
             return files, folders
         with _opened(dir_fd):
-            info = _oscalls.stat_dir(dir_fd)
+            try:
+                info = _oscalls.stat_dir(dir_fd)
+            except FileNotFoundError:
+                return files, folders  # removed since it was found (a folder named by path)
             here = (info.st_dev, info.st_ino)
             if here in above:
                 return files, folders  # a link back to a folder above: listed there already
             inside = above | {here}
-            with os.scandir(dir_fd) as listing:
-                entries = [e for e in listing if e.name.startswith(stem) and OURS not in e.name]
+            entries = [
+                e
+                for e in _oscalls.list_folder(dir_fd)
+                if e.name.startswith(stem) and OURS not in e.name
+            ]
             for entry in entries:
                 key = f"{key_prefix}{entry.name}"
                 if entry.is_symlink():
@@ -327,8 +333,8 @@ def list_dir(root: str, prefix: str) -> list[str]:
         dir_fd = _open_listable(root_fd, folder)
         if dir_fd is None:
             return names
-        with _opened(dir_fd), os.scandir(dir_fd) as listing:
-            for entry in listing:
+        with _opened(dir_fd):
+            for entry in _oscalls.list_folder(dir_fd):
                 if OURS in entry.name:
                     continue
                 if entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False):
@@ -591,8 +597,7 @@ def _empty_folder(dir_fd: DirRef, check_cancelled: CheckCancelled, keep: str = "
 
     Links are removed, never followed; each file is there or gone at every moment.
     """
-    with os.scandir(dir_fd) as listing:
-        entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in listing]
+    entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in _oscalls.list_folder(dir_fd)]
     for name, is_dir in entries:
         if name == keep:
             continue
@@ -716,8 +721,8 @@ def remove_abandoned_temps(root: str) -> None:
         except OSError:
             return  # no folder, or not ours to look into
         with _opened(temp_dir):
-            with os.scandir(temp_dir) as listing:
-                names = [e.name for e in listing if not e.is_dir(follow_symlinks=False)]
+            listing = _oscalls.list_folder(temp_dir)
+            names = [e.name for e in listing if not e.is_dir(follow_symlinks=False)]
             now = time.time()
             for name in names:
                 _abandoned(temp_dir, name, now)

@@ -59,6 +59,7 @@ __all__ = [
     "dup_dir",
     "fchmod",
     "link_at",
+    "list_folder",
     "lstat_at",
     "mkdir_at",
     "open_at",
@@ -312,6 +313,18 @@ def dup_dir(folder: DirRef) -> DirRef:
 
 def stat_dir(folder: DirRef) -> os.stat_result:
     return os.fstat(folder) if isinstance(folder, int) else os.stat(folder)
+
+
+def list_folder(folder: DirRef) -> list[os.DirEntry[str]]:
+    """The entries of ``folder``. A folder removed since it was opened has none: by handle,
+    the kernel says so; by path, the removal is caught here, to answer the same."""
+    try:
+        with os.scandir(folder) as listing:
+            return list(listing)
+    except (FileNotFoundError, NotADirectoryError):
+        if isinstance(folder, int):
+            raise
+        return []
 
 
 def lstat_at(name: str, folder: DirRef) -> os.stat_result:
