@@ -468,14 +468,20 @@ def _write_through(
     """Fill the temporary file ``temp`` with ``value`` and move it into place.
 
     ``fd`` stays open, holding its lock, until the file is in place: a cleaner must never take
-    a finished temporary file for an abandoned one.
+    a finished temporary file for an abandoned one. Except by path (no folder handles: Windows),
+    where a file that is open cannot be renamed nor removed: there it is closed just before it
+    moves, and a cleaner that takes it in that instant makes the write fail (never tears it).
     """
+    open_fd: int | None = fd
     try:
         try:
             written = 0
             while written < len(value):
                 written += _write_piece(fd, value[written : written + WRITE_PIECE])
                 check_cancelled()
+            if isinstance(temp_dir, str):
+                open_fd = None
+                os.close(fd)
             if exclusive:
                 # link, unlike rename, fails if the target exists: creation is atomic.
                 with contextlib.suppress(FileExistsError):
@@ -484,7 +490,8 @@ def _write_through(
             else:
                 _oscalls.replace_at(temp, temp_dir, name, dir_fd)
         finally:
-            os.close(fd)
+            if open_fd is not None:
+                os.close(open_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             unlink_at(temp, temp_dir)
@@ -708,10 +715,16 @@ def _abandoned(dir_fd: DirRef, name: str, now: float) -> bool:
             return False  # a live writer holds it
         if locked is None and now - os.fstat(fd).st_mtime < STALE_AFTER:
             return False  # no locks here: only its age tells
-        # Unlinked while we hold the lock, so a writer that locks it after sees it gone.
-        with contextlib.suppress(FileNotFoundError):
-            unlink_at(name, dir_fd)
-        return True
+        if isinstance(dir_fd, int):
+            # Unlinked while we hold the lock, so a writer that locks it after sees it gone.
+            with contextlib.suppress(FileNotFoundError):
+                unlink_at(name, dir_fd)
+            return True
+    # By path (Windows): an open file cannot be removed, so after closing it; one that a
+    # writer has opened since stays (PermissionError there).
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        unlink_at(name, dir_fd)
+    return True
 
 
 def remove_abandoned_temps(root: str) -> None:
