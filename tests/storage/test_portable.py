@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 
 import zarr_anyio.storage._beneath
 from support import TOP
-from zarr_anyio import LocalStore
+from zarr_anyio import LocalStore, ZipStore
 from zarr_anyio.storage import _oscalls
 
 pytestmark = pytest.mark.anyio
@@ -142,8 +143,10 @@ class HeldOpen:
         self.tries = 0
         self._real = os.replace
         monkeypatch.setattr(_oscalls, "_os_replace", self)
-        # Windows has no folder handles: every write goes through the path calls.
+        # Windows has no folder handles (every write goes through the path calls) and moves no
+        # open file (writers close theirs first).
         monkeypatch.setattr(zarr_anyio.storage._beneath, "DIR_FD", False)
+        monkeypatch.setattr(_oscalls, "OPEN_FILES_MOVE", False)
 
     def __call__(self, source: str, target: str) -> None:
         self.tries += 1
@@ -199,3 +202,26 @@ async def test_a_write_against_a_reader_that_never_lets_go_fails_clearly(
     # The old value whole, and no temporary file left behind.
     assert (tmp_path / "k").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["k"]
+
+
+async def test_a_zip_rewrite_closes_the_archive_before_replacing_it(
+    tmp_path: Path, held_open: HeldOpen
+) -> None:
+    # A delete makes the store rewrite the archive at close: a copy replaces the file that the
+    # store itself holds open, which Windows (as the double) refuses.
+    path = tmp_path / "data.zip"
+    store = ZipStore(path, mode="w")
+    await store.set("a", buf(b"1" * 1000))
+    await store.set("b", buf(b"2" * 1000))
+    await store.delete("a")
+    await store.aclose()
+    assert held_open.tries == 1
+    with zipfile.ZipFile(path) as archive:
+        assert archive.namelist() == ["b"]
+        assert archive.read("b") == b"2" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.zip"]
+    reader = ZipStore(path, mode="r")
+    value = await reader.get("b", PROTO)
+    assert value is not None
+    assert value.to_bytes() == b"2" * 1000
+    await reader.aclose()

@@ -468,8 +468,8 @@ def _write_through(
     """Fill the temporary file ``temp`` with ``value`` and move it into place.
 
     ``fd`` stays open, holding its lock, until the file is in place: a cleaner must never take
-    a finished temporary file for an abandoned one. Except by path (no folder handles: Windows),
-    where a file that is open cannot be renamed nor removed: there it is closed just before it
+    a finished temporary file for an abandoned one. Except where a file that is open cannot be
+    renamed nor removed (Windows, `_oscalls.OPEN_FILES_MOVE`): there it is closed just before it
     moves, and a cleaner that takes it in that instant makes the write fail (never tears it).
     """
     open_fd: int | None = fd
@@ -479,7 +479,7 @@ def _write_through(
             while written < len(value):
                 written += _write_piece(fd, value[written : written + WRITE_PIECE])
                 check_cancelled()
-            if isinstance(temp_dir, str):
+            if not _oscalls.OPEN_FILES_MOVE:
                 open_fd = None
                 os.close(fd)
             if exclusive:
@@ -715,13 +715,13 @@ def _abandoned(dir_fd: DirRef, name: str, now: float) -> bool:
             return False  # a live writer holds it
         if locked is None and now - os.fstat(fd).st_mtime < STALE_AFTER:
             return False  # no locks here: only its age tells
-        if isinstance(dir_fd, int):
+        if _oscalls.OPEN_FILES_MOVE:
             # Unlinked while we hold the lock, so a writer that locks it after sees it gone.
             with contextlib.suppress(FileNotFoundError):
                 unlink_at(name, dir_fd)
             return True
-    # By path (Windows): an open file cannot be removed, so after closing it; one that a
-    # writer has opened since stays (PermissionError there).
+    # Where an open file cannot be removed (Windows): after closing it; one that a writer has
+    # opened since stays (PermissionError there).
     with contextlib.suppress(FileNotFoundError, PermissionError):
         unlink_at(name, dir_fd)
     return True

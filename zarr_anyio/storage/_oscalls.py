@@ -46,6 +46,7 @@ __all__ = [
     "DIR_FD",
     "FILE_LOCKS",
     "LISTABLE",
+    "OPEN_FILES_MOVE",
     "O_BINARY",
     "O_CLOEXEC",
     "O_NOCTTY",
@@ -262,6 +263,12 @@ def try_lock(fd: int) -> bool | None:
 
 
 # ---------------------------------------------------------------- replacing a file
+
+OPEN_FILES_MOVE = os.name != "nt" and not PORTABLE
+"""Whether a file that is open can be renamed, replaced or removed. No call tells, so this one
+is named by system: Windows refuses (a file opened without ``FILE_SHARE_DELETE``, as Python's
+``open`` and ``os.open`` do), every POSIX system allows it. Where it cannot, a writer closes its
+file before moving it."""
 
 # A file open in another program cannot be replaced on Windows; it is usually closed within
 # milliseconds (a reader of one chunk), so a few tries over ~0.3 s ride it out.

@@ -753,13 +753,34 @@ class ZipStore(BlockingStore):
             # On disk before it replaces the archive: a power cut must not leave neither.
             os.fsync(fd)
             check_cancelled()
-            _oscalls.replace(temporary, self.path)
+            if _oscalls.OPEN_FILES_MOVE:
+                _oscalls.replace(temporary, self.path)
+            else:
+                copy, fd = fd, -1
+                fd = self._replace_closed(session, copy, temporary)
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
         session.replace_file(fd, infos, offsets, checked)
+
+    def _replace_closed(self, session: _Session, copy: int, temporary: Path) -> int:
+        """Put the copy in place where no open file may be moved or replaced (Windows): the
+        copy and the archive are closed first, and opened again after (the old archive, if the
+        replace failed). Gives a descriptor of the new archive; ``copy`` is closed."""
+        reopen = os.O_RDWR | _OPENING
+        os.close(copy)
+        os.close(session.fd)
+        try:
+            _oscalls.replace(temporary, self.path)
+        except BaseException:
+            session.fd = os.open(self.path, reopen)
+            raise
+        # Closed by replace_file, as the old archive's would be.
+        session.fd = os.open(self.path, reopen)
+        return os.open(self.path, reopen)
 
     def _copy(
         self,
