@@ -325,7 +325,7 @@ def _walk_path(root: str, path: str) -> tuple[str, os.stat_result]:
     Refuses what `_walk` refuses; see the module docstring for the race it cannot close."""
     pending = path.split("/")[::-1]
     folders = [root]
-    info = os.stat(root)
+    info: os.stat_result | None = None  # of folders[-1], once known
     links = 0
     while pending:
         name = pending.pop()
@@ -337,7 +337,7 @@ def _walk_path(root: str, path: str) -> tuple[str, os.stat_result]:
                     errno.EPERM, "leads out of the store's root through a symbolic link", path
                 )
             folders.pop()
-            info = os.stat(folders[-1])
+            info = None
             continue
         here = os.path.join(folders[-1], name)
         info = os.lstat(here)
@@ -360,4 +360,4 @@ def _walk_path(root: str, path: str) -> tuple[str, os.stat_result]:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
         else:
             return here, info
-    return folders[-1], info
+    return folders[-1], os.stat(folders[-1]) if info is None else info
