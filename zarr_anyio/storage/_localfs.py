@@ -3,6 +3,8 @@ read whose names and bytes are all cached, on the event loop).
 
 Each takes the root's path and a key already validated (`._keys`), and opens every path beneath
 a handle on the root (`._beneath`), so no key and no link planted in the root leads out of it.
+Where the system has no folder handles (Windows), a folder is its resolved path instead
+(`._oscalls.DirRef`) and the same calls go by path, with the weaker guarantee `._beneath` states.
 Writes go through a temporary file renamed into place. Why each works as it does, with what it
 costs, is in the store's module docstring (`._local`).
 """
