@@ -225,3 +225,24 @@ async def test_a_zip_rewrite_closes_the_archive_before_replacing_it(
     assert value is not None
     assert value.to_bytes() == b"2" * 1000
     await reader.aclose()
+
+
+def test_file_locks_where_the_system_has_them_and_none_in_portable_mode(tmp_path: Path) -> None:
+    path = tmp_path / "locked"
+    path.write_bytes(b"")
+    first, second = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
+    try:
+        if not _oscalls.FILE_LOCKS:
+            # The tests' portable mode: no locks, and callers told so (they judge by age).
+            assert _oscalls.try_lock(first) is None
+            return
+        assert _oscalls.try_lock(first, shared=True) is True
+        assert _oscalls.try_lock(second, shared=True) is True  # readers share
+        assert _oscalls.try_lock(second) is False  # a writer waits for the other reader
+        os.close(first)
+        first = -1
+        assert _oscalls.try_lock(second) is True  # closing let go
+    finally:
+        for fd in (first, second):
+            if fd >= 0:
+                os.close(fd)

@@ -235,19 +235,19 @@ def fchmod(fd: int, path: str | os.PathLike[str], mode: int) -> None:
 # ---------------------------------------------------------------- file locks
 
 
-def try_lock(fd: int) -> bool | None:
-    """Take an exclusive lock on the open file ``fd`` without waiting: ``True`` if taken,
-    ``False`` if another holds it, ``None`` if this system or file system has no file locks.
-    The lock goes with the descriptor: closing it lets go."""
+def try_lock(fd: int, *, shared: bool = False) -> bool | None:
+    """Take a lock on the open file ``fd`` without waiting, exclusive or ``shared``: ``True``
+    if taken, ``False`` if another holds it, ``None`` if this system or file system has no such
+    locks (``msvcrt`` has no shared ones). The lock goes with the descriptor: closing it lets go."""
     if _fcntl is not None:
         try:
-            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+            _fcntl.flock(fd, (_fcntl.LOCK_SH if shared else _fcntl.LOCK_EX) | _fcntl.LOCK_NB)
         except BlockingIOError:
             return False
         except OSError:
             return None  # no locks on this file system (some network ones)
         return True
-    if _msvcrt is not None:
+    if _msvcrt is not None and not shared:
         # A lock on the first byte (it may lie past the end). Windows' locks are mandatory: the
         # holder's own descriptor still writes there, other handles cannot.
         position = os.lseek(fd, 0, os.SEEK_CUR)
