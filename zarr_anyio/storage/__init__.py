@@ -14,19 +14,24 @@ from ._beneath import LeavesRoot
 from ._fsspec import FsspecStore
 from ._keys import byte_range_slice, names_under
 from ._local import LocalStore
+from ._localfs import FolderIsAKey, KeyConflict, KeyIsAFolder
 from ._memory import MemoryStore
 from ._obstore import ObjectStore
 from ._open import open_store, open_store_async
 from ._remote import RemoteStore, RequestStats
 from ._retry import NO_RETRY, RateLimit, Retry, RetryBudget
-from ._zip import ZipStore
+from ._zip import ArchiveLocked, RewriteRefused, ZipNotRewrittenWarning, ZipStore
 
 __all__ = [
     "NO_RETRY",
     "AnyioStore",
+    "ArchiveLocked",
     "BlockingStore",
     "FetchRequest",
+    "FolderIsAKey",
     "FsspecStore",
+    "KeyConflict",
+    "KeyIsAFolder",
     "LeavesRoot",
     "LocalStore",
     "MemoryStore",
@@ -36,6 +41,8 @@ __all__ = [
     "RequestStats",
     "Retry",
     "RetryBudget",
+    "RewriteRefused",
+    "ZipNotRewrittenWarning",
     "ZipStore",
     "byte_range_slice",
     "names_under",

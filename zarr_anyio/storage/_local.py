@@ -39,6 +39,16 @@ library's own names hold a backslash, which no key may (`._keys`): no key can co
 and listings leave out every name that holds one (it cannot be a key either). Where a
 sub-folder is another file system (the rename would cross devices) the temporary file goes
 beside its target instead (a name of ours too); those are not cleaned up on open.
+
+Keys and folders. A key cannot be where a folder of keys is, nor below a key (``x`` and ``x/y``):
+such a write raises a `KeyConflict` naming both keys, and changes nothing. A folder that holds no
+key is as if it were not there, as in MemoryStore and the object stores: a delete removes the
+folders it empties (a writer whose folder vanished under it starts again), `list_dir` leaves out
+folders that hold no key (one ``scandir`` per level, stopping at the first key: ~12 µs a
+sub-folder, so a ``list_dir`` of 2,000 chunk folders takes 25 ms where it took 1 ms; zarr lists
+folders only to find a group's members), and a key of its name replaces a tree of empty
+folders. Errors of refused writes and deletes name the root and the key (`._localfs._where`):
+the file system's own name a temporary file of ours, or a name relative to some folder.
 """
 
 from __future__ import annotations

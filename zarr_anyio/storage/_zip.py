@@ -11,6 +11,8 @@ a member, close appends a directory, and the archive as it was stays intact befo
 - A deleted key is hidden at once; close appends a directory without it, then rewrites the file
   without its bytes into a temporary file that replaces the archive only once complete. If either
   step fails, close raises and the store stays open with its state, so close can be retried.
+  Opened through a symbolic link, a rewrite replaces the file the link leads to (its temporary
+  file beside that one): the link stays a link to the archive.
 - Every read of a whole member checks its CRC-32 (a 4 KiB chunk: ~2 µs more on a ~8 µs read);
   a byte range of a member is read after the whole member was checked once per opening.
 - ``close()`` and ``aclose()`` wait for the calls in flight on the store before closing.
@@ -22,10 +24,20 @@ a member, close appends a directory, and the archive as it was stays intact befo
   grew to 200 MiB; with it, 6 MiB, at 0.55 ms a write instead of 0.16 ms (each rewrite copies the
   live values and fsyncs once). A small key rewritten often (zarr.json) waits for 1 MiB of
   rewrites.
+- A rewrite needs the folder, not only the file: its copy is made beside the archive, given the
+  archive's owner and group, and renamed over it. Where that cannot be done faithfully (the
+  folder refuses; the archive is another user's and this one cannot give the copy away; the
+  file has other hard links, which would stay on the old file), compaction and close after a
+  delete leave the file as it is, whole (its last directory leaves out deleted keys and old
+  copies), keep appending, try again once the dead bytes doubled, and say so with a
+  `ZipNotRewrittenWarning`; `rewrite()` raises `RewriteRefused`.
 - One writer, in one process. A writable store used in another process than the one that made
   it (sent to a dask worker, say) refuses with an error that says what to do: two processes
-  appending to one file would corrupt it. `with_read_only()` gives a copy that other processes
-  may read (pickling writes the directory first, so the copy sees a whole archive).
+  appending to one file would corrupt it. A writable store holds an advisory lock on the file
+  (`._filelock`), so a second writer opened independently, here or in another program, is
+  refused with `ArchiveLocked`; readers take no lock. `with_read_only()` gives a copy that
+  other processes may read (pickling writes the directory first, so the copy sees a whole
+  archive).
 
 ``zipfile`` is not used to write: it would overwrite the old directory on append, register a
 member that failed half-way, and drop its handle before a failed close. It still parses
@@ -37,6 +49,7 @@ in the page cache they are read on the event loop itself.
 from __future__ import annotations
 
 import contextlib
+import errno
 import lzma
 import os
 import shutil
@@ -60,6 +73,7 @@ from zarr_anyio._core.threads import CheckCancelled, run_in_worker
 from . import _live, _oscalls
 from ._base import NOT_READY, BlockingStore, Pending
 from ._fileio import read_exact
+from ._filelock import same_file, try_lock, unlock
 from ._keys import byte_range_slice, names_under, validate_key
 from ._zipformat import (
     PIECE,
@@ -78,7 +92,7 @@ from ._zipread import (
     recover,
 )
 
-__all__ = ["ZipStore"]
+__all__ = ["ArchiveLocked", "RewriteRefused", "ZipNotRewrittenWarning", "ZipStore"]
 
 ZipStoreAccessModeLiteral = Literal["r", "w", "a", "x"]
 
@@ -143,6 +157,15 @@ class _Session:
         # replaced by the next one).
         self.dead = max(0, end - sum(_record_size(info) for info in self.listed()))
         self.directory_size = 0
+        # Compaction is tried once dead bytes pass this too: after a refused rewrite (a folder
+        # we may not write), not again until they doubled, so that the cost stays amortised.
+        self.compact_at = 0
+        # The process that holds the writer's lock on ``fd`` (None: not locked, as for readers,
+        # or where the file system has no locks). A forked child must not give it up.
+        self.locked_by: int | None = None
+        # Refused rewrites reported: once a session for dead bytes, once for deleted keys (a
+        # warning per write would drown the rest).
+        self.told_refused: set[bool] = set()
 
     def _take(self, infos: Iterable[zipfile.ZipInfo]) -> None:
         # The newest copy of a name is the one furthest into the file.
@@ -188,7 +211,61 @@ class _Session:
         self.nowait = _RWF_NOWAIT is not None
         self.dead = 0
         self.directory_size = 0
-        os.close(old)
+        self.compact_at = 0
+        self.close_fd(old)
+
+    def close_fd(self, fd: int) -> None:
+        """Close ``fd`` (the session's or one it replaced), giving up the writer's lock first:
+        reads in flight hold duplicates of it, which would keep the lock otherwise."""
+        if self.locked_by == os.getpid():
+            unlock(fd)
+        os.close(fd)
+
+
+class ArchiveLocked(BlockingIOError):
+    """Another ZipStore, in this process or another, is writing the zip file (it holds the
+    file's lock): a zip file takes one writer at a time."""
+
+
+class RewriteRefused(PermissionError):
+    """A rewrite of the archive (a copy put in its place) is refused: the folder does not let
+    this user create or replace files, the file has other hard links, or it belongs to a user
+    that this one cannot give the copy to."""
+
+
+class ZipNotRewrittenWarning(UserWarning):
+    """A rewrite the store makes on its own (compaction, close after a delete) was refused by
+    the folder: the file keeps its dead bytes, the store keeps appending."""
+
+
+def _refused(target: Path, error: PermissionError) -> RewriteRefused:
+    """The error of a rewrite the folder refused: ``str()`` names the archive and its folder."""
+    return RewriteRefused(
+        error.errno,
+        f"a rewrite writes a complete copy of the archive beside it and puts it in its place, "
+        f"and its folder {target.parent} does not let this user create or replace files "
+        f"({error.strerror})",
+        str(target),
+    )
+
+
+def _give_copy(fd: int, archive: os.stat_result, target: Path) -> None:
+    """Give the rewrite's copy the archive's owner and group, or refuse the rewrite: a shared
+    archive must not become this user's (its owner could lose write access to it)."""
+    copy = os.fstat(fd)
+    uid = archive.st_uid if copy.st_uid != archive.st_uid else -1
+    gid = archive.st_gid if copy.st_gid != archive.st_gid else -1
+    if uid == -1 and gid == -1:
+        return
+    try:
+        os.fchown(fd, uid, gid)
+    except PermissionError:
+        raise RewriteRefused(
+            errno.EPERM,
+            f"it belongs to user {archive.st_uid} (group {archive.st_gid}), and a copy made by "
+            "this user cannot be given to them, so it would change hands",
+            str(target),
+        ) from None
 
 
 def _record_size(info: zipfile.ZipInfo) -> int:
@@ -369,7 +446,7 @@ class ZipStore(BlockingStore):
         if self._session is not None:
             # Nothing to write, or the close failed: the next opening recovers the file.
             self._session = None
-            os.close(session.fd)
+            session.close_fd(session.fd)
 
     # ---------------------------------------------------------------- opening (blocking)
 
@@ -396,13 +473,65 @@ class ZipStore(BlockingStore):
                 "object store instead), and to read from other processes close it first and "
                 "send store.with_read_only() (or ZipStore(path, mode='r'))."
             )
+        writing = mode != "r" and not self.read_only
         flags = _OPENING | (os.O_RDONLY if mode == "r" else os.O_RDWR | os.O_CREAT)
-        if mode == "w":
+        if mode == "w" and not writing:
             flags |= os.O_TRUNC
         elif mode == "x":
             flags |= os.O_EXCL
+        fd, locked = self._open_archive(flags, writing)
+        if mode == "w" and writing:
+            # Emptied only once the lock is ours: never under another writer.
+            os.ftruncate(fd, 0)
         try:
-            fd = os.open(self.path, flags, 0o666)
+            session = self._read_session(fd)
+        except BaseException:
+            if locked:
+                unlock(fd)
+            os.close(fd)
+            raise
+        session.locked_by = os.getpid() if locked else None
+        if writing:
+            self._remove_stale_rewrites()
+        if mode in ("w", "x"):
+            self._zmode = "a"
+        return session
+
+    def _open_archive(self, flags: int, writing: bool) -> tuple[int, bool]:
+        """The archive's file descriptor, and whether it holds the writer's lock (taken when
+        ``writing``; a second writer is refused with `ArchiveLocked`)."""
+        while True:
+            fd = self._open_path(flags)
+            if not writing:
+                return fd, False
+            try:
+                taken = try_lock(fd)
+                # A lock on a file that a rewrite replaced since we opened it guards nothing:
+                # open the one that is there now.
+                current = taken != "taken" or same_file(fd, self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            if taken == "held":
+                os.close(fd)
+                raise ArchiveLocked(
+                    errno.EWOULDBLOCK,
+                    f"{self.path} is open for writing by another ZipStore, in this process or "
+                    "another (it holds the file's lock). A zip file takes one writer at a time: "
+                    "two appending to it would lose each other's keys. Close the other store "
+                    "first and open this one again, or open this one with mode='r' to read what "
+                    "the other had written at its last close.",
+                )
+            if current:
+                return fd, taken == "taken"
+            unlock(fd)
+            os.close(fd)
+            flags &= ~os.O_EXCL  # mode "x" made it; the file there now is another writer's
+
+    def _open_path(self, flags: int) -> int:
+        mode = self._zmode
+        try:
+            return os.open(self.path, flags, 0o666)
         except IsADirectoryError:
             raise IsADirectoryError(
                 f"{self.path} is a folder, not a zip file (for a folder of keys, use LocalStore)"
@@ -414,16 +543,6 @@ class ZipStore(BlockingStore):
                 f"{self.path}: cannot create the zip file: its folder {self.path.parent} does "
                 "not exist"
             ) from None
-        try:
-            session = self._read_session(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        if mode != "r" and not self.read_only:
-            self._remove_stale_rewrites()
-        if mode in ("w", "x"):
-            self._zmode = "a"
-        return session
 
     def _read_session(self, fd: int) -> _Session:
         size = os.fstat(fd).st_size
@@ -483,10 +602,17 @@ class ZipStore(BlockingStore):
             stacklevel=2,
         )
 
+    def _target(self) -> Path:
+        """The file the archive is: ``path``, or where its symbolic links lead. A rewrite
+        replaces that file, so that a link stays a link and keeps reaching the archive (zarr's
+        ZipStore writes in place, through the link)."""
+        return Path(os.path.realpath(self.path))
+
     def _remove_stale_rewrites(self) -> None:
         """Temporary files of rewrites that a crash left beside the archive."""
-        prefix = f"{_REWRITE_MARK}{self.path.name}."
-        with contextlib.suppress(OSError), os.scandir(self.path.parent) as entries:
+        target = self._target()
+        prefix = f"{_REWRITE_MARK}{target.name}."
+        with contextlib.suppress(OSError), os.scandir(target.parent) as entries:
             for entry in entries:
                 if entry.name.startswith(prefix):
                     with contextlib.suppress(OSError):
@@ -684,7 +810,7 @@ class ZipStore(BlockingStore):
             current.add(info, after, end)
             if self._should_compact(current):
                 # The value is written; a cancellation from here on only stops the rewrite.
-                self._rewrite_session(current, check_cancelled)
+                self._rewrite_or_append(current, check_cancelled)
 
     def _should_compact(self, session: _Session) -> bool:
         """Whether dead bytes (overwritten values, old directories) are worth a rewrite."""
@@ -693,6 +819,7 @@ class ZipStore(BlockingStore):
             not writer.read_only
             and session.dead > _COMPACT_FLOOR
             and session.dead > _COMPACT_SHARE * session.end
+            and session.dead > session.compact_at
         )
 
     def _delete_blocking(self, keys: Iterable[str], session: _Session | None = None) -> None:
@@ -727,10 +854,27 @@ class ZipStore(BlockingStore):
 
         The archive is untouched until the copy is complete and on disk; a failure or a
         cancellation (checked between members and pieces) removes the copy and raises."""
-        temporary = self.path.with_name(f"{_REWRITE_MARK}{self.path.name}.{uuid.uuid4().hex}")
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPENING, 0o600)
+        target = self._target()
+        archive = os.fstat(session.fd)
+        if archive.st_nlink > 1:
+            # zarr's ZipStore writes in place, so every name of the file sees its writes.
+            raise RewriteRefused(
+                errno.EMLINK,
+                f"it has {archive.st_nlink} hard links, and a copy put in its place would leave "
+                "the other names on the old file",
+                str(target),
+            )
+        temporary = target.with_name(f"{_REWRITE_MARK}{target.name}.{uuid.uuid4().hex}")
         try:
-            _oscalls.fchmod(fd, temporary, stat.S_IMODE(os.fstat(session.fd).st_mode))
+            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPENING, 0o600)
+        except PermissionError as error:
+            raise _refused(target, error) from None
+        try:
+            if session.locked_by == os.getpid():
+                # Locked before it takes the archive's name: no second writer slips in between.
+                try_lock(fd)
+            _give_copy(fd, archive, target)
+            _oscalls.fchmod(fd, temporary, stat.S_IMODE(archive.st_mode))
             infos: list[zipfile.ZipInfo] = []
             offsets: dict[int, int] = {}
             checked: set[int] = set()
@@ -753,11 +897,15 @@ class ZipStore(BlockingStore):
             # On disk before it replaces the archive: a power cut must not leave neither.
             os.fsync(fd)
             check_cancelled()
-            if _oscalls.OPEN_FILES_MOVE:
-                _oscalls.replace(temporary, self.path)
-            else:
-                copy, fd = fd, -1
-                fd = self._replace_closed(session, copy, temporary)
+            try:
+                if _oscalls.OPEN_FILES_MOVE:
+                    _oscalls.replace(temporary, target)
+                else:
+                    copy, fd = fd, -1
+                    fd = self._replace_closed(session, copy, temporary, target)
+            except PermissionError as error:
+                # A folder with the sticky bit (/tmp) and an archive someone else owns.
+                raise _refused(target, error) from None
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -766,21 +914,57 @@ class ZipStore(BlockingStore):
             raise
         session.replace_file(fd, infos, offsets, checked)
 
-    def _replace_closed(self, session: _Session, copy: int, temporary: Path) -> int:
+    def _replace_closed(self, session: _Session, copy: int, temporary: Path, target: Path) -> int:
         """Put the copy in place where no open file may be moved or replaced (Windows): the
         copy and the archive are closed first, and opened again after (the old archive, if the
-        replace failed). Gives a descriptor of the new archive; ``copy`` is closed."""
+        replace failed), the writer's lock taken again. Gives a descriptor of the new archive;
+        ``copy`` is closed."""
         reopen = os.O_RDWR | _OPENING
+
+        def reopened() -> int:
+            fd = os.open(target, reopen)
+            if session.locked_by == os.getpid():
+                try_lock(fd)  # a lock of its own: a dup would share the one close_fd gives up
+            return fd
+
         os.close(copy)
-        os.close(session.fd)
+        session.close_fd(session.fd)
         try:
-            _oscalls.replace(temporary, self.path)
+            _oscalls.replace(temporary, target)
         except BaseException:
-            session.fd = os.open(self.path, reopen)
+            session.fd = reopened()
             raise
-        # Closed by replace_file, as the old archive's would be.
-        session.fd = os.open(self.path, reopen)
-        return os.open(self.path, reopen)
+        # Closed by replace_file, as the old archive's descriptor would be.
+        session.fd = os.open(target, reopen)
+        return reopened()
+
+    def _rewrite_or_append(self, session: _Session, check_cancelled: CheckCancelled) -> None:
+        """A rewrite that the store makes on its own (compaction, close after a delete): where
+        the folder refuses it, the file stays as it is (whole: its last directory leaves out
+        deleted keys and old copies), the store keeps appending and tries again later; a
+        warning says so, once a session. An explicit `rewrite()` raises instead."""
+        try:
+            self._rewrite_session(session, check_cancelled)
+        except RewriteRefused as error:
+            session.compact_at = 2 * session.dead
+            kind = bool(session.deleted)
+            if kind in session.told_refused:
+                return
+            session.told_refused.add(kind)
+            left = (
+                f"the bytes of the deleted keys ({len(session.deleted)}) stay in it (its "
+                "directory leaves them out)"
+                if session.deleted
+                else "overwritten values stay in it, unlisted"
+            )
+            warnings.warn(
+                f"{error.filename} was not rewritten: {error.strerror}. So {left}: "
+                f"{session.dead} of its {session.end} bytes are dead. The archive is whole and "
+                "the store keeps appending (it tries again once the dead bytes doubled, and at "
+                "close); to drop them, call rewrite() where the folder is writable.",
+                ZipNotRewrittenWarning,
+                stacklevel=2,
+            )
 
     def _copy(
         self,
@@ -810,7 +994,7 @@ class ZipStore(BlockingStore):
             self._append_directory(session)
         writer = self._owner or self
         if (session.deleted and not writer.read_only) or self._should_compact(session):
-            self._rewrite_session(session, check_cancelled)
+            self._rewrite_or_append(session, check_cancelled)
 
     def _close(self, check_cancelled: CheckCancelled, what: str) -> None:
         owner = self._owner
@@ -825,7 +1009,7 @@ class ZipStore(BlockingStore):
             if session is not None:
                 self._commit(session, check_cancelled)
                 self._session = None
-                os.close(session.fd)
+                session.close_fd(session.fd)
             super().close()
 
     # ---------------------------------------------------------------- closing, rewriting, moving
@@ -847,7 +1031,9 @@ class ZipStore(BlockingStore):
 
         Writing a key twice leaves both copies in the file (the newest is read); after many
         overwrites the file holds dead bytes. ``rewrite()`` copies the live members into a new
-        file beside it and replaces the old one once the copy is complete.
+        file beside it and replaces the old one once the copy is complete. Where the folder
+        does not let this user create or replace files, it raises `RewriteRefused` (a
+        `PermissionError`) and the archive stays as it was.
         """
         self._check_writable()
         await self._ensure_open()
@@ -879,7 +1065,13 @@ class ZipStore(BlockingStore):
                 # A move across filesystems copies: follow the file, not the old inode.
                 reading = os.O_RDONLY if self._zmode == "r" else os.O_RDWR
                 old, session.fd = session.fd, os.open(destination, reading | _OPENING)
-                os.close(old)
+                session.close_fd(old)
+                if session.locked_by == os.getpid() and try_lock(session.fd) == "held":
+                    session.locked_by = None
+                    raise ArchiveLocked(
+                        errno.EWOULDBLOCK,
+                        f"{destination}: another ZipStore took the file's lock while it moved",
+                    )
             self._is_open = True
 
         with self._calls:

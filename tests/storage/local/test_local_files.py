@@ -524,23 +524,27 @@ def test_a_writer_killed_at_any_moment_leaves_whole_values_and_no_temporaries(
     store = LocalStore(root)
     for key in keys:
         store.set_sync(key, buf(expected_value(key, 0)))
-    rounds = random.Random(int.from_bytes(os.urandom(4)))
+    seed = int.from_bytes(os.urandom(4))
+    rounds = random.Random(seed)
+    # Printed, and in every assertion's message: a failure can be replayed with this seed.
+    print(f"kill moments from random.Random({seed})")
     left_behind = 0
 
     def check() -> None:
         nonlocal left_behind
         left_behind += len(temp_files(root))
-        assert sorted(anyio.run(lambda: collect(LocalStore(root, read_only=True).list()))) == keys
+        listed = sorted(anyio.run(lambda: collect(LocalStore(root, read_only=True).list())))
+        assert listed == keys, f"seed {seed}"
         for key in keys:
             data = (root / key).read_bytes()
             generation = int(data[:8])
-            assert data == expected_value(key, generation), f"{key} is torn"
+            assert data == expected_value(key, generation), f"{key} is torn (seed {seed})"
         if not _oscalls.FILE_LOCKS:
             # No file locks (the tests' portable mode): a killed writer's file is removed once
             # it is STALE_AFTER old, the documented weaker rule.
             age_temp_files(root)
         LocalStore(root).set_sync("k0", buf(expected_value("k0", 0)))  # a writable open
-        assert temp_files(root) == []
+        assert temp_files(root) == [], f"seed {seed}"
 
     def kill_at_random(writer: subprocess.Popen[str]) -> None:
         assert writer.stdout is not None
