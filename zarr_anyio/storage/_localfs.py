@@ -753,12 +753,11 @@ def _write_once(
 
 
 def _removed(folder: DirRef) -> bool:
-    """Whether the folder was removed since it was opened (a handle still open says so by its
-    link count; a path, by naming nothing)."""
-    try:
-        return not _oscalls.stat_dir(folder).st_nlink
-    except FileNotFoundError:
-        return True
+    """Whether the folder may have been removed since it was opened. A handle still open says
+    so by its link count. A path cannot tell a folder removed and made again (by a write racing
+    this one) from the one it named: by path, assume it was, and the write starts again (at most
+    `_WRITE_TRIES` times)."""
+    return isinstance(folder, str) or not os.fstat(folder).st_nlink
 
 
 def _entry_mode(dir_fd: DirRef, name: str) -> int | None:
