@@ -279,20 +279,22 @@ _os_replace: Callable[[str, str], None] = os.replace
 
 
 def replace(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """``os.replace``, retried while the target is held open elsewhere (Windows refuses to
-    replace such a file with ``PermissionError``); after the last try, a ``PermissionError``
-    that names the cause. On Linux and macOS the first call succeeds or fails for good (a
-    genuine permission error is reported ~0.3 s later than it would be, the price of one path)."""
+    """``os.replace``. Where open files cannot move (`OPEN_FILES_MOVE`: Windows), retried while
+    the target is held open elsewhere, then a ``PermissionError`` that names the cause; on
+    Linux and macOS a ``PermissionError`` is never transient, so it is raised at once, as is."""
+    tries = 1 if OPEN_FILES_MOVE else REPLACE_TRIES
     wait = REPLACE_FIRST_WAIT
-    for attempt in range(REPLACE_TRIES):
+    for attempt in range(tries):
         try:
             _os_replace(os.fspath(source), os.fspath(target))
         except PermissionError as error:
-            if attempt == REPLACE_TRIES - 1:
+            if OPEN_FILES_MOVE:
+                raise
+            if attempt == tries - 1:
                 raise PermissionError(
                     error.errno,
-                    f"cannot replace {os.fspath(target)!r}: permission denied, or (on Windows) "
-                    f"another program holds it open; tried {REPLACE_TRIES} times",
+                    f"cannot replace {os.fspath(target)!r}: permission denied, or another "
+                    f"program holds it open; tried {tries} times",
                     os.fspath(target),
                 ) from error
         else:
