@@ -139,28 +139,35 @@ def test_verify_finds_a_corrupted_destination_key(tmp_path: Path) -> None:
     src = make_hierarchy(tmp_path / "src.zarr")
     dst = tmp_path / "dst.zarr"
     assert run_cli("copy", str(src), str(dst), "--quiet").returncode == 0
-    assert run_cli("copy", str(src), str(dst), "--skip-existing", "--verify=bytes").returncode == 0
+    assert run_cli("copy", str(src), str(dst), "--skip-existing", "--verify").returncode == 0
 
     victim = dst / "a" / "c" / "3"
     spoiled = bytearray(victim.read_bytes())
     spoiled[10] ^= 0xFF
     victim.write_bytes(bytes(spoiled))
-    # Same size: --skip-existing leaves it, sizes cannot see it, bytes can.
-    by_size = run_cli("copy", str(src), str(dst), "--skip-existing", "--verify")
+    # A dry run checks the copy without touching it. Same size: sizes cannot see it, bytes can.
+    check = ["copy", str(src), str(dst), "--dry-run", "--skip-existing"]
+    by_size = run_cli(*check, "--verify=sizes")
     assert by_size.returncode == 0, by_size.stderr
-    by_bytes = run_cli("copy", str(src), str(dst), "--skip-existing", "--verify=bytes")
+    by_bytes = run_cli(*check, "--verify")
     assert by_bytes.returncode == 1
     assert by_bytes.stderr.count("\n") == 1
     assert "a/c/3" in by_bytes.stderr
     assert "differs: a/c/3: bytes differ" in by_bytes.stdout
+    assert victim.read_bytes() == spoiled
 
-    # A key cut short: a dry run with --verify reports it and leaves it as it is.
+    # A key cut short: sizes see it.
     truncated = dst / "a" / "c" / "5"
     truncated.write_bytes(truncated.read_bytes()[:100])
-    check = run_cli("copy", str(src), str(dst), "--dry-run", "--verify")
-    assert check.returncode == 1
-    assert "a/c/5: 100 bytes, expected 1024" in check.stdout
+    cut = run_cli(*check, "--verify=sizes")
+    assert cut.returncode == 1
+    assert "a/c/5: 100 bytes, expected 1024" in cut.stdout
     assert truncated.stat().st_size == 100
+
+    # --skip-existing compares bytes: it finds both and mends them.
+    mended = run_cli("copy", str(src), str(dst), "--skip-existing", "--verify")
+    assert mended.returncode == 0, mended.stderr
+    assert files_of(dst) == files_of(src)
 
 
 @pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -274,7 +281,7 @@ def test_progress_lines_when_not_a_terminal_and_nothing_when_quiet(
     assert "\r" not in loud.stderr
     assert "copied" in loud.stdout
 
-    quiet = run_cli("copy", str(src), url, *options, *slow, "--quiet")
+    quiet = run_cli("copy", str(src), url, *options, *slow, "--quiet", "--overwrite")
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
 
 

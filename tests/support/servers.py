@@ -134,6 +134,8 @@ class Faults:
     hang_first: int = 0  # the first n requests hang until `release()` (or `hang_for` s)
     hang_for: float = 60.0
     message: str = "Please reduce your request rate."  # the S3 error message of a 503
+    ignore_range: bool = False  # answer a range request with 200 and the whole object
+    range_shift: int = 0  # answer a range request with the bytes this far on (and say so)
     seed: int = 0
     _random: random.Random = field(default_factory=random.Random, repr=False)
 
@@ -167,6 +169,8 @@ class HTTPServer:
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
+        # HTML index pages, by folder path (no slash at either end): what an autoindex serves.
+        self.pages: dict[str, str] = {}
         self.faults = Faults()
         self.requests = 0
         self.spoiled: dict[str, int] = {"503": 0, "500": 0, "drop": 0, "429": 0, "truncate": 0}
@@ -280,6 +284,10 @@ class HTTPServer:
                     self._answer(204)
                     return
                 data = server.objects.get(key)
+                page = server.pages.get(key.strip("/"))
+                if data is None and page is not None and method in ("GET", "HEAD"):
+                    self._answer(200, page.encode(), {"Content-Type": "text/html"})
+                    return
                 if data is None:
                     self._answer(404, b"not found")
                     return
@@ -298,7 +306,7 @@ class HTTPServer:
 
             def _serve(self, data: bytes) -> None:
                 wanted = self.headers.get("Range")
-                if not wanted:
+                if not wanted or server.faults.ignore_range:
                     self._answer(200, data, {"Accept-Ranges": "bytes"})
                     return
                 spec = wanted.removeprefix("bytes=")
@@ -312,6 +320,9 @@ class HTTPServer:
                 if start >= size and size > 0:
                     self._answer(416, b"", {"Content-Range": f"bytes */{size}"})
                     return
+                shift = server.faults.range_shift
+                if shift:
+                    start, end = min(start + shift, size - 1), min(end + shift, size)
                 self._answer(
                     206,
                     data[start:end],
@@ -337,6 +348,12 @@ class HTTPServer:
             request_queue_size = 1024  # the default 5 drops connections under a burst
             daemon_threads = True
 
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # A client that hangs up before the whole answer is sent (a cancelled read,
+                # a range cut from a whole object) is no error of the server's.
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)
+
         self._server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -357,6 +374,7 @@ class HTTPServer:
         self.release()
         with self._lock:
             self.objects.clear()
+            self.pages.clear()
             self.faults = Faults()
             self.requests = 0
             self.spoiled = {"503": 0, "500": 0, "drop": 0, "429": 0, "truncate": 0}

@@ -181,6 +181,12 @@ class AdaptiveLimiter(Limiter):
         short, long = self._short_latency, self._long_latency
         return short is not None and long is not None and short > 2 * long
 
+    def _after_fork_in_child(self) -> None:
+        # The window is knowledge of the server, kept; the lock may have been held by a thread
+        # the child does not have.
+        self._state = threading.Lock()
+        super()._after_fork_in_child()
+
     # ------------------------------------------------------------------ identity
 
     def __reduce__(self) -> tuple[Any, ...]:

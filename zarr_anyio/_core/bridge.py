@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from .fork import at_fork_in_child, keep_inherited
 from .loops import current_loop_key, wait_out, waker
 
 __all__ = ["bridge_loop", "run_blocking", "run_on_loop"]
@@ -49,6 +50,21 @@ def bridge_loop() -> asyncio.AbstractEventLoop:
                 started.wait()
                 _loop = loop
     return _loop
+
+
+def _after_fork_in_child() -> None:
+    # The loop's thread did not come along: every call would wait for ever on a loop nobody
+    # runs. The child starts a loop of its own on first use; the parent's is kept, unclosed
+    # (closing it would unregister, in the epoll instance the child shares with the parent,
+    # the parent's own sockets).
+    global _loop, _loop_lock
+    if _loop is not None:
+        keep_inherited(_loop)
+    _loop = None
+    _loop_lock = threading.Lock()
+
+
+at_fork_in_child(_after_fork_in_child)
 
 
 async def run_on_loop(

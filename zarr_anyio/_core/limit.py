@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 
+from .fork import at_fork_in_child, reset_in_child
 from .loops import current_loop_key, waker
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "LimiterLike",
     "LimiterStatistics",
     "OneLoopLimiter",
+    "adopt_copy",
 ]
 
 DEFAULT_MAX_CONCURRENCY = 32
@@ -123,6 +125,10 @@ class Limiter:
         # Who this is, for its copies in other processes (see copy_in_process).
         self._origin = os.getpid()
         self._token = uuid.uuid4().hex
+        # Tokens that tasks of the forking thread held when this process was forked from the
+        # one that made this limiter: given back without effect (see _after_fork_in_child).
+        self._inherited = 0
+        reset_in_child(self)
 
     # ------------------------------------------------------------------ the bound
 
@@ -201,6 +207,9 @@ class Limiter:
         """Give a token back; the first waiter, if any, gets it."""
         with self._lock:
             if self._borrowed <= 0:
+                if self._inherited:
+                    self._inherited -= 1
+                    return
                 raise RuntimeError("Limiter.release() called more often than acquire()")
             self._borrowed -= 1
             woken = self._grant_locked()
@@ -257,6 +266,24 @@ class Limiter:
         if self._give_back(waiter):
             self.release()
 
+    def _after_fork_in_child(self) -> None:
+        # The tokens were taken by tasks and threads of the parent; in the child only the
+        # forking thread lives on, so the child starts with every token free, as a copy sent
+        # to another process does (copy_in_process). The forking thread's own tasks may hold
+        # some of those tokens and give them back later: that many releases are let through
+        # without effect. Its waiters stay queued (their loop goes on in the child); the other
+        # threads' waiters are gone. The lock may have been held by a thread that is gone.
+        here = threading.get_ident()
+        self._lock = threading.Lock()
+        self._inherited = self._borrowed
+        self._borrowed = 0
+        self._waiters = deque(waiter for waiter in self._waiters if waiter.thread == here)
+        woken = self._grant_locked()
+        self._notify(woken)
+        # This object is now the child's copy of the limiter: one pickled in the parent and
+        # unpickled here (a store sent through a queue) must be this same one.
+        adopt_copy(self)
+
     # ------------------------------------------------------------------ identity
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -278,6 +305,22 @@ class Limiter:
 _copies: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _copies_lock = threading.Lock()
 Shared = TypeVar("Shared")
+
+
+def adopt_copy(shared: Any) -> None:
+    """Make ``shared``, inherited by fork, this process's copy of itself for `copy_in_process`.
+
+    Called in a forked child only, whose one thread needs no lock (and whose lock may be one a
+    thread of the parent held)."""
+    _copies[shared._token] = shared
+
+
+def _renew_copies_lock() -> None:
+    global _copies_lock
+    _copies_lock = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+at_fork_in_child(_renew_copies_lock)
 
 
 def copy_in_process(origin: int, token: str, make: Callable[[], Shared]) -> Shared:

@@ -18,6 +18,8 @@ from typing import Any, Generic, TypeVar
 import anyio
 import anyio.lowlevel
 
+from .fork import reset_in_child
+
 __all__ = ["LoopLocal", "current_loop_key", "wait_out", "waker"]
 
 T = TypeVar("T")
@@ -60,6 +62,10 @@ class LoopLocal(Generic[T]):
         self._values: weakref.WeakKeyDictionary[Any, T] = weakref.WeakKeyDictionary()
         # Two loops in two threads may ask for their value at the same moment.
         self._lock = threading.Lock()
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it as it forked
 
     def get(self) -> T:
         key = current_loop_key()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from .fork import reset_in_child
+
 __all__ = ["StoreCalls"]
 
 
@@ -28,6 +30,15 @@ class StoreCalls:
 
     def __init__(self) -> None:
         self._by_thread: dict[int, int] = {}
+        self._idle = threading.Condition(threading.Lock())
+        self._waiters = 0
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        # Calls of the parent's other threads will never end here: a close() in the child
+        # would wait for them for ever. The forking thread's own calls go on in the child.
+        here = threading.get_ident()
+        self._by_thread = {here: self._by_thread[here]} if here in self._by_thread else {}
         self._idle = threading.Condition(threading.Lock())
         self._waiters = 0
 

@@ -43,6 +43,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import anyio
 
+from .fork import at_fork_in_child
 from .limit import ConcurrencyLimit
 from .loops import LoopLocal, current_loop_key, wait_out, waker
 
@@ -70,6 +71,17 @@ def _shared_executor() -> ThreadPoolExecutor:
             if _executor is None:
                 _executor = ThreadPoolExecutor(_EXECUTOR_THREADS, thread_name_prefix="zarr_anyio")
     return _executor
+
+
+def _after_fork_in_child() -> None:
+    # The pool's threads did not come along: it would queue new calls for idle workers the
+    # child does not have. The child makes a pool of its own on first use.
+    global _executor, _executor_lock
+    _executor = None
+    _executor_lock = threading.Lock()
+
+
+at_fork_in_child(_after_fork_in_child)
 
 
 async def run_in_worker(function: Callable[[CheckCancelled], T]) -> T:

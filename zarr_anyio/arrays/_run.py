@@ -24,6 +24,7 @@ import zarr
 
 from zarr_anyio._core.api_scope import CURRENT, ApiScope
 from zarr_anyio._core.bridge import run_on_loop
+from zarr_anyio._core.fork import at_fork_in_child
 from zarr_anyio._core.loops import current_loop_key
 from zarr_anyio.storage import AnyioStore
 
@@ -79,6 +80,14 @@ async def _as_api_call(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 _concurrency_lock = threading.Lock()
+
+
+def _renew_concurrency_lock() -> None:
+    global _concurrency_lock
+    _concurrency_lock = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+at_fork_in_child(_renew_concurrency_lock)
 
 
 def raise_zarr_concurrency(store: object) -> None:

@@ -21,13 +21,17 @@ import numpy as np
 import zarr
 
 from zarr_anyio._core.errors import single_error
-from zarr_anyio.storage import LocalStore
+from zarr_anyio.storage import AnyioStore, LocalStore, MemoryStore
+from zarr_anyio.storage._redact import redact
 
 from .copy import CopyOptions, CopyReport, copy_node
+from .copy_plan import DestinationHoldsData
 from .info import describe, human_size, render_info, render_tree
+from .plain_listing import PlainEntry, list_level, render_level
 from .progress import choose_mode, show_progress, store_counters
 from .signals import Interrupt, interruptible
-from .urls import UsageError, close_stores, ensure_open, local_path, open_url, scheme
+from .urls import UsageError, close_stores, ensure_open, exists, local_path, open_url, scheme
+from .verify import verify_node
 
 __all__ = ["PROG", "copy_command", "demo", "demo_command", "info_command", "ls_command"]
 
@@ -78,20 +82,31 @@ def demo_command(args: argparse.Namespace) -> int:
         return demo(Path(folder), args.backend)
 
 
-def _summary_lines(report: CopyReport, args: argparse.Namespace) -> list[str]:
+def _summary_lines(report: CopyReport, args: argparse.Namespace, verified: bool) -> list[str]:
     verb = "would copy" if args.dry_run else "copied"
     total = report.keys_total if report.keys_total is not None else "?"
+    plan = [f"would copy {key}" for key in sorted(report.would_copy)]
+    plan += [f"would delete {key}" for key in sorted(report.would_delete)]
     lines = [
+        *plan,
         f"{verb} {report.keys_copied} keys ({human_size(report.bytes_copied)}), "
         f"skipped {report.keys_skipped} ({human_size(report.bytes_skipped)}) already there, "
-        f"{report.keys_done} of {total} keys in {report.seconds:.1f} s"
+        f"{report.keys_done} of {total} keys in {report.seconds:.1f} s",
     ]
+    if report.keys_deleted:
+        verb_deleted = "would delete" if args.dry_run else "deleted"
+        lines.append(f"{verb_deleted} {report.keys_deleted} keys that SRC does not have")
+    if report.keys_in_doubt:
+        lines.append(
+            f"{report.keys_in_doubt} more keys were being written when it stopped: each is at "
+            "DST whole or not at all"
+        )
     if report.keys_vanished:
         lines.append(f"{report.keys_vanished} keys vanished from the source while copying")
     if report.invalid_keys:
         examples = ", ".join(repr(k) for k in report.examples.get("invalid keys", [])[:3])
         lines.append(f"left out {report.invalid_keys} objects that are not valid keys: {examples}")
-    if args.verify:
+    if args.verify and verified:
         lines.append(
             f"verified {report.keys_verified} keys by {args.verify}: "
             f"{report.mismatched_keys} differ"
@@ -106,14 +121,17 @@ def _copy_json(
 ) -> str:
     summary: dict[str, Any] = {
         "status": status,
-        "source": args.src,
-        "destination": args.dst,
+        "source": redact(args.src),
+        "destination": redact(args.dst),
         "path": args.path,
         "dry_run": args.dry_run,
         "verify": args.verify,
         **report.as_dict(),
         "requests": counters,
     }
+    if args.dry_run:
+        summary["would_copy"] = sorted(report.would_copy)
+        summary["would_delete"] = sorted(report.would_delete)
     return json.dumps(summary, indent=2)
 
 
@@ -126,14 +144,22 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
         raise UsageError("DST is inside SRC: copy to a place outside it")
     if scheme(args.dst) in ("http", "https"):
         raise UsageError(f"cannot write to {args.dst!r}: HTTP is read-only here")
+    if args.size_only and not args.skip_existing:
+        raise UsageError("--size-only goes with --skip-existing (it says how keys are compared)")
     src = open_url(args.src, args, args.src_storage_option, "r")
     # A dry run writes nothing, so it does not create DST either.
-    dst = open_url(args.dst, args, args.dst_storage_option, "r" if args.dry_run else "a")
+    dst: AnyioStore
+    try:
+        dst = open_url(args.dst, args, args.dst_storage_option, "r" if args.dry_run else "a")
+    except FileNotFoundError:
+        if not args.dry_run:
+            raise
+        dst = MemoryStore(read_only=True)  # a destination that does not exist yet reads empty
     report = CopyReport()
     options = CopyOptions(
         workers=args.max_concurrency,
-        skip_existing=args.skip_existing,
-        verify=args.verify,
+        existing="skip" if args.skip_existing else "overwrite" if args.overwrite else "refuse",
+        compare="size" if args.size_only else "bytes",
         dry_run=args.dry_run,
         max_bytes=args.max_memory,
     )
@@ -143,16 +169,33 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
         return store_counters([src, dst])
 
     status = "done"
+    verified = False
     failure: BaseException | None = None
     try:
         with interrupt.scope, single_error():
             await ensure_open(src, "source", args.src)
             if not args.dry_run:
                 await ensure_open(dst, "destination", args.dst)
+            elif not await exists(dst):
+                await close_stores(dst)
+                dst = MemoryStore(read_only=True)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(show_progress, report, counters, mode, None, args.progress_interval)
                 await copy_node(src, dst, args.path or "", options, report)
+                if args.verify:
+                    await verify_node(
+                        src,
+                        dst,
+                        args.path or "",
+                        args.verify,
+                        report,
+                        workers=args.max_concurrency,
+                        max_bytes=args.max_memory,
+                    )
+                    verified = True
                 tg.cancel_scope.cancel()
+    except DestinationHoldsData as error:
+        failure, status = error, "refused"
     except Exception as error:
         failure, status = error, "failed"
     finally:
@@ -162,8 +205,8 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
     report.finished = report.finished or time.monotonic()
     if args.json:
         print(_copy_json(report, args, counters(), status), file=out)
-    elif not args.quiet:
-        for line in _summary_lines(report, args):
+    elif not args.quiet and status != "refused":
+        for line in _summary_lines(report, args, verified):
             print(line, file=out)
     out.flush()  # before anything on stderr, so that a terminal shows them in order
     if interrupt.signal is not None:
@@ -193,16 +236,32 @@ def copy_command(args: argparse.Namespace) -> int:
 
 async def _inspect(args: argparse.Namespace, interrupt: Interrupt, *, tree: bool) -> int:
     store = open_url(args.url, args, [], "r")
+    level: list[PlainEntry] | None = None
     try:
         with interrupt.scope:
             await ensure_open(store, "source", args.url)
-            node = await describe(
-                store, args.path or "", args.depth if tree else 0, detail=not tree
-            )
+            try:
+                node = await describe(
+                    store, args.path or "", args.depth if tree else 0, detail=not tree
+                )
+            except FileNotFoundError:
+                # No node here: `ls` shows what is here instead (a bucket of datasets).
+                level = await list_level(store, args.path or "") if tree else None
+                if not level:
+                    raise
     finally:
         await close_stores(store)
     if interrupt.signal is not None:
         return interrupt.exit_code
+    if level is not None:
+        where = args.url + (f" --path {args.path}" if args.path else "")
+        if args.json:
+            entries = [entry.as_dict() for entry in level]
+            listing = {"path": args.path or "", "node_type": None, "entries": entries}
+            print(json.dumps(listing, indent=2))
+        else:
+            print("\n".join(render_level(where, level)))
+        return 0
     if args.json:
         print(json.dumps(node.as_dict(children=tree), indent=2))
     else:

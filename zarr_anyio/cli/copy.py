@@ -9,6 +9,9 @@ MiB from moto's S3 server (``benchmarks/copy_cli.py``, obstore, median of 3): 1.
 of 156 MiB, where 256 MiB gave 1.86 s at 320 MiB: past a handful of big values in flight, more
 only costs memory.
 
+What happens to a destination that already holds data (refused, brought up to date, replaced)
+is `._copy_plan`'s to say; ``--verify`` is `._copy_verify`.
+
 Each value is written with the destination's own atomic ``set`` (a temporary file renamed over
 its target, one zip member appended under the archive lock, one PUT), so a cancelled copy
 leaves each key whole or absent.
@@ -28,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 from zarr.core.buffer import Buffer, default_buffer_prototype
@@ -37,6 +40,16 @@ from zarr_anyio._core.errors import single_error
 from zarr_anyio.storage._base import AnyioStore
 from zarr_anyio.storage._keys import validate_key
 from zarr_anyio.storage._listing import Entry, list_node
+
+from .copy_plan import (
+    Compare,
+    Damaged,
+    DestinationHoldsData,
+    Existing,
+    MetadataTakeDown,
+    destination_keys,
+    read_back,
+)
 
 __all__ = ["METADATA_NAMES", "ByteBudget", "CopyOptions", "CopyReport", "copy_node"]
 
@@ -47,16 +60,14 @@ _RANK = {".zattrs": 0, ".zarray": 1, ".zgroup": 1, "zarr.json": 1, ".zmetadata":
 # How many examples of each kind of trouble a report keeps.
 _EXAMPLES = 20
 
-Verify = Literal["sizes", "bytes"]
-
 
 @dataclass(frozen=True)
 class CopyOptions:
     """What `copy_node` does; see ``zarr-anyio copy --help`` for the user's view."""
 
     workers: int = 32
-    skip_existing: bool = False
-    verify: Verify | None = None
+    existing: Existing = "refuse"
+    compare: Compare = "bytes"
     dry_run: bool = False
     max_bytes: int = 64 << 20
 
@@ -73,11 +84,16 @@ class CopyReport:
     bytes_copied: int = 0
     keys_skipped: int = 0
     bytes_skipped: int = 0
+    keys_deleted: int = 0
+    keys_in_doubt: int = 0
     keys_verified: int = 0
     keys_vanished: int = 0
     invalid_keys: int = 0
     mismatched_keys: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # A dry run's plan, every key of it: what the same command would write and delete.
+    would_copy: list[str] = field(default_factory=list)
+    would_delete: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     metadata_written: bool = False
@@ -107,6 +123,8 @@ class CopyReport:
             "bytes_copied": self.bytes_copied,
             "keys_skipped": self.keys_skipped,
             "bytes_skipped": self.bytes_skipped,
+            "keys_deleted": self.keys_deleted,
+            "keys_in_doubt": self.keys_in_doubt,
             "keys_verified": self.keys_verified,
             "keys_vanished": self.keys_vanished,
             "invalid_keys": self.invalid_keys,
@@ -226,6 +244,7 @@ class _Copier:
         src_prefix: str,
         options: CopyOptions,
         report: CopyReport,
+        held: dict[str, int | None] | None,
     ) -> None:
         self.src = src
         self.dst = dst
@@ -234,6 +253,12 @@ class _Copier:
         self.report = report
         self.budget = ByteBudget(options.max_bytes)
         self.prototype = default_buffer_prototype()
+        # What the destination held before the copy (None: nothing), less what was taken down.
+        self.held = held
+        metadata = [key for key in held or () if is_metadata(key)]
+        self.take_down = MetadataTakeDown(dst, held, metadata, options.dry_run)
+        # The source's keys seen so far, relative: what the destination keeps.
+        self.seen: set[str] | None = None if held is None else set()
 
     async def one(self, entry: Entry) -> None:
         source_key, size = entry
@@ -242,66 +267,130 @@ class _Copier:
         if size is None:
             size = await size_at(self.src, source_key)
             if size is None:
-                report.keys_vanished += 1
-                report.example("vanished", source_key)
+                self._vanished(source_key)
                 return
-        existing = None
-        if options.skip_existing or (options.dry_run and options.verify):
-            existing = await size_at(self.dst, key)
-        if options.skip_existing and existing == size:
-            report.keys_skipped += 1
-            report.bytes_skipped += size
-            if options.verify == "bytes":
-                await self._compare_bytes(source_key, key, size)
-            elif options.verify == "sizes":
-                report.keys_verified += 1
-            return
+        if options.existing == "skip" and self.held is not None and key in self.held:
+            there = self.held[key]
+            if there is None:
+                there = await size_at(self.dst, key)
+            if there == size:
+                if options.compare == "size":
+                    self._skipped(size)
+                    return
+                async with self.budget.take(2 * size):
+                    value = await self.src.get(source_key, self.prototype)
+                    if value is None:
+                        self._vanished(source_key)
+                        return
+                    found = await read_back(self.dst, key, self.prototype)
+                    if _same_bytes(found, value):
+                        self._skipped(size)
+                        return
+                    await self._write(key, value)
+                    return
         if options.dry_run:
+            await self.take_down()
             report.keys_copied += 1
             report.bytes_copied += size
             report.example("would copy", key)
-            if options.verify == "sizes":
-                self._check(key, existing, size)
-            elif options.verify == "bytes":
-                await self._compare_bytes(source_key, key, size)
+            report.would_copy.append(key)
             return
         async with self.budget.take(size):
             value = await self.src.get(source_key, self.prototype)
             if value is None:
-                report.keys_vanished += 1
-                report.example("vanished", source_key)
+                self._vanished(source_key)
                 return
-            await self.dst.set(key, value)
-            report.keys_copied += 1
-            report.bytes_copied += len(value)
-            if options.verify == "sizes":
-                self._check(key, await size_at(self.dst, key), len(value))
-            elif options.verify == "bytes":
-                written = await self.dst.get(key, self.prototype)
-                self._check_bytes(key, value, written)
+            await self._write(key, value)
 
-    def _check(self, key: str, found: int | None, expected: int) -> None:
-        self.report.keys_verified += 1
-        if found != expected:
-            what = "missing" if found is None else f"{found} bytes, expected {expected}"
-            self._mismatch(key, what)
+    async def _write(self, key: str, value: Buffer) -> None:
+        await self.take_down()
+        if not self.options.dry_run:
+            try:
+                await self.dst.set(key, value)
+            except BaseException:
+                # Stopped or failed while writing: the key is whole or absent, but which of the
+                # two only the destination knows (a PUT may land as its answer is cancelled).
+                self.report.keys_in_doubt += 1
+                self.report.example("in doubt", key)
+                raise
+        else:
+            self.report.example("would copy", key)
+            self.report.would_copy.append(key)
+        self.report.keys_copied += 1
+        self.report.bytes_copied += len(value)
 
-    def _check_bytes(self, key: str, expected: Buffer | None, found: Buffer | None) -> None:
-        self.report.keys_verified += 1
-        if found is None:
-            self._mismatch(key, "missing")
-        elif expected is None or found.to_bytes() != expected.to_bytes():
-            self._mismatch(key, "bytes differ")
+    def _skipped(self, size: int) -> None:
+        self.report.keys_skipped += 1
+        self.report.bytes_skipped += size
 
-    async def _compare_bytes(self, source_key: str, key: str, size: int) -> None:
-        async with self.budget.take(2 * size):
+    def _vanished(self, source_key: str) -> None:
+        self.report.keys_vanished += 1
+        self.report.example("vanished", source_key)
+
+    async def delete_extra(self) -> None:
+        """Delete what the destination held and the source does not have."""
+        if self.held is None or self.seen is None:
+            return
+        seen = self.seen
+        if any(key not in seen for key in self.held):
+            await self.take_down()
+        # Metadata the source does not have went with the take-down: gone all the same.
+        gone = [key for key in self.take_down.metadata if key not in seen]
+        if not self.take_down.done:
+            gone = []
+        extra = sorted(key for key in self.held if key not in seen)
+        what = "would delete" if self.options.dry_run else "deleted"
+
+        async def delete(key: str) -> None:
+            if not self.options.dry_run:
+                await self.dst.delete(key)
+            self._deleted(what, key)
+
+        await self.dst._for_each(extra, delete, self.options.workers)
+        for key in gone:
+            self._deleted(what, key)
+
+    def _deleted(self, what: str, key: str) -> None:
+        self.report.keys_deleted += 1
+        self.report.example(what, key)
+        if self.options.dry_run:
+            self.report.would_delete.append(key)
+
+    async def metadata_unchanged(self, entries: list[Entry]) -> bool:
+        """Whether the destination holds every metadata key of the source as it is (skip)."""
+        if self.take_down.done or self.held is None or self.options.existing != "skip":
+            return False
+        same = True
+
+        async def check(entry: Entry) -> None:
+            nonlocal same
+            source_key, size = entry
+            key = relative_key(source_key, self.src_prefix)
+            if self.held is None or key not in self.held:
+                same = False
+                return
+            if self.options.compare == "size":
+                there = self.held[key]
+                if there is None:
+                    there = await size_at(self.dst, key)
+                if size is None:
+                    size = await size_at(self.src, source_key)
+                same = same and there == size
+                return
             expected = await self.src.get(source_key, self.prototype)
-            found = await self.dst.get(key, self.prototype)
-        self._check_bytes(key, expected, found)
+            found = await read_back(self.dst, key, self.prototype)
+            if not _same_bytes(expected, found):
+                same = False
 
-    def _mismatch(self, key: str, what: str) -> None:
-        self.report.mismatched_keys += 1
-        self.report.example("mismatched", f"{key}: {what}")
+        await self.dst._for_each(entries, check, self.options.workers)
+        return same
+
+
+def _same_bytes(a: Buffer | Damaged | None, b: Buffer | Damaged | None) -> bool:
+    """Whether both are values with the same bytes (absent and damaged values never are)."""
+    if not isinstance(a, Buffer) or not isinstance(b, Buffer):
+        return False
+    return len(a) == len(b) and a.to_bytes() == b.to_bytes()
 
 
 async def _in_pool(
@@ -343,7 +432,8 @@ async def copy_node(
     report = report or CopyReport()
     prefix = prefix.strip("/")
     prefix = f"{prefix}/" if prefix else ""
-    copier = _Copier(src, dst, prefix, options, report)
+    held = await _destination(dst, options)
+    copier = _Copier(src, dst, prefix, options, report, held)
     metadata: list[Entry] = []
 
     async def data_keys() -> AsyncGenerator[Entry, None]:
@@ -353,11 +443,13 @@ async def copy_node(
                 if not _valid(key) or not _valid(relative_key(key, prefix)):
                     report.invalid_keys += 1
                     report.example("invalid keys", key)
-                elif is_metadata(key):
-                    report.bytes_listed += size or 0
+                    continue
+                if copier.seen is not None:
+                    copier.seen.add(relative_key(key, prefix))
+                report.bytes_listed += size or 0
+                if is_metadata(key):
                     metadata.append((key, size))
                 else:
-                    report.bytes_listed += size or 0
                     yield key, size
 
     with single_error():
@@ -374,12 +466,43 @@ async def copy_node(
             tg.cancel_scope.cancel()
     report.keys_total = report.keys_listed - report.invalid_keys
     report.bytes_total = report.bytes_listed
-    sizes = dict(metadata)
-    for level in metadata_levels(sizes):
-        await _in_pool(_entries(level, sizes), copier.one, options.workers)
-    report.metadata_written = bool(metadata) and not options.dry_run
+    await copier.delete_extra()
+    if metadata and await copier.metadata_unchanged(metadata):
+        for _, size in metadata:
+            copier._skipped(size or 0)
+    else:
+        # Every metadata key is written again once anything changed, so that what opens at the
+        # end is the source's node, whole.
+        await copier.take_down()
+        sizes = dict(metadata)
+        for level in metadata_levels(sizes):
+            await _in_pool(_entries(level, sizes), copier.one, options.workers)
+        report.metadata_written = bool(metadata) and not options.dry_run
     report.finished = time.monotonic()
     return report
+
+
+async def _destination(dst: AnyioStore, options: CopyOptions) -> dict[str, int | None] | None:
+    """What the destination holds (``None``: nothing), or `DestinationHoldsData` if refused."""
+    try:
+        first = await _first_key(dst)
+    except FileNotFoundError:
+        return None  # a dry run onto a destination that does not exist yet
+    if first is None:
+        return None
+    if options.existing == "refuse":
+        raise DestinationHoldsData(first)
+    return await destination_keys(dst)
+
+
+async def _first_key(store: AnyioStore) -> str | None:
+    # Closed here, not left to the garbage collector: the listing stops at its first page.
+    async with contextlib.aclosing(_listed(store, "")) as pages:
+        async for page in pages:
+            for key, _ in page:
+                if _valid(key):
+                    return key
+    return None
 
 
 async def _entries(keys: list[str], sizes: dict[str, int | None]) -> AsyncGenerator[Entry, None]:

@@ -1,22 +1,27 @@
 """The ``zarr-anyio`` command's entry point: the argument parser, and outcomes turned into exit
 codes and one-line messages; `.commands` does the work (with `.copy`, `.info` and `.progress`).
 
-Exit codes: 0 done; 1 failed while running (a missing source, a refused write, a network error,
-keys that ``--verify`` found different); 2 the command line is wrong (an unknown option, a URL
-no store takes, an unwritable kind of destination); 128 + the signal's number when stopped by
-SIGINT (130) or SIGTERM (143). An error is one line on stderr; ``--debug`` adds the traceback.
+Exit codes: 0 done; 1 failed while running (a missing source, a destination that holds data
+and no flag saying what to do with it, a refused write, a network error, keys that ``--verify``
+found different); 2 the command line is wrong (an unknown option, a URL no store takes, an
+unwritable kind of destination); 128 + the signal's number when stopped by SIGINT (130) or
+SIGTERM (143). An error is one line on stderr; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import signal
 import sys
 import traceback
 from pathlib import Path
 
+import zarr
+
 from zarr_anyio._core.limit import DEFAULT_MAX_CONCURRENCY
+from zarr_anyio.storage._redact import redact, scrub
 
 from .commands import PROG, copy_command, demo_command, info_command, ls_command
 from .copy import CopyOptions
@@ -71,22 +76,29 @@ def _size(text: str) -> int:
 COPY_EXAMPLES = """\
 examples:
   zarr-anyio copy data.zarr data.zip                   # a folder into a zip file
-  zarr-anyio copy data.zip restored.zarr --verify=bytes
+  zarr-anyio copy data.zip restored.zarr --verify        # read DST back, compare bytes
   zarr-anyio copy s3://bucket/data.zarr data.zarr --storage-option anon=true
   zarr-anyio copy data.zarr s3://bucket/data.zarr --max-concurrency 64 --rate 500
   zarr-anyio copy data.zarr s3://bucket/x.zarr --storage-option endpoint_url=http://127.0.0.1:9000
   zarr-anyio copy s3://bucket/data.zarr one.zarr --path group/temperature   # one node
-  zarr-anyio copy s3://bucket/data.zarr data.zarr --skip-existing   # resume an interrupted copy
-  zarr-anyio copy data.zarr s3://bucket/data.zarr --dry-run --json
+  zarr-anyio copy s3://bucket/data.zarr data.zarr --skip-existing   # resume, or bring up to date
+  zarr-anyio copy data.zarr s3://bucket/data.zarr --overwrite       # replace what is there
+  zarr-anyio copy data.zarr s3://bucket/data.zarr --skip-existing --dry-run   # what would change
 
 Keys are copied a page of listing at a time, at most --max-concurrency at once and at most
 --max-memory bytes of values in flight; each key is written whole (or not at all) and the
 metadata (zarr.json, .zarray, .zgroup, .zattrs, .zmetadata) last, so an interrupted copy never
 looks like a finished one. Ctrl-C (or SIGTERM) stops cleanly: exit 130 (143), and re-running
-with --skip-existing copies only what is missing (compared by key and size).
+with --skip-existing copies only what is missing or different.
 
-exit codes: 0 done, 1 failed (or --verify found differences), 2 bad command line or URL,
-130/143 stopped by SIGINT/SIGTERM."""
+A copy that exits 0 leaves DST reading what SRC reads: the same keys, the same bytes. So a DST
+that already holds data is refused (exit 1, nothing written) unless told what to do with it:
+--skip-existing (rclone sync --checksum; aws s3 sync --delete) keeps the keys that have the same
+bytes, --overwrite (rclone sync --ignore-times) writes every key again; both delete the keys SRC
+does not have, take DST's metadata down before the first change and write SRC's last.
+
+exit codes: 0 done, 1 failed (DST holds data, or --verify found differences), 2 bad command
+line or URL, 130/143 stopped by SIGINT/SIGTERM."""
 
 LS_EXAMPLES = """\
 examples:
@@ -163,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Copy Zarr hierarchies between stores and look inside them, with zarr_anyio.",
         epilog="Run 'zarr-anyio COMMAND --help' for a command's options and examples.",
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=(
+            f"{PROG} {importlib.metadata.version('zarr-anyio')} (zarr {zarr.__version__}, "
+            f"Python {sys.version.split()[0]})"
+        ),
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -179,17 +199,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     copy.add_argument("dst", metavar="DST", help="folder, .zip, file://, s3://, gs://, az://")
     _add_store_options(copy, sides=True)
-    copy.add_argument(
+    existing = copy.add_mutually_exclusive_group()
+    existing.add_argument(
         "--skip-existing",
         action="store_true",
-        help="leave keys that DST already has with the same size (resumes an interrupted copy)",
+        help="when DST holds data: keep the keys it has with the same bytes as SRC, copy the "
+        "others, delete the keys SRC does not have (resumes an interrupted copy)",
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="when DST holds data: write every key of SRC again and delete the keys SRC does "
+        "not have",
+    )
+    copy.add_argument(
+        "--size-only",
+        action="store_true",
+        help="with --skip-existing: keys of the same size count as the same, unread (faster, "
+        "blind to a change that keeps the size)",
     )
     copy.add_argument(
         "--verify",
-        choices=["sizes", "bytes"],
+        choices=["bytes", "sizes"],
         default=None,
-        help="check every key at DST afterwards: --verify (or --verify=sizes) compares sizes, "
-        "--verify=bytes the bytes; differences make the exit code 1",
+        help="read DST back afterwards: --verify (or --verify=bytes) compares every key's "
+        "bytes, --verify=sizes only sizes; a key missing, different or at DST only makes the "
+        "exit code 1",
     )
     copy.add_argument(
         "--dry-run", action="store_true", help="list what would be copied, write nothing"
@@ -256,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _spelled_out(argv: list[str]) -> list[str]:
-    # A bare --verify means sizes; argparse alone would take the next word (SRC) as its value.
-    return ["--verify=sizes" if arg == "--verify" else arg for arg in argv]
+    # A bare --verify means bytes; argparse alone would take the next word (SRC) as its value.
+    return ["--verify=bytes" if arg == "--verify" else arg for arg in argv]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.run(args)
     except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {redact(str(error))}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader went away (`zarr-anyio ls ... | head`): stop quietly, as if by SIGPIPE.
@@ -276,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as error:
+        # A URL given on the command line may hold a password: never echoed back.
+        scrub(error)
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {describe_error(error)}", file=sys.stderr)
+        print(f"{PROG}: error: {redact(describe_error(error))}", file=sys.stderr)
         return 1
     return code

@@ -6,6 +6,12 @@ one small pure-Python package with no dependencies of its own, where rich would 
 time; keys, retries and throttled responses ride beside it. Remote stores count their requests
 (`RemoteStore.stats`), so a copy from or to one shows its retries and throttled answers; a copy
 between local stores shows neither.
+
+The time left is ours, not tqdm's: tqdm divides the bytes left by the byte rate so far, and a copy
+whose first keys are small ones (metadata, small chunks: the cost is per key, not per byte) starts
+at a byte rate near zero, which once showed "638:45:24" for a copy that took a minute. Here the
+estimate is made from keys and from bytes both, the smaller taken: the estimate errs short for a
+while, never absurdly long; and none is shown in the first second, before any rate means much.
 """
 
 from __future__ import annotations
@@ -28,6 +34,33 @@ Mode = Literal["bar", "lines", "off"]
 
 BAR_REFRESH = 0.2
 """Seconds between redraws of the bar."""
+
+FIRST_ESTIMATE = 1.0
+"""Seconds of copying before the time left is estimated."""
+
+_FORMAT = (
+    "{desc}: {percentage:3.0f}%{bar_part} {n_fmt}/{total_fmt} "
+    "[{elapsed}<{left}, {rate_fmt}{postfix}]"
+)
+
+
+def seconds_left(report: CopyReport) -> float | None:
+    """The time the copy still needs, ``None`` while there is no telling."""
+    elapsed = report.seconds
+    if report.keys_total is None or report.bytes_total is None or elapsed < FIRST_ESTIMATE:
+        return None
+    estimates: list[float] = []
+    if report.keys_done:
+        estimates.append(max(report.keys_total - report.keys_done, 0) * elapsed / report.keys_done)
+    if report.bytes_done:
+        left = max(report.bytes_total - report.bytes_done, 0)
+        estimates.append(left * elapsed / report.bytes_done)
+    return min(estimates) if estimates else None
+
+
+def _left_text(report: CopyReport) -> str:
+    left = seconds_left(report)
+    return "?" if left is None else str(tqdm.format_interval(left))
 
 
 def choose_mode(quiet: bool, stream: TextIO | None = None) -> Mode:
@@ -66,14 +99,28 @@ def progress_line(report: CopyReport, counters: dict[str, int] | None) -> str:
         n=report.bytes_done,
         total=report.bytes_total,
         elapsed=report.seconds,
-        ncols=0,  # no bar: a log keeps the numbers
         prefix="copy",
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
         postfix=_postfix(report, counters),
+        # No bar: a log keeps the numbers.
+        bar_format=_FORMAT.replace("{bar_part}", ""),
+        left=_left_text(report),
     )
     return line
+
+
+class _Bar(tqdm):  # type: ignore[misc]
+    """tqdm's bar with our estimate of the time left."""
+
+    left = "?"
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        found: dict[str, Any] = super().format_dict
+        found["left"] = self.left
+        return found
 
 
 async def show_progress(
@@ -91,8 +138,9 @@ async def show_progress(
         while True:
             await anyio.sleep(interval)
             print(progress_line(report, counters()), file=stream, flush=True)
-    bar = tqdm(
+    bar = _Bar(
         total=report.bytes_total,
+        bar_format=_FORMAT.replace("{bar_part}", "|{bar}|"),
         desc="copy",
         unit="B",
         unit_scale=True,
@@ -114,5 +162,6 @@ def _update(bar: Any, report: CopyReport, counters: dict[str, int] | None) -> No
     if bar.total != report.bytes_total:
         bar.total = report.bytes_total
     bar.n = report.bytes_done
+    bar.left = _left_text(report)
     bar.set_postfix_str(_postfix(report, counters), refresh=False)
     bar.refresh()

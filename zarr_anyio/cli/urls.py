@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from typing import Any
 
 import anyio
@@ -13,11 +14,14 @@ import anyio
 from zarr_anyio.storage import AnyioStore, RateLimit
 from zarr_anyio.storage._open import REMOTE_SCHEMES, AccessMode, make_store
 
+from .options import client_options
+
 __all__ = [
     "UsageError",
     "close_stores",
     "describe_error",
     "ensure_open",
+    "exists",
     "local_path",
     "open_url",
     "scheme",
@@ -29,13 +33,24 @@ class UsageError(Exception):
     """The command line asks for something impossible: exit code 2."""
 
 
+_LONGEST_ERROR = 400
+
+
 def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror and error.filename:
         return f"{error.strerror}: {error.filename}"
     text = str(error) or type(error).__name__
-    if isinstance(error, KeyError | FileNotFoundError) and text.startswith(("'", '"')):
-        text = text[1:-1]
-    return " ".join(text.split())
+    # obstore appends its Rust error's debug dump (hundreds of characters): the line before it
+    # says what went wrong.
+    text = text.split("Debug source:", 1)[0]
+    quoted = len(text) > 1 and text[0] in "'\"" and text.count(text[0]) == 2
+    if isinstance(error, KeyError | FileNotFoundError) and quoted and text.endswith(text[0]):
+        text = text[1:-1]  # a key's repr: 'a/b'
+    text = " ".join(text.split())
+    if len(text) > _LONGEST_ERROR:
+        # A server's whole HTML error page, quoted by a client: the start says what happened.
+        text = text[: _LONGEST_ERROR - 30].rstrip() + " ... (--debug shows it all)"
+    return text
 
 
 def _set_option(options: dict[str, Any], pair: str) -> None:
@@ -75,16 +90,37 @@ def local_path(url: str) -> str | None:
     return os.path.realpath(url.partition("://")[2] if kind else url)
 
 
+_LOOKS_LIKE_A_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]+):(.*)", re.DOTALL)
+
+
+def _check_url(url: str) -> None:
+    """A URL typo (``s3:/bucket``) as a command-line error, before it is taken for a folder."""
+    typo = _LOOKS_LIKE_A_SCHEME.fullmatch(url)
+    if "://" in url or typo is None or os.path.exists(url):
+        return
+    name, after = typo.groups()
+    raise UsageError(
+        f"{url!r} looks like a URL, but {name + ':'!r} is not followed by '//' (did you mean "
+        f"'{name}://{after.lstrip('/')}'?); for a local path with a colon, write './{url}'"
+    )
+
+
 def open_url(
     url: str, args: argparse.Namespace, extra_options: list[str], mode: AccessMode
 ) -> AnyioStore:
     """The store for ``url``; a URL no store takes is a usage error."""
+    _check_url(url)
     remote = scheme(url) in REMOTE_SCHEMES
     if extra_options and not remote:
         raise UsageError(f"storage options are for remote URLs (s3://, gs://, ...), not {url!r}")
     options = storage_options([*args.storage_option, *extra_options])
     if not remote:
         options = {}  # --storage-option goes to every remote URL of the command, no local one
+    else:
+        try:
+            options = client_options(scheme(url), args.backend, options)
+        except ValueError as error:
+            raise UsageError(f"{url}: {error}") from None
     kwargs: dict[str, Any] = {"max_concurrency": args.max_concurrency}
     if remote and args.rate is not None:
         # One budget for every remote store of the command.
@@ -110,6 +146,15 @@ async def ensure_open(store: AnyioStore, what: str, url: str) -> None:
         raise FileNotFoundError(f"{what} {url!r} does not exist") from None
     except OSError as error:
         raise OSError(f"cannot open {what} {url!r}: {describe_error(error)}") from None
+
+
+async def exists(store: AnyioStore) -> bool:
+    """Whether the store's root is there (a dry run's destination need not be)."""
+    try:
+        await store._ensure_open()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 async def close_stores(*stores: AnyioStore) -> None:

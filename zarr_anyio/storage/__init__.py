@@ -12,6 +12,7 @@ page at a time), `_open` (`open_store`).
 from ._base import AnyioStore, BlockingStore, FetchRequest
 from ._beneath import LeavesRoot
 from ._fsspec import FsspecStore
+from ._http_range import RangeNotHonoured
 from ._keys import byte_range_slice, names_under
 from ._local import LocalStore
 from ._localfs import FolderIsAKey, KeyConflict, KeyIsAFolder
@@ -36,6 +37,7 @@ __all__ = [
     "LocalStore",
     "MemoryStore",
     "ObjectStore",
+    "RangeNotHonoured",
     "RateLimit",
     "RemoteStore",
     "RequestStats",

@@ -36,6 +36,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from zarr_anyio._core.fork import at_fork_in_child
+
 from ._oscalls import DIR_FD, DIRECTORY, LISTABLE, O_BINARY, O_PATH, PORTABLE, DirRef
 
 __all__ = [
@@ -101,6 +103,14 @@ _hows: dict[tuple[int, int], tuple[_OpenHow, Any]] = {}
 _openat2_works: bool | None = None if _syscall is not None else False
 _cached_works: bool | None = None if _syscall is not None else False
 _probe_lock = threading.Lock()
+
+
+def _renew_probe_lock() -> None:
+    global _probe_lock
+    _probe_lock = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+at_fork_in_child(_renew_probe_lock)
 
 
 def openat2_available() -> bool:

@@ -23,12 +23,13 @@ memory (Windows has no ``fork`` to share it across).
 from __future__ import annotations
 
 import mmap
-import os
 import sys
 import threading
 import time
 
 import numpy as np
+
+from zarr_anyio._core.fork import at_fork_in_child
 
 __all__ = ["IDLE_SECONDS", "POOL_BYTES", "take"]
 
@@ -123,5 +124,4 @@ class _Pool:
 
 _pool = _Pool()
 take = _pool.take
-if hasattr(os, "register_at_fork"):  # no fork, no hook (Windows)
-    os.register_at_fork(after_in_child=_pool.after_fork)
+at_fork_in_child(_pool.after_fork)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import posixpath
+import threading
 import urllib.parse
-from collections.abc import AsyncGenerator, Awaitable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Self, TypeVar, Unpack
 
 import anyio
@@ -22,10 +24,14 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Suf
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from zarr_anyio._core.bridge import run_blocking, run_on_loop
+from zarr_anyio._core.fork import at_fork_in_child, keep_inherited
 from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
 from ._base import PAGE_SIZE, Entry
+from ._http_range import get_range
+from ._keys import is_valid_key
+from ._redact import redact
 from ._remote import RemoteOptions, RemoteStore
 from ._retry import describe, http_status
 
@@ -95,6 +101,24 @@ async def _close_session(fs: Any) -> None:
         await session.close()
 
 
+_renew_lock = threading.Lock()
+
+
+def _renew_lock_after_fork() -> None:
+    global _renew_lock
+    _renew_lock = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+at_fork_in_child(_renew_lock_after_fork)
+
+
+def _renewed(fs: Any) -> Any:
+    """A filesystem like ``fs``, made in this process: what unpickling ``fs`` gives (its class,
+    constructor arguments and options), but an instance of its own, not fsspec's cached one."""
+    make, (cls, args, options) = fs.__reduce__()
+    return make(cls, args, {**options, "skip_instance_cache": True})
+
+
 def _is_empty_range(byte_range: ByteRequest | None) -> bool:
     # HTTP cannot ask for zero bytes ("bytes=3-2" is the whole object on many servers).
     return (isinstance(byte_range, RangeByteRequest) and byte_range.start == byte_range.end) or (
@@ -148,6 +172,9 @@ class FsspecStore(RemoteStore):
         # a literal segment (it is not ".."), "#" no fragment and "?" no query (as obstore's
         # HTTPStore does). Encoded, a key has no character that yarl would decode again.
         self._url_keys = bool(_protocols(fs) & {"http", "https"})
+        # fsspec's HTTP filesystem returns whatever body answers a range request (a whole
+        # object from a server that ignores Range): ranges are read and checked by `get_range`.
+        self._checked_ranges = self._url_keys and bool(fs.async_impl) and hasattr(fs, "set_session")
         # s3fs (since 2026) reads a whole object by asking its size first (a HEAD) and, past
         # its block size, in up to ``max_concurrency`` ranged requests of its own: two requests
         # per chunk, and fetches outside this store's limit (fsspec/s3fs#1027, from s3fs#1007).
@@ -157,6 +184,8 @@ class FsspecStore(RemoteStore):
         )
         # A filesystem that from_url made is ours to close; one the caller passed is theirs.
         self._owns_fs = False
+        # The process whose filesystem self.fs is (see _filesystem).
+        self._fs_pid = os.getpid()
         # open_store(str(store)) reaches this filesystem (its options, credentials) again
         # while this store lives.
         _live.remember(str(self), self)
@@ -189,7 +218,7 @@ class FsspecStore(RemoteStore):
 
     def _with_options(self, read_only: bool, options: dict[str, Any]) -> Self:
         return type(self)(
-            self.fs,
+            self._filesystem(),
             read_only=read_only,
             path=self.path,
             allowed_exceptions=self.allowed_exceptions,
@@ -197,14 +226,15 @@ class FsspecStore(RemoteStore):
         )
 
     def __str__(self) -> str:
-        """The URL of the store's root (``s3://bucket/path``); `open_store` opens it again."""
+        """The URL of the store's root (``s3://bucket/path``), credentials in it shown as
+        ``***``; `open_store` opens it again while this store lives."""
         try:
-            return str(self.fs.unstrip_protocol(self.path))
+            return redact(str(self.fs.unstrip_protocol(self.path)))
         except Exception:  # a filesystem that cannot say: its repr
             return repr(self)
 
     def __repr__(self) -> str:
-        return f"<FsspecStore({type(self.fs).__name__}, {self.path})>"
+        return f"<FsspecStore({type(self.fs).__name__}, {redact(self.path)})>"
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -214,8 +244,19 @@ class FsspecStore(RemoteStore):
             and self.fs == other.fs
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["fs"] = self._filesystem()
+        del state["_fs_pid"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._fs_pid = os.getpid()  # unpickling made the filesystem anew in this process
+
     def _owned_session_on_bridge(self) -> bool:
-        return self._owns_fs and bool(self.fs.async_impl) and self._loop() is None
+        fs = self._filesystem()
+        return self._owns_fs and bool(fs.async_impl) and self._loop() is None
 
     def close(self) -> None:
         """Close the store; a filesystem made by `from_url` also closes its network session
@@ -231,28 +272,54 @@ class FsspecStore(RemoteStore):
 
     # ---------------------------------------------------------------- calling the filesystem
 
+    def _filesystem(self) -> Any:
+        """``self.fs``, made anew (`_renewed`) the first time a forked child uses it.
+
+        An async filesystem's session lives on an event loop whose thread the child does not
+        have (the bridge's or fsspec's own), and its sockets are the parent's: used in the child
+        it waited for ever, or would have mixed the two processes' requests on one connection.
+        fsspec itself refuses such an instance in a child ("not fork-safe"). The old one is
+        kept, never closed: closing it would unregister the parent's sockets from the epoll
+        instance the two processes share. A sync filesystem (memory, local) is kept as it is.
+        """
+        if self._fs_pid != os.getpid():
+            with _renew_lock:
+                if self._fs_pid != os.getpid():
+                    if self.fs.async_impl:
+                        keep_inherited(self.fs)
+                        self.fs = _renewed(self.fs)
+                    self._fs_pid = os.getpid()
+        return self.fs
+
     def _loop(self) -> asyncio.AbstractEventLoop | None:
         # A sync instance of an async filesystem has its own loop thread (fsspec's); an async
         # instance gets the bridge's loop, so its session stays on one loop.
-        asynchronous = getattr(self.fs, "asynchronous", False)
-        loop: asyncio.AbstractEventLoop | None = None if asynchronous else self.fs.loop
+        fs = self._filesystem()
+        asynchronous = getattr(fs, "asynchronous", False)
+        loop: asyncio.AbstractEventLoop | None = None if asynchronous else fs.loop
         return loop
 
     async def _fs(self, method: str, *args: Any, _sent: int = 0, **kwargs: Any) -> Any:
         """Call ``fs.<method>`` (or its coroutine ``fs._<method>``) as one request (that sends
         ``_sent`` bytes)."""
-        if self.fs.async_impl:
-            coroutine_function = getattr(self.fs, f"_{method}")
-            loop = self._loop()
-
-            def start() -> Awaitable[Any]:
-                return run_on_loop(lambda: coroutine_function(*args, **kwargs), loop)
-
-            return await self._request(start, sent=_sent)
-        function = getattr(self.fs, method)
+        fs = self._filesystem()
+        if fs.async_impl:
+            coroutine_function = getattr(fs, f"_{method}")
+            return await self._on_loop(lambda _: coroutine_function(*args, **kwargs), _sent)
+        function = getattr(fs, method)
         return await self._request(
             lambda: run_in_worker(lambda _: function(*args, **kwargs)), sent=_sent
         )
+
+    async def _on_loop(self, make: Callable[[Any], Coroutine[Any, Any, T]], sent: int = 0) -> T:
+        """Await ``make(fs)`` on the async filesystem's loop, as one request."""
+        fs = self._filesystem()
+        loop = self._loop()
+
+        def start() -> Awaitable[T]:
+            return run_on_loop(lambda: make(fs), loop)
+
+        return await self._request(start, sent=sent)
 
     async def _files_under(self, folder: str) -> list[str]:
         """Every file under ``folder`` (a path in ``fs``), as paths in ``fs``."""
@@ -286,11 +353,26 @@ class FsspecStore(RemoteStore):
             key = urllib.parse.quote(key, safe="/")
         return _join(self.path, key)
 
-    def _key_of(self, path: str) -> str:
+    def _key_of(self, path: str) -> str | None:
+        """The key that a listed ``path`` names, or ``None`` if it names none.
+
+        A listing may hold names that no key can reach: outside the root, refused by the key
+        rules (``../secret``, a NUL, a backslash, a 300-byte segment: `get` would refuse them),
+        or, over http(s), a segment that decodes to more than one (``a%2Fb``, whose key ``a/b``
+        is another object). A listing gives only keys that `get` takes and that name the listed
+        object; the others are left out.
+        """
         root = self.path.rstrip("/")
         path = path.lstrip("/") if not root.startswith("/") else path
+        if root and not path.startswith(root + "/"):
+            return None
         key = path[len(root) + 1 :] if root else path
-        return urllib.parse.unquote(key) if self._url_keys else key
+        if self._url_keys:
+            segments = [urllib.parse.unquote(segment) for segment in key.split("/")]
+            if any("/" in segment for segment in segments):
+                return None
+            key = "/".join(segments)
+        return key if is_valid_key(key) else None
 
     # ---------------------------------------------------------------- backend hooks
 
@@ -303,9 +385,13 @@ class FsspecStore(RemoteStore):
                 if not await self._is_file(path):
                     return None
                 return prototype.buffer.from_bytes(b"")
-            start, end = _fetch_limits(byte_range)
-            whole = self._whole_read_kwargs if start is None and end is None else {}
-            data = await self._fs("cat_file", path, start=start, end=end, **whole)
+            if byte_range is not None and self._checked_ranges:
+                asked = byte_range
+                data = await self._on_loop(lambda fs: get_range(fs, path, asked))
+            else:
+                start, end = _fetch_limits(byte_range)
+                whole = self._whole_read_kwargs if start is None and end is None else {}
+                data = await self._fs("cat_file", path, start=start, end=end, **whole)
         except self.allowed_exceptions:
             return None
         except Exception as error:
@@ -358,7 +444,7 @@ class FsspecStore(RemoteStore):
         folder = posixpath.dirname(prefix)
         paths = await self._files_under(self._path(folder))
         keys = (self._key_of(path) for path in paths)
-        return [key for key in keys if key.startswith(prefix)]
+        return [key for key in keys if key is not None and key.startswith(prefix)]
 
     def _pages_s3(self) -> bool:
         protocol = self.fs.protocol
@@ -374,7 +460,7 @@ class FsspecStore(RemoteStore):
             async for page in super()._backend_list_pages(prefix):
                 yield page
             return
-        fs = self.fs
+        fs = self._filesystem()  # made anew in a forked child
         bucket, root, _ = fs.split_path(self.path)
         key_prefix = posixpath.join(root, prefix) if root else prefix
         if root and not key_prefix.endswith("/"):
@@ -420,11 +506,17 @@ class FsspecStore(RemoteStore):
             entries = await self._fs("ls", folder, detail=False)
         except self.allowed_exceptions:
             return []
-        names = {posixpath.basename(str(entry).rstrip("/")) for entry in entries}
-        if self._url_keys:
-            names = {urllib.parse.unquote(name) for name in names}
-        names.discard(posixpath.basename(folder.rstrip("/")) if not entries else "")
-        return sorted(name for name in names if name)
+        # Only the names of children of the folder that a key can have (see _key_of): an index
+        # page's "../secret" or "a%2Fb" is none.
+        parent = prefix.rstrip("/")
+        parent = f"{parent}/" if parent else ""
+        names = set()
+        for entry in entries:
+            key = self._key_of(str(entry).rstrip("/"))
+            if key is not None and key.startswith(parent) and "/" not in key[len(parent) :]:
+                names.add(key[len(parent) :])
+        names.discard("")
+        return sorted(names)
 
     async def _backend_delete_dir(self, prefix: str) -> None:
         # Never ``fs.rm(paths)``: it expands glob patterns, and "a*", "a[b]" or "a?" are node

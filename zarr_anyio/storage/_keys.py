@@ -15,6 +15,7 @@ __all__ = [
     "byte_range_slice",
     "check_byte_range",
     "directory_prefix",
+    "is_valid_key",
     "names_under",
     "validate_key",
     "validate_prefix",
@@ -69,6 +70,15 @@ def validate_key(key: str) -> str:
         raise ValueError("invalid key '': a key cannot be empty")
     _check_segments(key, "key")
     return key
+
+
+def is_valid_key(key: str) -> bool:
+    """Whether `validate_key` takes ``key``: for listings, which leave out what it refuses."""
+    try:
+        validate_key(key)
+    except ValueError:
+        return False
+    return True
 
 
 def validate_prefix(prefix: str) -> str:

@@ -11,10 +11,20 @@ import threading
 import weakref
 from typing import Any
 
+from zarr_anyio._core.fork import at_fork_in_child
+
 __all__ = ["find", "remember"]
 
 _stores: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _lock = threading.Lock()
+
+
+def _renew_lock() -> None:
+    global _lock
+    _lock = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+at_fork_in_child(_renew_lock)
 
 
 def remember(name: str, store: Any) -> None:

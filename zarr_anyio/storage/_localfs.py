@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from zarr.abc.store import ByteRequest
 
+from zarr_anyio._core.fork import at_fork_in_child
 from zarr_anyio._core.threads import CheckCancelled
 
 from . import _buffers, _oscalls
@@ -537,6 +538,16 @@ class _TempFolders:
 
 
 _temp_folders = _TempFolders()
+
+
+def _forget_writes_in_flight() -> None:
+    # Writes of the parent's other threads never end in a forked child: their counts would
+    # keep the temporary folder for ever, and the lock may have been held by one of them.
+    global _temp_folders
+    _temp_folders = _TempFolders()
+
+
+at_fork_in_child(_forget_writes_in_flight)
 
 
 def _remove_temp_folder(root_fd: DirRef) -> None:

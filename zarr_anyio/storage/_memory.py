@@ -21,6 +21,7 @@ import anyio.lowlevel
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
+from zarr_anyio._core.fork import at_fork_in_child
 from zarr_anyio._core.limit import LimiterLike
 
 from . import _live
@@ -35,6 +36,14 @@ __all__ = ["MemoryStore"]
 # and copying a large value between the two steps left room for two or three winners. One lock
 # for every MemoryStore, because two stores can share one dict; only exclusive writes take it.
 _EXCLUSIVE_WRITE = threading.Lock()
+
+
+def _renew_exclusive_write() -> None:
+    global _EXCLUSIVE_WRITE
+    _EXCLUSIVE_WRITE = threading.Lock()  # a thread of the parent may have held it as it forked
+
+
+at_fork_in_child(_renew_exclusive_write)
 
 
 def _copy(value: Buffer) -> Buffer:

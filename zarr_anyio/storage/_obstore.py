@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import pickle
 import posixpath
+import re
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Self, TypeVar, Unpack
@@ -23,18 +24,56 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Suf
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from zarr_anyio._core.bridge import run_on_loop
+from zarr_anyio._core.fork import at_fork_in_child
 from zarr_anyio._core.loops import current_loop_key
 from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
 from ._base import PAGE_SIZE, Entry
-from ._keys import check_byte_range, validate_key
+from ._http_range import RangeNotHonoured, span
+from ._keys import check_byte_range, is_valid_key, validate_key
+from ._obstore_listing import Lister
+from ._redact import redact
 from ._remote import RemoteOptions, RemoteStore
 from ._retry import http_status
 
 __all__ = ["ObjectStore"]
 
 T = TypeVar("T")
+
+
+# Whether obstore has run a request in this process, and whether the process was forked from
+# one where it had (see _check_runtime).
+_runtime_started = False
+_runtime_inherited = False
+
+
+def _after_fork_in_child() -> None:
+    global _runtime_inherited
+    _runtime_inherited = _runtime_inherited or _runtime_started
+
+
+at_fork_in_child(_after_fork_in_child)
+
+
+def _check_runtime() -> None:
+    """Refuse to call obstore in a child forked after obstore ran: it would hang for ever.
+
+    obstore runs its requests on a Rust (tokio) runtime whose worker threads are started on
+    first use and do not survive a fork: in the child every request, blocking or async, waits
+    for them for ever, ``timeout=`` included (seen with obstore 0.12; its maintainers say it is
+    not fork-safe). Nothing here can start that runtime anew, so the child gets this error.
+    """
+    global _runtime_started
+    if _runtime_inherited:
+        raise RuntimeError(
+            "this process was forked from one that had made obstore requests, and obstore "
+            "cannot make requests after a fork (its runtime's threads stay behind in the "
+            "parent): every request would hang. Start worker processes with the 'spawn' or "
+            "'forkserver' method (multiprocessing.get_context('spawn')), or make no request "
+            "before forking; or use FsspecStore, which works in a forked child."
+        )
+    _runtime_started = True
 
 
 def _is_range_error(error: Exception) -> bool:
@@ -58,6 +97,41 @@ def _holds_a_key(store: Any, folder: str) -> bool:
 async def _awaited(awaitable: Awaitable[T]) -> T:
     """A coroutine of an awaitable: obstore gives futures, and the bridge takes coroutines."""
     return await awaitable
+
+
+# obstore takes byte positions as unsigned 64-bit integers (a larger one raised its ValueError).
+# No object is that large: a range reaching beyond is read to the object's end, and one that
+# starts beyond reads nothing, as on every other store.
+_U64_END = 2**64
+
+
+def _fit(byte_range: ByteRequest | None) -> tuple[ByteRequest | None, bool]:
+    """``byte_range`` as obstore can take it, and whether it starts past the end of any object."""
+    if isinstance(byte_range, RangeByteRequest) and byte_range.end >= _U64_END:
+        if byte_range.start >= _U64_END:
+            return None, True
+        return OffsetByteRequest(byte_range.start), False
+    if isinstance(byte_range, OffsetByteRequest) and byte_range.offset >= _U64_END:
+        return None, True
+    if isinstance(byte_range, SuffixByteRequest) and byte_range.suffix >= _U64_END:
+        return None, False  # the whole object
+    return byte_range, False
+
+
+# How object_store reports a 206 whose Content-Range names other bytes than asked (its
+# ``UnexpectedRange``): the same error as FsspecStore's for it, with the bytes named.
+_UNEXPECTED_RANGE = re.compile(r"Generic HTTP error: Requested (\d+)\.\.(\d+), got (\d+)\.\.(\d+)")
+
+
+def _refuse_unexpected_range(error: Exception, key: str) -> None:
+    """Raise `RangeNotHonoured` if ``error`` is object_store's ``UnexpectedRange``."""
+    wrong = _UNEXPECTED_RANGE.match(str(error))
+    if wrong is not None:
+        asked, sent = (int(wrong[1]), int(wrong[2])), (int(wrong[3]), int(wrong[4]))
+        raise RangeNotHonoured(
+            f"{key!r}: asked for bytes {asked[0]}-{asked[1] - 1}, the server sent bytes "
+            f"{sent[0]}-{sent[1] - 1}"
+        ) from None
 
 
 def _options(byte_range: ByteRequest | None) -> Any:
@@ -100,6 +174,8 @@ class ObjectStore(RemoteStore):
             raise TypeError(f"expected an obstore store, got {store!r}")
         super().__init__(read_only=read_only, **options)
         self.store = store
+        # Set once the server has answered a range request with the whole object (see _fetch).
+        self._ranges_ignored = False
         # open_store(str(store)) reaches this obstore client again while this store lives.
         _live.remember(str(self), self)
 
@@ -107,7 +183,8 @@ class ObjectStore(RemoteStore):
         return type(self)(self.store, read_only=read_only, **options)
 
     def __str__(self) -> str:
-        return f"object_store://{self.store}"
+        # obstore's repr of an HTTP store holds its URL, credentials included.
+        return redact(f"object_store://{self.store}")
 
     def __repr__(self) -> str:
         return f"ObjectStore({self})"
@@ -132,12 +209,14 @@ class ObjectStore(RemoteStore):
 
     async def _call(self, make: Callable[[], Coroutine[Any, Any, T]], sent: int = 0) -> T:
         """One obstore request (``make()`` awaits its async API), as one `_request`."""
+        _check_runtime()
         if isinstance(current_loop_key(), asyncio.AbstractEventLoop):
             return await self._request(make, sent=sent)
         return await self._request(lambda: run_on_loop(make), sent=sent)
 
     async def _call_blocking(self, function: Callable[[], T]) -> T:
         """One obstore request made with its blocking API in a worker thread."""
+        _check_runtime()
         return await self._request(lambda: run_in_worker(lambda _: function()))
 
     async def _fetch(self, key: str, byte_range: ByteRequest | None) -> memoryview | None:
@@ -147,16 +226,39 @@ class ObjectStore(RemoteStore):
             if isinstance(byte_range, RangeByteRequest) and byte_range.start == byte_range.end:
                 await obstore.head_async(self.store, key)
                 return memoryview(b"")
-            result = await obstore.get_async(self.store, key, options=_options(byte_range))
+            byte_range, past_end = _fit(byte_range)
+            if past_end:
+                await obstore.head_async(self.store, key)
+                return memoryview(b"")
+            if byte_range is not None and self._ranges_ignored:
+                return await self._fetch_and_cut(key, byte_range)
+            try:
+                result = await obstore.get_async(self.store, key, options=_options(byte_range))
+            except obstore.exceptions.NotSupportedError:
+                # obstore's HTTPStore refuses the whole body that a server which ignores Range
+                # sends (200): cut the range out of the object, as FsspecStore does, and ask
+                # this server for whole objects from now on.
+                if byte_range is None:
+                    raise
+                self._ranges_ignored = True
+                return await self._fetch_and_cut(key, byte_range)
             return memoryview(await result.bytes_async())
         except FileNotFoundError:
             return None
         except Exception as error:
+            _refuse_unexpected_range(error, key)
             if not _is_range_error(error):
                 raise
             # The range starts past the end: zarr's answer is what exists there, nothing.
             await obstore.head_async(self.store, key)
             return memoryview(b"")
+
+    async def _fetch_and_cut(self, key: str, byte_range: ByteRequest) -> memoryview:
+        import obstore
+
+        whole = memoryview(await (await obstore.get_async(self.store, key)).bytes_async())
+        start, stop = span(byte_range, len(whole))
+        return whole[start:stop]
 
     # ---------------------------------------------------------------- backend hooks
 
@@ -182,7 +284,11 @@ class ObjectStore(RemoteStore):
         await self._ensure_open()
         ranged: dict[str, list[int]] = defaultdict(list)
         for index, (key, byte_range) in enumerate(requests):
-            if isinstance(byte_range, RangeByteRequest) and byte_range.start < byte_range.end:
+            if (
+                isinstance(byte_range, RangeByteRequest)
+                and byte_range.start < byte_range.end < _U64_END
+                and not self._ranges_ignored
+            ):
                 ranged[key].append(index)
         groups = [indexes for indexes in ranged.values() if len(indexes) > 1]
         grouped = {index for indexes in groups for index in indexes}
@@ -204,7 +310,14 @@ class ObjectStore(RemoteStore):
                 )
             except FileNotFoundError:
                 return
+            except obstore.exceptions.NotSupportedError:
+                # A server that ignores Range (see _fetch): each range cut from the object.
+                self._ranges_ignored = True
+                for index in indexes:
+                    await fetch_single(index)
+                return
             except Exception as error:
+                _refuse_unexpected_range(error, key)
                 # obstore's get_ranges panics when a range starts past the end of the object
                 # (it slices the merged answer); over HTTP that range may also be a 416. Either
                 # way, ask for each range on its own, as single gets would.
@@ -267,14 +380,17 @@ class ObjectStore(RemoteStore):
         meta = await self._call(lambda: _awaited(obstore.head_async(self.store, key)))
         return int(meta["size"])
 
+    def _keys_under(self, folder: str) -> list[str]:
+        """Every key under ``folder``, as one blocking call: names that are no keys (see
+        `Lister`, and our own key rules, which `get` applies) are left out."""
+        lister = Lister(self.store, folder or None, 1000)
+        keys: list[str] = []
+        while (page := lister.next_page()) is not None:
+            keys.extend(path for path, _ in page if is_valid_key(path))
+        return keys
+
     async def _list_under(self, folder: str) -> list[str]:
-        import obstore
-
-        def collect() -> list[str]:
-            stream = obstore.list(self.store, prefix=folder or None, chunk_size=1000)
-            return [meta["path"] for batch in stream for meta in batch]
-
-        return await self._call_blocking(collect)
+        return await self._call_blocking(lambda: self._keys_under(folder))
 
     async def _backend_list_prefix(self, prefix: str) -> Iterable[str]:
         # obstore lists whole path segments ("a" means "a/…"): list the folder, filter by string.
@@ -282,24 +398,20 @@ class ObjectStore(RemoteStore):
         return [key for key in await self._list_under(folder) if key.startswith(prefix)]
 
     async def _backend_list_pages(self, prefix: str) -> AsyncGenerator[list[Entry], None]:
-        import obstore
-
-        # obstore lists whole path segments: "a" means "a/...", which is what a node is.
-        stream = obstore.list(self.store, prefix=prefix.rstrip("/") or None, chunk_size=PAGE_SIZE)
-
-        def next_page() -> list[Entry] | None:
-            batch = next(stream, None)
-            return None if batch is None else [(meta["path"], int(meta["size"])) for meta in batch]
+        # obstore lists whole path segments: "a" means "a/...", which is what a node is. A name
+        # obstore refuses comes with its page (and no size), for the copy to count and leave out.
+        lister = Lister(self.store, prefix.rstrip("/") or None, PAGE_SIZE)
 
         while True:
             # The blocking API in a thread, as the store lists: one request per page.
-            page = await self._call_blocking(next_page)
+            page = await self._call_blocking(lister.next_page)
             if page is None:
                 return
             yield page
 
     async def _backend_list_dir(self, prefix: str) -> Iterable[str]:
         import obstore
+        import obstore.exceptions
         import obstore.store
 
         folder = prefix.rstrip("/")
@@ -309,14 +421,20 @@ class ObjectStore(RemoteStore):
         local = isinstance(self.store, obstore.store.LocalStore)
 
         def names_under() -> list[str]:
-            found = obstore.list_with_delimiter(self.store, prefix=folder or None)
+            try:
+                found = obstore.list_with_delimiter(self.store, prefix=folder or None)
+            except obstore.exceptions.InvalidPathError:
+                # A name obstore refuses among them: the names from the folder's listing.
+                start = len(folder) + 1 if folder else 0
+                return [key[start:].split("/", 1)[0] for key in self._keys_under(folder)]
             folders = [p.rstrip("/") for p in found["common_prefixes"]]
             if local:
                 folders = [p for p in folders if _holds_a_key(self.store, p)]
             names = [posixpath.basename(p) for p in folders]
             return names + [posixpath.basename(meta["path"]) for meta in found["objects"]]
 
-        return sorted(set(await self._call_blocking(names_under)))
+        names = set(await self._call_blocking(names_under))
+        return sorted(name for name in names if is_valid_key(name))
 
     async def _backend_delete_dir(self, prefix: str) -> None:
         keys = await self._list_under(prefix.rstrip("/"))

@@ -48,6 +48,7 @@ from ._local import LocalStore
 from ._localfs import check_root
 from ._memory import MemoryStore
 from ._obstore import ObjectStore
+from ._redact import scrub
 from ._zip import ZipStore
 
 __all__ = ["AccessMode", "make_store", "open_store", "open_store_async"]
@@ -188,7 +189,11 @@ def _make_store(
         return _from_path(store_like, mode, kwargs, lazy)
     if not isinstance(store_like, str):
         raise TypeError(f"cannot make a store from {type(store_like).__name__}: {store_like!r}")
-    return _from_string(store_like, mode, storage_options, backend, kwargs, lazy)
+    try:
+        return _from_string(store_like, mode, storage_options, backend, kwargs, lazy)
+    except Exception as error:
+        scrub(error)  # the messages name the URL, which may hold a password
+        raise
 
 
 def _is_fsmap(value: object) -> bool:

@@ -20,9 +20,11 @@ from typing import Any, Self, TypedDict, TypeVar, Unpack
 import anyio
 
 from zarr_anyio._core.adaptive import DEFAULT_CEILING, AdaptiveLimiter, Outcome
+from zarr_anyio._core.fork import reset_in_child
 from zarr_anyio._core.limit import LimiterLike
 
 from ._base import AnyioStore
+from ._redact import scrub
 from ._retry import Failure, RateLimit, Retry, RetryBudget, describe
 
 __all__ = ["DEFAULT_TIMEOUT", "RemoteOptions", "RemoteStore", "RequestStats"]
@@ -70,6 +72,10 @@ class _Counters:
         self.values = dict.fromkeys(
             ("requests", "retries", "throttled", "timeouts", "errors", "received", "sent"), 0
         )
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it as it forked
 
     def add(self, **counts: int) -> None:
         with self._lock:
@@ -269,7 +275,17 @@ class RemoteStore(AnyioStore):
     # ----------------------------------------------------------------- one request
 
     async def _request(self, make: Callable[[], Awaitable[T]], *, sent: int = 0) -> T:
-        """One request to the server: attempts under the window, retried while worth it."""
+        """One request to the server: attempts under the window, retried while worth it.
+
+        Its error is raised as itself, with any credentials of the URL in its text redacted
+        (the clients name the URL they requested)."""
+        try:
+            return await self._attempts(make, sent)
+        except Exception as error:
+            scrub(error)
+            raise
+
+    async def _attempts(self, make: Callable[[], Awaitable[T]], sent: int) -> T:
         retry_number = 0
         last_cost: int | None = None
         while True:

@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 
-from zarr_anyio._core.limit import copy_in_process
+from zarr_anyio._core.fork import reset_in_child
+from zarr_anyio._core.limit import adopt_copy, copy_in_process
 
 __all__ = [
     "NO_RETRY",
@@ -333,6 +334,10 @@ class RetryBudget:
         self.timeout_cost = timeout_cost
         self._available = float(capacity)
         self._lock = threading.Lock()
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it as it forked
 
     @property
     def available(self) -> float:
@@ -385,6 +390,13 @@ class RateLimit:
         # Who this is, for its copies in other processes (see _limit.copy_in_process).
         self._origin = os.getpid()
         self._token = uuid.uuid4().hex
+        reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The lock may have been held by a thread the child does not have; the schedule of
+        # requests is the parent's, kept (the server sees both processes' requests).
+        self._lock = threading.Lock()
+        adopt_copy(self)  # one pickled in the parent and unpickled here is this one
 
     async def acquire(self) -> None:
         """Wait for this request's turn (a reservation: no request can overtake another)."""

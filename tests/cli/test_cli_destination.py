@@ -1,0 +1,332 @@
+"""``zarr-anyio copy`` onto a destination that already holds data, run as users run it.
+
+The promise under test: a copy that exits 0 leaves the destination reading exactly what the
+source reads (the same keys, the same bytes); a copy that refuses exits non-zero and leaves the
+destination as it was. Each way a destination can be out of date (a chunk the source no longer
+has, a chunk changed without changing size, a damaged chunk, changed metadata, an array replaced
+by a group) is tried on a folder, a zip file and S3 through both backends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+
+import zarr_anyio
+from support.command_line import files_of, make_hierarchy, run_cli, s3_options
+from support.servers import CountingProxy, S3Server
+
+CHUNK_ITEMS = 256  # make_hierarchy's chunks: 1024 bytes of int32
+
+
+@dataclass
+class Place:
+    """A destination: its URL, the options to reach it, and how to look at it from outside."""
+
+    url: str
+    options: list[str]
+    files: Callable[[], dict[str, bytes]]
+    put: Callable[[str, bytes], None]
+
+
+def folder_place(tmp_path: Path) -> Place:
+    root = tmp_path / "dst.zarr"
+
+    def put(key: str, data: bytes) -> None:
+        (root / key).write_bytes(data)
+
+    return Place(str(root), [], lambda: files_of(root), put)
+
+
+def zip_place(tmp_path: Path) -> Place:
+    path = tmp_path / "dst.zip"
+
+    def files() -> dict[str, bytes]:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            # A key written again must not leave its old member listed beside the new one.
+            assert len(names) == len(set(names)), names
+            return {name: archive.read(name) for name in names if not name.endswith("/")}
+
+    def put(key: str, data: bytes) -> None:
+        async def write() -> None:
+            store = zarr_anyio.ZipStore(path, mode="a")
+            try:
+                await store.set(key, default_buffer_prototype().buffer.from_bytes(data))
+            finally:
+                await store.aclose()
+
+        anyio.run(write)
+
+    return Place(str(path), [], files, put)
+
+
+def s3_place(server: S3Server, backend: str) -> Place:
+    bucket = server.new_bucket()
+    fs = server.s3fs(skip_instance_cache=True)
+    root = f"{bucket}/dst.zarr"
+
+    def files() -> dict[str, bytes]:
+        fs.invalidate_cache()
+        return {path[len(root) + 1 :]: fs.cat_file(path) for path in fs.find(root)}
+
+    def put(key: str, data: bytes) -> None:
+        fs.pipe_file(f"{root}/{key}", data)
+
+    options = ["--backend", backend, *s3_options(server.endpoint, backend)]
+    return Place(f"s3://{root}", options, files, put)
+
+
+PLACES = ["folder", "zip", "s3-fsspec", "s3-obstore"]
+
+
+@pytest.fixture(params=PLACES)
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> Place:
+    kind: str = request.param
+    if kind == "folder":
+        return folder_place(tmp_path)
+    if kind == "zip":
+        return zip_place(tmp_path)
+    return s3_place(request.getfixturevalue("s3_server"), kind.removeprefix("s3-"))
+
+
+# ------------------------------------------------------------ ways a destination is out of date
+
+
+def stale_extra_chunk(src: Path, place: Place) -> None:
+    # Writing the fill value over a chunk deletes it: the source reads zeros there now, and a
+    # destination that kept its old chunk would read the old numbers.
+    zarr.open_array(str(src / "a"), mode="r+")[3 * CHUNK_ITEMS : 4 * CHUNK_ITEMS] = 0
+    assert not (src / "a" / "c" / "3").exists()
+
+
+def same_size_change(src: Path, place: Place) -> None:
+    array = zarr.open_array(str(src / "a"), mode="r+")
+    array[:] = np.asarray(array[:]) + 1  # uncompressed: every chunk keeps its size
+
+
+def damaged_chunk(src: Path, place: Place) -> None:
+    spoiled = bytearray((src / "a" / "c" / "5").read_bytes())
+    spoiled[10] ^= 0xFF
+    place.put("a/c/5", bytes(spoiled))
+
+
+def metadata_changed(src: Path, place: Place) -> None:
+    # Same length, so that only the bytes tell.
+    zarr.open_group(str(src), mode="r+").attrs["title"] = "TEST"
+
+
+def node_replaced_by_group(src: Path, place: Place) -> None:
+    shutil.rmtree(src / "a")
+    group = zarr.open_group(str(src), mode="r+").create_group("a")
+    group.create_array("x", shape=(4,), chunks=(2,), dtype="uint8")[:] = [1, 2, 3, 4]
+
+
+CHANGES = [stale_extra_chunk, same_size_change, damaged_chunk, metadata_changed]
+CHANGES.append(node_replaced_by_group)
+
+
+def first_copy(tmp_path: Path, place: Place) -> Path:
+    src = make_hierarchy(tmp_path / "src.zarr")
+    done = run_cli("copy", str(src), place.url, *place.options, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert place.files() == files_of(src)
+    return src
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=[change.__name__ for change in CHANGES])
+def test_a_destination_holding_data_is_refused_then_brought_up_to_date(
+    tmp_path: Path, place: Place, change: Callable[[Path, Place], None]
+) -> None:
+    src = first_copy(tmp_path, place)
+    change(src, place)
+    before = place.files()
+    assert before != files_of(src)
+
+    refused = run_cli("copy", str(src), place.url, *place.options)
+    assert refused.returncode == 1
+    message = refused.stderr.strip()
+    assert message.count("\n") == 0, message
+    assert "--skip-existing" in message
+    assert "--overwrite" in message
+    assert refused.stdout == ""
+    assert place.files() == before
+
+    resumed = run_cli(
+        "copy", str(src), place.url, *place.options, "--skip-existing", "--verify", "--json"
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["mismatched_keys"] == 0
+    assert 0 < summary["keys_skipped"] < len(files_of(src))
+    assert place.files() == files_of(src)
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=[change.__name__ for change in CHANGES])
+def test_overwrite_replaces_the_destination(
+    tmp_path: Path, place: Place, change: Callable[[Path, Place], None]
+) -> None:
+    src = first_copy(tmp_path, place)
+    change(src, place)
+
+    replaced = run_cli("copy", str(src), place.url, *place.options, "--overwrite", "--json")
+    assert replaced.returncode == 0, replaced.stderr
+    summary = json.loads(replaced.stdout)
+    assert summary["keys_copied"] == len(files_of(src))
+    assert place.files() == files_of(src)
+
+
+def test_skip_existing_on_an_up_to_date_destination_changes_nothing(tmp_path: Path) -> None:
+    place = folder_place(tmp_path)
+    src = first_copy(tmp_path, place)
+    dst = Path(place.url)
+    stamps = {path: path.stat().st_mtime_ns for path in dst.rglob("*") if path.is_file()}
+
+    again = run_cli("copy", str(src), place.url, "--skip-existing", "--json")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["keys_skipped"] == len(files_of(src))
+    assert summary["keys_copied"] == summary["keys_deleted"] == 0
+    # Not a key rewritten, the metadata included.
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
+
+
+def test_size_only_is_the_explicit_shortcut_that_cannot_see_a_same_size_change(
+    tmp_path: Path,
+) -> None:
+    place = folder_place(tmp_path)
+    src = first_copy(tmp_path, place)
+    same_size_change(src, place)
+    stale = place.files()
+
+    by_size = run_cli("copy", str(src), place.url, "--skip-existing", "--size-only", "--json")
+    assert by_size.returncode == 0, by_size.stderr
+    assert json.loads(by_size.stdout)["keys_copied"] == 0
+    assert place.files() == stale
+
+    alone = run_cli("copy", str(src), place.url, "--size-only")
+    assert alone.returncode == 2
+    assert "--skip-existing" in alone.stderr
+
+
+def test_a_dry_run_tells_what_would_change_and_changes_nothing(tmp_path: Path) -> None:
+    place = folder_place(tmp_path)
+    src = first_copy(tmp_path, place)
+    stale_extra_chunk(src, place)
+    before = place.files()
+
+    dry = run_cli("copy", str(src), place.url, "--skip-existing", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    summary = json.loads(dry.stdout)
+    assert summary["examples"]["would delete"] == ["a/c/3"]
+    assert summary["keys_deleted"] == 1
+    # The metadata goes down and up again around any change: all four keys would be written.
+    assert sorted(summary["examples"]["would copy"]) == sorted(
+        key for key in files_of(src) if key.endswith("zarr.json")
+    )
+    assert place.files() == before
+
+    text = run_cli("copy", str(src), place.url, "--skip-existing", "--dry-run")
+    assert "would delete 1 keys that SRC does not have" in text.stdout
+
+    refused = run_cli("copy", str(src), place.url, "--dry-run")
+    assert refused.returncode == 1
+    assert place.files() == before
+
+
+def test_what_a_replaced_destination_reads(tmp_path: Path) -> None:
+    place = folder_place(tmp_path)
+    src = first_copy(tmp_path, place)
+    stale_extra_chunk(src, place)
+    assert run_cli("copy", str(src), place.url, "--overwrite").returncode == 0
+    copied = np.asarray(zarr.open_array(str(Path(place.url) / "a"), mode="r")[:])
+    assert np.array_equal(copied, zarr.open_array(str(src / "a"), mode="r")[:])
+    assert not copied[3 * CHUNK_ITEMS : 4 * CHUNK_ITEMS].any()
+
+
+def test_a_zip_member_that_fails_its_checksum_is_found_and_written_again(tmp_path: Path) -> None:
+    place = zip_place(tmp_path)
+    src = first_copy(tmp_path, place)
+    path = Path(place.url)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("a/c/5")
+    # One byte of the member's data flipped in place: its CRC-32 no longer matches.
+    offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 10
+    with path.open("r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ 0xFF]))
+
+    check = run_cli("copy", str(src), place.url, "--skip-existing", "--dry-run", "--verify")
+    assert check.returncode == 1
+    assert "differs: a/c/5: damaged" in check.stdout
+
+    mended = run_cli("copy", str(src), place.url, "--skip-existing", "--verify", "--json")
+    assert mended.returncode == 0, mended.stderr
+    assert place.files() == files_of(src)
+
+
+class DroppingProxy(CountingProxy):
+    """A proxy in front of moto that answers one PUT with 200 and its ETag, and never passes it
+    on: a destination that loses a write and says it kept it."""
+
+    def __init__(self, upstream: str, victim: str) -> None:
+        super().__init__(upstream)
+        base: Any = self._server.RequestHandlerClass
+
+        class Dropping(base):  # type: ignore[misc]
+            def _pass_on(self, body: bytes) -> None:
+                if self.command == "PUT" and self.path.split("?")[0].endswith(victim):
+                    self.send_response(200)
+                    self.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                super()._pass_on(body)
+
+        self._server.RequestHandlerClass = Dropping
+
+
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_verify_reads_back_what_the_destination_kept(
+    tmp_path: Path, s3_server: S3Server, backend: str
+) -> None:
+    src = make_hierarchy(tmp_path / "src.zarr")
+    bucket = s3_server.new_bucket()
+    url = f"s3://{bucket}/data.zarr"
+    with DroppingProxy(s3_server.endpoint, "/data.zarr/a/c/4") as proxy:
+        options = ["--backend", backend, *s3_options(proxy.url, backend)]
+        copied = run_cli("copy", str(src), url, *options, "--verify")
+    assert copied.returncode == 1
+    assert "differs: a/c/4: missing" in copied.stdout
+    assert copied.stderr.count("\n") == 1
+    assert "a/c/4" not in s3_place_files(s3_server, bucket)
+
+
+def s3_place_files(server: S3Server, bucket: str) -> dict[str, bytes]:
+    fs = server.s3fs(skip_instance_cache=True)
+    root = f"{bucket}/data.zarr"
+    return {path[len(root) + 1 :]: fs.cat_file(path) for path in fs.find(root)}
+
+
+def test_a_refusal_in_json(tmp_path: Path) -> None:
+    place = folder_place(tmp_path)
+    src = first_copy(tmp_path, place)
+    refused = run_cli("copy", str(src), place.url, "--json")
+    assert refused.returncode == 1
+    summary = json.loads(refused.stdout)
+    assert summary["status"] == "refused"
+    assert summary["keys_copied"] == summary["keys_deleted"] == 0
