@@ -7,6 +7,9 @@
     python3 tests/dev.py docs     # install, then build the documentation site (warnings fail)
 
     python3 tests/dev.py test --oldest-zarr   # the same, with the oldest zarr pyproject allows
+    python3 tests/dev.py test --portable      # the local and zip stores' tests, with none of
+                                              # the optional OS calls (ZARR_ANYIO_PORTABLE=1):
+                                              # the paths macOS and Windows take, run on Linux
 
 The environment lives in ``.venv-<python version>`` (``.venv-<python version>-zarr<version>``
 with ``--oldest-zarr``) at the top of the checkout and is reinstalled when ``pyproject.toml``
@@ -16,6 +19,7 @@ changes. Other extra arguments go to the tool (pytest, the benchmark script).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -57,9 +61,14 @@ def _ensure_venv(pins: list[str]) -> Path:
     return python
 
 
-def _run(*command: str) -> int:
+def _run(*command: str, env: dict[str, str] | None = None) -> int:
     print("+", " ".join(command), flush=True)
-    return subprocess.run(command, cwd=TOP).returncode
+    return subprocess.run(command, cwd=TOP, env=env).returncode
+
+
+# The stores that make file-system calls, and every store suite that runs them (zarr's
+# StoreTests, ours, the state machines, attacks and fuzzing): what the portable mode changes.
+PORTABLE_TESTS = ["tests/storage", "--ignore=tests/storage/remote", "-k", "local or zip"]
 
 
 def main(argv: list[str]) -> int:
@@ -71,6 +80,11 @@ def main(argv: list[str]) -> int:
     if "--oldest-zarr" in extra:
         extra.remove("--oldest-zarr")
         pins.append(f"zarr=={_oldest_zarr()}")
+    env = None
+    if job == "test" and "--portable" in extra:
+        extra.remove("--portable")
+        env = {**os.environ, "ZARR_ANYIO_PORTABLE": "1"}
+        extra = [*PORTABLE_TESTS, *extra]
     py = str(_ensure_venv(pins))
     if job == "demo":
         return _run(py, "-m", "zarr_anyio.cli", "demo", *extra)
@@ -80,7 +94,7 @@ def main(argv: list[str]) -> int:
             for name in ("zarr", "anyio", "trio", "numpy")
         )
         _run(py, "-c", f"import importlib.metadata; {versions}")
-        return _run(py, "-m", "pytest", *extra)
+        return _run(py, "-m", "pytest", *extra, env=env)
     if job == "docs":
         # Into a temporary folder unless one is named: the site is built to be checked here.
         out = extra[0] if extra else tempfile.mkdtemp(prefix="zarr-anyio-docs-")

@@ -25,6 +25,7 @@ from zarr.core.buffer import default_buffer_prototype
 from support.remote import fill, http_store
 from support.servers import Faults, HTTPServer, S3Server
 from zarr_anyio import FsspecStore, Limiter, Retry, ZipStore
+from zarr_anyio.storage import _oscalls
 from zarr_anyio.storage._zipformat import LOCAL, directory_record, member_record
 
 pytestmark = pytest.mark.anyio
@@ -178,10 +179,11 @@ def test_recovering_a_crafted_file_reads_it_a_bounded_number_of_times(
 
 
 def _bytes_read_failing_to_open(path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
-    """The bytes read (counted at ``os.pread``) while reading a key of the damaged zip at
+    """The bytes read (counted at `_oscalls.pread`, the positional read whichever calls this
+    system has) while reading a key of the damaged zip at
     ``path`` fails with ``BadZipFile`` (its recovery warnings silenced)."""
     read = 0
-    real_pread = os.pread
+    real_pread = _oscalls.pread
 
     def counting_pread(fd: int, length: int, offset: int) -> bytes:
         nonlocal read
@@ -189,7 +191,7 @@ def _bytes_read_failing_to_open(path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         read += len(data)
         return data
 
-    monkeypatch.setattr(os, "pread", counting_pread)
+    monkeypatch.setattr(_oscalls, "pread", counting_pread)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(zipfile.BadZipFile):

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import os
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
 
-from .fork import keep_inherited
+from .fork import at_fork_in_child, keep_inherited
 from .loops import current_loop_key, wait_out, waker
 
 __all__ = ["bridge_loop", "run_blocking", "run_on_loop"]
@@ -65,7 +64,7 @@ def _after_fork_in_child() -> None:
     _loop_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork_in_child(_after_fork_in_child)
 
 
 async def run_on_loop(

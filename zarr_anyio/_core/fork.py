@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["ResetsAfterFork", "keep_inherited", "reset_in_child"]
+__all__ = ["ResetsAfterFork", "at_fork_in_child", "keep_inherited", "reset_in_child"]
 
 
 class ResetsAfterFork(Protocol):
@@ -37,6 +38,13 @@ class ResetsAfterFork(Protocol):
 _registered: weakref.WeakSet[Any] = weakref.WeakSet()
 # What the child inherited and must neither use nor close (see the module's docstring).
 _inherited: list[object] = []
+
+
+def at_fork_in_child(hook: Callable[[], object]) -> None:
+    """``os.register_at_fork(after_in_child=hook)`` where the system forks; nothing where it
+    does not (Windows has neither ``fork`` nor ``os.register_at_fork``)."""
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=hook)
 
 
 def reset_in_child(obj: ResetsAfterFork) -> None:
@@ -55,4 +63,4 @@ def _after_fork_in_child() -> None:
         obj._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork_in_child(_after_fork_in_child)

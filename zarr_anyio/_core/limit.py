@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 
-from .fork import reset_in_child
+from .fork import at_fork_in_child, reset_in_child
 from .loops import current_loop_key, waker
 
 __all__ = [
@@ -320,7 +320,7 @@ def _renew_copies_lock() -> None:
     _copies_lock = threading.Lock()  # a thread of the parent may have held it as it forked
 
 
-os.register_at_fork(after_in_child=_renew_copies_lock)
+at_fork_in_child(_renew_copies_lock)
 
 
 def copy_in_process(origin: int, token: str, make: Callable[[], Shared]) -> Shared:

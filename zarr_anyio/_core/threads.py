@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -44,6 +43,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import anyio
 
+from .fork import at_fork_in_child
 from .limit import ConcurrencyLimit
 from .loops import LoopLocal, current_loop_key, wait_out, waker
 
@@ -81,7 +81,7 @@ def _after_fork_in_child() -> None:
     _executor_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork_in_child(_after_fork_in_child)
 
 
 async def run_in_worker(function: Callable[[CheckCancelled], T]) -> T:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
@@ -27,6 +26,7 @@ import zarr.core.config
 
 from zarr_anyio._core.api_scope import CURRENT, ApiScope
 from zarr_anyio._core.bridge import run_on_loop
+from zarr_anyio._core.fork import at_fork_in_child
 from zarr_anyio._core.loops import current_loop_key
 from zarr_anyio.storage import AnyioStore
 
@@ -100,7 +100,7 @@ def _renew_install_lock() -> None:
     _install_lock = threading.Lock()  # a thread of the parent may have held it as it forked
 
 
-os.register_at_fork(after_in_child=_renew_install_lock)
+at_fork_in_child(_renew_install_lock)
 
 
 def concurrency_floor(store: object) -> int:

@@ -16,6 +16,13 @@ component at a time with ``O_NOFOLLOW`` relative to the directory before it, rea
 blocking part of a read of a 4 KiB file at ``c/0/<n>`` (open, fstat, pread, close): by path 3.2 µs,
 opening the root and then ``openat2`` 4.2 µs (the call, through ctypes, ~1.1 µs against ~0.9 µs for
 ``os.open``), opening the root and then the walk 5.7 µs.
+
+Where the system has no folder handles (Windows: no ``dir_fd=``, no ``O_NOFOLLOW``; see
+`._oscalls`), the root is its resolved path and the same walk runs on paths, ``lstat`` and
+``readlink``: a link that leads out of the root is still refused, but the guarantee is weaker.
+Each step checks a name and then uses its path, so a folder of the root swapped for a link to
+elsewhere between the check and the use (by someone racing the store on purpose) is followed.
+Only the handle-based resolution closes that window.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from zarr_anyio._core.fork import at_fork_in_child
+
+from ._oscalls import DIR_FD, DIRECTORY, LISTABLE, O_BINARY, O_PATH, PORTABLE, DirRef
+
 __all__ = [
     "DIRECTORY",
     "O_PATH",
@@ -36,15 +47,11 @@ __all__ = [
     "cached_lookups_available",
     "open_beneath",
     "open_cached",
+    "open_folder",
     "open_root",
     "openat2_available",
+    "stat_beneath",
 ]
-
-# A handle that only names a file (no read, no side effect of opening a FIFO or a device);
-# where the system has none, a non-blocking read-only open stands in.
-O_PATH: int = getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK)
-DIRECTORY = O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-"""Flags to open a folder only to resolve and create names in it."""
 
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_BENEATH = 0x08
@@ -70,7 +77,9 @@ class _OpenHow(ctypes.Structure):
 
 
 def _load_syscall() -> Callable[..., int] | None:
-    if sys.platform != "linux":
+    # The platform is named here, not detected: the call's number is Linux's own (another
+    # system's ``syscall`` would run something else under it).
+    if sys.platform != "linux" or PORTABLE or not DIR_FD:
         return None
     try:
         function = ctypes.CDLL(None, use_errno=True).syscall
@@ -101,7 +110,7 @@ def _renew_probe_lock() -> None:
     _probe_lock = threading.Lock()  # a thread of the parent may have held it as it forked
 
 
-os.register_at_fork(after_in_child=_renew_probe_lock)
+at_fork_in_child(_renew_probe_lock)
 
 
 def openat2_available() -> bool:
@@ -194,13 +203,42 @@ def _raise(code: int, path: str) -> NoReturn:
     raise OSError(code, os.strerror(code), path)
 
 
-def open_root(root: str) -> int:
+def open_root(root: str) -> DirRef:
     """A handle on the root folder itself (its own path may go through links: it is the
-    caller's choice); `FileNotFoundError` or `NotADirectoryError` if it is not a folder."""
-    return os.open(root, DIRECTORY)
+    caller's choice); `FileNotFoundError` or `NotADirectoryError` if it is not a folder.
+    Without folder handles: its resolved path."""
+    if DIR_FD:
+        return os.open(root, DIRECTORY)
+    real = os.path.realpath(root)
+    if not stat.S_ISDIR(os.stat(real).st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), root)
+    return real
 
 
-def open_beneath(root_fd: int, path: str, flags: int) -> int:
+def open_folder(root: DirRef, path: str, *, listable: bool = False) -> DirRef:
+    """The folder ``path`` beneath the root (``""``: the root), as `open_beneath` resolves it;
+    ``listable``: one that scandir can list."""
+    if isinstance(root, int):
+        return open_beneath(root, path or ".", LISTABLE if listable else DIRECTORY)
+    real, info = _walk_path(root, path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    return real
+
+
+def stat_beneath(root: DirRef, path: str) -> os.stat_result:
+    """The status of what ``path`` names beneath the root, links followed as `open_beneath`
+    follows them."""
+    if isinstance(root, int):
+        fd = open_beneath(root, path, O_PATH)
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+    return _walk_path(root, path)[1]
+
+
+def open_beneath(root_fd: DirRef, path: str, flags: int) -> int:
     """``os.open(path, flags)`` relative to the folder ``root_fd``, never leaving it.
 
     ``path`` is relative and ``/``-separated; a final link is followed like any other unless
@@ -209,6 +247,15 @@ def open_beneath(root_fd: int, path: str, flags: int) -> int:
     """
     if flags & os.O_CREAT:
         raise ValueError("open_beneath opens existing names; create them with a *at call")
+    if isinstance(root_fd, str):
+        real, info = _walk_path(root_fd, path)
+        # Only regular files are opened by path: Windows opens no folder, and without
+        # O_NONBLOCK a FIFO would wait for a writer.
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO), path)
+        return os.open(real, flags | O_BINARY)
     if _openat2_works or (_openat2_works is None and openat2_available()):
         return _openat2(root_fd, path, flags | os.O_CLOEXEC)
     return _walk(root_fd, path, flags | os.O_CLOEXEC)
@@ -275,3 +322,52 @@ def _is_link_at(dir_fd: int, name: str) -> bool:
         return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except OSError:
         return False
+
+
+def _split(path: str) -> list[str]:
+    """The names of a relative path or a link's target (``\\`` separates them on Windows)."""
+    return path.replace(os.sep, "/").split("/")
+
+
+def _walk_path(root: str, path: str) -> tuple[str, os.stat_result]:
+    """`_walk` on paths, for systems without folder handles: the resolved path of ``path``
+    beneath ``root`` (itself resolved) and its status, links followed while they stay inside.
+    Refuses what `_walk` refuses; see the module docstring for the race it cannot close."""
+    pending = path.split("/")[::-1]
+    folders = [root]
+    info: os.stat_result | None = None  # of folders[-1], once known
+    links = 0
+    while pending:
+        name = pending.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if len(folders) == 1:
+                raise LeavesRoot(
+                    errno.EPERM, "leads out of the store's root through a symbolic link", path
+                )
+            folders.pop()
+            info = None
+            continue
+        here = os.path.join(folders[-1], name)
+        info = os.lstat(here)
+        if stat.S_ISLNK(info.st_mode):
+            links += 1
+            if links > _MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            target = os.readlink(here)
+            # Absolute, on a drive ("C:x"), or from the top of the current drive ("\\x").
+            if os.path.isabs(target) or os.path.splitdrive(target)[0] or target[:1] in ("/", "\\"):
+                raise LeavesRoot(
+                    errno.EPERM, "leads out of the store's root through a symbolic link", path
+                )
+            pending.extend(_split(target)[::-1])
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            folders.append(here)
+        elif pending:
+            # A file where the path goes on: as the kernel says it.
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+        else:
+            return here, info
+    return folders[-1], os.stat(folders[-1]) if info is None else info

@@ -15,17 +15,21 @@ numpy array) holds a reference to the mapping, so its reference count says wheth
 can see the bytes. No slot is ever handed out twice while in use; when none is free and the pool
 is full (`POOL_BYTES`), the read gets ordinary fresh memory. Slots unused for `IDLE_SECONDS` are
 unmapped at the next take.
+
+Where ``mmap`` has no ``MAP_ANONYMOUS`` (Windows), ``mmap(-1, size)`` gives the same anonymous
+memory (Windows has no ``fork`` to share it across).
 """
 
 from __future__ import annotations
 
 import mmap
-import os
 import sys
 import threading
 import time
 
 import numpy as np
+
+from zarr_anyio._core.fork import at_fork_in_child
 
 __all__ = ["IDLE_SECONDS", "POOL_BYTES", "take"]
 
@@ -38,8 +42,21 @@ class _Slot:
     __slots__ = ("last_used", "mapping")
 
     def __init__(self, size: int) -> None:
-        self.mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.mapping = _anonymous(size)
         self.last_used = time.monotonic()
+
+
+def _anonymous(size: int) -> mmap.mmap:
+    if _PRIVATE is None:
+        return mmap.mmap(-1, size)
+    return mmap.mmap(-1, size, flags=_PRIVATE)
+
+
+_PRIVATE: int | None = (
+    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MAP_PRIVATE")
+    else None
+)
 
 
 def _references(slot: _Slot) -> int:
@@ -107,4 +124,4 @@ class _Pool:
 
 _pool = _Pool()
 take = _pool.take
-os.register_at_fork(after_in_child=_pool.after_fork)
+at_fork_in_child(_pool.after_fork)

@@ -25,7 +25,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 
 from zarr_anyio._core.bridge import run_blocking, run_on_loop
 from zarr_anyio._core.extras import require_for_url
-from zarr_anyio._core.fork import keep_inherited
+from zarr_anyio._core.fork import at_fork_in_child, keep_inherited
 from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
@@ -98,7 +98,7 @@ def _renew_lock_after_fork() -> None:
     _renew_lock = threading.Lock()  # a thread of the parent may have held it as it forked
 
 
-os.register_at_fork(after_in_child=_renew_lock_after_fork)
+at_fork_in_child(_renew_lock_after_fork)
 
 
 def _renewed(fs: Any) -> Any:

@@ -7,10 +7,11 @@ Weak references only: registering a store never keeps it, or its data, alive.
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from typing import Any
+
+from zarr_anyio._core.fork import at_fork_in_child
 
 __all__ = ["find", "remember"]
 
@@ -23,7 +24,7 @@ def _renew_lock() -> None:
     _lock = threading.Lock()  # a thread of the parent may have held it as it forked
 
 
-os.register_at_fork(after_in_child=_renew_lock)
+at_fork_in_child(_renew_lock)
 
 
 def remember(name: str, store: Any) -> None:

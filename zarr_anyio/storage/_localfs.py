@@ -3,6 +3,8 @@ read whose names and bytes are all cached, on the event loop).
 
 Each takes the root's path and a key already validated (`._keys`), and opens every path beneath
 a handle on the root (`._beneath`), so no key and no link planted in the root leads out of it.
+Where the system has no folder handles (Windows), a folder is its resolved path instead
+(`._oscalls.DirRef`) and the same calls go by path, with the weaker guarantee `._beneath` states.
 Writes go through a temporary file renamed into place. Why each works as it does, with what it
 costs, is in the store's module docstring (`._local`).
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import stat
@@ -21,16 +22,29 @@ import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from zarr.abc.store import ByteRequest
 
+from zarr_anyio._core.fork import at_fork_in_child
 from zarr_anyio._core.threads import CheckCancelled
 
-from . import _buffers
+from . import _buffers, _oscalls
 from ._base import NOT_READY, Pending
-from ._beneath import DIRECTORY, O_PATH, LeavesRoot, open_beneath, open_cached, open_root
+from ._beneath import LeavesRoot, open_beneath, open_cached, open_folder, open_root, stat_beneath
 from ._fileio import read_exact
 from ._keys import byte_range_slice
+from ._oscalls import (
+    O_CLOEXEC,
+    O_NOCTTY,
+    O_NONBLOCK,
+    DirRef,
+    lstat_at,
+    open_at,
+    open_folder_at,
+    try_lock,
+    unlink_at,
+)
 
 __all__ = [
     "ON_LOOP_READ",
@@ -69,7 +83,7 @@ TEMP_PREFIX = ".zarr_anyio\\"
 # Reads of at most this many bytes are made on the event loop when that cannot block (see
 # `read_cached`); larger ones are copies worth a thread (and a core) of their own.
 ON_LOOP_READ = 64 << 10
-RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+RWF_NOWAIT = _oscalls.RWF_NOWAIT
 # Reads of at least this many bytes go into a reused buffer (see `._buffers`); smaller ones come
 # from the allocator's heap, which costs no page faults.
 POOLED_READ = 128 << 10
@@ -85,12 +99,12 @@ _rename: Callable[[Path, Path], None] = os.rename
 _copy_file: Callable[[str, str], object] = shutil.copy2
 
 
-def _unlink_at(name: str, dir_fd: int) -> None:
-    os.unlink(name, dir_fd=dir_fd)
+def _unlink_at(name: str, dir_fd: DirRef) -> None:
+    unlink_at(name, dir_fd)
 
 
-# A handle on a folder that scandir can list (O_NONBLOCK: never wait, whatever it turns out to be).
-_LISTABLE = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
+# Opening a file to read it: O_NONBLOCK, as opening a FIFO for reading would wait for a writer.
+_READING = os.O_RDONLY | O_NONBLOCK | O_NOCTTY
 # Reading a name that is absent, not a folder where one is needed, or leads out of the root.
 _ABSENT = (FileNotFoundError, NotADirectoryError, LeavesRoot)
 
@@ -99,12 +113,16 @@ def no_cancel_check() -> None:
     """Used by the sync surface, which has no host task to be cancelled."""
 
 
+_Handle = TypeVar("_Handle", int, DirRef)
+
+
 @contextlib.contextmanager
-def _opened(fd: int) -> Iterator[int]:
+def _opened(fd: _Handle) -> Iterator[_Handle]:
+    """Close a file's or a folder's handle on the way out (a folder named by its path has none)."""
     try:
         yield fd
     finally:
-        os.close(fd)
+        _oscalls.close_dir(fd)
 
 
 def _no_file_there(error: OSError) -> bool:
@@ -187,8 +205,7 @@ def read_file(
     except _ABSENT:
         return None
     try:
-        # O_NONBLOCK: opening a FIFO for reading would wait for a writer for ever.
-        fd = open_beneath(root_fd, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        fd = open_beneath(root_fd, key, _READING)
     except (*_ABSENT, IsADirectoryError):
         return None
     except OSError as error:
@@ -196,7 +213,7 @@ def read_file(
             return None
         raise
     finally:
-        os.close(root_fd)
+        _oscalls.close_dir(root_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -217,9 +234,9 @@ def read_file(
 
 def _read_into(fd: int, buffer: memoryview, offset: int) -> memoryview:
     """Fill ``buffer`` from ``offset``: the bytes land where zarr will use them, no copy after."""
-    done = os.preadv(fd, [buffer], offset)
+    done = _oscalls.read_into(fd, buffer, offset)
     while done < len(buffer):
-        more = os.preadv(fd, [buffer[done:]], offset + done)
+        more = _oscalls.read_into(fd, buffer[done:], offset + done)
         if not more:
             return buffer[:done]  # the file shrank under us
         done += more
@@ -236,7 +253,7 @@ def read_cached(
     """A small read made without waiting: every name of the path in the kernel's lookup cache
     (``RESOLVE_CACHED``) and every byte in the page cache (``RWF_NOWAIT``), else `NOT_READY`."""
     try:
-        fd = open_cached(root, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        fd = open_cached(root, key, _READING)
     except (*_ABSENT, IsADirectoryError):
         return None
     except OSError as error:
@@ -255,7 +272,7 @@ def read_cached(
             return NOT_READY
         buffer = bytearray(length)
         try:
-            done = os.preadv(fd, [buffer], wanted.start, RWF_NOWAIT)
+            done = _oscalls.read_into(fd, buffer, wanted.start, RWF_NOWAIT)
         except BlockingIOError:
             return NOT_READY  # not all in the page cache
         except OSError as error:
@@ -271,8 +288,8 @@ def read_cached(
 def _stat_key(root: str, key: str) -> os.stat_result | None:
     """The status of the regular file ``key`` names, or ``None`` if it names no regular file."""
     try:
-        with _opened(open_root(root)) as root_fd, _opened(open_beneath(root_fd, key, O_PATH)) as fd:
-            info = os.fstat(fd)
+        with _opened(open_root(root)) as root_fd:
+            info = stat_beneath(root_fd, key)
     except _ABSENT:
         return None
     except OSError as error:
@@ -296,20 +313,18 @@ def size_of(root: str, key: str) -> int:
 # ---------------------------------------------------------------- listing (in threads)
 
 
-def _resolve(root_fd: int, key: str) -> os.stat_result | None:
+def _resolve(root_fd: DirRef, key: str) -> os.stat_result | None:
     """The status of what ``key`` names, following links beneath the root; ``None`` if it is
-    absent or out of the root. (Opened without blocking: a FIFO does not wait for a writer.)"""
+    absent or out of the root."""
     try:
-        fd = open_beneath(root_fd, key, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        return stat_beneath(root_fd, key)
     except OSError:
         return None
-    with _opened(fd):
-        return os.fstat(fd)
 
 
-def _open_listable(root_fd: int, folder: str) -> int | None:
+def _open_listable(root_fd: DirRef, folder: str) -> DirRef | None:
     try:
-        return open_beneath(root_fd, folder or ".", _LISTABLE)
+        return open_folder(root_fd, folder, listable=True)
     except OSError:
         return None
 
@@ -318,7 +333,7 @@ def _key_path(folder: str, name: str) -> str:
     return f"{folder}/{name}" if folder else name
 
 
-def _key_under(root_fd: int, folder: str) -> str | None:
+def _key_under(root_fd: DirRef, folder: str) -> str | None:
     """A key under the folder ``folder`` (a key, no trailing ``/``), the first found, or
     ``None`` if it holds none: a folder emptied of keys is as if it were not there. Stops at
     the first key (one ``scandir`` per level for a folder of keys); links are followed within
@@ -330,25 +345,27 @@ def _key_under(root_fd: int, folder: str) -> str | None:
         if dir_fd is None:
             continue
         with _opened(dir_fd):
-            info = os.fstat(dir_fd)
+            try:
+                info = _oscalls.stat_dir(dir_fd)
+            except FileNotFoundError:
+                continue  # removed since it was found (a folder named by path)
             if (info.st_dev, info.st_ino) in seen:
                 continue
             seen.add((info.st_dev, info.st_ino))
-            with os.scandir(dir_fd) as listing:
-                for entry in listing:
-                    if OURS in entry.name:
-                        continue
-                    key = _key_path(here, entry.name)
-                    if entry.is_symlink():
-                        mode = getattr(_resolve(root_fd, key), "st_mode", 0)
-                        if stat.S_ISREG(mode):
-                            return key
-                        if stat.S_ISDIR(mode):
-                            pending.append(key)
-                    elif entry.is_file(follow_symlinks=False):
+            for entry in _oscalls.list_folder(dir_fd):
+                if OURS in entry.name:
+                    continue
+                key = _key_path(here, entry.name)
+                if entry.is_symlink():
+                    mode = getattr(_resolve(root_fd, key), "st_mode", 0)
+                    if stat.S_ISREG(mode):
                         return key
-                    elif entry.is_dir(follow_symlinks=False):
+                    if stat.S_ISDIR(mode):
                         pending.append(key)
+                elif entry.is_file(follow_symlinks=False):
+                    return key
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(key)
     return None
 
 
@@ -378,13 +395,19 @@ def scan_folder(
         if dir_fd is None:
             return files, folders
         with _opened(dir_fd):
-            info = os.fstat(dir_fd)
+            try:
+                info = _oscalls.stat_dir(dir_fd)
+            except FileNotFoundError:
+                return files, folders  # removed since it was found (a folder named by path)
             here = (info.st_dev, info.st_ino)
             if here in above:
                 return files, folders  # a link back to a folder above: listed there already
             inside = above | {here}
-            with os.scandir(dir_fd) as listing:
-                entries = [e for e in listing if e.name.startswith(stem) and OURS not in e.name]
+            entries = [
+                e
+                for e in _oscalls.list_folder(dir_fd)
+                if e.name.startswith(stem) and OURS not in e.name
+            ]
             for entry in entries:
                 key = f"{key_prefix}{entry.name}"
                 if entry.is_symlink():
@@ -429,8 +452,7 @@ def list_dir(root: str, prefix: str) -> list[str]:
         if dir_fd is None:
             return names
         with _opened(dir_fd):
-            with os.scandir(dir_fd) as listing:
-                entries = list(listing)
+            entries = _oscalls.list_folder(dir_fd)
             for entry in entries:
                 if OURS in entry.name:
                     continue
@@ -456,43 +478,44 @@ def list_dir(root: str, prefix: str) -> list[str]:
     return sorted(names)
 
 
-def _file_in(dir_fd: int, name: str) -> bool:
+def _file_in(dir_fd: DirRef, name: str) -> bool:
     """Whether the folder ``name`` in ``dir_fd`` (not a link) holds a regular file of its own:
     the quick answer for a folder of keys (one ``openat`` and ``scandir``, where resolving it
     from the root again cost 2-3 times as much); `_key_under` answers the rest."""
     try:
-        fd = os.open(name, _LISTABLE | os.O_NOFOLLOW, dir_fd=dir_fd)
+        fd = open_folder_at(name, dir_fd, listable=True)
     except OSError:
         return False
-    with _opened(fd), os.scandir(fd) as listing:
+    with _opened(fd):
         return any(
-            OURS not in entry.name and entry.is_file(follow_symlinks=False) for entry in listing
+            OURS not in entry.name and entry.is_file(follow_symlinks=False)
+            for entry in _oscalls.list_folder(fd)
         )
 
 
 # ---------------------------------------------------------------- writes (in threads)
 
 
-def _make_folders(root_fd: int, folder: str) -> int:
+def _make_folders(root_fd: DirRef, folder: str) -> DirRef:
     """A handle on ``folder`` beneath the root, made (with its parents) if missing."""
     if not folder:
-        return os.dup(root_fd)
+        return _oscalls.dup_dir(root_fd)
     try:
-        return open_beneath(root_fd, folder, DIRECTORY)
+        return open_folder(root_fd, folder)
     except FileNotFoundError:
         pass
     parts = folder.split("/")
-    here = os.dup(root_fd)
+    here = _oscalls.dup_dir(root_fd)
     try:
         for depth, name in enumerate(parts, start=1):
             with contextlib.suppress(FileExistsError):
-                os.mkdir(name, dir_fd=here)
+                _oscalls.mkdir_at(name, here)
             # Resolved from the root again: a name that already existed may be a link.
-            following = open_beneath(root_fd, "/".join(parts[:depth]), DIRECTORY)
-            os.close(here)
+            following = open_folder(root_fd, "/".join(parts[:depth]))
+            _oscalls.close_dir(here)
             here = following
     except BaseException:
-        os.close(here)
+        _oscalls.close_dir(here)
         raise
     return here
 
@@ -507,8 +530,8 @@ class _TempFolders:
         self._users: dict[tuple[int, int], int] = {}
 
     @contextlib.contextmanager
-    def using(self, root_fd: int) -> Iterator[None]:
-        info = os.fstat(root_fd)
+    def using(self, root_fd: DirRef) -> Iterator[None]:
+        info = _oscalls.stat_dir(root_fd)
         root = (info.st_dev, info.st_ino)
         with self._lock:
             self._users[root] = self._users.get(root, 0) + 1
@@ -521,8 +544,8 @@ class _TempFolders:
                     del self._users[root]
                     _remove_temp_folder(root_fd)
 
-    def remove_if_unused(self, root_fd: int) -> None:
-        info = os.fstat(root_fd)
+    def remove_if_unused(self, root_fd: DirRef) -> None:
+        info = _oscalls.stat_dir(root_fd)
         with self._lock:
             if (info.st_dev, info.st_ino) not in self._users:
                 _remove_temp_folder(root_fd)
@@ -538,61 +561,60 @@ def _forget_writes_in_flight() -> None:
     _temp_folders = _TempFolders()
 
 
-os.register_at_fork(after_in_child=_forget_writes_in_flight)
+at_fork_in_child(_forget_writes_in_flight)
 
 
-def _remove_temp_folder(root_fd: int) -> None:
+def _remove_temp_folder(root_fd: DirRef) -> None:
     # Not empty: another process is writing (or left files, removed on a later open).
     with contextlib.suppress(FileNotFoundError, NotADirectoryError, OSError):
-        os.rmdir(TEMP_FOLDER, dir_fd=root_fd)
+        _oscalls.rmdir_at(TEMP_FOLDER, root_fd)
 
 
 def _lock_temp(fd: int) -> bool:
     """Take the lock that tells cleaners this file is in use; ``False`` if a cleaner got it
     first (it is removing the file: make another)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    locked = try_lock(fd)
+    if locked is None:
+        return True  # no locks here: the age of the file decides instead
+    if not locked:
         return False
-    except OSError:
-        return True  # no locks on this file system: the age of the file decides instead
     # A cleaner unlinks only while holding the lock: once we hold it, the name is ours.
     return os.fstat(fd).st_nlink > 0
 
 
-def _create_temp(dir_fd: int) -> tuple[str, int]:
+def _create_temp(dir_fd: DirRef) -> tuple[str, int]:
     while True:
         name = f"{TEMP_PREFIX}{uuid.uuid4().hex[:16]}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, flags, 0o666, dir_fd=dir_fd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC
+        fd = open_at(name, flags, dir_fd, 0o666)
         if _lock_temp(fd):
             return name, fd
         os.close(fd)
 
 
-def _create_temp_in_root(root_fd: int) -> tuple[int, str, int]:
+def _create_temp_in_root(root_fd: DirRef) -> tuple[DirRef, str, int]:
     """A new temporary file in the root's temporary folder: (folder, name, open file)."""
     for _ in range(8):
         with contextlib.suppress(FileExistsError):
-            os.mkdir(TEMP_FOLDER, dir_fd=root_fd)
+            _oscalls.mkdir_at(TEMP_FOLDER, root_fd)
         # A name in the root itself, not followed if a link: beneath the root by construction.
-        temp_dir = os.open(TEMP_FOLDER, DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+        temp_dir = open_folder_at(TEMP_FOLDER, root_fd)
         try:
             return (temp_dir, *_create_temp(temp_dir))
         except FileNotFoundError:
             # Another process removed the folder, empty, between our mkdir and our file.
-            os.close(temp_dir)
+            _oscalls.close_dir(temp_dir)
         except BaseException:
-            os.close(temp_dir)
+            _oscalls.close_dir(temp_dir)
             raise
     raise FileNotFoundError(errno.ENOENT, "the temporary folder keeps vanishing", TEMP_FOLDER)
 
 
 def _write_through(
-    temp_dir: int,
+    temp_dir: DirRef,
     temp: str,
     fd: int,
-    dir_fd: int,
+    dir_fd: DirRef,
     name: str,
     value: memoryview,
     *,
@@ -602,34 +624,39 @@ def _write_through(
     """Fill the temporary file ``temp`` with ``value`` and move it into place.
 
     ``fd`` stays open, holding its lock, until the file is in place: a cleaner must never take
-    a finished temporary file for an abandoned one.
+    a finished temporary file for an abandoned one. Except where a file that is open cannot be
+    renamed nor removed (Windows, `_oscalls.OPEN_FILES_MOVE`): there it is closed just before it
+    moves, and a cleaner that takes it in that instant makes the write fail (never tears it).
     """
+    open_fd: int | None = fd
     try:
         try:
             written = 0
             while written < len(value):
                 written += _write_piece(fd, value[written : written + WRITE_PIECE])
                 check_cancelled()
+            if not _oscalls.OPEN_FILES_MOVE:
+                open_fd = None
+                os.close(fd)
             if exclusive:
                 # link, unlike rename, fails if the target exists: creation is atomic.
                 with contextlib.suppress(FileExistsError):
-                    os.link(
-                        temp, name, src_dir_fd=temp_dir, dst_dir_fd=dir_fd, follow_symlinks=False
-                    )
-                os.unlink(temp, dir_fd=temp_dir)
+                    _oscalls.link_at(temp, temp_dir, name, dir_fd)
+                unlink_at(temp, temp_dir)
             else:
-                os.replace(temp, name, src_dir_fd=temp_dir, dst_dir_fd=dir_fd)
+                _oscalls.replace_at(temp, temp_dir, name, dir_fd)
         finally:
-            os.close(fd)
+            if open_fd is not None:
+                os.close(open_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp, dir_fd=temp_dir)
+            unlink_at(temp, temp_dir)
         raise
 
 
 def _write_via_temp_folder(
-    root_fd: int,
-    dir_fd: int,
+    root_fd: DirRef,
+    dir_fd: DirRef,
     name: str,
     value: memoryview,
     *,
@@ -744,20 +771,28 @@ def _write_once(
                 _make_room(root, root_fd, dir_fd, key)
                 return False
             except FileNotFoundError:
-                if os.fstat(dir_fd).st_nlink:
+                if not _removed(dir_fd):
                     raise
                 return False  # the key's folder emptied and removed meanwhile
     return True
 
 
-def _entry_mode(dir_fd: int, name: str) -> int | None:
+def _removed(folder: DirRef) -> bool:
+    """Whether the folder may have been removed since it was opened. A handle still open says
+    so by its link count. A path cannot tell a folder removed and made again (by a write racing
+    this one) from the one it named: by path, assume it was, and the write starts again (at most
+    `_WRITE_TRIES` times)."""
+    return isinstance(folder, str) or not os.fstat(folder).st_nlink
+
+
+def _entry_mode(dir_fd: DirRef, name: str) -> int | None:
     try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        return lstat_at(name, dir_fd).st_mode
     except FileNotFoundError:
         return None
 
 
-def _make_room(root: str, root_fd: int, dir_fd: int, key: str) -> None:
+def _make_room(root: str, root_fd: DirRef, dir_fd: DirRef, key: str) -> None:
     """The key names a folder: remove it if it holds nothing but empty folders (a store with no
     key under a prefix behaves as if the folder were not there), else raise `KeyIsAFolder`."""
     name = key.rpartition("/")[2]
@@ -765,23 +800,22 @@ def _make_room(root: str, root_fd: int, dir_fd: int, key: str) -> None:
         raise _conflict(root, key, _key_under(root_fd, key), below=False)
 
 
-def _remove_empty_tree(dir_fd: int, name: str) -> bool:
+def _remove_empty_tree(dir_fd: DirRef, name: str) -> bool:
     """Remove the folder ``name`` if it (and every folder in it) is empty; whether it is gone.
     Anything else in it (a file, a link, a FIFO, a temporary file of a write in flight) keeps
     it, as it is."""
     try:
-        fd = os.open(name, _LISTABLE | os.O_NOFOLLOW, dir_fd=dir_fd)
+        fd = open_folder_at(name, dir_fd, listable=True)
     except FileNotFoundError:
         return True
     except OSError:
         return False  # a link (ELOOP) or no folder (ENOTDIR): not ours to remove
     with _opened(fd):
-        with os.scandir(fd) as listing:
-            entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in listing]
+        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in _oscalls.list_folder(fd)]
         if not all(is_dir and _remove_empty_tree(fd, sub) for sub, is_dir in entries):
             return False
     try:
-        os.rmdir(name, dir_fd=dir_fd)
+        _oscalls.rmdir_at(name, dir_fd)
     except FileNotFoundError:
         pass
     except OSError:
@@ -789,7 +823,7 @@ def _remove_empty_tree(dir_fd: int, name: str) -> bool:
     return True
 
 
-def _key_above(root_fd: int, folder: str) -> str | None:
+def _key_above(root_fd: DirRef, folder: str) -> str | None:
     """The first folder on ``folder``'s path that is not a folder (a key, if a regular file)."""
     parts = folder.split("/")
     for depth in range(1, len(parts) + 1):
@@ -800,15 +834,15 @@ def _key_above(root_fd: int, folder: str) -> str | None:
     return None
 
 
-def _remove_emptied(root_fd: int, folder: str) -> None:
+def _remove_emptied(root_fd: DirRef, folder: str) -> None:
     """Remove ``folder`` (a key's folder, ``""``: the root, kept) and the folders above it,
     deepest first, while they are empty: a folder emptied of keys is not left behind to show in
     listings or block a key of its name. Stops at the first that is not empty (or is a link)."""
     while folder:
         parent, _, name = folder.rpartition("/")
         try:
-            with _opened(open_beneath(root_fd, parent or ".", DIRECTORY)) as parent_fd:
-                os.rmdir(name, dir_fd=parent_fd)
+            with _opened(open_folder(root_fd, parent)) as parent_fd:
+                _oscalls.rmdir_at(name, parent_fd)
         except OSError:
             return
         folder = parent
@@ -832,30 +866,29 @@ def _delete_key(root: str, key: str) -> None:
         return
     with _opened(root_fd):
         try:
-            dir_fd = open_beneath(root_fd, folder or ".", DIRECTORY)
+            dir_fd = open_folder(root_fd, folder)
         except _ABSENT:
             return  # nothing of the store's lies there
         with _opened(dir_fd):
             try:
                 # Removes a link itself, never what it points to.
-                os.unlink(name, dir_fd=dir_fd)
+                unlink_at(name, dir_fd)
             except FileNotFoundError:
                 return
             except (IsADirectoryError, PermissionError):
                 # A key that names a folder is not a key: delete never removes a whole folder.
-                if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                if not stat.S_ISDIR(lstat_at(name, dir_fd).st_mode):
                     raise
                 return
         _remove_emptied(root_fd, folder)
 
 
-def _empty_folder(dir_fd: int, check_cancelled: CheckCancelled, keep: str = "") -> None:
+def _empty_folder(dir_fd: DirRef, check_cancelled: CheckCancelled, keep: str = "") -> None:
     """Remove everything in the folder ``dir_fd``, checking for cancellation between files.
 
     Links are removed, never followed; each file is there or gone at every moment.
     """
-    with os.scandir(dir_fd) as listing:
-        entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in listing]
+    entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in _oscalls.list_folder(dir_fd)]
     for name, is_dir in entries:
         if name == keep:
             continue
@@ -867,9 +900,9 @@ def _empty_folder(dir_fd: int, check_cancelled: CheckCancelled, keep: str = "") 
                 _unlink_at(name, dir_fd)
 
 
-def _remove_folder(dir_fd: int, name: str, check_cancelled: CheckCancelled) -> None:
+def _remove_folder(dir_fd: DirRef, name: str, check_cancelled: CheckCancelled) -> None:
     try:
-        fd = os.open(name, _LISTABLE | os.O_NOFOLLOW, dir_fd=dir_fd)
+        fd = open_folder_at(name, dir_fd, listable=True)
     except FileNotFoundError:
         return
     except OSError as error:
@@ -883,7 +916,7 @@ def _remove_folder(dir_fd: int, name: str, check_cancelled: CheckCancelled) -> N
     with _opened(fd):
         _empty_folder(fd, check_cancelled)
     with contextlib.suppress(FileNotFoundError):
-        os.rmdir(name, dir_fd=dir_fd)
+        _oscalls.rmdir_at(name, dir_fd)
 
 
 def delete_tree(root: str, prefix: str, check_cancelled: CheckCancelled) -> None:
@@ -896,24 +929,24 @@ def delete_tree(root: str, prefix: str, check_cancelled: CheckCancelled) -> None
         if not prefix:
             # The whole store: empty the root but keep it (the store stays open), and the
             # folder where writes in progress keep their files.
-            with _opened(os.open(".", _LISTABLE, dir_fd=root_fd)) as listable:
+            with _opened(open_folder_at(".", root_fd, listable=True)) as listable:
                 _empty_folder(listable, check_cancelled, keep=TEMP_FOLDER)
             return
         folder, _, name = prefix.rpartition("/")
         try:
-            dir_fd = open_beneath(root_fd, folder or ".", DIRECTORY)
+            dir_fd = open_folder(root_fd, folder)
         except _ABSENT:
             return
         with _opened(dir_fd):
             try:
-                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                info = lstat_at(name, dir_fd)
             except FileNotFoundError:
                 return
             if stat.S_ISDIR(info.st_mode):
                 _remove_folder(dir_fd, name, check_cancelled)
             elif stat.S_ISLNK(info.st_mode) and _is_folder(_resolve(root_fd, prefix)):
                 # The node is a link to a folder in the root: its keys go with the link.
-                os.unlink(name, dir_fd=dir_fd)
+                unlink_at(name, dir_fd)
             else:
                 return  # a file (the key `prefix` itself, not a node): no keys lie under it
         _remove_emptied(root_fd, folder)
@@ -951,42 +984,44 @@ def prepare_root(root: Path, *, create: bool) -> None:
         check_root(root)
 
 
-def _abandoned(dir_fd: int, name: str, now: float) -> bool:
+def _abandoned(dir_fd: DirRef, name: str, now: float) -> bool:
     """Remove the temporary file ``name`` if its writer is gone; say whether it was."""
     try:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
-        )
+        fd = open_at(name, os.O_RDONLY | O_NONBLOCK | O_CLOEXEC, dir_fd)
     except FileNotFoundError:
         return False
     except OSError:
         # Not a file we made (a link, say): it has no business in our folder.
         with contextlib.suppress(OSError):
-            os.unlink(name, dir_fd=dir_fd)
+            unlink_at(name, dir_fd)
         return True
     with _opened(fd):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        locked = try_lock(fd)
+        if locked is False:
             return False  # a live writer holds it
-        except OSError:
-            if now - os.fstat(fd).st_mtime < STALE_AFTER:
-                return False
-        # Unlinked while we hold the lock, so a writer that locks it after sees it gone.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dir_fd)
-        return True
+        if locked is None and now - os.fstat(fd).st_mtime < STALE_AFTER:
+            return False  # no locks here: only its age tells
+        if _oscalls.OPEN_FILES_MOVE:
+            # Unlinked while we hold the lock, so a writer that locks it after sees it gone.
+            with contextlib.suppress(FileNotFoundError):
+                unlink_at(name, dir_fd)
+            return True
+    # Where an open file cannot be removed (Windows): after closing it; one that a writer has
+    # opened since stays (PermissionError there).
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        unlink_at(name, dir_fd)
+    return True
 
 
 def remove_abandoned_temps(root: str) -> None:
     with _opened(open_root(root)) as root_fd:
         try:
-            temp_dir = os.open(TEMP_FOLDER, _LISTABLE | os.O_NOFOLLOW, dir_fd=root_fd)
+            temp_dir = open_folder_at(TEMP_FOLDER, root_fd, listable=True)
         except OSError:
             return  # no folder, or not ours to look into
         with _opened(temp_dir):
-            with os.scandir(temp_dir) as listing:
-                names = [e.name for e in listing if not e.is_dir(follow_symlinks=False)]
+            listing = _oscalls.list_folder(temp_dir)
+            names = [e.name for e in listing if not e.is_dir(follow_symlinks=False)]
             now = time.time()
             for name in names:
                 _abandoned(temp_dir, name, now)
@@ -1032,6 +1067,9 @@ def move_root(source: Path, dest: Path, check_cancelled: CheckCancelled, moved: 
         raise
     # The copy is complete: from here the store lives at dest, whatever happens to the source.
     moved.append(True)
-    with _opened(os.open(source, _LISTABLE)) as root_fd:
-        _empty_folder(root_fd, check_cancelled)
+    with (
+        _opened(open_root(str(source))) as root_fd,
+        _opened(open_folder_at(".", root_fd, listable=True)) as listable,
+    ):
+        _empty_folder(listable, check_cancelled)
     source.rmdir()

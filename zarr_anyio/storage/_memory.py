@@ -21,6 +21,7 @@ import anyio.lowlevel
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
+from zarr_anyio._core.fork import at_fork_in_child
 from zarr_anyio._core.limit import LimiterLike
 
 from . import _live
@@ -42,7 +43,7 @@ def _renew_exclusive_write() -> None:
     _EXCLUSIVE_WRITE = threading.Lock()  # a thread of the parent may have held it as it forked
 
 
-os.register_at_fork(after_in_child=_renew_exclusive_write)
+at_fork_in_child(_renew_exclusive_write)
 
 
 def _copy(value: Buffer) -> Buffer:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import pickle
 import posixpath
 import re
@@ -25,6 +24,7 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Suf
 from zarr.core.buffer import Buffer, BufferPrototype
 
 from zarr_anyio._core.bridge import run_on_loop
+from zarr_anyio._core.fork import at_fork_in_child
 from zarr_anyio._core.loops import current_loop_key
 from zarr_anyio._core.threads import run_in_worker
 
@@ -54,7 +54,7 @@ def _after_fork_in_child() -> None:
     _runtime_inherited = _runtime_inherited or _runtime_started
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork_in_child(_after_fork_in_child)
 
 
 def _check_runtime() -> None:

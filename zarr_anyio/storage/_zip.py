@@ -70,7 +70,7 @@ from zarr_anyio._core.limit import LimiterLike
 from zarr_anyio._core.store_calls import StoreCalls
 from zarr_anyio._core.threads import CheckCancelled, run_in_worker
 
-from . import _live
+from . import _live, _oscalls
 from ._base import NOT_READY, BlockingStore, Pending
 from ._fileio import read_exact
 from ._filelock import same_file, try_lock, unlock
@@ -98,7 +98,9 @@ ZipStoreAccessModeLiteral = Literal["r", "w", "a", "x"]
 
 _LOCAL_HEADER_SIZE = 30
 # Linux's "read only what is in the page cache, else fail at once" flag; None elsewhere.
-_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+_RWF_NOWAIT = _oscalls.RWF_NOWAIT
+# Every open of the archive: not inherited, and bytes as they are (Windows' text mode is not).
+_OPENING = _oscalls.O_CLOEXEC | _oscalls.O_BINARY
 # Reads made on the event loop copy and check at most this much: 1 MiB is ~0.3 ms of the loop's
 # time (copy and CRC-32); bigger reads go to a thread.
 _LOOP_READ_LIMIT = 1 << 20
@@ -472,7 +474,7 @@ class ZipStore(BlockingStore):
                 "send store.with_read_only() (or ZipStore(path, mode='r'))."
             )
         writing = mode != "r" and not self.read_only
-        flags = os.O_CLOEXEC | (os.O_RDONLY if mode == "r" else os.O_RDWR | os.O_CREAT)
+        flags = _OPENING | (os.O_RDONLY if mode == "r" else os.O_RDWR | os.O_CREAT)
         if mode == "w" and not writing:
             flags |= os.O_TRUNC
         elif mode == "x":
@@ -652,7 +654,7 @@ class ZipStore(BlockingStore):
         assert _RWF_NOWAIT is not None
         buffer = bytearray(length)
         try:
-            read = os.preadv(session.fd, [buffer], offset, _RWF_NOWAIT)
+            read = _oscalls.read_into(session.fd, buffer, offset, _RWF_NOWAIT)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
@@ -864,7 +866,7 @@ class ZipStore(BlockingStore):
             )
         temporary = target.with_name(f"{_REWRITE_MARK}{target.name}.{uuid.uuid4().hex}")
         try:
-            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPENING, 0o600)
         except PermissionError as error:
             raise _refused(target, error) from None
         try:
@@ -872,7 +874,7 @@ class ZipStore(BlockingStore):
                 # Locked before it takes the archive's name: no second writer slips in between.
                 try_lock(fd)
             _give_copy(fd, archive, target)
-            os.fchmod(fd, stat.S_IMODE(archive.st_mode))
+            _oscalls.fchmod(fd, temporary, stat.S_IMODE(archive.st_mode))
             infos: list[zipfile.ZipInfo] = []
             offsets: dict[int, int] = {}
             checked: set[int] = set()
@@ -896,16 +898,45 @@ class ZipStore(BlockingStore):
             os.fsync(fd)
             check_cancelled()
             try:
-                os.replace(temporary, target)
+                if _oscalls.OPEN_FILES_MOVE:
+                    _oscalls.replace(temporary, target)
+                else:
+                    copy, fd = fd, -1
+                    fd = self._replace_closed(session, copy, temporary, target)
             except PermissionError as error:
                 # A folder with the sticky bit (/tmp) and an archive someone else owns.
                 raise _refused(target, error) from None
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
         session.replace_file(fd, infos, offsets, checked)
+
+    def _replace_closed(self, session: _Session, copy: int, temporary: Path, target: Path) -> int:
+        """Put the copy in place where no open file may be moved or replaced (Windows): the
+        copy and the archive are closed first, and opened again after (the old archive, if the
+        replace failed), the writer's lock taken again. Gives a descriptor of the new archive;
+        ``copy`` is closed."""
+        reopen = os.O_RDWR | _OPENING
+
+        def reopened() -> int:
+            fd = os.open(target, reopen)
+            if session.locked_by == os.getpid():
+                try_lock(fd)  # a lock of its own: a dup would share the one close_fd gives up
+            return fd
+
+        os.close(copy)
+        session.close_fd(session.fd)
+        try:
+            _oscalls.replace(temporary, target)
+        except BaseException:
+            session.fd = reopened()
+            raise
+        # Closed by replace_file, as the old archive's descriptor would be.
+        session.fd = os.open(target, reopen)
+        return reopened()
 
     def _rewrite_or_append(self, session: _Session, check_cancelled: CheckCancelled) -> None:
         """A rewrite that the store makes on its own (compaction, close after a delete): where
@@ -1033,7 +1064,7 @@ class ZipStore(BlockingStore):
                 self.path = destination
                 # A move across filesystems copies: follow the file, not the old inode.
                 reading = os.O_RDONLY if self._zmode == "r" else os.O_RDWR
-                old, session.fd = session.fd, os.open(destination, reading | os.O_CLOEXEC)
+                old, session.fd = session.fd, os.open(destination, reading | _OPENING)
                 session.close_fd(old)
                 if session.locked_by == os.getpid() and try_lock(session.fd) == "held":
                     session.locked_by = None

@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import errno
 import io
-import os
 import struct
 import time
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
+
+from . import _oscalls
 
 __all__ = [
     "DESCRIPTOR",
@@ -72,7 +73,7 @@ _MAX_NAME = 0xFFFF
 # Pieces for reading and writing big members: a write checks for cancellation between pieces.
 PIECE = 1 << 20
 # The blocking write at an offset; a module attribute so tests can stand in for the disk.
-_write_at: Callable[[int, bytes | memoryview, int], int] = os.pwrite
+_write_at: Callable[[int, bytes | memoryview, int], int] = _oscalls.pwrite
 
 
 # ---------------------------------------------------------------- reading and writing bytes

@@ -19,7 +19,6 @@ import bz2
 import io
 import itertools
 import lzma
-import os
 import struct
 import zipfile
 import zlib
@@ -28,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from . import _oscalls
 from ._fileio import read_exact
 from ._zipformat import (
     DESCRIPTOR,
@@ -88,7 +88,7 @@ class FdReader(io.RawIOBase):
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         length = max(0, min(len(buffer), self._end - self._position))
-        data = os.pread(self._fd, length, self._position) if length else b""
+        data = _oscalls.pread(self._fd, length, self._position) if length else b""
         memoryview(buffer)[: len(data)] = data
         self._position += len(data)
         return len(data)
@@ -188,7 +188,7 @@ def _signatures(fd: int, magic: bytes, start: int, stop: int) -> Iterator[int]:
     once."""
     position = start
     while position < stop:
-        chunk = os.pread(fd, min(PIECE, stop - position), position)
+        chunk = _oscalls.pread(fd, min(PIECE, stop - position), position)
         index = chunk.find(magic)
         while index >= 0:
             yield position + index
@@ -281,7 +281,7 @@ def crc_of(fd: int, start: int, stop: int, crc: int = 0) -> int | None:
     first."""
     position = start
     while position < stop:
-        chunk = os.pread(fd, min(PIECE, stop - position), position)
+        chunk = _oscalls.pread(fd, min(PIECE, stop - position), position)
         if not chunk:
             return None
         crc = zlib.crc32(chunk, crc)
@@ -361,7 +361,7 @@ class _Region:
         self._found: dict[int, tuple[int, int, int, int] | None] = {}
         crc, position, previous = 0, start, b""
         while position < stop:
-            chunk = os.pread(fd, min(PIECE, stop - position), position)
+            chunk = _oscalls.pread(fd, min(PIECE, stop - position), position)
             if not chunk:
                 break
             view, done = memoryview(chunk), 0
@@ -530,7 +530,7 @@ def _inflate_through_descriptor(
                 data = decompressor.unconsumed_tail
                 hungry = not data
             if hungry:
-                data = os.pread(fd, min(PIECE, size - position), position)
+                data = _oscalls.pread(fd, min(PIECE, size - position), position)
                 if not data:
                     return None
                 position += len(data)

@@ -20,12 +20,17 @@ from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 
 import zarr_anyio.storage._buffers
 import zarr_anyio.storage._local
+import zarr_anyio.storage._oscalls
 from support.doubles import ConcurrencyProbe
 from zarr_anyio import LocalStore
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
 MIB = 1 << 20
+# Linux reads what is in the page cache on the event loop (RWF_NOWAIT, RESOLVE_CACHED). Where
+# the system cannot (macOS, Windows, the tests' portable mode), the documented weaker behaviour
+# holds instead: every read goes to a thread. The tests below assert whichever this one promises.
+READS_ON_LOOP = zarr_anyio.storage._oscalls.RWF_NOWAIT is not None
 
 
 def value(seed: int, size: int = MIB) -> bytes:
@@ -79,7 +84,7 @@ async def test_small_cached_reads_are_made_without_a_thread(
         assert tail is not None
         assert tail.to_bytes() == data[-10:]
     assert await store.get("c/missing", PROTO) is None
-    assert threads.calls == 0
+    assert threads.calls == (0 if READS_ON_LOOP else 3 * len(values) + 1)
 
 
 async def test_a_read_on_the_loop_holds_a_token(tmp_path: Path) -> None:
@@ -118,7 +123,8 @@ async def test_a_read_of_bytes_not_in_the_page_cache_goes_to_a_thread(
     assert result.to_bytes() == value(3, 8192)
     assert threads.calls == 1  # the loop did not wait for the disk: a thread did
     await store.get("k", PROTO)
-    assert threads.calls == 1  # cached again: back on the loop
+    # Cached again: back on the loop (or a thread again, where no read is made on the loop).
+    assert threads.calls == (1 if READS_ON_LOOP else 2)
 
 
 async def test_on_a_file_system_that_cannot_read_without_waiting_reads_go_to_threads(
