@@ -628,3 +628,25 @@ def test_reads_in_a_forked_child(tmp_path: Path) -> None:
         child.join(5)
         if child.is_alive():
             child.kill()
+
+
+def test_zarr_finds_the_pipeline_by_its_entry_point_in_a_fresh_process(tmp_path: Path) -> None:
+    # Selected by configuration alone, in a process that never imported zarr_anyio (a dask
+    # worker, say): zarr looks it up among the installed packages' entry points.
+    import subprocess
+    import sys
+
+    script = (
+        "import zarr, zarr.storage, sys\n"
+        "a = zarr.create_array(zarr.storage.MemoryStore(), shape=(3,), dtype='i4')\n"
+        "a[:] = 7\n"
+        "assert a[:].tolist() == [7, 7, 7]\n"
+        "assert type(a._async_array.codec_pipeline).__name__ == 'AnyioCodecPipeline'\n"
+        "assert 'zarr_anyio' in sys.modules\n"
+    )
+    env = {**os.environ, "ZARR_CODEC_PIPELINE__PATH": OURS}
+    env.pop("PYTHONPATH", None)  # the installed package, as a user's process has it
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr

@@ -330,3 +330,61 @@ def test_a_refusal_in_json(tmp_path: Path) -> None:
     summary = json.loads(refused.stdout)
     assert summary["status"] == "refused"
     assert summary["keys_copied"] == summary["keys_deleted"] == 0
+
+
+# ------------------------------------------------------------ places that hold one another
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--skip-existing"])
+def test_a_source_inside_the_destination_is_refused_and_kept(tmp_path: Path, flag: str) -> None:
+    # Replacing DST would delete the keys SRC does not have, and SRC's own keys are among them.
+    outer = make_hierarchy(tmp_path / "outer.zarr")
+    inner = make_hierarchy(outer / "inner")
+    archive = outer / "in.zip"
+    assert run_cli("copy", str(inner), str(archive), "--quiet").returncode == 0
+    before = files_of(outer)
+    for source in (str(inner), f"file://{inner}", str(archive)):
+        refused = run_cli("copy", source, str(outer), flag)
+        assert refused.returncode == 2, refused.stderr
+        assert "SRC is inside DST" in refused.stderr
+    assert files_of(outer) == before
+
+
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_remote_places_that_hold_one_another_are_refused(
+    tmp_path: Path, s3_server: S3Server, backend: str
+) -> None:
+    bucket = s3_server.new_bucket()
+    options = ["--backend", backend, *s3_options(s3_server.endpoint, backend)]
+    src = make_hierarchy(tmp_path / "src.zarr")
+    for url in (f"s3://{bucket}/data.zarr", f"s3://{bucket}/outer.zarr/inner"):
+        assert run_cli("copy", str(src), url, *options, "--quiet").returncode == 0
+    before = s3_place_files(s3_server, bucket)
+    for source, destination, why in [
+        (f"s3://{bucket}/data.zarr", f"s3://{bucket}/data.zarr", "the same place"),
+        (f"s3://{bucket}/data.zarr", f"s3a://{bucket}/data.zarr/", "the same place"),
+        (f"s3://{bucket}/outer.zarr/inner", f"s3://{bucket}/outer.zarr", "SRC is inside DST"),
+        (f"s3://{bucket}/data.zarr", f"s3://{bucket}/data.zarr/inner", "DST is inside SRC"),
+    ]:
+        refused = run_cli("copy", source, destination, *options, "--overwrite")
+        assert refused.returncode == 2, refused.stderr
+        assert why in refused.stderr
+    assert s3_place_files(s3_server, bucket) == before
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--skip-existing"])
+def test_an_array_replaced_by_one_of_another_shape_in_a_folder(tmp_path: Path, flag: str) -> None:
+    # A folder cannot hold the new 1-D chunk `c/0` beside the old 2-D chunks `c/0/0`: the old
+    # chunks in the way go first, and the copy ends with DST reading what SRC reads.
+    src, dst = tmp_path / "src.zarr", tmp_path / "dst.zarr"
+    zarr.create_array(str(dst), shape=(4, 4), chunks=(2, 2), dtype="i4", fill_value=0)[:] = 1
+    zarr.create_array(str(src), shape=(4,), chunks=(2,), dtype="i4", fill_value=0)[:] = 2
+    done = run_cli("copy", str(src), str(dst), flag, "--verify")
+    assert done.returncode == 0, done.stderr
+    assert files_of(dst) == files_of(src)
+    assert np.asarray(zarr.open_array(str(dst), mode="r")[:]).tolist() == [2, 2, 2, 2]
+    # The reverse: the old destination has a key where the new one needs a folder.
+    zarr.create_array(str(src), shape=(4, 4), chunks=(2, 2), dtype="i4", overwrite=True)[:] = 3
+    done = run_cli("copy", str(src), str(dst), flag, "--verify")
+    assert done.returncode == 0, done.stderr
+    assert files_of(dst) == files_of(src)

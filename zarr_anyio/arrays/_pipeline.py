@@ -2,9 +2,10 @@
 
 Select it for zarr's own API with one line::
 
-    zarr.config.set({"codec_pipeline.path": "zarr_anyio._pipeline.AnyioCodecPipeline"})
+    zarr.config.set({"codec_pipeline.path": "zarr_anyio.arrays.AnyioCodecPipeline"})
 
-(importing this module registers it). zarr's `BatchedCodecPipeline` spends ≈60 µs of Python per
+(importing `zarr_anyio` registers it; in a process that has not, zarr finds it by the package's
+``zarr.codec_pipeline`` entry point). zarr's `BatchedCodecPipeline` spends ≈60 µs of Python per
 chunk on the event loop (a coroutine per chunk per codec, a task per fetch) around a ≈13 µs read,
 and decodes on the loop or one hop per chunk. Here the cost is per *batch*:
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from .info import describe, human_size, render_info, render_tree
 from .plain_listing import PlainEntry, list_level, render_level
 from .progress import choose_mode, show_progress, store_counters
 from .signals import Interrupt, interruptible
-from .urls import UsageError, close_stores, ensure_open, exists, local_path, open_url, scheme
+from .urls import UsageError, close_stores, ensure_open, exists, inside, open_url, place, scheme
 from .verify import verify_node
 
 __all__ = ["PROG", "copy_command", "demo", "demo_command", "info_command", "ls_command"]
@@ -152,12 +151,15 @@ def _copy_json(
 
 
 async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> int:
-    src_path, dst_path = local_path(args.src), local_path(args.dst)
-    if src_path is not None and src_path == dst_path:
+    src_place, dst_place = place(args.src), place(args.dst)
+    if src_place == dst_place:
         raise UsageError("SRC and DST are the same place")
-    if src_path is not None and dst_path is not None and dst_path.startswith(src_path + os.sep):
+    if inside(dst_place, src_place):
         # Each run would copy what the last one wrote, one level deeper.
         raise UsageError("DST is inside SRC: copy to a place outside it")
+    if inside(src_place, dst_place):
+        # DST's keys that SRC does not have would include SRC itself: replacing DST deletes it.
+        raise UsageError("SRC is inside DST: copy to a place that does not hold SRC")
     if scheme(args.dst) in ("http", "https"):
         raise UsageError(f"cannot write to {args.dst!r}: HTTP is read-only here")
     if args.size_only and not args.skip_existing:

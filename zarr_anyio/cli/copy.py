@@ -37,6 +37,7 @@ import anyio
 from zarr.core.buffer import Buffer, default_buffer_prototype
 
 from zarr_anyio._core.errors import single_error
+from zarr_anyio.storage import KeyConflict
 from zarr_anyio.storage._base import AnyioStore
 from zarr_anyio.storage._keys import validate_key
 from zarr_anyio.storage._listing import Entry, list_node
@@ -306,7 +307,7 @@ class _Copier:
         await self.take_down()
         if not self.options.dry_run:
             try:
-                await self.dst.set(key, value)
+                await self._set(key, value)
             except BaseException:
                 # Stopped or failed while writing: the key is whole or absent, but which of the
                 # two only the destination knows (a PUT may land as its answer is cancelled).
@@ -318,6 +319,34 @@ class _Copier:
             self.report.would_copy.append(key)
         self.report.keys_copied += 1
         self.report.bytes_copied += len(value)
+
+    async def _set(self, key: str, value: Buffer) -> None:
+        try:
+            await self.dst.set(key, value)
+        except KeyConflict as conflict:
+            # A tree of files cannot hold `c/0` beside `c/0/0`: when what is in the way is what
+            # the destination held before (an array of another shape, say), it goes now rather
+            # than with the other extra keys at the end, which the write would never reach.
+            in_way = self._held_in_way(key)
+            if not in_way or (self.seen is not None and any(k in self.seen for k in in_way)):
+                raise conflict from None  # not the destination's old keys: the source's own
+            await self.dst._for_each(in_way, self._delete_held, self.options.workers)
+            await self.dst.set(key, value)
+
+    def _held_in_way(self, key: str) -> list[str]:
+        """Keys the destination held before the copy that a key ``key`` cannot stand beside:
+        those below it, and those on its path."""
+        if self.held is None:
+            return []
+        parts = key.split("/")
+        above = {"/".join(parts[:i]) for i in range(1, len(parts))}
+        return sorted(k for k in self.held if k in above or k.startswith(key + "/"))
+
+    async def _delete_held(self, key: str) -> None:
+        await self.dst.delete(key)
+        if self.held is not None:
+            self.held.pop(key, None)  # gone: not an extra key to delete at the end
+        self._deleted("deleted", key)
 
     def _skipped(self, size: int) -> None:
         self.report.keys_skipped += 1

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,8 +23,10 @@ __all__ = [
     "describe_error",
     "ensure_open",
     "exists",
+    "inside",
     "local_path",
     "open_url",
+    "place",
     "scheme",
     "storage_options",
 ]
@@ -88,6 +91,27 @@ def local_path(url: str) -> str | None:
     if kind not in ("", "file"):
         return None
     return os.path.realpath(url.partition("://")[2] if kind else url)
+
+
+# Schemes that name the same service, so that `s3a://b/x` is seen to be `s3://b/x`.
+_SAME_SERVICE = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "azure": "az"}
+
+
+def place(url: str) -> tuple[str, ...]:
+    """Where ``url`` points, as a path of names: one URL is inside another when its place
+    starts with the other's (a folder and its real path, ``s3://b/x/`` and ``s3a://b/x`` alike)."""
+    path = local_path(url)
+    if path is not None:
+        return ("file", *Path(path).parts)
+    kind, _, rest = url.partition("://")
+    kind = _SAME_SERVICE.get(kind.lower(), kind.lower())
+    names = [name for name in rest.split("?", 1)[0].split("/") if name not in ("", ".")]
+    return (kind, *names)
+
+
+def inside(inner: tuple[str, ...], outer: tuple[str, ...]) -> bool:
+    """Whether the place ``inner`` is ``outer`` or below it."""
+    return inner[: len(outer)] == outer
 
 
 _LOOKS_LIKE_A_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]+):(.*)", re.DOTALL)
