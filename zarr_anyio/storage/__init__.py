@@ -12,11 +12,11 @@ page at a time), `_open` (`open_store`).
 from ._base import AnyioStore, BlockingStore, FetchRequest
 from ._beneath import LeavesRoot
 from ._client_retries import ClientRetriesWarning
+from ._conflicts import FolderIsAKey, KeyConflict, KeyIsAFolder
 from ._fsspec import FsspecStore
 from ._http_range import RangeNotHonoured
 from ._keys import byte_range_slice, names_under
 from ._local import LocalStore
-from ._localfs import FolderIsAKey, KeyConflict, KeyIsAFolder
 from ._memory import MemoryStore
 from ._obstore import ObjectStore
 from ._open import open_store, open_store_async

@@ -35,6 +35,7 @@ from ._client_retries import (
     turn_off_fsspec_retries,
     warn_if_client_retries,
 )
+from ._conflicts import find_conflict
 from ._http_range import get_range
 from ._keys import is_valid_key
 from ._redact import redact
@@ -427,6 +428,33 @@ class FsspecStore(RemoteStore):
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
         path = self._path(key)
         data = value.to_bytes()
+        # A file system whose keys are paths cannot hold `x` beside `x/y`: the local one says so
+        # (IsADirectoryError, NotADirectoryError; FileExistsError making the folders of `p/q`
+        # below a file `p`), the memory one refuses `p/q` too but writes `x` over a folder of
+        # keys, which then reads as absent.
+        protocols = self._protocols()
+        in_memory = "memory" in protocols
+        of_files = in_memory or "file" in protocols or "local" in protocols
+        if in_memory and list(await self._backend_list_prefix(key + "/")):
+            raise await find_conflict(self, key, f"the store {self}")
+        try:
+            await self._put_value(path, data, exclusive=exclusive)
+        except IsADirectoryError:
+            # A folder that holds no file (emptied by deletes) is as if it were not there.
+            if await self._fs("find", path):
+                raise await find_conflict(self, key, f"the store {self}") from None
+            await self._fs("rm", path, recursive=True)
+            await self._put_value(path, data, exclusive=exclusive)
+        except (NotADirectoryError, FileExistsError):
+            if not of_files:
+                raise
+            raise await find_conflict(self, key, f"the store {self}") from None
+
+    def _protocols(self) -> tuple[str, ...]:
+        protocol = self.fs.protocol
+        return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+    async def _put_value(self, path: str, data: bytes, *, exclusive: bool) -> None:
         if not exclusive:
             await self._fs("pipe_file", path, data, _sent=len(data))
             return

@@ -32,6 +32,7 @@ from zarr_anyio._core.threads import CheckCancelled
 from . import _buffers, _oscalls
 from ._base import NOT_READY, Pending
 from ._beneath import LeavesRoot, open_beneath, open_cached, open_folder, open_root, stat_beneath
+from ._conflicts import FolderIsAKey, KeyConflict, KeyIsAFolder, conflict
 from ._fileio import read_exact
 from ._keys import byte_range_slice
 from ._oscalls import (
@@ -131,47 +132,8 @@ def _no_file_there(error: OSError) -> bool:
     return error.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV)
 
 
-class KeyConflict(OSError):
-    """A key that the tree of files cannot hold beside another: ``key`` is where a folder of
-    keys is, or below a key. ``other`` is the key in the way (``None``: files that are no keys).
-    Nothing was changed."""
-
-    key: str
-    other: str | None
-
-
-class KeyIsAFolder(KeyConflict, IsADirectoryError):
-    """The key names a folder that holds other keys (or files that are no keys)."""
-
-
-class FolderIsAKey(KeyConflict, NotADirectoryError):
-    """A folder on the key's path is a key (a file)."""
-
-
 def _conflict(root: str, key: str, other: str | None, *, below: bool) -> KeyConflict:
-    where = f"cannot write key {key!r} in the LocalStore at {root}"
-    error: KeyConflict
-    if below:
-        error = FolderIsAKey(
-            errno.ENOTDIR,
-            f"{where}: {other!r} is a key, and in a store of files a key cannot also be a "
-            "folder of other keys. Nothing was changed; delete that key first to write this one.",
-        )
-    elif other is None:
-        error = KeyIsAFolder(
-            errno.EISDIR,
-            f"{where}: it is a folder that holds no key but other files (not a store's: left "
-            "as they are). Nothing was changed.",
-        )
-    else:
-        error = KeyIsAFolder(
-            errno.EISDIR,
-            f"{where}: it is a folder of other keys ({other!r}, maybe more), and in a store of "
-            "files a key cannot also be a folder of other keys. Nothing was changed; delete "
-            f"the keys under {key + '/'!r} first to write this one.",
-        )
-    error.key, error.other = key, other
-    return error
+    return conflict(f"the LocalStore at {root}", key, other, below=below)
 
 
 def _where(error: OSError, doing: str, root: str, key: str) -> OSError:

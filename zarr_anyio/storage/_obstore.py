@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import pickle
 import posixpath
 import re
@@ -31,6 +33,7 @@ from zarr_anyio._core.threads import run_in_worker
 from . import _live
 from ._base import PAGE_SIZE, Entry
 from ._client_retries import warn_if_client_retries
+from ._conflicts import find_conflict
 from ._http_range import RangeNotHonoured, span
 from ._keys import check_byte_range, is_valid_key, validate_key
 from ._obstore_listing import Lister
@@ -41,6 +44,20 @@ from ._retry import http_status
 __all__ = ["ObjectStore"]
 
 T = TypeVar("T")
+
+# How Rust prints a system error in obstore's messages: "Is a directory (os error 21)".
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _os_error(error: BaseException) -> int | None:
+    """The system error number inside an obstore error's text (its local store's file calls),
+    if there is one."""
+    import obstore
+
+    if not isinstance(error, obstore.exceptions.GenericError):
+        return None
+    found = _OS_ERROR.search(str(error))
+    return None if found is None else int(found.group(1))
 
 
 # Whether obstore has run a request in this process, and whether the process was forked from
@@ -250,6 +267,8 @@ class ObjectStore(RemoteStore):
         except FileNotFoundError:
             return None
         except Exception as error:
+            if _os_error(error) == errno.ENOTDIR:
+                return None  # a key on its path (obstore's local store): no file of this name
             _refuse_unexpected_range(error, key)
             if not _is_range_error(error):
                 raise
@@ -351,7 +370,46 @@ class ObjectStore(RemoteStore):
     async def _backend_set(self, key: str, value: Buffer, *, exclusive: bool) -> None:
         import obstore
 
-        data = value.to_bytes()
+        try:
+            await self._put(key, value.to_bytes(), exclusive=exclusive)
+        except obstore.exceptions.GenericError as error:
+            # obstore's local store keeps keys as files: a key where a folder is, or below a
+            # key, fails with the system's error inside obstore's text (Rust's "(os error N)").
+            code = _os_error(error)
+            if code not in (errno.EISDIR, errno.ENOTDIR):
+                raise
+            folder_of_nothing = False
+            if code == errno.EISDIR:
+                async with self._limit.current():
+                    folder_of_nothing = await run_in_worker(
+                        lambda _: self._remove_empty_folders(key)
+                    )
+            if folder_of_nothing:
+                await self._put(key, value.to_bytes(), exclusive=exclusive)
+                return
+            raise await find_conflict(self, key, f"the store {self}") from None
+
+    def _remove_empty_folders(self, key: str) -> bool:
+        """Remove the tree of empty folders at ``key`` in obstore's local store (left by its
+        deletes): a folder that holds no key is not there. Whether anything was removed."""
+        root = getattr(self.store, "prefix", None)
+        if type(self.store).__name__ != "LocalStore" or root is None:
+            return False
+        folder = os.path.join(os.fspath(root), *key.split("/"))
+        try:
+            for parent, folders, files in os.walk(folder, topdown=False):
+                if files:
+                    return False
+                for name in folders:
+                    os.rmdir(os.path.join(parent, name))
+            os.rmdir(folder)
+        except OSError:
+            return False
+        return True
+
+    async def _put(self, key: str, data: bytes, *, exclusive: bool) -> None:
+        import obstore
+
         if not exclusive:
             await self._call(
                 lambda: _awaited(obstore.put_async(self.store, key, data)), sent=len(data)
@@ -376,12 +434,21 @@ class ObjectStore(RemoteStore):
             await self._call(lambda: _awaited(obstore.head_async(self.store, key)))
         except FileNotFoundError:
             return False
+        except obstore.exceptions.GenericError as error:
+            if _os_error(error) != errno.ENOTDIR:
+                raise
+            return False  # a key on its path (obstore's local store): no file of this name
         return True
 
     async def _backend_getsize(self, key: str) -> int:
         import obstore
 
-        meta = await self._call(lambda: _awaited(obstore.head_async(self.store, key)))
+        try:
+            meta = await self._call(lambda: _awaited(obstore.head_async(self.store, key)))
+        except obstore.exceptions.GenericError as error:
+            if _os_error(error) != errno.ENOTDIR:
+                raise
+            raise FileNotFoundError(key) from None
         return int(meta["size"])
 
     def _keys_under(self, folder: str) -> list[str]:
