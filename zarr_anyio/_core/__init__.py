@@ -9,5 +9,7 @@
   from any caller;
 - `store_calls`: the calls in flight on one store, so that closing it waits for them;
 - `api_scope`: what one call of `zarr_anyio.api` has running, so that it ends with the call;
-- `errors`: one error, never an ``ExceptionGroup``, out of a task group.
+- `errors`: one error, never an ``ExceptionGroup``, out of a task group;
+- `fork`: what a forked child starts afresh (worker pool, bridge loop, limiter tokens, locks);
+- `extras`: which optional package each part needs, and the one line naming the extra to install.
 """
