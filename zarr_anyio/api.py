@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import textwrap
 from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -198,12 +199,6 @@ async def array(
 ) -> AsyncArray:
     """A new array holding ``data`` (a numpy array, or one of ours).
 
-    What differs from zarr's ``zarr.api.asynchronous.array`` (its documentation describes the
-    parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a
-    path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the
-    call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with
-    its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         arr = await za.array(np.arange(10), store="data/a.zarr")
@@ -219,12 +214,6 @@ async def consolidate_metadata(
 ) -> AsyncGroup:
     """Gather the metadata of every node below ``path`` into the group's own, and give that
     group.
-
-    What differs from zarr's ``zarr.api.asynchronous.consolidate_metadata`` (its documentation
-    describes the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a
-    zarr_anyio store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`),
-    opened with the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio
-    and ends with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
 
     Example::
 
@@ -270,12 +259,6 @@ async def create(
 ) -> AsyncArray:
     """A new array, with zarr-python 2's keywords (`create_array` takes the newer ones).
 
-    What differs from zarr's ``zarr.api.asynchronous.create`` (its documentation describes the
-    parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a
-    path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the
-    call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with
-    its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         arr = await za.create((100,), chunks=(10,), dtype="i4", store="data/a.zarr")
@@ -308,12 +291,6 @@ async def create_array(
     write_data: bool = True,
 ) -> AsyncArray:
     """A new array in ``store``.
-
-    What differs from zarr's ``zarr.api.asynchronous.create_array`` (its documentation describes
-    the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio
-    store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with
-    the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends
-    with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
 
     Example::
 
@@ -356,12 +333,6 @@ def create_hierarchy(
     """Create the groups and arrays of ``nodes`` at once, giving ``(path, node)`` for each as
     it is made.
 
-    What differs from zarr's ``zarr.api.asynchronous.create_hierarchy`` (its documentation
-    describes the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a
-    zarr_anyio store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`),
-    opened with the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio
-    and ends with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         async for path, node in za.create_hierarchy(store=store, nodes=nodes):
@@ -379,12 +350,6 @@ async def empty(
 ) -> AsyncArray:
     """A new array of ``shape`` whose chunks are not written (reading gives the fill value).
 
-    What differs from zarr's ``zarr.api.asynchronous.empty`` (its documentation describes the
-    parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a
-    path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the
-    call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with
-    its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         arr = await za.empty((100,), chunks=(10,), dtype="f8", store="data/a.zarr")
@@ -400,12 +365,6 @@ async def empty_like(
     **kwargs: Any,
 ) -> AsyncArray:
     """A new array shaped like ``a``, chunks not written.
-
-    What differs from zarr's ``zarr.api.asynchronous.empty_like`` (its documentation describes
-    the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio
-    store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with
-    the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends
-    with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
 
     Example::
 
@@ -438,12 +397,6 @@ async def from_array(
 ) -> AsyncArray:
     """A new array in ``store`` with the data (and by default the settings) of ``data``.
 
-    What differs from zarr's ``zarr.api.asynchronous.from_array`` (its documentation describes
-    the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio
-    store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with
-    the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends
-    with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         copy = await za.from_array("data/copy.zarr", data=arr)
@@ -458,12 +411,6 @@ async def full(
     **kwargs: Any,
 ) -> AsyncArray:
     """A new array of ``shape`` filled with ``fill_value``.
-
-    What differs from zarr's ``zarr.api.asynchronous.full`` (its documentation describes the
-    parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a
-    path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the
-    call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with
-    its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
 
     Example::
 
@@ -480,12 +427,6 @@ async def full_like(
     **kwargs: Any,
 ) -> AsyncArray:
     """A new array shaped like ``a``, filled with ``fill_value``.
-
-    What differs from zarr's ``zarr.api.asynchronous.full_like`` (its documentation describes
-    the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio
-    store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with
-    the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends
-    with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
 
     Example::
 
@@ -511,12 +452,6 @@ async def group(
 ) -> AsyncGroup:
     """A group: opened, or made if missing (zarr-python 2's keywords; see `open_group`).
 
-    What differs from zarr's ``zarr.api.asynchronous.group`` (its documentation describes the
-    parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a
-    path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the
-    call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with
-    its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         root = await za.group(store="data/tree.zarr")
@@ -535,12 +470,6 @@ async def load(
     """The data of an array (a numpy array), or of every array of a group (a dict), read into
     memory.
 
-    What differs from zarr's ``zarr.api.asynchronous.load`` (its documentation describes the
-    parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a
-    path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the
-    call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with
-    its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         values = await za.load(store="data/a.zarr")
@@ -554,12 +483,6 @@ async def ones(
     **kwargs: Any,
 ) -> AsyncArray:
     """A new array of ``shape`` filled with ones.
-
-    What differs from zarr's ``zarr.api.asynchronous.ones`` (its documentation describes the
-    parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a
-    path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the
-    call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with
-    its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
 
     Example::
 
@@ -576,12 +499,6 @@ async def ones_like(
     **kwargs: Any,
 ) -> AsyncArray:
     """A new array shaped like ``a``, filled with ones.
-
-    What differs from zarr's ``zarr.api.asynchronous.ones_like`` (its documentation describes
-    the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio
-    store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with
-    the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends
-    with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
 
     Example::
 
@@ -605,12 +522,6 @@ async def open(
     """The array or the group that ``store`` holds at ``path`` (a new array for a writing
     ``mode`` with ``shape=``).
 
-    What differs from zarr's ``zarr.api.asynchronous.open`` (its documentation describes the
-    parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a
-    path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the
-    call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with
-    its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         node = await za.open(store="data/a.zarr", mode="r")
@@ -630,12 +541,6 @@ async def open_array(
     **kwargs: Any,
 ) -> AsyncArray:
     """The array that ``store`` holds at ``path``.
-
-    What differs from zarr's ``zarr.api.asynchronous.open_array`` (its documentation describes
-    the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio
-    store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with
-    the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends
-    with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
 
     Example::
 
@@ -663,12 +568,6 @@ async def open_group(
     """The group that ``store`` holds at ``path`` (made if missing, for modes ``a``, ``w`` and
     ``w-``).
 
-    What differs from zarr's ``zarr.api.asynchronous.open_group`` (its documentation describes
-    the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio
-    store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with
-    the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends
-    with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         root = await za.open_group("s3://bucket/tree.zarr", mode="r")
@@ -685,12 +584,6 @@ async def open_like(
     **kwargs: Any,
 ) -> AsyncArray:
     """An array at ``path`` with the shape, chunks and dtype of ``a``.
-
-    What differs from zarr's ``zarr.api.asynchronous.open_like`` (its documentation describes
-    the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio
-    store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with
-    the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends
-    with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
 
     Example::
 
@@ -711,12 +604,6 @@ async def save(
 ) -> None:
     """Save one array (to ``store``), or several (by name, as a group).
 
-    What differs from zarr's ``zarr.api.asynchronous.save`` (its documentation describes the
-    parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a
-    path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the
-    call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with
-    its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         await za.save("data/a.zarr", np.arange(10))
@@ -736,12 +623,6 @@ async def save_array(
 ) -> None:
     """Save ``arr`` (a numpy array) as the array of ``store``.
 
-    What differs from zarr's ``zarr.api.asynchronous.save_array`` (its documentation describes
-    the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio
-    store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with
-    the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends
-    with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         await za.save_array("data/a.zarr", np.arange(10))
@@ -760,12 +641,6 @@ async def save_group(
 ) -> None:
     """Save several numpy arrays, by name, as the arrays of a group.
 
-    What differs from zarr's ``zarr.api.asynchronous.save_group`` (its documentation describes
-    the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio
-    store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with
-    the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends
-    with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         await za.save_group("data/tree.zarr", x=np.arange(10), y=np.ones(5))
@@ -780,12 +655,6 @@ async def tree(
 ) -> Any:
     """A printable tree of the hierarchy under the group ``grp``.
 
-    What differs from zarr's ``zarr.api.asynchronous.tree`` (its documentation describes the
-    parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a
-    path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the
-    call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with
-    its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
-
     Example::
 
         print(await za.tree(root))
@@ -799,12 +668,6 @@ async def zeros(
     **kwargs: Any,
 ) -> AsyncArray:
     """A new array of ``shape`` filled with zeros.
-
-    What differs from zarr's ``zarr.api.asynchronous.zeros`` (its documentation describes the
-    parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a
-    path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the
-    call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with
-    its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
 
     Example::
 
@@ -821,12 +684,6 @@ async def zeros_like(
     **kwargs: Any,
 ) -> AsyncArray:
     """A new array shaped like ``a``, filled with zeros.
-
-    What differs from zarr's ``zarr.api.asynchronous.zeros_like`` (its documentation describes
-    the parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio
-    store, a path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with
-    the call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends
-    with its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`.
 
     Example::
 
@@ -852,6 +709,58 @@ async def open_consolidated(
             "'use_consolidated=False' to bypass consolidated metadata."
         )
     return await open_group(*args, use_consolidated=True, **kwargs)
+
+
+_WHAT_DIFFERS = (
+    "What differs from zarr's ``zarr.api.asynchronous.{name}`` (its documentation describes the "
+    "parameters): ``store=`` takes whatever `zarr_anyio.open_store` takes (a zarr_anyio store, a "
+    "path, a ``.zip`` path, a URL, a dict; ``None`` is a new `MemoryStore`), opened with the "
+    "call's ``mode`` and ``storage_options``; the call runs under asyncio or trio and ends with "
+    "its work; arrays and groups come back as `AsyncArray` and `AsyncGroup`."
+)
+
+
+def _say_what_differs(function: Callable[..., Any]) -> None:
+    """Put the paragraph every function of zarr's shares after ``function``'s first line (one
+    text, written once, that ``help()`` and the API reference show with each)."""
+    summary, _, rest = (function.__doc__ or "").partition("\n\n")
+    note = textwrap.fill(
+        _WHAT_DIFFERS.format(name=function.__name__),
+        width=96,
+        initial_indent="    ",
+        subsequent_indent="    ",
+    )
+    function.__doc__ = f"{summary}\n\n{note}\n\n{rest}"
+
+
+for _function in (
+    array,
+    consolidate_metadata,
+    create,
+    create_array,
+    create_hierarchy,
+    empty,
+    empty_like,
+    from_array,
+    full,
+    full_like,
+    group,
+    load,
+    ones,
+    ones_like,
+    open,
+    open_array,
+    open_group,
+    open_like,
+    save,
+    save_array,
+    save_group,
+    tree,
+    zeros,
+    zeros_like,
+):
+    _say_what_differs(_function)
+del _function
 
 
 def __getattr__(name: str) -> Any:
