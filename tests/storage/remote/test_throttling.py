@@ -9,13 +9,12 @@ from __future__ import annotations
 import email.utils
 import pickle
 import time
-from typing import Any
 
 import anyio
 import pytest
 from zarr.core.buffer import default_buffer_prototype
 
-from support.remote import KINDS, fill, http_store
+from support.remote import KINDS, QUICK, fill, http_store, read_all
 from support.servers import Faults, HTTPServer, s3fs_at
 from zarr_anyio import (
     NO_RETRY,
@@ -32,12 +31,6 @@ from zarr_anyio.storage._retry import describe, is_transient, parse_retry_after
 
 pytestmark = pytest.mark.anyio
 PROTO = default_buffer_prototype()
-QUICK = Retry(attempts=10, base_delay=0.002, max_delay=0.05)
-
-
-async def read_all(store: Any, objects: dict[str, bytes]) -> None:
-    results = await store.get_partial_values(PROTO, [(key, None) for key in objects])
-    assert [r.to_bytes() if r is not None else None for r in results] == list(objects.values())
 
 
 # ------------------------------------------------------------------------ the adaptive window
