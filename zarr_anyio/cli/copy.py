@@ -328,8 +328,11 @@ class _Copier:
             # the destination held before (an array of another shape, say), it goes now rather
             # than with the other extra keys at the end, which the write would never reach.
             in_way = self._held_in_way(key)
-            if not in_way or (self.seen is not None and any(k in self.seen for k in in_way)):
+            if self.seen is not None and any(k in self.seen for k in in_way):
                 raise conflict from None  # not the destination's old keys: the source's own
+            if not in_way and conflict.other is None:
+                raise conflict from None
+            # (Nothing left in the way: another worker of this copy has just cleared it.)
             await self.dst._for_each(in_way, self._delete_held, self.options.workers)
             await self.dst.set(key, value)
 
@@ -344,9 +347,11 @@ class _Copier:
 
     async def _delete_held(self, key: str) -> None:
         await self.dst.delete(key)
-        if self.held is not None:
-            self.held.pop(key, None)  # gone: not an extra key to delete at the end
-        self._deleted("deleted", key)
+        # Gone: not an extra key to delete at the end. Two workers may both have found it in
+        # the way; the first to be done counts it.
+        if self.held is not None and key in self.held:
+            del self.held[key]
+            self._deleted("deleted", key)
 
     def _skipped(self, size: int) -> None:
         self.report.keys_skipped += 1
