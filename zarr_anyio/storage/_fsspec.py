@@ -432,7 +432,7 @@ class FsspecStore(RemoteStore):
         # (IsADirectoryError, NotADirectoryError; FileExistsError making the folders of `p/q`
         # below a file `p`), the memory one refuses `p/q` too but writes `x` over a folder of
         # keys, which then reads as absent.
-        protocols = self._protocols()
+        protocols = _protocols(self.fs)
         in_memory = "memory" in protocols
         of_files = in_memory or "file" in protocols or "local" in protocols
         if in_memory and list(await self._backend_list_prefix(key + "/")):
@@ -449,10 +449,6 @@ class FsspecStore(RemoteStore):
             if not of_files:
                 raise
             raise await find_conflict(self, key, f"the store {self}") from None
-
-    def _protocols(self) -> tuple[str, ...]:
-        protocol = self.fs.protocol
-        return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
     async def _put_value(self, path: str, data: bytes, *, exclusive: bool) -> None:
         if not exclusive:
@@ -496,10 +492,8 @@ class FsspecStore(RemoteStore):
         return [key for key in keys if key is not None and key.startswith(prefix)]
 
     def _pages_s3(self) -> bool:
-        protocol = self.fs.protocol
-        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
         return (
-            any(p in ("s3", "s3a") for p in protocols)
+            bool(_protocols(self.fs) & {"s3", "s3a"})
             and bool(self.fs.async_impl)
             and hasattr(self.fs, "_iterdir")
         )
