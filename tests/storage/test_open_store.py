@@ -246,6 +246,31 @@ def test_store_keywords_reach_the_store_made(tmp_path: Path) -> None:
         open_store({}, storage_options={"anon": True})
 
 
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_read_only_is_taken_as_mode_r_for_every_kind_of_store(
+    tmp_path: Path, http_server: HTTPServer, backend: Any
+) -> None:
+    # Before: read_only=True reached each constructor beside the mode's own read_only
+    # ("got multiple values for keyword argument 'read_only'").
+    writable = LocalStore(tmp_path / "local")
+    zarr.create_array(writable, shape=(2,), dtype="i1")
+    given: list[Any] = [
+        tmp_path / "local",
+        str(tmp_path / "local"),
+        {},
+        writable,
+        f"{http_server.url}/data",
+    ]
+    for store_like in given:
+        assert open_store(store_like, read_only=True, backend=backend).read_only, store_like
+        assert not open_store(store_like, read_only=False, backend=backend).read_only
+    with pytest.raises(ValueError, match=r"read_only=True contradicts mode='w'"):
+        open_store(tmp_path / "local", mode="w", read_only=True)
+    with pytest.raises(ValueError, match=r"read_only=False contradicts mode='r'"):
+        open_store(tmp_path / "local", mode="r", read_only=False)
+    assert (tmp_path / "local" / "zarr.json").exists()  # nothing was cleared
+
+
 # ---------------------------------------------------------------------- str() opens the store again
 
 

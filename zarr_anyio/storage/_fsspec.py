@@ -39,7 +39,7 @@ from ._conflicts import find_conflict
 from ._http_range import get_range
 from ._keys import is_valid_key
 from ._redact import redact
-from ._remote import RemoteOptions, RemoteStore
+from ._remote import RemoteOptions, RemoteStore, check_http_root
 from ._retry import describe, http_status
 from ._sessions import close_session, close_when_collected
 
@@ -163,6 +163,8 @@ class FsspecStore(RemoteStore):
         # a literal segment (it is not ".."), "#" no fragment and "?" no query (as obstore's
         # HTTPStore does). Encoded, a key has no character that yarl would decode again.
         self._url_keys = bool(_protocols(fs) & {"http", "https"})
+        if self._url_keys:
+            check_http_root(path)
         # fsspec's HTTP filesystem returns whatever body answers a range request (a whole
         # object from a server that ignores Range): ranges are read and checked by `get_range`.
         self._checked_ranges = self._url_keys and bool(fs.async_impl) and hasattr(fs, "set_session")
@@ -454,7 +456,7 @@ class FsspecStore(RemoteStore):
         if not exclusive:
             await self._fs("pipe_file", path, data, _sent=len(data))
             return
-        if self.fs.protocol in ("s3", "s3a") or "s3" in self.fs.protocol:
+        if _protocols(self.fs) & {"s3", "s3a"}:
             # A conditional PUT (If-None-Match: *): atomic on S3.
             try:
                 await self._fs("pipe_file", path, data, mode="create", _sent=len(data))

@@ -51,6 +51,7 @@ from ._localfs import check_root
 from ._memory import MemoryStore
 from ._obstore import ObjectStore
 from ._redact import scrub
+from ._remote import check_http_root
 from ._zip import ZipStore
 
 __all__ = ["AccessMode", "make_store", "open_store", "open_store_async"]
@@ -122,6 +123,7 @@ async def open_store_async(
 ) -> AnyioStore:
     """`open_store` for a caller on an event loop (asyncio or trio): the same store, opened
     without blocking the loop."""
+    mode = _mode_with_read_only(mode, store_kwargs)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if backend not in ("fsspec", "obstore"):
@@ -163,8 +165,27 @@ def make_store(
 ) -> AnyioStore:
     """The store `open_store` would give, made but not opened: no I/O, so no mode's check
     (the command line opens its stores itself, to say which of them does not exist)."""
+    mode = _mode_with_read_only(mode, store_kwargs)
     zarr_mode = "w-" if mode == "x" else mode
     return _make_store(store_like, zarr_mode, storage_options, backend, store_kwargs, lazy=True)
+
+
+def _mode_with_read_only(mode: AccessMode | None, store_kwargs: dict[str, Any]) -> Any:
+    """``mode``, with a ``read_only=`` keyword (every store's constructor takes one) read as
+    the mode it means instead of reaching the constructor beside the mode's own."""
+    if "read_only" not in store_kwargs:
+        return mode
+    read_only = store_kwargs.pop("read_only")
+    if not isinstance(read_only, bool):
+        raise TypeError(f"read_only must be a bool, got {type(read_only).__name__}")
+    if read_only and mode in (None, "r"):
+        return "r"
+    if not read_only and mode != "r":
+        return mode
+    raise ValueError(
+        f"read_only={read_only} contradicts mode={mode!r}: pass one of them "
+        "(mode='r' opens read-only)"
+    )
 
 
 def _make_store(
@@ -255,6 +276,7 @@ def _from_string(
                 f"backend='obstore' (it takes {', '.join(OBSTORE_SCHEMES)})"
             )
         require_for_url(url, scheme, backend="obstore")
+        check_http_root(url)
         from obstore.store import from_url
 
         # The client's own retries off: the store retries, and its window sees every throttle.

@@ -33,7 +33,7 @@ from zarr_anyio._core.fork import reset_in_child
 from zarr_anyio._core.limit import LimiterLike
 
 from ._base import AnyioStore
-from ._redact import scrub
+from ._redact import redact, scrub
 from ._retry import (
     DEFAULT_DEADLINE,
     DeadlineExceeded,
@@ -44,7 +44,13 @@ from ._retry import (
     describe,
 )
 
-__all__ = ["DEFAULT_TIMEOUT", "RemoteOptions", "RemoteStore", "RequestStats"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "RemoteOptions",
+    "RemoteStore",
+    "RequestStats",
+    "check_http_root",
+]
 
 T = TypeVar("T")
 
@@ -423,3 +429,18 @@ class RemoteStore(AnyioStore):
             )
             return None
         return self.retry.delay(retry_number, failure.retry_after), cost
+
+
+def check_http_root(url: str) -> None:
+    """Refuse an http(s) root URL with a query or a fragment.
+
+    Keys go after the root's path; after a query or a fragment they would be part of it
+    (``…/a.zarr?token=1/zarr.json``): fsspec's listing then recursed until ``RecursionError``
+    and obstore asked for URLs that name nothing.
+    """
+    if url.partition("://")[0].lower() in ("http", "https") and ("?" in url or "#" in url):
+        raise ValueError(
+            f"the root URL {redact(url)!r} has a query or a fragment: a store's keys are "
+            "appended to its path, so its root cannot carry one (pass headers or tokens "
+            "through storage_options, e.g. client_kwargs={'headers': {...}} for fsspec)"
+        )

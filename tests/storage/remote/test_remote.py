@@ -19,7 +19,15 @@ from zarr.core.buffer import default_buffer_prototype
 
 from support.remote import KINDS, fill, http_store
 from support.servers import CountingProxy, Faults, HTTPServer, S3Server, s3fs_at
-from zarr_anyio import NO_RETRY, FsspecStore, ObjectStore, RateLimit, RemoteStore, Retry
+from zarr_anyio import (
+    NO_RETRY,
+    FsspecStore,
+    ObjectStore,
+    RateLimit,
+    RemoteStore,
+    Retry,
+    open_store_async,
+)
 from zarr_anyio._core.bridge import run_on_loop
 from zarr_anyio.storage._retry import http_status, is_transient
 
@@ -320,6 +328,20 @@ async def test_keys_reach_an_http_server_as_literal_path_segments(
     http_server.objects.update({f"data/{key}": key.encode() for key in keys})
     values = [await store.get(key, PROTO) for key in keys]
     assert [v.to_bytes() if v else None for v in values] == [key.encode() for key in keys]
+
+
+@pytest.mark.parametrize("backend", KINDS)
+@pytest.mark.parametrize("tail", ["?token=SECRET", "?x=1", "#part"])
+async def test_a_root_url_with_a_query_or_fragment_is_refused_by_name(
+    http_server: HTTPServer, backend: Any, tail: str
+) -> None:
+    # Before: fsspec's listing of "…/data?x=1" recursed until RecursionError; obstore asked
+    # for "…/data?x=1/zarr.json". Keys cannot go after a query, so such a root is refused.
+    fill(http_server, 3)
+    with pytest.raises(ValueError, match="has a query or a fragment") as caught:
+        await open_store_async(f"{http_server.url}/data{tail}", mode="r", backend=backend)
+    assert "SECRET" not in str(caught.value)
+    assert http_server.requests == 0
 
 
 # ------------------------------------------------------------------------- obstore specifics
