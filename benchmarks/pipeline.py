@@ -67,6 +67,7 @@ ZARR = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 ZARRS = "zarrs.ZarrsCodecPipeline"
 MIB = 1 << 20
 LATENCY = 0.02
+BARE = "aiohttp alone (no zarr)"
 
 try:
     import zarrs  # noqa: F401
@@ -249,7 +250,9 @@ def remote_runs(
         "FsspecStore": lambda: zarr.storage.FsspecStore.from_url(url, read_only=True),
         "ObjectStore": lambda: zarr.storage.ObjectStore(http_store(), read_only=True),
     }
-    runs: dict[str, Callable[[], float]] = {}
+    runs: dict[str, Callable[[], float]] = {
+        BARE: lambda: loop.run(bare_gets(url, work.count, window))
+    }
     for kind in ("FsspecStore", "ObjectStore"):
         zarr_name = "zarr" if kind == "FsspecStore" else f"zarr, {kind}"
         runs[zarr_name] = timed(zarr_read(opened(theirs[kind](), ZARR)), check)
@@ -277,12 +280,32 @@ def remote_runs(
     return runs
 
 
+async def bare_gets(url: str, count: int, window: int) -> float:
+    """Seconds for ``count`` GETs of the chunks, ``window`` at a time, on one aiohttp session:
+    what the server gives a client that does nothing else (on 2 shared cores the server's own
+    CPU caps the rate below the window's)."""
+    import aiohttp
+
+    numbers = iter(range(count))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=window)) as session:
+
+        async def worker() -> None:
+            for number in numbers:
+                async with session.get(f"{url}/c/{number}") as response:
+                    await response.read()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(window)))
+        return time.perf_counter() - start
+
+
 @dataclass
 class Measured:
     work: Workload
     ratios: dict[str, tuple[float, float, float]]
     walls: dict[str, float]  # medians, seconds
     window: int = 0
+    alone: float = 0.0  # seconds one request takes with nothing else in flight
 
 
 def bench_read(
@@ -314,12 +337,15 @@ def bench_read(
                 server_process("slow_http.py", f"--delay={LATENCY}", f"--root={path}")
             )
             runs = remote_runs(url, work, window, check, loop)
+            alone = statistics.median(loop.run(bare_gets(url, 1, 1)) for _ in range(20))
         else:
             runs = local_runs(path, work, check, loop)
         results = interleaved(runs, repeat)
     shutil.rmtree(path)
     walls = {name: statistics.median(got) for name, got in results.items()}
-    return Measured(work, ratios(results, "zarr"), walls, window if work.remote else 0)
+    if not work.remote:
+        return Measured(work, ratios(results, "zarr"), walls)
+    return Measured(work, ratios(results, "zarr"), walls, window, alone)
 
 
 def report(measured: Measured, repeat: int) -> list[str]:
@@ -329,8 +355,9 @@ def report(measured: Measured, repeat: int) -> list[str]:
         f"{work.shape}, arr{work.selection_text} (min / median / max of {repeat} rounds, "
         f"load {os.getloadavg()[0]:.1f})",
         f"{'':32s} {'median':>9s}     {'per chunk':>9s}  {'/ zarr: min':>11s} {'median':>6s} "
-        f"{'max':>5s}" + ("   of window" if measured.window else ""),
+        f"{'max':>5s}" + ("   of window   of bare" if measured.window else ""),
     ]
+    bare = measured.walls.get(BARE, 0.0)
     for name, wall in measured.walls.items():
         low, middle, high = measured.ratios[name]
         line = (
@@ -339,13 +366,15 @@ def report(measured: Measured, repeat: int) -> list[str]:
         )
         if measured.window:
             ideal = measured.window / LATENCY  # requests a second the window allows
-            line += f"   {work.count / wall / ideal:9.0%}"
+            line += f"   {work.count / wall / ideal:9.0%} {bare / wall:9.0%}"
         lines.append(line)
     if measured.window:
         ideal_wall = work.count / (measured.window / LATENCY)
         lines.append(
             f"(window {measured.window} requests in flight x 1 / {LATENCY * 1000:.0f} ms = "
-            f"{measured.window / LATENCY:.0f} requests/s: {ideal_wall * 1000:.0f} ms at best)"
+            f"{measured.window / LATENCY:.0f} requests/s: {ideal_wall * 1000:.0f} ms at best; "
+            f"one request alone took {measured.alone * 1000:.1f} ms, median of 20; "
+            "'of bare': the rate over aiohttp's alone, the server's ceiling in this run)"
         )
     return lines
 
