@@ -379,9 +379,8 @@ def report(measured: Measured, repeat: int) -> list[str]:
     return lines
 
 
-def markdown(measured: list[Measured], remote: bool) -> list[str]:
+def markdown(chosen: list[Measured]) -> list[str]:
     """One table: a row per workload, a column per reader, ``median (min-max)`` ratios."""
-    chosen = [m for m in measured if m.work.remote == remote]
     if not chosen:
         return []
     columns: list[str] = []
@@ -403,6 +402,24 @@ def markdown(measured: list[Measured], remote: bool) -> list[str]:
         if m.work.selection_text != "[:]":
             label += f" `{m.work.selection_text}`"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_remote(m: Measured) -> list[str]:
+    """A row per reader: its ratio to zarr, its rate as a share of the window and of what
+    aiohttp alone got from the same server."""
+    ideal = m.window / LATENCY
+    lines = [
+        f"| reader ({m.work.count} chunks, window {m.window}) | / zarr | of the window "
+        "| of aiohttp alone |",
+        "|---|---|---|---|",
+    ]
+    for name, wall in m.walls.items():
+        low, middle, high = m.ratios[name]
+        lines.append(
+            f"| {name} | {middle:.2f} ({low:.2f}-{high:.2f}) | "
+            f"{m.work.count / wall / ideal:.0%} | {m.walls[BARE] / wall:.0%} |"
+        )
     return lines
 
 
@@ -477,11 +494,14 @@ def main() -> None:
                 measured.append(bench_read(folder, work, args.repeat, args.window, stack))
             for line in report(measured[-1], args.repeat):
                 print(line, flush=True)
-        for remote in (False, True):
-            table = markdown(measured, remote)
-            if table:
-                print(f"\n## markdown, {'remote' if remote else 'local'} reads (/ zarr)")
-                print("\n".join(table), flush=True)
+        table = markdown([m for m in measured if not m.work.remote])
+        if table:
+            print("\n## markdown, local reads (/ zarr)")
+            print("\n".join(table), flush=True)
+        for m in measured:
+            if m.work.remote:
+                print("\n## markdown, remote reads")
+                print("\n".join(markdown_remote(m)), flush=True)
         if not args.no_writes:
             for work in chosen:
                 if work.written:
