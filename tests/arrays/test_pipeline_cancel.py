@@ -191,12 +191,16 @@ async def local_case(kind: str, folder: Path, compressed: bool) -> Case:
     return Case(store, lambda: io.started, lambda: io.now, folder)
 
 
-async def remote_case(kind: str, server: HTTPServer, compressed: bool) -> Case:
+async def remote_case(
+    kind: str, server: HTTPServer, compressed: bool, *, writable: bool = False
+) -> Case:
     memory = zarr.storage.MemoryStore()
     await anyio.to_thread.run_sync(_create, memory, compressed)
     server.objects.update({key: value.to_bytes() for key, value in memory._store_dict.items()})
     server.faults.delay = 0.001  # each request a little while in flight
     store = http_store(kind, server, max_concurrency=WINDOW, adaptive=False)
+    if writable:  # obstore's HTTPStore writes with PUT, which the server takes whole
+        store = store.with_read_only(False)
     # Requests counted at the server; the ones in flight, at the client (the server's own
     # threads finish answering a request whose client hung up: that is not ours to stop).
     limiter = store.limiter
@@ -404,3 +408,32 @@ async def test_a_write_cancelled_at_any_moment(
         expected[start:stop] = NEW
         np.testing.assert_array_equal(await read_back(case.store), expected)
         case.store.close()
+
+
+@FEW
+@given(
+    moment=MOMENTS,
+    surface=st.sampled_from(["api", "pipeline"]),
+    compressed=st.booleans(),
+    region=st.tuples(st.integers(0, LENGTH - 1), st.integers(1, LENGTH)).filter(
+        lambda r: r[0] < r[1]
+    ),
+)
+async def test_a_remote_write_cancelled_at_any_moment(
+    http_server: HTTPServer,
+    moment: tuple[str, float],
+    surface: str,
+    compressed: bool,
+    region: tuple[int, int],
+) -> None:
+    start, stop = region
+    http_server.reset()
+    case = await remote_case("obstore", http_server, compressed, writable=True)
+    await cancel_at(moment, case, await _writer(case.store, surface, start, stop))
+    await assert_quiet_after(case)
+    assert_whole_chunks(await read_back(case.store), start, stop)
+    await (await _writer(case.store, surface, start, stop))()
+    expected = np.full(LENGTH, OLD, dtype="u2")
+    expected[start:stop] = NEW
+    np.testing.assert_array_equal(await read_back(case.store), expected)
+    case.store.close()
