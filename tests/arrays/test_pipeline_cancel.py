@@ -347,47 +347,60 @@ def scratch() -> Iterator[Path]:
         yield Path(folder)
 
 
-@pytest.mark.parametrize("kind", ["local", "zip"])
-@FEW
-@given(moment=MOMENTS, surface=st.sampled_from(["api", "pipeline"]), compressed=st.booleans())
-async def test_a_read_cancelled_at_any_moment(
-    kind: str, moment: tuple[str, float], surface: str, compressed: bool
-) -> None:
-    with scratch() as folder:
-        case = await local_case(kind, folder, compressed)
-        await cancel_at(moment, case, await _reader(case.store, surface))
-        await assert_quiet_after(case)
-        assert_no_temporary_files(case)
-        got = await read_back(case.store)
-        np.testing.assert_array_equal(got, OLD)
-        case.store.close()
+SURFACES = st.sampled_from(["api", "pipeline"])
+REGIONS = st.tuples(st.integers(0, LENGTH - 1), st.integers(1, LENGTH)).filter(
+    lambda r: r[0] < r[1]
+)
 
 
-@pytest.mark.parametrize("kind", ["fsspec", "obstore"])
-@FEW
-@given(moment=MOMENTS, surface=st.sampled_from(["api", "pipeline"]), compressed=st.booleans())
-async def test_a_remote_read_cancelled_at_any_moment(
-    http_server: HTTPServer, kind: str, moment: tuple[str, float], surface: str, compressed: bool
-) -> None:
-    http_server.reset()
-    case = await remote_case(kind, http_server, compressed)
+async def read_cancelled(case: Case, moment: tuple[str, float], surface: str) -> None:
+    """A whole read cancelled at ``moment``: quiet after, nothing left, the store as it was."""
     await cancel_at(moment, case, await _reader(case.store, surface))
     await assert_quiet_after(case)
-    got = await read_back(case.store)
-    np.testing.assert_array_equal(got, OLD)
+    assert_no_temporary_files(case)
+    np.testing.assert_array_equal(await read_back(case.store), OLD)
+    case.store.close()
+
+
+async def write_cancelled(
+    case: Case, moment: tuple[str, float], surface: str, start: int, stop: int
+) -> None:
+    """A write of ``[start:stop]`` cancelled at ``moment``: quiet after, nothing left, whole
+    chunks; then the same write, to its end, gives the new values."""
+    await cancel_at(moment, case, await _writer(case.store, surface, start, stop))
+    await assert_quiet_after(case)
+    assert_no_temporary_files(case)
+    assert_whole_chunks(await read_back(case.store), start, stop)
+    await (await _writer(case.store, surface, start, stop))()
+    expected = np.full(LENGTH, OLD, dtype="u2")
+    expected[start:stop] = NEW
+    np.testing.assert_array_equal(await read_back(case.store), expected)
     case.store.close()
 
 
 @pytest.mark.parametrize("kind", ["local", "zip"])
 @FEW
-@given(
-    moment=MOMENTS,
-    surface=st.sampled_from(["api", "pipeline"]),
-    compressed=st.booleans(),
-    region=st.tuples(st.integers(0, LENGTH - 1), st.integers(1, LENGTH)).filter(
-        lambda r: r[0] < r[1]
-    ),
-)
+@given(moment=MOMENTS, surface=SURFACES, compressed=st.booleans())
+async def test_a_read_cancelled_at_any_moment(
+    kind: str, moment: tuple[str, float], surface: str, compressed: bool
+) -> None:
+    with scratch() as folder:
+        await read_cancelled(await local_case(kind, folder, compressed), moment, surface)
+
+
+@pytest.mark.parametrize("kind", ["fsspec", "obstore"])
+@FEW
+@given(moment=MOMENTS, surface=SURFACES, compressed=st.booleans())
+async def test_a_remote_read_cancelled_at_any_moment(
+    http_server: HTTPServer, kind: str, moment: tuple[str, float], surface: str, compressed: bool
+) -> None:
+    http_server.reset()
+    await read_cancelled(await remote_case(kind, http_server, compressed), moment, surface)
+
+
+@pytest.mark.parametrize("kind", ["local", "zip"])
+@FEW
+@given(moment=MOMENTS, surface=SURFACES, compressed=st.booleans(), region=REGIONS)
 async def test_a_write_cancelled_at_any_moment(
     kind: str,
     moment: tuple[str, float],
@@ -395,30 +408,13 @@ async def test_a_write_cancelled_at_any_moment(
     compressed: bool,
     region: tuple[int, int],
 ) -> None:
-    start, stop = region
     with scratch() as folder:
         case = await local_case(kind, folder, compressed)
-        await cancel_at(moment, case, await _writer(case.store, surface, start, stop))
-        await assert_quiet_after(case)
-        assert_no_temporary_files(case)
-        assert_whole_chunks(await read_back(case.store), start, stop)
-        # Usable after: the same write, to its end, gives the new values.
-        await (await _writer(case.store, surface, start, stop))()
-        expected = np.full(LENGTH, OLD, dtype="u2")
-        expected[start:stop] = NEW
-        np.testing.assert_array_equal(await read_back(case.store), expected)
-        case.store.close()
+        await write_cancelled(case, moment, surface, *region)
 
 
 @FEW
-@given(
-    moment=MOMENTS,
-    surface=st.sampled_from(["api", "pipeline"]),
-    compressed=st.booleans(),
-    region=st.tuples(st.integers(0, LENGTH - 1), st.integers(1, LENGTH)).filter(
-        lambda r: r[0] < r[1]
-    ),
-)
+@given(moment=MOMENTS, surface=SURFACES, compressed=st.booleans(), region=REGIONS)
 async def test_a_remote_write_cancelled_at_any_moment(
     http_server: HTTPServer,
     moment: tuple[str, float],
@@ -426,14 +422,6 @@ async def test_a_remote_write_cancelled_at_any_moment(
     compressed: bool,
     region: tuple[int, int],
 ) -> None:
-    start, stop = region
     http_server.reset()
     case = await remote_case("obstore", http_server, compressed, writable=True)
-    await cancel_at(moment, case, await _writer(case.store, surface, start, stop))
-    await assert_quiet_after(case)
-    assert_whole_chunks(await read_back(case.store), start, stop)
-    await (await _writer(case.store, surface, start, stop))()
-    expected = np.full(LENGTH, OLD, dtype="u2")
-    expected[start:stop] = NEW
-    np.testing.assert_array_equal(await read_back(case.store), expected)
-    case.store.close()
+    await write_cancelled(case, moment, surface, *region)
