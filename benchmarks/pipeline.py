@@ -1,24 +1,35 @@
 """Our codec pipeline against zarr's own, zarrs' and tensorstore's, on the same arrays, in one run.
 
-    python3 benchmarks/pipeline.py             # 512 x 1 MiB raw 2-D, 8,192 x 4 KiB raw 1-D,
-                                               # 256 x 1 MiB zstd(1) 2-D; ~800 MiB in /tmp
-    python3 benchmarks/pipeline.py --quick     # small arrays
-    python3 benchmarks/pipeline.py --repeat 7
+    python3 benchmarks/pipeline.py             # every workload below; ~1 GiB in /tmp
+    python3 benchmarks/pipeline.py --quick     # small arrays, for the smoke test
+    python3 benchmarks/pipeline.py --repeat 7 --only zstd,remote
 
-Whole-array reads from a local folder (hot in the page cache), interleaved in a new order each
-round; medians, and every reader's ratio to zarr's default pipeline (lower is better):
+Workloads (reads; the local ones from a folder hot in the page cache):
 
-* zarr: zarr's sync ``arr[:]``, its `BatchedCodecPipeline`, its LocalStore.
-* ours (sync API): zarr's sync ``arr[:]`` with ``codec_pipeline.path`` set to ours, on a
-  zarr_anyio LocalStore (chunks read in batches by worker threads).
-* ours (api, trio) / ours (api, asyncio): ``await arr.getitem(...)`` through `zarr_anyio.api`,
-  the same pipeline selected.
-* zarrs: zarr's sync ``arr[:]`` with the ``zarrs`` package's Rust pipeline, zarr's LocalStore.
-* tensorstore: its zarr3 driver, ``read().result()``.
+* 512 x 1 MiB raw float32 2-D, whole array; 8,192 x 4 KiB raw float32 1-D, whole array;
+  256 x 1 MiB zstd(1) 2-D, whole array;
+* 512 x 1 MiB raw 2-D read as a strided region not aligned to chunks, ``arr[::3, 100:-100]``;
+* 256 x 1 MiB blosc(lz4, shuffle) 2-D, whole array;
+* remote: 2,000 x 64 KiB raw chunks behind a loopback HTTP server that answers each request after
+  20 ms (`slow_http.py`, in a process of its own), every store held to the same window of
+  requests in flight (``--window``, default 64; zarr's stores through ``async.concurrency``).
+  Beside the ratios, the rate as a fraction of what the window allows: window / latency.
+
+Readers, each run in every round, rounds interleaved in a new order each time:
+
+* zarr: zarr's sync ``arr[sel]``, its `BatchedCodecPipeline`, its LocalStore (remote: its
+  FsspecStore over HTTP; also its ObjectStore over obstore's HTTPStore).
+* ours (sync API): zarr's sync ``arr[sel]`` with ``codec_pipeline.path`` set to ours, on a
+  zarr_anyio store (LocalStore; remote: FsspecStore and ObjectStore).
+* ours (api, trio) / ours (api, asyncio): ``await arr.getitem(sel)`` through `zarr_anyio.api`.
+* zarrs: zarr's sync ``arr[sel]`` with the ``zarrs`` package's Rust pipeline, zarr's store.
+* tensorstore: its zarr3 driver, ``arr[sel].read().result()`` (remote: its http kvstore).
 
 zarrs and tensorstore are optional (``pip install zarrs tensorstore``); a missing one is said so.
-Also writes (``arr[:] = data``) of the raw 1-D and zstd arrays, ours against zarr's. Timings on
-a shared 2-core machine are noisy: read the ratios of one run.
+Each reader's time is divided by zarr's in the same round; the min / median / max of that ratio
+over the rounds is printed (lower is better), then markdown tables for the docs. Also writes
+(``arr[:] = data``) of the raw 1-D and zstd arrays, ours against zarr's. Timings on a shared
+2-core machine are noisy: read the ratios of one run, and the load printed with them.
 """
 
 from __future__ import annotations
@@ -29,9 +40,12 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +59,15 @@ import zarr_anyio
 import zarr_anyio.api as za
 import zarr_anyio.arrays  # registers the pipeline
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from processes import server_process
+
 OURS = "zarr_anyio.arrays.AnyioCodecPipeline"
 ZARR = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 ZARRS = "zarrs.ZarrsCodecPipeline"
 MIB = 1 << 20
+LATENCY = 0.02
+BARE = "aiohttp alone (no zarr)"
 
 try:
     import zarrs  # noqa: F401
@@ -61,9 +80,59 @@ try:
 except ImportError:
     tensorstore = None
 
+Selection = Any  # what ``arr[...]`` takes: Ellipsis or a tuple of slices
 
-def interleaved_medians(runs: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
-    """Each run ``repeat`` times, in a new order each round; the median wall time of each."""
+
+@dataclass(frozen=True)
+class Workload:
+    label: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    compressors: Any = None
+    selection: Selection = Ellipsis
+    selection_text: str = "[:]"
+    remote: bool = False
+    written: bool = False  # also measured writing it
+
+    @property
+    def count(self) -> int:
+        return int(np.prod([-(-s // c) for s, c in zip(self.shape, self.chunks, strict=True)]))
+
+    @property
+    def chunk_kib(self) -> int:
+        return int(np.prod(self.chunks)) * 4 // 1024
+
+
+def workloads(quick: bool) -> list[Workload]:
+    scale = 8 if quick else 1
+    zstd = zarr.codecs.ZstdCodec(level=1)
+    blosc = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    # tensorstore reads a negative stop as an index, not from the end: spell it out.
+    strided = (slice(None, None, 3), slice(100, 8192 - 100))
+    return [
+        Workload("512 x 1 MiB raw float32, 2-D", (16384 // scale, 8192), (512, 512)),
+        Workload("8,192 x 4 KiB raw, 1-D", (8192 * 1024 // scale,), (1024,), written=True),
+        Workload("256 x 1 MiB zstd(1), 2-D", (8192 // scale, 8192), (512, 512), zstd, written=True),
+        Workload(
+            "512 x 1 MiB raw, 2-D, strided region",
+            (16384 // scale, 8192),
+            (512, 512),
+            None,
+            strided,
+            "[::3, 100:-100]",
+        ),
+        Workload("256 x 1 MiB blosc(lz4, shuffle), 2-D", (8192 // scale, 8192), (512, 512), blosc),
+        Workload(
+            "remote: 2,000 x 64 KiB raw, HTTP 20 ms",
+            (2000 * 16384 // (10 if quick else 1),),
+            (16384,),
+            remote=True,
+        ),
+    ]
+
+
+def interleaved(runs: dict[str, Callable[[], float]], repeat: int) -> dict[str, list[float]]:
+    """Each run ``repeat`` times, in a new order each round; every wall time of each."""
     results: dict[str, list[float]] = {name: [] for name in runs}
     order = list(runs)
     shuffle = random.Random(0).shuffle
@@ -71,7 +140,16 @@ def interleaved_medians(runs: dict[str, Callable[[], float]], repeat: int) -> di
         shuffle(order)
         for name in order:
             results[name].append(runs[name]())
-    return {name: statistics.median(got) for name, got in results.items()}
+    return results
+
+
+def ratios(results: dict[str, list[float]], base: str) -> dict[str, tuple[float, float, float]]:
+    """Each reader's time over ``base``'s in the same round: min, median, max."""
+    out = {}
+    for name, walls in results.items():
+        got = [wall / theirs for wall, theirs in zip(walls, results[base], strict=True)]
+        out[name] = (min(got), statistics.median(got), max(got))
+    return out
 
 
 def timed(function: Callable[[], Any], check: Callable[[Any], None]) -> Callable[[], float]:
@@ -85,94 +163,268 @@ def timed(function: Callable[[], Any], check: Callable[[Any], None]) -> Callable
     return run
 
 
-def opened(path: Path, pipeline: str, store: Any = None) -> zarr.Array:
+def opened(store: Any, pipeline: str) -> zarr.Array:
     with zarr.config.set({"codec_pipeline.path": pipeline}):
-        return zarr.open_array(
-            store if store is not None else zarr.storage.LocalStore(path), mode="r"
+        return zarr.open_array(store, mode="r")
+
+
+def api_runs(
+    name: str, store: Any, selection: Selection, check: Callable[[Any], None], loop: Any
+) -> dict[str, Callable[[], float]]:
+    """``await arr.getitem(selection)`` through `zarr_anyio.api`, under trio and asyncio; the
+    time of the read alone (not of opening the array, nor of starting the loop)."""
+    elapsed = [0.0]
+
+    async def read() -> Any:
+        with zarr.config.set({"codec_pipeline.path": OURS}):
+            arr = await za.open_array(store=store, mode="r")
+        start = time.perf_counter()
+        result = await arr.getitem(selection)
+        elapsed[0] = time.perf_counter() - start
+        return result
+
+    def run(runner: Callable[[], Any]) -> float:
+        check(runner())
+        return elapsed[0]
+
+    return {
+        name.format("trio"): lambda: run(lambda: anyio.run(read, backend="trio")),
+        name.format("asyncio"): lambda: run(lambda: loop.run(read())),
+    }
+
+
+def local_runs(
+    path: Path, work: Workload, check: Callable[[Any], None], loop: Any
+) -> dict[str, Callable[[], float]]:
+    sel = work.selection
+    theirs = opened(zarr.storage.LocalStore(path, read_only=True), ZARR)
+    ours = opened(zarr_anyio.LocalStore(path, read_only=True), OURS)
+    runs: dict[str, Callable[[], float]] = {
+        "zarr": timed(lambda: theirs[sel], check),
+        "ours (sync API)": timed(lambda: ours[sel], check),
+    }
+    our_store = zarr_anyio.LocalStore(path, read_only=True)
+    runs.update(api_runs("ours (api, {})", our_store, sel, check, loop))
+    if HAVE_ZARRS:
+        with_zarrs = opened(zarr.storage.LocalStore(path, read_only=True), ZARRS)
+        runs["zarrs"] = timed(lambda: with_zarrs[sel], check)
+    if tensorstore is not None:
+        ts_array = tensorstore.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+        ).result()
+        runs["tensorstore"] = timed(lambda: ts_array[sel].read().result(), check)
+    return runs
+
+
+def remote_runs(
+    url: str, work: Workload, window: int, check: Callable[[Any], None], loop: Any
+) -> dict[str, Callable[[], float]]:
+    """Every store held to ``window`` requests in flight: ours by a fixed window
+    (``adaptive=False``), zarr's by ``async.concurrency``, tensorstore's by its http
+    concurrency limit."""
+    from obstore.store import HTTPStore
+
+    sel = work.selection
+
+    def http_store() -> Any:
+        return HTTPStore.from_url(
+            url, client_options={"allow_http": True}, retry_config={"max_retries": 0}
         )
 
+    def zarr_read(arr: zarr.Array) -> Callable[[], Any]:
+        def read() -> Any:
+            with zarr.config.set({"async.concurrency": window}):
+                return arr[sel]
 
-def bench_reads(
-    path: Path,
-    label: str,
-    shape: tuple[int, ...],
-    chunks: tuple[int, ...],
-    compressors: Any,
-    repeat: int,
-) -> list[str]:
-    values = (np.arange(int(np.prod(shape)), dtype="float32") % 1000).reshape(shape)
+        return read
+
+    ours: dict[str, Callable[[], Any]] = {
+        "FsspecStore": lambda: zarr_anyio.FsspecStore.from_url(
+            url, read_only=True, max_concurrency=window, adaptive=False
+        ),
+        "ObjectStore": lambda: zarr_anyio.ObjectStore(
+            http_store(), read_only=True, max_concurrency=window, adaptive=False
+        ),
+    }
+    theirs = {
+        "FsspecStore": lambda: zarr.storage.FsspecStore.from_url(url, read_only=True),
+        "ObjectStore": lambda: zarr.storage.ObjectStore(http_store(), read_only=True),
+    }
+    runs: dict[str, Callable[[], float]] = {
+        BARE: lambda: loop.run(bare_gets(url, work.count, window))
+    }
+    for kind in ("FsspecStore", "ObjectStore"):
+        zarr_name = "zarr" if kind == "FsspecStore" else f"zarr, {kind}"
+        runs[zarr_name] = timed(zarr_read(opened(theirs[kind](), ZARR)), check)
+        runs[f"ours (sync API), {kind}"] = timed(zarr_read(opened(ours[kind](), OURS)), check)
+        runs.update(api_runs(f"ours (api, {{}}), {kind}", ours[kind](), sel, check, loop))
+    if HAVE_ZARRS:
+        with_zarrs = opened(theirs["FsspecStore"](), ZARRS)
+        probe = timed(zarr_read(with_zarrs), check)()
+        ideal = work.count * LATENCY / window
+        if probe < 5 * ideal:
+            runs["zarrs, FsspecStore"] = timed(zarr_read(with_zarrs), check)
+        else:  # one request at a time: minutes a round, so measured once
+            print(
+                f"(zarrs, FsspecStore: {probe * 1000:.0f} ms for one read, "
+                f"{ideal / probe:.0%} of the window: left out of the rounds)"
+            )
+    if tensorstore is not None:
+        spec = {
+            "driver": "zarr3",
+            "kvstore": {"driver": "http", "base_url": url},
+            "context": {"http_request_concurrency": {"limit": window}},
+        }
+        ts_array = tensorstore.open(spec).result()
+        runs["tensorstore"] = timed(lambda: ts_array[sel].read().result(), check)
+    return runs
+
+
+async def bare_gets(url: str, count: int, window: int) -> float:
+    """Seconds for ``count`` GETs of the chunks, ``window`` at a time, on one aiohttp session:
+    what the server gives a client that does nothing else (on 2 shared cores the server's own
+    CPU caps the rate below the window's)."""
+    import aiohttp
+
+    numbers = iter(range(count))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=window)) as session:
+
+        async def worker() -> None:
+            for number in numbers:
+                async with session.get(f"{url}/c/{number}") as response:
+                    await response.read()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(window)))
+        return time.perf_counter() - start
+
+
+@dataclass
+class Measured:
+    work: Workload
+    ratios: dict[str, tuple[float, float, float]]
+    walls: dict[str, float]  # medians, seconds
+    window: int = 0
+    alone: float = 0.0  # seconds one request takes with nothing else in flight
+
+
+def bench_read(
+    folder: Path, work: Workload, repeat: int, window: int, stack: ExitStack
+) -> Measured:
+    path = folder / "array"
+    values = (np.arange(int(np.prod(work.shape)), dtype="float32") % 1000).reshape(work.shape)
     with zarr.config.set({"codec_pipeline.path": ZARR}):
         arr = zarr.create_array(
             zarr.storage.LocalStore(path),
-            shape=shape,
-            chunks=chunks,
+            shape=work.shape,
+            chunks=work.chunks,
             dtype="float32",
-            compressors=compressors,
+            compressors=work.compressors,
         )
         arr[...] = values
-    expected_last = values.reshape(-1)[-1]
-    del values
+    expected = values[work.selection]
+    expected_shape, expected_last = expected.shape, expected.reshape(-1)[-1]
+    del values, expected
 
     def check(result: Any) -> None:
-        assert np.asarray(result).reshape(-1)[-1] == expected_last
+        result = np.asarray(result)
+        assert result.shape == expected_shape, (result.shape, expected_shape)
+        assert result.reshape(-1)[-1] == expected_last
 
-    theirs = opened(path, ZARR)
-    ours_sync = opened(path, OURS, zarr_anyio.LocalStore(path, read_only=True))
-    our_store = zarr_anyio.LocalStore(path, read_only=True)
-
-    async def ours_api() -> Any:
-        with zarr.config.set({"codec_pipeline.path": OURS}):
-            arr = await za.open_array(store=our_store, mode="r")
-        start = time.perf_counter()
-        result = await arr.getitem(...)
-        ours_api.elapsed = time.perf_counter() - start  # type: ignore[attr-defined]
-        return result
-
-    def api_run(runner: Callable[[], Any]) -> float:
-        check(runner())
-        return float(ours_api.elapsed)  # type: ignore[attr-defined]
-
-    runs: dict[str, Callable[[], float]] = {
-        "zarr": timed(lambda: theirs[...], check),
-        "ours (sync API)": timed(lambda: ours_sync[...], check),
-    }
     with asyncio.Runner() as loop:
-        runs["ours (api, trio)"] = lambda: api_run(lambda: anyio.run(ours_api, backend="trio"))
-        runs["ours (api, asyncio)"] = lambda: api_run(lambda: loop.run(ours_api()))
-        if HAVE_ZARRS:
-            with_zarrs = opened(path, ZARRS)
-            runs["zarrs"] = timed(lambda: with_zarrs[...], check)
-        if tensorstore is not None:
-            ts_array = tensorstore.open(
-                {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
-            ).result()
-            runs["tensorstore"] = timed(lambda: ts_array.read().result(), check)
-        medians = interleaved_medians(runs, repeat)
-    count = int(np.prod([-(-s // c) for s, c in zip(shape, chunks, strict=True)]))
-    chunk_kib = int(np.prod(chunks)) * 4 // 1024
+        if work.remote:
+            url = stack.enter_context(
+                server_process("slow_http.py", f"--delay={LATENCY}", f"--root={path}")
+            )
+            runs = remote_runs(url, work, window, check, loop)
+            alone = statistics.median(loop.run(bare_gets(url, 1, 1)) for _ in range(20))
+        else:
+            runs = local_runs(path, work, check, loop)
+        results = interleaved(runs, repeat)
+    shutil.rmtree(path)
+    walls = {name: statistics.median(got) for name, got in results.items()}
+    if not work.remote:
+        return Measured(work, ratios(results, "zarr"), walls)
+    return Measured(work, ratios(results, "zarr"), walls, window, alone)
+
+
+def report(measured: Measured, repeat: int) -> list[str]:
+    work = measured.work
     lines = [
-        f"\n## read {label}: {count} chunks of {chunk_kib} KiB, shape {shape} (median of {repeat})",
-        f"{'':22s} {'wall':>9s}     {'per chunk':>9s}  {'/ zarr':>7s}  {'/ zarrs':>7s}",
+        f"\n## read {work.label}: {work.count} chunks of {work.chunk_kib} KiB, shape "
+        f"{work.shape}, arr{work.selection_text} (min / median / max of {repeat} rounds, "
+        f"load {os.getloadavg()[0]:.1f})",
+        f"{'':32s} {'median':>9s}     {'per chunk':>9s}  {'/ zarr: min':>11s} {'median':>6s} "
+        f"{'max':>5s}" + ("   of window   of bare" if measured.window else ""),
     ]
-    base = medians["zarr"]
-    for name, wall in medians.items():
-        versus_zarrs = f"{wall / medians['zarrs']:7.2f}" if "zarrs" in medians else "      -"
+    bare = measured.walls.get(BARE, 0.0)
+    for name, wall in measured.walls.items():
+        low, middle, high = measured.ratios[name]
+        line = (
+            f"{name:32s} {wall * 1000:9.1f} ms  {wall / work.count * 1e6:8.1f} µs  "
+            f"{low:11.2f} {middle:6.2f} {high:5.2f}"
+        )
+        if measured.window:
+            ideal = measured.window / LATENCY  # requests a second the window allows
+            line += f"   {work.count / wall / ideal:9.0%} {bare / wall:9.0%}"
+        lines.append(line)
+    if measured.window:
+        ideal_wall = work.count / (measured.window / LATENCY)
         lines.append(
-            f"{name:22s} {wall * 1000:9.1f} ms  {wall / count * 1e6:8.1f} µs  "
-            f"{wall / base:7.2f}  {versus_zarrs}"
+            f"(window {measured.window} requests in flight x 1 / {LATENCY * 1000:.0f} ms = "
+            f"{measured.window / LATENCY:.0f} requests/s: {ideal_wall * 1000:.0f} ms at best; "
+            f"one request alone took {measured.alone * 1000:.1f} ms, median of 20; "
+            "'of bare': the rate over aiohttp's alone, the server's ceiling in this run)"
         )
     return lines
 
 
-def bench_writes(
-    folder: Path,
-    label: str,
-    shape: tuple[int, ...],
-    chunks: tuple[int, ...],
-    compressors: Any,
-    repeat: int,
-) -> list[str]:
-    values = (np.arange(int(np.prod(shape)), dtype="float32") % 1000).reshape(shape)
+def markdown(chosen: list[Measured]) -> list[str]:
+    """One table: a row per workload, a column per reader, ``median (min-max)`` ratios."""
+    if not chosen:
+        return []
+    columns: list[str] = []
+    for m in chosen:
+        columns += [name for name in m.ratios if name not in columns]
+    lines = [
+        "| workload | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for m in chosen:
+        cells = []
+        for name in columns:
+            if name not in m.ratios:
+                cells.append("-")
+                continue
+            low, middle, high = m.ratios[name]
+            cells.append(f"{middle:.2f} ({low:.2f}-{high:.2f})")
+        label = m.work.label.replace(" x ", " \N{MULTIPLICATION SIGN} ")
+        if m.work.selection_text != "[:]":
+            label += f" `{m.work.selection_text}`"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_remote(m: Measured) -> list[str]:
+    """A row per reader: its ratio to zarr, its rate as a share of the window and of what
+    aiohttp alone got from the same server."""
+    ideal = m.window / LATENCY
+    lines = [
+        f"| reader ({m.work.count} chunks, window {m.window}) | / zarr | of the window "
+        "| of aiohttp alone |",
+        "|---|---|---|---|",
+    ]
+    for name, wall in m.walls.items():
+        low, middle, high = m.ratios[name]
+        lines.append(
+            f"| {name} | {middle:.2f} ({low:.2f}-{high:.2f}) | "
+            f"{m.work.count / wall / ideal:.0%} | {m.walls[BARE] / wall:.0%} |"
+        )
+    return lines
+
+
+def bench_writes(folder: Path, work: Workload, repeat: int) -> list[str]:
+    values = (np.arange(int(np.prod(work.shape)), dtype="float32") % 1000).reshape(work.shape)
     rounds = iter(range(10**6))
 
     def write(pipeline: str, store_class: Any) -> float:
@@ -180,10 +432,10 @@ def bench_writes(
         with zarr.config.set({"codec_pipeline.path": pipeline}):
             arr = zarr.create_array(
                 store_class(path),
-                shape=shape,
-                chunks=chunks,
+                shape=work.shape,
+                chunks=work.chunks,
                 dtype="float32",
-                compressors=compressors,
+                compressors=work.compressors,
             )
             start = time.perf_counter()
             arr[...] = values
@@ -197,43 +449,64 @@ def bench_writes(
     }
     if HAVE_ZARRS:
         runs["zarrs"] = lambda: write(ZARRS, zarr.storage.LocalStore)
-    medians = interleaved_medians(runs, repeat)
-    lines = [f"\n## write {label} (median of {repeat})"]
-    for name, wall in medians.items():
-        lines.append(f"{name:22s} {wall * 1000:9.1f} ms  {wall / medians['zarr']:7.2f} of zarr's")
+    results = interleaved(runs, repeat)
+    lines = [f"\n## write {work.label} (min / median / max of {repeat} rounds)"]
+    for name, (low, middle, high) in ratios(results, "zarr").items():
+        wall = statistics.median(results[name])
+        lines.append(
+            f"{name:22s} {wall * 1000:9.1f} ms  {low:5.2f} {middle:5.2f} {high:5.2f} of zarr's"
+        )
     return lines
+
+
+@contextmanager
+def scratch() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small arrays")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--window", type=int, default=64, help="requests in flight, remote")
+    parser.add_argument(
+        "--only", default="", help="comma-separated words: the workloads whose label has one"
+    )
     parser.add_argument("--no-writes", action="store_true")
     args = parser.parse_args()
-    scale = 8 if args.quick else 1
     print(
-        f"zarr {zarr.__version__}; zarrs {'yes' if HAVE_ZARRS else 'not installed'}; "
+        f"python {sys.version.split()[0]}; zarr {zarr.__version__}; "
+        f"zarrs {'yes' if HAVE_ZARRS else 'not installed'}; "
         f"tensorstore {'yes' if tensorstore is not None else 'not installed'}; "
         f"load average {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs"
     )
-    zstd = zarr.codecs.ZstdCodec(level=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        cases = [
-            ("raw float32 2-D", (16384 // scale, 8192), (512, 512), None),
-            ("raw float32 1-D", (8192 * 1024 // scale,), (1024,), None),
-            ("zstd(1) float32 2-D", (8192 // scale, 8192), (512, 512), zstd),
-        ]
-        for number, (label, shape, chunks, compressors) in enumerate(cases):
-            for line in bench_reads(
-                folder / f"r{number}", label, shape, chunks, compressors, args.repeat
-            ):
+    words = [word for word in args.only.split(",") if word]
+    chosen = [
+        work
+        for work in workloads(args.quick)
+        if not words or any(word in work.label for word in words)
+    ]
+    measured: list[Measured] = []
+    with scratch() as folder:
+        for work in chosen:
+            with ExitStack() as stack:
+                measured.append(bench_read(folder, work, args.repeat, args.window, stack))
+            for line in report(measured[-1], args.repeat):
                 print(line, flush=True)
-            shutil.rmtree(folder / f"r{number}")
+        table = markdown([m for m in measured if not m.work.remote])
+        if table:
+            print("\n## markdown, local reads (/ zarr)")
+            print("\n".join(table), flush=True)
+        for m in measured:
+            if m.work.remote:
+                print("\n## markdown, remote reads")
+                print("\n".join(markdown_remote(m)), flush=True)
         if not args.no_writes:
-            for label, shape, chunks, compressors in cases[1:]:
-                for line in bench_writes(folder, label, shape, chunks, compressors, args.repeat):
-                    print(line, flush=True)
+            for work in chosen:
+                if work.written:
+                    for line in bench_writes(folder, work, args.repeat):
+                        print(line, flush=True)
 
 
 if __name__ == "__main__":
