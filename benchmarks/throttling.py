@@ -229,12 +229,12 @@ class Cell:
     def line(self) -> str:
         counts = self.counts
         if self.seconds is None:
-            return f"{self.client:46s} {'fails':>8s} {'':>7s} {self.throttled:10.0%} " + (
+            return f"{self.client:58s} {'fails':>8s} {'':>7s} {self.throttled:10.0%} " + (
                 f"{counts['requests']:9d}  {self.error}"
             )
         seen = "" if self.seen is None else f"{self.seen}/{counts['throttled']}"
         return (
-            f"{self.client:46s} {self.count / self.seconds:8.0f} {self.share:7.0%} "
+            f"{self.client:58s} {self.count / self.seconds:8.0f} {self.share:7.0%} "
             f"{self.throttled:10.0%} {counts['requests']:9d} {counts['most_in_flight']:7d} "
             f"{counts['early']:6d} {seen:>11s}"
         )
@@ -247,7 +247,7 @@ class Cell:
 
 
 HEADER = (
-    f"{'client':46s} {'reads/s':>8s} {'share':>7s} {'throttled':>10s} {'requests':>9s} "
+    f"{'client':58s} {'reads/s':>8s} {'share':>7s} {'throttled':>10s} {'requests':>9s} "
     f"{'most':>7s} {'early':>6s} {'seen':>11s}"
 )
 
