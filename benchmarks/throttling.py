@@ -431,6 +431,11 @@ def plot(runs: list[Run], count: int, path: Path) -> str:
     window.step([t - started for t, _ in samples], [w for _, w in samples], where="post")
     window.axhline(6, color="grey", linestyle=":", label="300 req/s x 20 ms = 6")
     window.axhline(2, color="silver", linestyle=":", label="100 req/s x 20 ms = 2")
+    window.set_title(
+        f"zarr_anyio.ObjectStore, ceiling 128, {count} x 4 KiB from the drop server"
+        " (300/s; 100/s from 2 s to 4 s)",
+        fontsize=9,
+    )
     window.set_ylabel("window (in flight)")
     window.legend(loc="upper right", fontsize=7)
     bin_width = 0.25
@@ -443,10 +448,7 @@ def plot(runs: list[Run], count: int, path: Path) -> str:
     rate.step(xs, [bins[s][0] / bin_width for s in slots], where="post", label="admitted")
     rate.step(xs, [bins[s][1] / bin_width for s in slots], where="post", label="throttled (503)")
     rate.set_ylabel("answers per second")
-    rate.set_xlabel(
-        f"seconds: zarr_anyio.ObjectStore, ceiling 128, {count} x 4 KiB, the drop server"
-        " (300/s, 100/s from 2 s to 4 s)"
-    )
+    rate.set_xlabel("seconds")
     rate.legend(loc="upper right", fontsize=7)
     window.sharex(rate)
     fig.tight_layout()

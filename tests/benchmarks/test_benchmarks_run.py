@@ -38,13 +38,13 @@ def test_remote_benchmark_script_runs_quick() -> None:
     assert "zarr.storage.ObjectStore" in done.stdout.split("## HTTP")[1]
 
 
-def test_throttling_benchmark_runs_the_whole_matrix(tmp_path: Path) -> None:
-    plot = tmp_path / "throttling.png"
+def run_throttling(*options: str) -> subprocess.CompletedProcess[str]:
+    """`benchmarks/throttling.py` on a few reads, at ceiling 32; it must succeed."""
     done = subprocess.run(
         [
             sys.executable,
             str(TOP / "benchmarks" / "throttling.py"),
-            *("--count", "30", "--ceilings", "32", "--plot", str(plot)),
+            *("--count", "30", "--ceilings", "32", *options),
         ],
         capture_output=True,
         text=True,
@@ -52,6 +52,12 @@ def test_throttling_benchmark_runs_the_whole_matrix(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_throttling_benchmark_runs_the_whole_matrix(tmp_path: Path) -> None:
+    plot = tmp_path / "throttling.png"
+    done = run_throttling("--plot", str(plot))
     kinds = ["rate", "sliding", "fixed", "concurrency", "queue", "retry-after", "drop"]
     assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("## ")] == [
         *(f"## {kind}" for kind in kinds),
@@ -68,18 +74,7 @@ def test_throttling_benchmark_runs_the_whole_matrix(tmp_path: Path) -> None:
 
 
 def test_throttling_benchmark_runs_one_kind() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(TOP / "benchmarks" / "throttling.py"),
-            *("--only", "sliding", "--count", "30", "--ceilings", "32", "--no-oracle"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_throttling("--only", "sliding", "--no-oracle")
     assert "## sliding: 300 in any 1 s (sliding window)" in done.stdout
     assert "## fixed" not in done.stdout
     ours = [line for line in done.stdout.splitlines() if line.startswith("zarr_anyio.")]
