@@ -4,29 +4,36 @@ process of its own, so that its CPU time (and its GIL) is not the client's.
     python benchmarks/throttle_http.py --delay 0.02 --rate 300
     python benchmarks/throttle_http.py --delay 0.1 --concurrency 48
     python benchmarks/throttle_http.py --delay 0.02 --window 300 [--window-kind fixed]
+    python benchmarks/throttle_http.py --delay 0.1 --concurrency 48 --queue
+    python benchmarks/throttle_http.py --delay 0.02 --rate 300 --status 429 --retry-after 1
+    python benchmarks/throttle_http.py --delay 0.02 --rate 300 --rate-changes 2:100,4:300
     python benchmarks/throttle_http.py --delay 0.2
 
 Every GET or HEAD of any path is answered with ``size`` bytes after ``delay`` seconds, unless a
-limit refuses it at once with S3's ``503 SlowDown``: ``--rate`` admits that many requests a
-second (a token bucket with ``--burst``), ``--concurrency`` that many in flight, ``--window``
-that many in any one second (a sliding window, as API gateways count; ``--window-kind fixed``:
-in each second of the clock, the count reset on the second). ``GET
-/__stats__`` gives the server's own counts as JSON (and the times of its answers), ``POST
-/__reset__`` zeroes them. Prints ``http://127.0.0.1:PORT`` on its first line, serves until its
-standard input closes.
+limit refuses it at once with S3's ``503 SlowDown`` (``--status 429``: 429 Too Many Requests;
+``--retry-after S``: with that header): ``--rate`` admits that many requests a second (a token
+bucket with ``--burst``; ``--rate-changes T:R,...``: R a second from T seconds after the first
+request), ``--concurrency`` that many in flight (``--queue``: the rest wait for a place, nothing
+is refused), ``--window`` that many in any one second (a sliding window, as API gateways count;
+``--window-kind fixed``: in each second of the clock, the count reset on the second). The
+limits are the tests' own (``tests/support/limits.py``). ``GET /__stats__`` gives the server's
+own counts as JSON (and the times of its answers), ``POST /__reset__`` zeroes them. Prints
+``http://127.0.0.1:PORT`` on its first line, serves until its standard input closes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
-import math
 import sys
 import time
+from pathlib import Path
 
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.limits import Admission, Limits
 
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -44,49 +51,54 @@ class Counts:
         self.throttled = 0
         self.in_flight = 0
         self.most_in_flight = 0
-        self.next_slot = 0.0
-        self.window: collections.deque[float] = collections.deque()  # admitted, last second
+        self.admission = Admission()
         self.answers: list[tuple[float, bool]] = []  # (time, admitted)
 
 
 async def serve(args: argparse.Namespace) -> None:
     body = b"x" * args.size
     counts = Counts()
-    interval = 1.0 / args.rate if args.rate else 0.0
-
-    def admit(now: float) -> bool:
-        if args.concurrency and counts.in_flight > args.concurrency:
-            return False
-        if args.rate:
-            # A token bucket (GCRA): admitted if its slot is within the burst.
-            slot = max(counts.next_slot, now)
-            if slot - now > (args.burst - 1) * interval:
-                return False
-            counts.next_slot = slot + interval
-        if args.window:
-            admitted = counts.window
-            if args.window_kind == "fixed":
-                while admitted and math.floor(admitted[0]) != math.floor(now):
-                    admitted.popleft()
-            else:
-                while admitted and admitted[0] <= now - 1.0:
-                    admitted.popleft()
-            if len(admitted) >= args.window:
-                return False
-            admitted.append(now)
-        return True
+    limits = Limits(
+        rate=args.rate or None,
+        burst=args.burst,
+        rate_changes=tuple(
+            (float(after), float(rate))
+            for after, _, rate in (change.partition(":") for change in args.rate_changes)
+        ),
+        concurrency=args.concurrency or None,
+        queue=args.queue,
+        service=args.delay,
+        window=args.window or None,
+        window_kind=args.window_kind,
+    )
+    refusal_body, refusal_type = (
+        (b"Too Many Requests", "text/plain")
+        if args.status == 429
+        else (SLOW_DOWN, "application/xml")
+    )
+    refusal_headers = {} if args.retry_after is None else {"Retry-After": str(args.retry_after)}
 
     async def answer(request: web.Request) -> web.Response:
         now = time.monotonic()
         counts.requests += 1
         counts.in_flight += 1
         counts.most_in_flight = max(counts.most_in_flight, counts.in_flight)
+        admission = counts.admission
+        admission.arrives(request.path, now)
         try:
-            if not admit(now):
+            verdict = admission.judge(limits, now, counts.in_flight)
+            if verdict.refused:
                 counts.throttled += 1
                 counts.answers.append((now, False))
-                return web.Response(status=503, body=SLOW_DOWN, content_type="application/xml")
-            await asyncio.sleep(args.delay)
+                if args.retry_after is not None:
+                    admission.told_retry_after(request.path, time.monotonic(), args.retry_after)
+                return web.Response(
+                    status=args.status,
+                    body=refusal_body,
+                    content_type=refusal_type,
+                    headers=refusal_headers,
+                )
+            await asyncio.sleep(verdict.wait + args.delay)
             counts.admitted += 1
             counts.answers.append((time.monotonic(), True))
             return web.Response(body=body, headers={"Accept-Ranges": "bytes"})
@@ -101,6 +113,9 @@ async def serve(args: argparse.Namespace) -> None:
                     "admitted": counts.admitted,
                     "throttled": counts.throttled,
                     "most_in_flight": counts.most_in_flight,
+                    "queued": counts.admission.queued,
+                    "early": counts.admission.early,
+                    "phases": counts.admission.phases,
                     "answers": counts.answers if "answers" in request.query else [],
                 }
             ),
@@ -134,6 +149,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=0, help="in flight (0: any)")
     parser.add_argument("--window", type=int, default=0, help="in any 1 s (0: any)")
     parser.add_argument("--window-kind", choices=["sliding", "fixed"], default="sliding")
+    parser.add_argument("--queue", action="store_true", help="queue beyond --concurrency")
+    parser.add_argument("--status", type=int, choices=[503, 429], default=503)
+    parser.add_argument("--retry-after", type=int, help="seconds, told to refused requests")
+    parser.add_argument(
+        "--rate-changes",
+        type=lambda text: text.split(","),
+        default=[],
+        help="T:R,... (R requests/s from T s after the first request)",
+    )
     asyncio.run(serve(parser.parse_args()))
 
 

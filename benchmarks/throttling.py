@@ -1,27 +1,37 @@
-"""Remote stores against throttling servers, beside zarr.storage's stores on the same servers.
+"""Remote stores against a matrix of throttling servers, beside zarr.storage's stores on the
+same servers.
 
-    python benchmarks/throttling.py                 # every scenario, then the plot
-    python benchmarks/throttling.py --only rate     # one of: rate, sliding, fixed,
-                                                    # concurrency, plain, plot
+    python benchmarks/throttling.py                 # the whole matrix, its table
+    python benchmarks/throttling.py --plot          # ... and docs/throttling.png
+    python benchmarks/throttling.py --only sliding,drop --count 600 --ceilings 32
 
-Each server is `throttle_http.py` in a process of its own; every count is the server's own.
+Each server is `throttle_http.py` in a process of its own, its limits the tests' own
+(``tests/support/limits.py``); every count is the server's own. Against each kind of server,
+1,500 x 4 KiB (twice that for the 480/s servers) are read with ``get_partial_values`` by our
+ObjectStore (obstore's HTTPStore, its retries off) and FsspecStore (http) at max_concurrency 32,
+128 and 256, by an "oracle" (ours with a fixed window set to the server's limit, known in
+advance as a client never knows it: what this machine can do against that server), and by
+zarr.storage's ObjectStore (obstore's own 10 retries) and FsspecStore at zarr's default
+``async.concurrency`` of 10. The kinds of server (20 ms an answer unless said):
 
-* **rate**: a server admitting 300 requests/s (20 ms each), S3's 503 SlowDown beyond; 1,500 x
-  4 KiB read with ``get_partial_values``, at max_concurrency 32, 128 and 256. Target: >= 95% of
-  the admitted rate, <= 5% of requests throttled, never a failure.
-* **sliding**: a server admitting at most 300 requests in any one second (a sliding window, as
-  API gateways count), 503 SlowDown at once beyond, 20 ms; the same reads. **fixed**: 300 in
-  each second of the clock (the count resets on the second). Target: every read arrives (a
-  throttle is paced, never a failure), >= 90% of the admitted rate, <= 10% throttled.
-* **concurrency**: a server admitting 48 requests in flight (100 ms each), 503 beyond. Target:
-  >= 90% of 480 requests/s, <= 5% throttled.
-* **plain**: an unthrottled 200 ms server, ceiling 128: the adaptive window against a fixed
-  window of 128. Target: >= 85% of its throughput.
-* **plot**: the window and the throughput over time against the rate-limited server, saved as
-  ``docs/throttling.png`` (needs matplotlib).
+* **rate**: a token bucket, 300 requests/s (bursts of 10); S3's 503 SlowDown at once beyond;
+* **sliding**: at most 300 requests in any one second (as API gateways count); **fixed**: 300 in
+  each second of the clock, the count reset on the second; 503 SlowDown at once beyond;
+* **concurrency**: 48 requests in flight (100 ms each, so 480/s), 503 beyond;
+* **queue**: 48 places (100 ms each); the rest wait for one: latency grows, nothing is refused;
+* **retry-after**: the token bucket of 300/s answering 429 with ``Retry-After: 1``; the server
+  counts a retry that comes sooner ("early");
+* **drop**: the token bucket, 300/s, down to 100/s from 2 s after the first request, back to
+  300/s from 4 s.
 
-"share" is successful reads per second over the admitted rate; "throttled" is the share of the
-requests the server received that it refused.
+Target for our stores, every kind, every ceiling: >= 90% of what the server admits, <= 10% of
+requests throttled, never a failure. The table's cells read "share / throttled": the reads a
+second over the rate the server admits (for **drop**: over what it admitted in that time), and
+the share of the requests the server received that it refused; ``FAIL``: the read raised; a
+``!`` marks an our-store cell that misses the target. ``--only plain``: an unthrottled 200 ms
+server, the adaptive window against a fixed one of 128. ``--plot`` draws the matrix and the
+window over time (our ObjectStore, ceiling 128, against the **drop** server) into
+``docs/throttling.png`` (needs matplotlib: the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ import os
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +59,59 @@ from processes import server_process
 
 HERE = Path(__file__).resolve().parent
 PROTO = default_buffer_prototype()
+PLOT = HERE.parent / "docs" / "throttling.png"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of server: `throttle_http.py`'s options, and what it admits."""
+
+    title: str
+    options: tuple[str, ...]
+    rate: float  # requests a second admitted (before any change)
+    knee: int  # the oracle's fixed window: the server's limit, in requests in flight
+    reads: int = 1  # times the run's count read from it
+    rate_changes: tuple[tuple[float, float], ...] = ()
+
+    def admits(self, seconds: float) -> float:
+        """How many requests the server admits in its first ``seconds``."""
+        total, rate, since = 0.0, self.rate, 0.0
+        for after, new_rate in self.rate_changes:
+            if seconds <= after:
+                break
+            total += rate * (after - since)
+            rate, since = new_rate, after
+        return total + rate * (seconds - since)
+
+
+FAST = ("--delay=0.02",)
+SLOW = ("--delay=0.1", "--concurrency=48")
+KINDS: dict[str, Kind] = {
+    "rate": Kind("token bucket, 300 requests/s, 20 ms", (*FAST, "--rate=300"), 300, 7),
+    "sliding": Kind("300 in any 1 s (sliding window), 20 ms", (*FAST, "--window=300"), 300, 7),
+    "fixed": Kind(
+        "300 in each clock second (fixed window), 20 ms",
+        (*FAST, "--window=300", "--window-kind=fixed"),
+        300,
+        7,
+    ),
+    "concurrency": Kind("48 in flight, 100 ms, 503 beyond", SLOW, 480, 48, reads=2),
+    "queue": Kind("48 in flight, 100 ms, the rest queued", (*SLOW, "--queue"), 480, 48, reads=2),
+    "retry-after": Kind(
+        "token bucket, 300 requests/s, 429 with Retry-After: 1",
+        (*FAST, "--rate=300", "--status=429", "--retry-after=1"),
+        300,
+        7,
+    ),
+    "drop": Kind(
+        "token bucket, 300/s, 100/s from 2 s to 4 s",
+        (*FAST, "--rate=300", "--rate-changes=2:100,4:300"),
+        300,
+        7,
+        rate_changes=((2.0, 100.0), (4.0, 300.0)),
+    ),
+}
+TARGET_SHARE, TARGET_THROTTLED = 0.90, 0.10
 
 
 def server(*options: str) -> AbstractContextManager[str]:
@@ -74,7 +139,7 @@ def obstore_client(url: str, retries: int = 0) -> Any:
 
 
 def stores(url: str, ceiling: int, adaptive: bool = True) -> dict[str, Any]:
-    """Our two stores and zarr's two over ``url``, each client's own retries off for ours."""
+    """Our two stores over ``url``, each client's own retries off."""
     options: dict[str, Any] = {"max_concurrency": ceiling, "adaptive": adaptive}
     retry = zarr_anyio.Retry(attempts=10)
     return {
@@ -125,61 +190,6 @@ def read_zarrs(store: Any, count: int, concurrency: int) -> float:
     return time.perf_counter() - started
 
 
-def row(
-    name: str, url: str, count: int, seconds: float | None, admitted: float, store: Any = None
-) -> str:
-    """One client's line; ``seen`` is how many of the server's throttles the store counted."""
-    counts = server_counts(url)
-    throttled = counts["throttled"] / max(1, counts["requests"])
-    if seconds is None:
-        return f"{name:44s} {'fails':>8s} {'':>7s} {throttled:10.0%} {counts['requests']:9d}"
-    rate = count / seconds
-    seen = ""
-    if isinstance(store, zarr_anyio.RemoteStore):
-        seen = f"{store.stats().throttled}/{counts['throttled']}"
-    return (
-        f"{name:44s} {rate:8.0f} {rate / admitted:7.0%} {throttled:10.0%} "
-        f"{counts['requests']:9d} {counts['most_in_flight']:7d} {seen:>11s}"
-    )
-
-
-HEADER = (
-    f"{'client':44s} {'reads/s':>8s} {'share':>7s} {'throttled':>10s} {'requests':>9s} {'most':>7s}"
-    f" {'seen':>11s}"
-)
-
-
-def run_all(url: str, count: int, admitted: float, ceilings: list[int], knee: int) -> list[str]:
-    lines = [HEADER]
-    # What this machine can do against this server: a fixed window at the server's own limit,
-    # known in advance (which a client never is).
-    for name, store in stores(url, knee, adaptive=False).items():
-        reset(url)
-        seconds = read_ours(store, count)
-        lines.append(
-            row(f"{name}, fixed window {knee} (oracle)", url, count, seconds, admitted, store)
-        )
-        store.close()
-    for ceiling in ceilings:
-        for name, store in stores(url, ceiling).items():
-            reset(url)
-            seconds = read_ours(store, count)
-            lines.append(
-                row(f"{name}, max_concurrency={ceiling}", url, count, seconds, admitted, store)
-            )
-            store.close()
-    for name, store in zarr_stores(url).items():
-        reset(url)
-        try:
-            seconds: float | None = read_zarrs(store, count, 10)
-        except Exception as error:  # zarr's FsspecStore over http does not retry
-            seconds = None
-            name = f"{name} ({type(error).__name__})"
-        lines.append(row(f"{name}, async.concurrency=10", url, count, seconds, admitted))
-        close_zarrs(store)
-    return lines
-
-
 def close_zarrs(store: Any) -> None:
     """zarr's FsspecStore leaves an async filesystem's session open: close it on zarr's loop."""
     session = getattr(getattr(store, "fs", None), "_session", None)
@@ -187,26 +197,158 @@ def close_zarrs(store: Any) -> None:
         sync(session.close())
 
 
-def bench_rate(count: int, ceilings: list[int]) -> list[str]:
-    lines = [f"\n## Rate-limited server: 300 requests/s admitted, 20 ms, {count} x 4 KiB"]
-    with server("--delay=0.02", "--rate=300") as url:
-        lines += run_all(url, count, 300.0, ceilings, knee=7)
+@dataclass
+class Cell:
+    """One client's read from one server: the server's counts beside the client's."""
+
+    client: str
+    count: int
+    seconds: float | None  # None: the read raised `error`
+    counts: dict[str, Any]
+    share: float = 0.0
+    error: str = ""
+    seen: int | None = None  # the throttles the store counted (ours)
+
+    @property
+    def throttled(self) -> float:
+        throttled: int = self.counts["throttled"]
+        requests: int = self.counts["requests"]
+        return throttled / max(1, requests)
+
+    @property
+    def targeted(self) -> bool:
+        """Whether the target is this client's: our stores', the oracle aside."""
+        return self.seen is not None and "oracle" not in self.client
+
+    @property
+    def misses(self) -> bool:
+        return self.seconds is None or (
+            self.share < TARGET_SHARE or self.throttled > TARGET_THROTTLED
+        )
+
+    def line(self) -> str:
+        counts = self.counts
+        if self.seconds is None:
+            return f"{self.client:58s} {'fails':>8s} {'':>7s} {self.throttled:10.0%} " + (
+                f"{counts['requests']:9d}  {self.error}"
+            )
+        seen = "" if self.seen is None else f"{self.seen}/{counts['throttled']}"
+        return (
+            f"{self.client:58s} {self.count / self.seconds:8.0f} {self.share:7.0%} "
+            f"{self.throttled:10.0%} {counts['requests']:9d} {counts['most_in_flight']:7d} "
+            f"{counts['early']:6d} {seen:>11s}"
+        )
+
+    def cell(self) -> str:
+        if self.seconds is None:
+            return "FAIL"
+        mark = "!" if self.targeted and self.misses else ""
+        return f"{self.share:.0%} / {self.throttled:.0%}{mark}"
+
+
+HEADER = (
+    f"{'client':58s} {'reads/s':>8s} {'share':>7s} {'throttled':>10s} {'requests':>9s} "
+    f"{'most':>7s} {'early':>6s} {'seen':>11s}"
+)
+
+
+@dataclass
+class Run:
+    """Every cell of one kind of server, in the order measured."""
+
+    kind: str
+    cells: list[Cell] = field(default_factory=list)
+
+
+def measure(kind: Kind, url: str, client: str, count: int, store: Any) -> Cell:
+    """``count`` reads by ``store`` (ours, or zarr's at its default concurrency)."""
+    ours = isinstance(store, zarr_anyio.RemoteStore)
+    reset(url)
+    try:
+        seconds: float | None = read_ours(store, count) if ours else read_zarrs(store, count, 10)
+        error = ""
+    except Exception as raised:  # zarr's FsspecStore over http does not retry
+        seconds, error = None, f"{type(raised).__name__}: {str(raised)[:60]}"
+    counts = server_counts(url)
+    seen = store.stats().throttled if ours else None
+    share = count / kind.admits(seconds) if seconds else 0.0
+    return Cell(client, count, seconds, counts, share, error, seen)
+
+
+def run_kind(
+    name: str,
+    count: int,
+    ceilings: list[int],
+    oracle: bool = True,
+    report: Callable[[str], None] = print,
+) -> Run:
+    """Every client against one server of kind ``name``, in a process of its own; each line
+    given to ``report`` as it is measured."""
+    kind = KINDS[name]
+    count *= kind.reads
+    run = Run(name)
+    report(
+        f"\n## {name}: {kind.title}; {count} x 4 KiB; the oracle's window: {kind.knee}\n{HEADER}"
+    )
+
+    def add(cell: Cell) -> None:
+        run.cells.append(cell)
+        report(cell.line())
+
+    with server(*kind.options) as url:
+        if oracle:
+            for client, store in stores(url, kind.knee, adaptive=False).items():
+                label = f"{client}, oracle (fixed window at the limit)"
+                add(measure(kind, url, label, count, store))
+                store.close()
+        for ceiling in ceilings:
+            for client, store in stores(url, ceiling).items():
+                label = f"{client}, max_concurrency={ceiling}"
+                add(measure(kind, url, label, count, store))
+                store.close()
+        for client, store in zarr_stores(url).items():
+            label = f"{client}, async.concurrency=10"
+            add(measure(kind, url, label, count, store))
+            close_zarrs(store)
+    return run
+
+
+def table(runs: list[Run]) -> list[str]:
+    """The matrix: one row a client, one column a kind of server, "share / throttled"."""
+    clients = list(dict.fromkeys(cell.client for run in runs for cell in run.cells))
+    found = {(run.kind, cell.client): cell for run in runs for cell in run.cells}
+    lines = [
+        "| client | " + " | ".join(run.kind for run in runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    for client in clients:
+        cells = [found.get((run.kind, client)) for run in runs]
+        lines.append(
+            f"| {client} | " + " | ".join(cell.cell() if cell else "" for cell in cells) + " |"
+        )
+    missed = [
+        f"{run.kind}: {cell.client}"
+        for run in runs
+        for cell in run.cells
+        if cell.targeted and cell.misses
+    ]
+    lines.append(
+        f"\nOur stores' cells missing >= {TARGET_SHARE:.0%} admitted, <= {TARGET_THROTTLED:.0%}"
+        f" throttled, no failure: {len(missed)}" + "".join(f"\n  {miss}" for miss in missed)
+    )
     return lines
 
 
-def bench_window(count: int, ceilings: list[int], kind: str) -> list[str]:
-    lines = [
-        f"\n## {kind.capitalize()}-window server: 300 requests in a second, 20 ms, {count} x 4 KiB"
-    ]
-    with server("--delay=0.02", "--window=300", f"--window-kind={kind}") as url:
-        lines += run_all(url, count, 300.0, ceilings, knee=7)
+def bench_rate(count: int, ceilings: list[int]) -> list[str]:
+    lines: list[str] = []
+    run_kind("rate", count, ceilings, report=lines.append)
     return lines
 
 
 def bench_concurrency(count: int, ceilings: list[int]) -> list[str]:
-    lines = [f"\n## Concurrency-limited server: 48 in flight, 100 ms, {count} x 4 KiB"]
-    with server("--delay=0.1", "--concurrency=48") as url:
-        lines += run_all(url, count, 480.0, ceilings, knee=48)
+    # `count` here is the number of reads already (the kind reads twice the run's count).
+    lines: list[str] = []
+    run_kind("concurrency", count // 2, ceilings, report=lines.append)
     return lines
 
 
@@ -214,34 +356,31 @@ def bench_plain(count: int) -> list[str]:
     lines = [f"\n## Unthrottled server, 200 ms, {count} x 4 KiB, ceiling 128"]
     lines.append(f"{'client':44s} {'reads/s':>8s} {'of fixed':>9s}")
     with server("--delay=0.2") as url:
-        for name in ("zarr_anyio.ObjectStore", "zarr_anyio.FsspecStore"):
-            fixed = stores(url, 128, adaptive=False)[name]
-            adaptive = stores(url, 128)[name]
-            fixed_seconds = read_ours(fixed, count)
-            adaptive_seconds = read_ours(adaptive, count)
+        fixed, adaptive = stores(url, 128, adaptive=False), stores(url, 128)
+        for name in fixed:
+            fixed_seconds = read_ours(fixed[name], count)
+            adaptive_seconds = read_ours(adaptive[name], count)
             lines.append(f"{name + ', fixed window 128':44s} {count / fixed_seconds:8.0f}")
             lines.append(
                 f"{name + ', adaptive, ceiling 128':44s} {count / adaptive_seconds:8.0f} "
                 f"{fixed_seconds / adaptive_seconds:9.0%}"
             )
-            fixed.close()
-            adaptive.close()
+            fixed[name].close()
+            adaptive[name].close()
         for name, store in zarr_stores(url).items():
             seconds = read_zarrs(store, count, 128)
             lines.append(f"{name + ', async.concurrency=128':44s} {count / seconds:8.0f}")
+            close_zarrs(store)
     return lines
 
 
-def bench_plot(count: int, path: Path) -> list[str]:
-    """Window and throughput over time, ObjectStore at ceiling 128, rate-limited server."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with server("--delay=0.02", "--rate=300") as url:
+def window_over_time(count: int) -> tuple[list[tuple[float, int]], list[list[Any]], float]:
+    """Our ObjectStore, ceiling 128, against the **drop** server: its window every 20 ms, the
+    server's answers (time, admitted), and when the read started (the server's clock)."""
+    kind = KINDS["drop"]
+    with server(*kind.options) as url:
         store = stores(url, 128)["zarr_anyio.ObjectStore"]
-        samples: list[tuple[float, int, int]] = []
+        samples: list[tuple[float, int]] = []
 
         async def read() -> None:
             requests = [(f"c/{i}", None) for i in range(count)]
@@ -249,7 +388,7 @@ def bench_plot(count: int, path: Path) -> list[str]:
 
                 async def sample() -> None:
                     async for stats in store.watch(0.02):
-                        samples.append((stats.elapsed, stats.window, stats.in_flight))
+                        samples.append((time.monotonic(), stats.window))
 
                 tg.start_soon(sample)
                 await store.get_partial_values(PROTO, requests)
@@ -257,59 +396,103 @@ def bench_plot(count: int, path: Path) -> list[str]:
 
         started = time.monotonic()
         anyio.run(read)
-        counts = server_counts(url, answers=True)
-    t0 = samples[0][0]
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 5.5))
-    top.step([t - t0 for t, _, _ in samples], [w for _, w, _ in samples], where="post")
-    top.axhline(6, color="grey", linestyle=":", label="300 req/s x 20 ms = 6")
-    top.set_ylabel("window (requests in flight)")
-    top.legend(loc="upper right")
+        store.close()
+        answers: list[list[Any]] = server_counts(url, answers=True)["answers"]
+    return samples, answers, started
+
+
+def plot(runs: list[Run], count: int, path: Path) -> str:
+    """The matrix (share of what each server admits, per client) above the window over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples, answers, started = window_over_time(count)
+    clients = list(dict.fromkeys(cell.client for run in runs for cell in run.cells))
+    found = {(run.kind, cell.client): cell for run in runs for cell in run.cells}
+    fig, (grid, window, rate) = plt.subplots(
+        3, 1, figsize=(10, 4 + 0.3 * len(clients) + 5), height_ratios=[len(clients) / 3, 1, 1]
+    )
+    shares = [
+        [found[(run.kind, c)].share if (run.kind, c) in found else float("nan") for run in runs]
+        for c in clients
+    ]
+    grid.imshow(shares, cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
+    for row, client in enumerate(clients):
+        for column, run in enumerate(runs):
+            cell = found.get((run.kind, client))
+            if cell is not None:
+                grid.text(column, row, cell.cell(), ha="center", va="center", fontsize=7)
+    grid.set_xticks(range(len(runs)), [run.kind for run in runs])
+    grid.set_yticks(range(len(clients)), clients, fontsize=7)
+    grid.xaxis.tick_top()
+    grid.set_title("share of what the server admits / share of requests throttled", fontsize=9)
+    window.step([t - started for t, _ in samples], [w for _, w in samples], where="post")
+    window.axhline(6, color="grey", linestyle=":", label="300 req/s x 20 ms = 6")
+    window.axhline(2, color="silver", linestyle=":", label="100 req/s x 20 ms = 2")
+    window.set_title(
+        f"zarr_anyio.ObjectStore, ceiling 128, {count} x 4 KiB from the drop server"
+        " (300/s; 100/s from 2 s to 4 s)",
+        fontsize=9,
+    )
+    window.set_ylabel("window (in flight)")
+    window.legend(loc="upper right", fontsize=7)
     bin_width = 0.25
     bins: dict[int, list[int]] = {}
-    for when, admitted in counts["answers"]:
+    for when, admitted in answers:
         slot = int((when - started) / bin_width)
         bins.setdefault(slot, [0, 0])[0 if admitted else 1] += 1
     slots = sorted(bins)
     xs = [slot * bin_width for slot in slots]
-    bottom.step(xs, [bins[s][0] / bin_width for s in slots], where="post", label="admitted")
-    bottom.step(xs, [bins[s][1] / bin_width for s in slots], where="post", label="throttled (503)")
-    bottom.axhline(300, color="grey", linestyle=":", label="admitted rate")
-    bottom.set_ylabel("answers per second")
-    bottom.set_xlabel("seconds")
-    bottom.legend(loc="upper right")
-    fig.suptitle(
-        f"zarr_anyio.ObjectStore, ceiling 128: {count} x 4 KiB from a server admitting 300/s"
-    )
+    rate.step(xs, [bins[s][0] / bin_width for s in slots], where="post", label="admitted")
+    rate.step(xs, [bins[s][1] / bin_width for s in slots], where="post", label="throttled (503)")
+    rate.set_ylabel("answers per second")
+    rate.set_xlabel("seconds")
+    rate.legend(loc="upper right", fontsize=7)
+    window.sharex(rate)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    return [f"\n## Plot: {path} ({len(samples)} samples)"]
+    plt.close(fig)
+    return f"\n## Plot: {path} ({len(samples)} samples of the window)"
+
+
+def report(line: str) -> None:
+    print(line, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
-        "--only", choices=["rate", "sliding", "fixed", "concurrency", "plain", "plot"]
+        "--only",
+        type=lambda text: text.split(","),
+        help=f"comma-separated, of: {', '.join(KINDS)}, plain (default: every kind)",
     )
     parser.add_argument("--ceilings", default="32,128,256", help="comma-separated")
     parser.add_argument("--count", type=int, default=1500)
+    parser.add_argument("--no-oracle", dest="oracle", action="store_false")
+    parser.add_argument("--plot", nargs="?", const=PLOT, type=Path, help=f"default: {PLOT}")
     args = parser.parse_args(argv)
+    unknown = set(args.only or ()) - {*KINDS, "plain"}
+    if unknown:
+        parser.error(f"no such kind of server: {', '.join(sorted(unknown))}")
     load = os.getloadavg()
     print(f"# throttling benchmarks (python {sys.version.split()[0]}, zarr {zarr.__version__})")
     print(f"# load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    started = time.monotonic()
     ceilings = [int(c) for c in args.ceilings.split(",")]
-    if args.only in (None, "rate"):
-        print("\n".join(bench_rate(args.count, ceilings)), flush=True)
-    for kind in ("sliding", "fixed"):
-        if args.only in (None, kind):
-            print("\n".join(bench_window(args.count, ceilings, kind)), flush=True)
-    if args.only in (None, "concurrency"):
-        print("\n".join(bench_concurrency(args.count * 2, ceilings)), flush=True)
-    if args.only in (None, "plain"):
+    kinds = [name for name in KINDS if args.only is None or name in args.only]
+    runs = [run_kind(name, args.count, ceilings, args.oracle, report) for name in kinds]
+    if args.only is not None and "plain" in args.only:
         print("\n".join(bench_plain(args.count)), flush=True)
-    if args.only in (None, "plot"):
-        print("\n".join(bench_plot(args.count, HERE.parent / "docs" / "throttling.png")))
+    if runs:
+        print("\n## The matrix\n")
+        print("\n".join(table(runs)), flush=True)
+    if args.plot is not None:
+        print(plot(runs, args.count, args.plot))
     load = os.getloadavg()
     print(f"# load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"# {time.monotonic() - started:.0f} s")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from support import TOP
 
@@ -37,17 +38,13 @@ def test_remote_benchmark_script_runs_quick() -> None:
     assert "zarr.storage.ObjectStore" in done.stdout.split("## HTTP")[1]
 
 
-def test_throttling_benchmark_runs_against_a_sliding_window() -> None:
+def run_throttling(*options: str) -> subprocess.CompletedProcess[str]:
+    """`benchmarks/throttling.py` on a few reads, at ceiling 32; it must succeed."""
     done = subprocess.run(
         [
             sys.executable,
             str(TOP / "benchmarks" / "throttling.py"),
-            "--only",
-            "sliding",
-            "--count",
-            "60",
-            "--ceilings",
-            "32",
+            *("--count", "30", "--ceilings", "32", *options),
         ],
         capture_output=True,
         text=True,
@@ -55,8 +52,30 @@ def test_throttling_benchmark_runs_against_a_sliding_window() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "Sliding-window server" in done.stdout
+    return done
+
+
+def test_throttling_benchmark_runs_the_whole_matrix(tmp_path: Path) -> None:
+    plot = tmp_path / "throttling.png"
+    done = run_throttling("--plot", str(plot))
+    kinds = ["rate", "sliding", "fixed", "concurrency", "queue", "retry-after", "drop"]
+    assert [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("## ")] == [
+        *(f"## {kind}" for kind in kinds),
+        "## The matrix",
+        "## Plot",
+    ]
     ours = [line for line in done.stdout.splitlines() if line.startswith("zarr_anyio.")]
-    assert len(ours) == 4  # both backends, the oracle and ceiling 32
+    assert len(ours) == 4 * len(kinds)  # both backends, the oracle and ceiling 32
     assert not any("fails" in line for line in ours)
-    assert "zarr.storage.ObjectStore" in done.stdout
+    assert f"| client | {' | '.join(kinds)} |" in done.stdout
+    assert done.stdout.count("| zarr.storage.ObjectStore, async.concurrency=10 |") == 1
+    assert plot.stat().st_size > 0
+    assert "Unclosed" not in done.stderr  # every session closed
+
+
+def test_throttling_benchmark_runs_one_kind() -> None:
+    done = run_throttling("--only", "sliding", "--no-oracle")
+    assert "## sliding: 300 in any 1 s (sliding window)" in done.stdout
+    assert "## fixed" not in done.stdout
+    ours = [line for line in done.stdout.splitlines() if line.startswith("zarr_anyio.")]
+    assert len(ours) == 2

@@ -3,10 +3,8 @@ HTTP server with Range support that can count requests in flight and inject faul
 
 from __future__ import annotations
 
-import collections
 import http.client
 import logging
-import math
 import random
 import socket
 import subprocess
@@ -21,6 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+
+from .limits import Admission, Limits
 
 
 def s3fs_at(endpoint: str, *, client_retries: bool = False, **options: Any) -> Any:
@@ -128,7 +128,8 @@ class S3ServerProcess(S3Server):
 class Faults:
     """What share of requests the HTTP server spoils, and how; and the limits it enforces.
 
-    The limits answer like S3 when a client goes too fast: 503 with an S3 ``SlowDown`` body.
+    The limits (`limits.Limits`) answer like S3 when a client goes too fast: 503 with an S3
+    ``SlowDown`` body (or 429, `limit_status`), at once; or, with `queue`, make it wait.
     """
 
     slow_down: float = 0.0  # share answered 503 SlowDown
@@ -140,6 +141,8 @@ class Faults:
     rate_limit: float | None = None  # requests a second admitted; beyond: 503 SlowDown
     rate_burst: int = 1  # how many requests may come at once within the rate
     concurrency_limit: int | None = None  # requests in flight admitted; beyond: 503 SlowDown
+    queue: bool = False  # beyond `concurrency_limit`, wait for a place: nothing refused
+    rate_changes: tuple[tuple[float, float], ...] = ()  # (s after the first request, new rate)
     # At most `window_limit` requests admitted in any one second ("sliding", as API gateways
     # count) or in each second of the clock ("fixed": the count resets on the second); beyond:
     # 503 SlowDown at once. Refused requests are not counted against the limit.
@@ -147,6 +150,7 @@ class Faults:
     window_kind: str = "sliding"
     too_many_first: int = 0  # the first n requests are answered 429 (with `retry_after`)
     retry_after: str | None = None  # the Retry-After header of 429 and 503 answers
+    limit_status: int = 503  # how the limits refuse: 503 SlowDown or 429 Too Many Requests
     hang_first: int = 0  # the first n requests hang until `release()` (or `hang_for` s)
     hang_for: float = 60.0
     message: str = "Please reduce your request rate."  # the S3 error message of a 503
@@ -157,6 +161,18 @@ class Faults:
 
     def __post_init__(self) -> None:
         self._random.seed(self.seed)
+
+    def limits(self) -> Limits:
+        return Limits(
+            rate=self.rate_limit,
+            burst=self.rate_burst,
+            rate_changes=self.rate_changes,
+            concurrency=self.concurrency_limit,
+            queue=self.queue,
+            service=self.delay,
+            window=self.window_limit,
+            window_kind=self.window_kind,
+        )
 
     def pick(self) -> str | None:
         roll = self._random.random()
@@ -180,7 +196,9 @@ class HTTPServer:
     received are kept in ``paths``. Counts requests and how many were in flight at once (a
     request leaves the count before the first byte of its answer is sent, so a client that
     sends the next one as soon as it has an answer is never counted twice), and can spoil a
-    share of them or enforce limits (`Faults`); every count is the server's own.
+    share of them or enforce limits (`Faults`); every count is the server's own (the
+    limits' in ``admission``: phases of the rate, requests queued, retries sooner than a
+    ``Retry-After`` in seconds asked).
     """
 
     def __init__(self) -> None:
@@ -199,8 +217,7 @@ class HTTPServer:
         self.hung = 0
         self._lock = threading.Lock()
         self._release = threading.Event()
-        self._rate_next = 0.0
-        self._admitted: collections.deque[float] = collections.deque()
+        self.admission = Admission()
         self.cancelled_mid_request = 0
         server = self
 
@@ -211,8 +228,8 @@ class HTTPServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-            def _enter(self) -> tuple[str | None, bool]:
-                """Count the request; give its fault and whether it hangs."""
+            def _enter(self) -> tuple[str | None, bool, float]:
+                """Count the request; give its fault, whether it hangs, how long it queues."""
                 with server._lock:
                     now = time.monotonic()
                     server.requests += 1
@@ -222,27 +239,20 @@ class HTTPServer:
                     server.paths.append(self.path)
                     faults = server.faults
                     hang = server.requests <= faults.hang_first
+                    server.admission.arrives(self.path, now)
                     fault = "429" if server.requests <= faults.too_many_first else faults.pick()
-                    limit = faults.concurrency_limit
-                    if fault is None and limit is not None and server.in_flight > limit:
-                        fault = "limit"
-                    if fault is None and faults.rate_limit is not None:
-                        # A token bucket (GCRA): admitted if its slot is within the burst.
-                        interval = 1.0 / faults.rate_limit
-                        slot = max(server._rate_next, now)
-                        if slot - now > (faults.rate_burst - 1) * interval:
-                            fault = "limit"
-                        else:
-                            server._rate_next = slot + interval
-                    if fault is None and faults.window_limit is not None:
-                        fault = server._window_fault(now, faults)
+                    wait = 0.0
+                    if fault is None:
+                        verdict = server.admission.judge(faults.limits(), now, server.in_flight)
+                        fault = "limit" if verdict.refused else None
+                        wait = verdict.wait
                     if fault == "limit":
                         server.throttled += 1
                     elif fault:
                         server.spoiled[fault] += 1
                     if hang:
                         server.hung += 1
-                return fault, hang
+                return fault, hang, wait
 
             def _leave(self) -> None:
                 with server._lock:
@@ -269,16 +279,25 @@ class HTTPServer:
             def _handle(self, method: str) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                fault, hang = self._enter()
+                fault, hang, queued = self._enter()
                 faults = server.faults
                 if hang:
                     server._release.wait(faults.hang_for)
+                if queued:
+                    time.sleep(queued)
                 if fault == "drop":
                     self._leave()
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 retry_after = {"Retry-After": faults.retry_after} if faults.retry_after else {}
+                if fault in ("503", "429", "limit") and (faults.retry_after or "").isdigit():
+                    with server._lock:
+                        server.admission.told_retry_after(
+                            self.path, time.monotonic(), float(faults.retry_after or 0)
+                        )
+                if fault == "limit" and faults.limit_status == 429:
+                    fault = "429"
                 if fault in ("503", "limit"):
                     error = (
                         f"<Error><Code>SlowDown</Code><Message>{faults.message}</Message></Error>"
@@ -377,21 +396,6 @@ class HTTPServer:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def _window_fault(self, now: float, faults: Faults) -> str | None:
-        """Whether a window limit refuses a request arriving ``now`` (under ``_lock``)."""
-        admitted = self._admitted
-        if faults.window_kind == "fixed":
-            while admitted and math.floor(admitted[0]) != math.floor(now):
-                admitted.popleft()
-        else:
-            while admitted and admitted[0] <= now - 1.0:
-                admitted.popleft()
-        assert faults.window_limit is not None
-        if len(admitted) >= faults.window_limit:
-            return "limit"
-        admitted.append(now)
-        return None
-
     def start(self) -> None:
         self._thread.start()
 
@@ -418,8 +422,7 @@ class HTTPServer:
             self.times.clear()
             self.paths.clear()
             self.answers.clear()
-            self._rate_next = 0.0
-            self._admitted.clear()
+            self.admission = Admission()
             self._release = threading.Event()
 
 

@@ -53,13 +53,89 @@ async def test_a_bulk_read_completes_against_a_window_limiter(
     http_server.faults = Faults(window_limit=200, window_kind=limiter)
     store = http_store(kind, http_server)
     await read_all(store, objects)
-    stats = store.stats()
     assert http_server.throttled > 0
-    assert stats.throttled == http_server.throttled
-    assert stats.requests == http_server.requests == 600 + http_server.throttled
+    assert_paced(store, http_server, len(objects))
+
+
+def assert_paced(store: RemoteStore, server: HTTPServer, count: int) -> None:
+    """After a bulk read of ``count`` objects: the store saw every throttle of the server's and
+    retried it, and was paced, not failed: the budget guards failures, and there were none."""
+    stats = store.stats()
+    assert stats.throttled == server.throttled
+    assert stats.requests == server.requests == count + server.throttled
+    assert stats.retries == server.throttled
     assert stats.errors == 0
-    # Paced, not failed: the budget guards failures, and there were none.
     assert stats.retry_budget == store.retry_budget.capacity
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_bulk_read_completes_against_a_concurrency_cap(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # 2 requests in flight admitted, 503 SlowDown at once beyond; the store starts at 32, so
+    # a request is refused many times over before its turn comes (more than `attempts`).
+    objects = fill(http_server, 150, size=64)
+    http_server.faults = Faults(delay=0.01, concurrency_limit=2)
+    store = http_store(kind, http_server)
+    await read_all(store, objects)
+    assert http_server.throttled > 0
+    assert_paced(store, http_server, len(objects))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_bulk_read_completes_against_a_server_that_queues(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # 4 places, 10 ms each; the rest wait for one: the answers slow down, none is refused.
+    # Slow answers are load, not failure: nothing is timed out, retried or counted throttled.
+    objects = fill(http_server, 200, size=64)
+    http_server.faults = Faults(delay=0.01, concurrency_limit=4, queue=True)
+    store = http_store(kind, http_server, timeout=5)
+    await read_all(store, objects)
+    assert http_server.admission.queued > 0  # it did queue: more were sent than it serves
+    assert http_server.throttled == 0
+    assert_paced(store, http_server, len(objects))
+    assert store.stats().retries == store.stats().timeouts == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_bulk_read_against_429s_with_retry_after(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # 100 requests/s admitted, 429 with `Retry-After: 1` beyond. The server counts a request
+    # for a key that comes back sooner than its last answer asked ("early").
+    objects = fill(http_server, 60, size=64)
+    http_server.faults = Faults(
+        delay=0.005, rate_limit=100, rate_burst=10, limit_status=429, retry_after="1"
+    )
+    store = http_store(kind, http_server)
+    await read_all(store, objects)
+    assert http_server.throttled > 0
+    assert set(http_server.answers) == {429, 200}
+    assert_paced(store, http_server, len(objects))
+    # fsspec's errors carry the header: no retry comes before it. obstore's carry no headers
+    # (docs/remote.md), so an ObjectStore retries on its own backoff, sooner.
+    early = http_server.admission.early
+    assert early == 0 if kind == "fsspec" else early > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_bulk_read_survives_a_rate_that_drops_mid_run(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # 300 requests/s, 100 from 0.5 s after the first request, 300 again from 1.5 s: at most
+    # 155 + 105 are admitted before the rate comes back, so the read spans all three.
+    objects = fill(http_server, 400, size=64)
+    http_server.faults = Faults(
+        delay=0.005, rate_limit=300, rate_burst=5, rate_changes=((0.5, 100.0), (1.5, 300.0))
+    )
+    store = http_store(kind, http_server)
+    await read_all(store, objects)
+    assert http_server.throttled > 0
+    phases = http_server.admission.phases
+    assert len(phases) == 3
+    assert all(admitted > 0 for admitted, _ in phases)
+    assert_paced(store, http_server, len(objects))
 
 
 @pytest.mark.parametrize("kind", KINDS)
