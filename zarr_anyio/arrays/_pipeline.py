@@ -355,6 +355,10 @@ class AnyioCodecPipeline(CodecPipeline):
         self.inner = inner
         codecs = list(inner)
         self._chain: SyncChain | None = None
+        # Imported here: the sharded read builds on this module's helpers.
+        from ._sharding import sharded_reader
+
+        self._sharded = sharded_reader(inner)
         if not any(isinstance(codec, ShardingCodec) for codec in codecs):
             self._chain = SyncChain(
                 inner.array_array_codecs, inner.array_bytes_codec, inner.bytes_bytes_codecs
@@ -418,6 +422,9 @@ class AnyioCodecPipeline(CodecPipeline):
     ) -> Any:
         batch = list(batch_info)
         out_array = out.as_ndarray_like()
+        if batch and self._sharded is not None and isinstance(out_array, np.ndarray):
+            with single_error():
+                return await self._sharded.read(batch, out_array, drop_axes)
         if not batch or self._chain is None or not isinstance(out_array, np.ndarray):
             return await self.inner.read(batch, out, drop_axes)
         reader = _Read(self._chain, batch, out, out_array, drop_axes)

@@ -1,0 +1,400 @@
+"""Reads of sharded arrays in our codec pipeline: one shard index read per shard, the inner
+chunks a selection needs fetched as few coalesced byte ranges, decoded in worker threads and
+scattered straight into the result.
+
+zarr's own pipeline, given a shard, reads its index, then (zarr 3.1) one request per inner chunk
+the selection touches, each a coroutine on the event loop, then runs the inner pipeline with a
+coroutine per inner chunk per codec, into a temporary array of the shard's selection, which it
+copies into the result. Here:
+
+* The shard's plan (which inner chunks, where each goes) is zarr's own indexer over the shard's
+  inner grid, so every selection kind means exactly what it means to zarr.
+* A selection that needs every inner chunk of a shard reads the whole shard in one request and
+  finds the index in it; any other reads the index (one request, at the start or the end of the
+  shard), then the chunks it needs, neighbours merged into one range while the gap between them
+  is at most `MAX_GAP` and the range at most `MAX_RANGE` (zarr 3.4's defaults, and its array
+  config's ``sharding_coalesce_*`` where it has them). Missing inner chunks read as the fill
+  value, a missing shard too.
+* On a `BlockingStore` (LocalStore, ZipStore) one shard is one hop to a worker thread: its reads
+  hold one token of the store's limiter and give it back when they are done, then the same
+  thread decodes and scatters; as many hops at once as `decode_threads()` (and tokens) allow.
+  On any other store a pool of shard tasks (the store's bound) fetches through
+  ``get_partial_values`` (all of a shard's ranges in one call, under the store's limiter) and
+  each shard is decoded in one hop, at most `decode_threads()` at once.
+* Inner chunks are decoded by the inner codecs as blocking calls (`SyncChain`) and written into
+  the result's own memory where the shard's place in it is a view (basic and orthogonal
+  selections), else into a buffer of the shard's selection copied once, as zarr does.
+
+Memory beside the result: the encoded bytes of the shards in flight (one per hop or task). A
+cancelled read leaves nothing running: every hop waits for its thread, which checks between
+inner chunks.
+
+Not here: writes of sharded arrays and nested sharding go to zarr's pipeline; so do chains with
+codecs outside the sharding codec (zarr cannot read parts of those either). The index is decoded
+on the event loop: its codecs are fixed-size (bytes, crc32c) and never suspend.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from math import prod
+from typing import Any
+
+import anyio
+import numpy as np
+from zarr.abc.store import ByteGetter, ByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.codecs.sharding import ShardingCodec
+from zarr.core.array_spec import ArraySpec
+from zarr.core.buffer import Buffer, NDBuffer, default_buffer_prototype
+from zarr.core.codec_pipeline import BatchedCodecPipeline
+from zarr.core.indexing import get_indexer
+from zarr.storage import StorePath
+
+from zarr_anyio._core.threads import CheckCancelled, run_in_worker
+from zarr_anyio.storage import BlockingStore
+
+from ._compat import index_at_start, inner_chunk_grid
+from ._pipeline import (
+    ReadItem,
+    _all_slices,
+    _blocking_store_of,
+    _fetchers,
+    _hop_with_token,
+    _key_of,
+    _status,
+    decode_threads,
+    fill_value_or_default,
+)
+from ._pipeline_codecs import SyncChain
+
+__all__ = ["MAX_GAP", "MAX_RANGE", "ShardedReader", "sharded_reader"]
+
+# Two wanted inner chunks this close are read as one range (the bytes between thrown away): a
+# request costs more than reading 1 MiB more from a disk or a nearby server.
+MAX_GAP = 1 << 20
+MAX_RANGE = 16 << 20
+
+# An index entry of a chunk the shard does not hold.
+_EMPTY = 2**64 - 1
+
+Bytes = np.ndarray[Any, np.dtype[np.uint8]]
+Coords = tuple[int, ...]
+
+
+def _as_array(data: Buffer | bytes | memoryview) -> Bytes:
+    if isinstance(data, Buffer):
+        return data.as_numpy_array().view(np.uint8).reshape(-1)
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _chain(codecs: Any, spec: ArraySpec | None = None) -> SyncChain:
+    if spec is not None:
+        codecs = [codec.evolve_from_array_spec(array_spec=spec) for codec in codecs]
+    pipeline = BatchedCodecPipeline.from_codecs(codecs)
+    return SyncChain(
+        pipeline.array_array_codecs, pipeline.array_bytes_codec, pipeline.bytes_bytes_codecs
+    )
+
+
+def _coalesce(
+    spans: list[tuple[int, int, Coords]], max_gap: int, max_range: int
+) -> list[tuple[int, int, list[tuple[int, int, Coords]]]]:
+    """Chunks' byte spans (start, stop, coords), merged into ranges of neighbours."""
+    ranges: list[tuple[int, int, list[tuple[int, int, Coords]]]] = []
+    for span in sorted(spans):
+        start, stop, _ = span
+        if ranges:
+            low, high, members = ranges[-1]
+            if start - high <= max_gap and max(stop, high) - low <= max_range:
+                members.append(span)
+                ranges[-1] = (low, max(stop, high), members)
+                continue
+        ranges.append((start, stop, [span]))
+    return ranges
+
+
+class ShardedReader:
+    """What a pipeline whose codecs are one sharding codec needs to read: the codec, the chains
+    of its index and inner codecs (made once)."""
+
+    def __init__(self, codec: ShardingCodec) -> None:
+        self.codec = codec
+        self.index_chain = _chain(codec.index_codecs)
+        self._inner: dict[ArraySpec, SyncChain] = {}
+
+    def inner_chain(self, chunk_spec: ArraySpec) -> SyncChain:
+        try:
+            found = self._inner.get(chunk_spec)
+        except TypeError:  # a spec that does not hash (an odd fill value)
+            return _chain(self.codec.codecs, chunk_spec)
+        if found is None:
+            if len(self._inner) > 16:
+                self._inner.clear()
+            found = self._inner[chunk_spec] = _chain(self.codec.codecs, chunk_spec)
+        return found
+
+    async def read(
+        self,
+        batch: list[ReadItem],
+        out_array: np.ndarray[Any, Any],
+        drop_axes: tuple[int, ...],
+    ) -> tuple[dict[str, str], ...]:
+        read = _ShardedRead(self, batch, out_array, drop_axes)
+        store = _blocking_store_of(batch)
+        if store is not None:
+            await read.from_blocking_store(store)
+        else:
+            await read.from_getters(_fetchers(batch))
+        return tuple(_status(present) for present in read.present)
+
+
+def sharded_reader(pipeline: BatchedCodecPipeline) -> ShardedReader | None:
+    """A reader for this pipeline's arrays if its codecs are one sharding codec (no codec
+    around it) whose inner codecs are not sharded again; else ``None``."""
+    codec = pipeline.array_bytes_codec
+    if not isinstance(codec, ShardingCodec):
+        return None
+    if pipeline.array_array_codecs or pipeline.bytes_bytes_codecs:
+        return None
+    if any(isinstance(inner, ShardingCodec) for inner in codec.codecs):
+        return None
+    return ShardedReader(codec)
+
+
+class _Shard:
+    """One shard of a read: the inner chunks it needs and where each goes, then their bytes."""
+
+    def __init__(self, read: _ShardedRead, position: int) -> None:
+        reader = read.reader
+        codec = reader.codec
+        _, spec, chunk_sel, out_sel, _ = read.batch[position]
+        shape = tuple(spec.shape)
+        self.read = read
+        self.position = position
+        self.spec = spec
+        self.per_shard: tuple[int, ...] = tuple(codec._get_chunks_per_shard(spec))
+        self.chunk_spec: ArraySpec = codec._get_chunk_spec(spec)
+        self.index_size = int(codec._shard_index_size(self.per_shard))
+        self.at_start = index_at_start(codec)
+        indexer = get_indexer(
+            chunk_sel, shape=shape, chunk_grid=inner_chunk_grid(shape, tuple(codec.chunk_shape))
+        )
+        self.projections = [(tuple(p[0]), p[1], p[2]) for p in indexer]
+        self.shape = tuple(indexer.shape)
+        self.sel_shape = tuple(getattr(indexer, "sel_shape", self.shape))
+        self.out_sel = out_sel
+        self.uses = Counter(coords for coords, _, _ in self.projections)
+        self.wanted = sorted(self.uses)
+        self.whole = len(self.wanted) == prod(self.per_shard)
+        self.chunks: dict[Coords, Bytes] = {}
+        self.ranges: list[tuple[int, int, list[tuple[int, int, Coords]]]] = []
+        config = spec.config
+        self.max_gap = int(getattr(config, "sharding_coalesce_max_gap_bytes", MAX_GAP))
+        self.max_range = int(getattr(config, "sharding_coalesce_max_bytes", MAX_RANGE))
+
+    # ------------------------------------------------------------------ reading, step by step
+
+    def first_request(self) -> ByteRequest | None:
+        """The whole shard (``None``) if every inner chunk is wanted, else its index."""
+        if self.whole:
+            return None
+        if self.at_start:
+            return RangeByteRequest(0, self.index_size)
+        return SuffixByteRequest(self.index_size)
+
+    def _index(self, data: Bytes) -> np.ndarray[Any, np.dtype[np.uint64]]:
+        chunk = self.read.reader.index_chain.decode(
+            default_buffer_prototype().buffer.from_bytes(data.data), self._index_spec()
+        )
+        return chunk.as_numpy_array().reshape(-1, 2)
+
+    def _index_spec(self) -> ArraySpec:
+        spec: ArraySpec = self.read.reader.codec._get_index_chunk_spec(self.per_shard)
+        return spec
+
+    def _spans(self, index: np.ndarray[Any, np.dtype[np.uint64]]) -> list[tuple[int, int, Coords]]:
+        if self.per_shard:
+            flat = np.ravel_multi_index(tuple(np.array(self.wanted).T), self.per_shard)
+        else:
+            flat = np.zeros(len(self.wanted), dtype=np.intp)
+        entries = index[np.asarray(flat, dtype=np.intp)]
+        return [
+            (int(offset), int(offset) + int(length), coords)
+            for coords, (offset, length) in zip(self.wanted, entries.tolist(), strict=True)
+            if offset != _EMPTY
+        ]
+
+    def first_answer(self, data: Bytes) -> list[tuple[int, int]]:
+        """Take the first answer (the whole shard, or its index); give the ranges still to read."""
+        if self.whole:
+            if self.at_start:
+                index = self._index(data[: self.index_size])
+            else:
+                index = self._index(data[len(data) - self.index_size :])
+            for start, stop, coords in self._spans(index):
+                self.chunks[coords] = data[start:stop]
+            return []
+        self.ranges = _coalesce(self._spans(self._index(data)), self.max_gap, self.max_range)
+        return [(low, high) for low, high, _ in self.ranges]
+
+    def range_answers(self, answers: list[Bytes]) -> None:
+        for (low, _, members), data in zip(self.ranges, answers, strict=True):
+            for start, stop, coords in members:
+                self.chunks[coords] = data[start - low : stop - low]
+        self.ranges = []
+
+    # ------------------------------------------------------------------ into the result
+
+    def _target(self) -> np.ndarray[Any, Any] | None:
+        """The result's own memory for this shard's selection, if it is a view of it."""
+        if self.sel_shape != self.shape or not _all_slices(self.out_sel):
+            return None
+        # The ellipsis keeps a view where every axis is taken by an index (a scalar otherwise).
+        view = self.read.out_array[(*self.out_sel, Ellipsis)]
+        if self.read.drop_axes:
+            view = np.expand_dims(view, self.read.drop_axes)
+        return view if view.shape == self.shape else None
+
+    def missing(self) -> None:
+        self.read.out_array[self.out_sel] = fill_value_or_default(self.spec)
+        self.read.present[self.position] = False
+
+    def decode(self, check_cancelled: CheckCancelled) -> None:
+        """Decode the inner chunks and write them where they belong (blocking)."""
+        read = self.read
+        target = self._target()
+        buffer = None
+        if target is None:
+            dtype = read.out_array.dtype
+            buffer = target = np.empty(self.shape, dtype=dtype)
+        chain = read.reader.inner_chain(self.chunk_spec)
+        prototype = self.chunk_spec.prototype
+        fill = fill_value_or_default(self.chunk_spec)
+        # An inner chunk is projected once, unless the selection comes back to it (coordinates
+        # out of order): only then is it kept once decoded.
+        again: dict[Coords, NDBuffer | None] = {}
+        for coords, chunk_sel, out_sel in self.projections:
+            check_cancelled()
+            if coords in again:
+                chunk = again[coords]
+            else:
+                data = self.chunks.pop(coords, None)
+                chunk = None
+                if data is not None:
+                    chunk = chain.decode(prototype.buffer.from_bytes(data.data), self.chunk_spec)
+                if self.uses[coords] > 1:
+                    again[coords] = chunk
+            if chunk is None:
+                target[out_sel] = fill
+            else:
+                target[out_sel] = chunk.as_numpy_array()[chunk_sel]
+        if buffer is not None:
+            result = buffer.reshape(self.sel_shape)
+            if read.drop_axes:
+                result = result.squeeze(axis=read.drop_axes)
+            read.out_array[self.out_sel] = result
+
+
+class _ShardedRead:
+    """One call's read of shards."""
+
+    def __init__(
+        self,
+        reader: ShardedReader,
+        batch: list[ReadItem],
+        out_array: np.ndarray[Any, Any],
+        drop_axes: tuple[int, ...],
+    ) -> None:
+        self.reader = reader
+        self.batch = batch
+        self.out_array = out_array
+        self.drop_axes = drop_axes
+        self.present = [True] * len(batch)
+
+    # ------------------------------------------------------------------ from a BlockingStore
+
+    async def from_blocking_store(self, store: BlockingStore) -> None:
+        await store._ensure_open()
+        limiter = store.limiter
+        positions = iter(range(len(self.batch)))
+
+        def work(
+            position: int, check_cancelled: CheckCancelled, io_done: Callable[[], None]
+        ) -> None:
+            shard = _Shard(self, position)
+            key = _key_of(self.batch[position][0])
+            try:
+                check_cancelled()
+                first = store._read_blocking(key, shard.first_request())
+                if not first:  # no shard (zarr 3.1 takes an empty one for none too)
+                    io_done()
+                    shard.missing()
+                    return
+                answers: list[Bytes] = []
+                for low, high in shard.first_answer(_as_array(first)):
+                    check_cancelled()
+                    data = store._read_blocking(key, RangeByteRequest(low, high))
+                    if data is None:  # deleted since its index was read
+                        io_done()
+                        shard.missing()
+                        return
+                    answers.append(_as_array(data))
+                shard.range_answers(answers)
+            finally:
+                io_done()
+            shard.decode(check_cancelled)
+
+        async def hopper() -> None:
+            for position in positions:  # shared: each hopper takes the next shard
+                await _hop_with_token(
+                    limiter,
+                    lambda check, done: work(position, check, done),  # noqa: B023
+                )
+
+        hops = max(1, min(decode_threads(), limiter.total_tokens, len(self.batch)))
+        async with anyio.create_task_group() as tg:
+            for _ in range(hops):
+                tg.start_soon(hopper)
+
+    # ------------------------------------------------------------------ from any byte getter
+
+    async def from_getters(self, fetchers: int) -> None:
+        decoding = anyio.CapacityLimiter(decode_threads())
+        positions = iter(range(len(self.batch)))
+
+        async def fetch(getter: ByteGetter, shard: _Shard) -> bool:
+            prototype = shard.chunk_spec.prototype
+            first = await getter.get(prototype=prototype, byte_range=shard.first_request())
+            if first is None or len(first) == 0:
+                return False
+            ranges = shard.first_answer(_as_array(first))
+            if not ranges:
+                return True
+            requests = [RangeByteRequest(low, high) for low, high in ranges]
+            answers: list[Buffer | None]
+            if isinstance(getter, StorePath):
+                answers = list(
+                    await getter.store.get_partial_values(
+                        prototype, [(getter.path, request) for request in requests]
+                    )
+                )
+            else:
+                answers = [await getter.get(prototype, request) for request in requests]
+            if any(answer is None for answer in answers):  # deleted since its index was read
+                return False
+            shard.range_answers([_as_array(answer) for answer in answers if answer is not None])
+            return True
+
+        async def worker() -> None:
+            for position in positions:  # shared
+                shard = _Shard(self, position)
+                if not await fetch(self.batch[position][0], shard):
+                    shard.missing()
+                    continue
+                async with decoding:
+                    await run_in_worker(shard.decode)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(max(1, min(fetchers, len(self.batch)))):
+                tg.start_soon(worker)
