@@ -183,7 +183,7 @@ class _Shard:
         self.projections = [(tuple(p[0]), p[1], p[2]) for p in indexer]
         self.shape = tuple(indexer.shape)
         self.sel_shape = tuple(getattr(indexer, "sel_shape", self.shape))
-        self.out_sel = out_sel
+        self.out_sel: Any = out_sel
         self.uses = Counter(coords for coords, _, _ in self.projections)
         self.wanted = sorted(self.uses)
         self.whole = len(self.wanted) == prod(self.per_shard)
@@ -251,7 +251,8 @@ class _Shard:
         if self.sel_shape != self.shape or not _all_slices(self.out_sel):
             return None
         # The ellipsis keeps a view where every axis is taken by an index (a scalar otherwise).
-        view = self.read.out_array[(*self.out_sel, Ellipsis)]
+        where: tuple[Any, ...] = (*self.out_sel, Ellipsis)
+        view = self.read.out_array[where]
         if self.read.drop_axes:
             view = np.expand_dims(view, self.read.drop_axes)
         return view if view.shape == self.shape else None
