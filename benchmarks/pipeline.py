@@ -1,7 +1,8 @@
 """Our codec pipeline against zarr's own, zarrs' and tensorstore's, on the same arrays, in one run.
 
     python3 benchmarks/pipeline.py             # 512 x 1 MiB raw 2-D, 8,192 x 4 KiB raw 1-D,
-                                               # 256 x 1 MiB zstd(1) 2-D; ~800 MiB in /tmp
+                                               # 256 x 1 MiB zstd(1) 2-D, 64 shards of
+                                               # 64 x 16 KiB raw and zstd(1); ~800 MiB in /tmp
     python3 benchmarks/pipeline.py --quick     # small arrays
     python3 benchmarks/pipeline.py --repeat 7
 
@@ -99,6 +100,7 @@ def bench_reads(
     chunks: tuple[int, ...],
     compressors: Any,
     repeat: int,
+    shards: tuple[int, ...] | None = None,
 ) -> list[str]:
     values = (np.arange(int(np.prod(shape)), dtype="float32") % 1000).reshape(shape)
     with zarr.config.set({"codec_pipeline.path": ZARR}):
@@ -106,6 +108,7 @@ def bench_reads(
             zarr.storage.LocalStore(path),
             shape=shape,
             chunks=chunks,
+            shards=shards,
             dtype="float32",
             compressors=compressors,
         )
@@ -230,6 +233,14 @@ def main() -> None:
             ):
                 print(line, flush=True)
             shutil.rmtree(folder / f"r{number}")
+        # 64 shards of 64 inner chunks of 16 KiB (chunks and per-chunk times are inner chunks).
+        for label, compressors in [("sharded raw", None), ("sharded zstd(1)", zstd)]:
+            path = folder / "sharded"
+            for line in bench_reads(
+                path, label, (4096 // scale, 4096), (64, 64), compressors, args.repeat, (512, 512)
+            ):
+                print(line, flush=True)
+            shutil.rmtree(path)
         if not args.no_writes:
             for label, shape, chunks, compressors in cases[1:]:
                 for line in bench_writes(folder, label, shape, chunks, compressors, args.repeat):
