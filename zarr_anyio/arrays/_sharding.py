@@ -46,7 +46,7 @@ import numpy as np
 from zarr.abc.store import ByteGetter, ByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.codecs.sharding import ShardingCodec
 from zarr.core.array_spec import ArraySpec
-from zarr.core.buffer import Buffer, NDBuffer, default_buffer_prototype
+from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.codec_pipeline import BatchedCodecPipeline
 from zarr.core.indexing import get_indexer
 from zarr.storage import StorePath
@@ -269,12 +269,16 @@ class _Shard:
         if target is None:
             dtype = read.out_array.dtype
             buffer = target = np.empty(self.shape, dtype=dtype)
-        chain = read.reader.inner_chain(self.chunk_spec)
-        prototype = self.chunk_spec.prototype
+        spec = self.chunk_spec
+        chain = read.reader.inner_chain(spec)
+        prototype = spec.prototype
+        # Bytes that are the chunk's values once decompressed are seen as an array of them: the
+        # ``bytes`` codec's own decode costs more than a 16 KiB copy.
+        as_dtype = chain.bytes_dtype(spec)
         fill = fill_value_or_default(self.chunk_spec)
         # An inner chunk is projected once, unless the selection comes back to it (coordinates
         # out of order): only then is it kept once decoded.
-        again: dict[Coords, NDBuffer | None] = {}
+        again: dict[Coords, np.ndarray[Any, Any] | None] = {}
         for coords, chunk_sel, out_sel in self.projections:
             check_cancelled()
             if coords in again:
@@ -283,13 +287,18 @@ class _Shard:
                 data = self.chunks.pop(coords, None)
                 chunk = None
                 if data is not None:
-                    chunk = chain.decode(prototype.buffer.from_bytes(data.data), self.chunk_spec)
+                    buffer_in = prototype.buffer.from_bytes(data.data)
+                    if as_dtype is None:
+                        chunk = chain.decode(buffer_in, spec).as_numpy_array()
+                    else:
+                        decompressed = chain.decode_bytes(buffer_in, spec).as_numpy_array()
+                        chunk = decompressed.view(as_dtype).reshape(spec.shape)
                 if self.uses[coords] > 1:
                     again[coords] = chunk
             if chunk is None:
                 target[out_sel] = fill
             else:
-                target[out_sel] = chunk.as_numpy_array()[chunk_sel]
+                target[out_sel] = chunk[chunk_sel]
         if buffer is not None:
             result = buffer.reshape(self.sel_shape)
             if read.drop_axes:
