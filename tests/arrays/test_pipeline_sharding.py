@@ -249,6 +249,35 @@ async def test_sharded_reads_under_every_backend(tmp_path: Path, kind: str) -> N
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["local", "memory"])
+async def test_one_big_shard_read_in_parts(tmp_path: Path, kind: str) -> None:
+    # One shard of 256 inner chunks, some missing: a read of it alone is decoded in several
+    # parts at once (one per thread), into the result or into a buffer of the selection.
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    arr = await za.create_array(
+        store,
+        shape=(64, 64),
+        chunks=(64, 64),
+        serializer=sharding((4, 4), "zstd", "crc32c", "end"),
+        compressors=None,
+        dtype="i4",
+        fill_value=-3,
+    )
+    values = np.arange(64 * 64, dtype="i4").reshape(64, 64)
+    await arr.setitem((slice(0, 50), slice(None)), values[:50])
+    expected = np.full((64, 64), -3, dtype="i4")
+    expected[:50] = values[:50]
+    np.testing.assert_array_equal(await arr.getitem(...), expected)
+    np.testing.assert_array_equal(
+        await arr.getitem((slice(3, 61), slice(1, 63))), expected[3:61, 1:63]
+    )
+    rows, cols = np.arange(63, -1, -1), np.arange(64) % 7
+    np.testing.assert_array_equal(
+        await arr.get_coordinate_selection((rows, cols)), expected[rows, cols]
+    )
+
+
+@pytest.mark.anyio
 async def test_a_cancelled_sharded_read_from_a_local_store_waits_for_its_threads(
     tmp_path: Path,
 ) -> None:

@@ -68,12 +68,17 @@ from ._pipeline import (
 )
 from ._pipeline_codecs import SyncChain
 
-__all__ = ["MAX_GAP", "MAX_RANGE", "ShardedReader", "sharded_reader"]
+__all__ = ["MAX_GAP", "MAX_RANGE", "MIN_PART", "ShardedReader", "sharded_reader"]
 
 # Two wanted inner chunks this close are read as one range (the bytes between thrown away): a
 # request costs more than reading 1 MiB more from a disk or a nearby server.
 MAX_GAP = 1 << 20
 MAX_RANGE = 16 << 20
+
+# A shard decoded in several threads at once (when the call has fewer shards than threads) is
+# split into parts of at least this many inner chunks: a hop costs about what decoding a few
+# small chunks does.
+MIN_PART = 16
 
 # An index entry of a chunk the shard does not hold.
 _EMPTY = 2**64 - 1
@@ -261,30 +266,46 @@ class _Shard:
         self.read.out_array[self.out_sel] = fill_value_or_default(self.spec)
         self.read.present[self.position] = False
 
-    def decode(self, check_cancelled: CheckCancelled) -> None:
-        """Decode the inner chunks and write them where they belong (blocking)."""
-        read = self.read
-        target = self._target()
-        buffer = None
-        if target is None:
-            dtype = read.out_array.dtype
-            buffer = target = np.empty(self.shape, dtype=dtype)
+    def parts(self, shards: int) -> list[range]:
+        """The shard's inner chunks (projections) in as many parts as can be decoded at once
+        beside the ``shards`` other shards of the call: one part when there are enough shards
+        to keep every thread busy, else up to one per thread, of at least `MIN_PART` each."""
+        count = len(self.projections)
+        if not count:
+            return [range(0)]
+        threads = decode_threads()
+        parts = 1 if shards >= threads else max(1, min(threads, count // MIN_PART))
+        size = -(-count // parts)
+        return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
+    def prepare(self) -> None:
+        """Where the decoded chunks go: the result itself, or a buffer of the selection."""
+        self.target = self._target()
+        self.buffer: np.ndarray[Any, Any] | None = None
+        if self.target is None:
+            self.buffer = self.target = np.empty(self.shape, dtype=self.read.out_array.dtype)
+
+    def decode(self, part: range, check_cancelled: CheckCancelled) -> None:
+        """Decode a part of the inner chunks and write them where they belong (blocking);
+        parts of one shard may run at once, in several threads."""
+        target = self.target
+        assert target is not None
         spec = self.chunk_spec
-        chain = read.reader.inner_chain(spec)
+        chain = self.read.reader.inner_chain(spec)
         prototype = spec.prototype
         # Bytes that are the chunk's values once decompressed are seen as an array of them: the
         # ``bytes`` codec's own decode costs more than a 16 KiB copy.
         as_dtype = chain.bytes_dtype(spec)
-        fill = fill_value_or_default(self.chunk_spec)
+        fill = fill_value_or_default(spec)
         # An inner chunk is projected once, unless the selection comes back to it (coordinates
         # out of order): only then is it kept once decoded.
         again: dict[Coords, np.ndarray[Any, Any] | None] = {}
-        for coords, chunk_sel, out_sel in self.projections:
+        for coords, chunk_sel, out_sel in self.projections[part.start : part.stop]:
             check_cancelled()
             if coords in again:
                 chunk = again[coords]
             else:
-                data = self.chunks.pop(coords, None)
+                data = self.chunks.get(coords)
                 chunk = None
                 if data is not None:
                     buffer_in = prototype.buffer.from_bytes(data.data)
@@ -299,11 +320,28 @@ class _Shard:
                 target[out_sel] = fill
             else:
                 target[out_sel] = chunk[chunk_sel]
-        if buffer is not None:
-            result = buffer.reshape(self.sel_shape)
-            if read.drop_axes:
-                result = result.squeeze(axis=read.drop_axes)
-            read.out_array[self.out_sel] = result
+
+    def finish(self) -> None:
+        """The buffer of the selection, if there is one, into the result; the bytes dropped."""
+        self.chunks = {}
+        if self.buffer is not None:
+            result = self.buffer.reshape(self.sel_shape)
+            if self.read.drop_axes:
+                result = result.squeeze(axis=self.read.drop_axes)
+            self.read.out_array[self.out_sel] = result
+        self.buffer = self.target = None
+
+    async def decode_in_parts(self, parts: list[range], decoding: anyio.CapacityLimiter) -> None:
+        """Each part in a worker thread, at most ``decoding`` at once; then `finish`."""
+
+        async def one(part: range) -> None:
+            async with decoding:
+                await run_in_worker(lambda check_cancelled: self.decode(part, check_cancelled))
+
+        async with anyio.create_task_group() as tg:
+            for part in parts:
+                tg.start_soon(one, part)
+        await run_in_worker(lambda _: self.finish())
 
 
 class _ShardedRead:
@@ -331,7 +369,8 @@ class _ShardedRead:
 
         def work(
             position: int, check_cancelled: CheckCancelled, io_done: Callable[[], None]
-        ) -> None:
+        ) -> tuple[_Shard, list[range]] | None:
+            """Read a shard and decode it; or, if it is to be decoded in parts, give them."""
             shard = _Shard(self, position)
             key = _key_of(self.batch[position][0])
             try:
@@ -340,7 +379,7 @@ class _ShardedRead:
                 if not first:  # no shard (zarr 3.1 takes an empty one for none too)
                     io_done()
                     shard.missing()
-                    return
+                    return None
                 answers: list[Bytes] = []
                 for low, high in shard.first_answer(_as_array(first)):
                     check_cancelled()
@@ -348,19 +387,31 @@ class _ShardedRead:
                     if data is None:  # deleted since its index was read
                         io_done()
                         shard.missing()
-                        return
+                        return None
                     answers.append(_as_array(data))
                 shard.range_answers(answers)
             finally:
                 io_done()
-            shard.decode(check_cancelled)
+            shard.prepare()
+            parts = shard.parts(len(self.batch))
+            if len(parts) > 1:
+                return shard, parts
+            shard.decode(parts[0], check_cancelled)
+            shard.finish()
+            return None
+
+        # A shard's other parts, when there are too few shards for the threads, are decoded in
+        # hops of their own, beside the hoppers'.
+        decoding = anyio.CapacityLimiter(decode_threads())
 
         async def hopper() -> None:
             for position in positions:  # shared: each hopper takes the next shard
-                await _hop_with_token(
+                left = await _hop_with_token(
                     limiter,
                     lambda check, done: work(position, check, done),  # noqa: B023
                 )
+                if left is not None:
+                    await left[0].decode_in_parts(left[1], decoding)
 
         hops = max(1, min(decode_threads(), limiter.total_tokens, len(self.batch)))
         async with anyio.create_task_group() as tg:
@@ -402,8 +453,8 @@ class _ShardedRead:
                 if not await fetch(self.batch[position][0], shard):
                     shard.missing()
                     continue
-                async with decoding:
-                    await run_in_worker(shard.decode)
+                shard.prepare()
+                await shard.decode_in_parts(shard.parts(len(self.batch)), decoding)
 
         async with anyio.create_task_group() as tg:
             for _ in range(max(1, min(fetchers, len(self.batch)))):
