@@ -38,6 +38,8 @@ from support.arrays import (
     opened,
     pipeline,
 )
+from support.remote import KINDS, http_store
+from support.servers import HTTPServer
 
 
 @pytest.fixture(params=BACKENDS)
@@ -213,6 +215,27 @@ async def test_a_shard_costs_one_hop_and_two_reads_on_a_local_store(tmp_path: Pa
     store.reads.clear()
     np.testing.assert_array_equal(await arr.getitem(slice(None)), _expected())
     assert sorted(store.reads, key=str) == [(f"c/{i}", None) for i in range(4)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_remote_shard_costs_its_index_and_one_range(
+    http_server: HTTPServer, kind: str
+) -> None:
+    source = zarr_anyio.MemoryStore()
+    await _sharded(source)
+    http_server.objects.update({key: value.to_bytes() for key, value in source._store_dict.items()})
+    arr = await za.open_array(store=http_store(kind, http_server), mode="r")
+    assert type(arr.async_array.codec_pipeline).__name__ == "AnyioCodecPipeline"
+
+    async def requests_for(selection: slice) -> int:
+        http_server.paths.clear()
+        np.testing.assert_array_equal(await arr.getitem(selection), _expected()[selection])
+        return sum(path.endswith("/c/0") for path in http_server.paths)
+
+    one = await requests_for(slice(8, 12))  # inner chunk 2
+    assert one == 2  # the index, then the chunk
+    assert await requests_for(slice(8, 40)) == one  # inner chunks 2 to 9: one range still
 
 
 @pytest.mark.anyio
