@@ -8,6 +8,7 @@ makes, how many requests a shard costs (coalescing, counted at the store), and c
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -269,6 +270,22 @@ async def test_sharded_reads_under_every_backend(tmp_path: Path, kind: str) -> N
             np.testing.assert_array_equal(await arr.getitem(selection), expected[selection])
         theirs = await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[:])  # noqa: B023
         np.testing.assert_array_equal(theirs, expected)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("whole", [True, False])
+async def test_a_corrupt_shard_index_raises_zarrs_own_error(tmp_path: Path, whole: bool) -> None:
+    store = zarr_anyio.LocalStore(tmp_path)
+    arr = await _sharded(store)
+    shard = tmp_path / "c" / "1"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # in the index, at the end: its checksum no longer matches
+    shard.write_bytes(bytes(data))
+    selection = slice(64, 128) if whole else slice(70, 80)
+    with pytest.raises(ValueError) as theirs:  # noqa: PT011 (the message is compared below)
+        await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[selection])
+    with pytest.raises(ValueError, match=re.escape(str(theirs.value))):
+        await arr.getitem(selection)
 
 
 @pytest.mark.anyio
