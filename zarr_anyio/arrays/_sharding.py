@@ -142,6 +142,17 @@ class ShardedReader:
         self.codec = codec
         self.index_chain = _chain(codec.index_codecs)
         self._inner: dict[ArraySpec, SyncChain] = {}
+        self._index: dict[tuple[int, ...], tuple[int, ArraySpec]] = {}
+
+    def index_layout(self, per_shard: tuple[int, ...]) -> tuple[int, ArraySpec]:
+        """The size of a shard's index and the spec it is decoded with, for shards of
+        ``per_shard`` inner chunks (zarr makes a pipeline to size it: once per shape here)."""
+        found = self._index.get(per_shard)
+        if found is None:
+            codec = self.codec
+            size = int(codec._shard_index_size(per_shard))
+            found = self._index[per_shard] = (size, codec._get_index_chunk_spec(per_shard))
+        return found
 
     def inner_chain(self, chunk_spec: ArraySpec) -> SyncChain:
         try:
@@ -195,7 +206,7 @@ class _Shard:
         self.spec = spec
         self.per_shard: tuple[int, ...] = tuple(codec._get_chunks_per_shard(spec))
         self.chunk_spec: ArraySpec = codec._get_chunk_spec(spec)
-        self.index_size = int(codec._shard_index_size(self.per_shard))
+        self.index_size, self.index_spec = reader.index_layout(self.per_shard)
         self.at_start = index_at_start(codec)
         indexer = get_indexer(
             chunk_sel, shape=shape, chunk_grid=inner_chunk_grid(shape, tuple(codec.chunk_shape))
@@ -225,13 +236,9 @@ class _Shard:
 
     def _index(self, data: Bytes) -> np.ndarray[Any, np.dtype[np.uint64]]:
         chunk = self.read.reader.index_chain.decode(
-            default_buffer_prototype().buffer.from_bytes(data.data), self._index_spec()
+            default_buffer_prototype().buffer.from_bytes(data.data), self.index_spec
         )
         return chunk.as_numpy_array().reshape(-1, 2)
-
-    def _index_spec(self) -> ArraySpec:
-        spec: ArraySpec = self.read.reader.codec._get_index_chunk_spec(self.per_shard)
-        return spec
 
     def _spans(self, index: np.ndarray[Any, np.dtype[np.uint64]]) -> list[tuple[int, int, Coords]]:
         if self.per_shard:
