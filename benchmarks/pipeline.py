@@ -10,6 +10,7 @@ Workloads (reads; the local ones from a folder hot in the page cache):
   256 x 1 MiB zstd(1) 2-D, whole array;
 * 512 x 1 MiB raw 2-D read as a strided region not aligned to chunks, ``arr[::3, 100:-100]``;
 * 256 x 1 MiB blosc(lz4, shuffle) 2-D, whole array;
+* 64 shards of 64 inner chunks of 16 KiB, raw and zstd(1), whole array;
 * remote: 2,000 x 64 KiB raw chunks behind a loopback HTTP server that answers each request after
   20 ms (`slow_http.py`, in a process of its own), every store held to the same window of
   requests in flight (``--window``, default 64; zarr's stores through ``async.concurrency``).
@@ -93,6 +94,7 @@ class Workload:
     selection_text: str = "[:]"
     remote: bool = False
     written: bool = False  # also measured writing it
+    shards: tuple[int, ...] | None = None  # then chunks (and per-chunk times) are inner chunks
 
     @property
     def count(self) -> int:
@@ -122,6 +124,21 @@ def workloads(quick: bool) -> list[Workload]:
             "[::3, 100:-100]",
         ),
         Workload("256 x 1 MiB blosc(lz4, shuffle), 2-D", (8192 // scale, 8192), (512, 512), blosc),
+        # 64 shards of 64 inner chunks of 16 KiB: zarr 3.1 reads a part of a shard with a
+        # request per inner chunk, ours with the shard's index and a request per run of them.
+        Workload(
+            "64 shards x 64 x 16 KiB raw, sharded",
+            (4096 // scale, 4096),
+            (64, 64),
+            shards=(512, 512),
+        ),
+        Workload(
+            "64 shards x 64 x 16 KiB zstd(1), sharded",
+            (4096 // scale, 4096),
+            (64, 64),
+            zstd,
+            shards=(512, 512),
+        ),
         Workload(
             "remote: 2,000 x 64 KiB raw, HTTP 20 ms",
             (2000 * 16384 // (10 if quick else 1),),
@@ -318,6 +335,7 @@ def bench_read(
             zarr.storage.LocalStore(path),
             shape=work.shape,
             chunks=work.chunks,
+            shards=work.shards,
             dtype="float32",
             compressors=work.compressors,
         )

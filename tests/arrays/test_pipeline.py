@@ -12,7 +12,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,30 +33,14 @@ from zarr.storage import StorePath
 from zarr.testing.strategies import basic_indices, orthogonal_indices
 
 import zarr_anyio
+from support.arrays import OURS, STORE_KINDS, ZARRS, compare_reads, new_store, opened, pipeline
 from zarr_anyio.arrays import AnyioCodecPipeline
-
-OURS = "zarr_anyio.arrays.AnyioCodecPipeline"
-ZARRS = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 
 SETTINGS = settings(
     max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-@contextmanager
-def pipeline(path: str) -> Iterator[None]:
-    with zarr.config.set({"codec_pipeline.path": path}):
-        yield
-
-
-def opened(store: Any, path: str) -> zarr.Array[Any]:
-    """The array in ``store``, opened so that it reads through the pipeline ``path``."""
-    with pipeline(path):
-        array = zarr.open_array(store, mode="r+")
-    assert type(array._async_array.codec_pipeline).__name__ == path.rsplit(".", 1)[1]
-    return array
 
 
 # ---------------------------------------------------------------- arrays of every kind
@@ -139,16 +122,7 @@ def arrays_and_data(draw: st.DrawFn, tmp_root: Path) -> tuple[zarr.Array[Any], n
         dtype = "i4"
     fill_value = draw(st.integers(0, 5))
     write_empty = draw(st.booleans())
-    store_kind = draw(st.sampled_from(["local", "memory", "zarr-memory", "zip"]))
-    store: Any
-    if store_kind == "local":
-        store = zarr_anyio.LocalStore(tmp_root / f"{uuid.uuid4().hex}")
-    elif store_kind == "memory":
-        store = zarr_anyio.MemoryStore()
-    elif store_kind == "zip":
-        store = zarr_anyio.ZipStore(tmp_root / f"{uuid.uuid4().hex}.zip", mode="w")
-    else:
-        store = zarr.storage.MemoryStore()
+    store = new_store(draw(st.sampled_from(STORE_KINDS)), tmp_root)
     with pipeline(ZARRS):
         array = _create(store, kind, shape, chunks, dtype, fill_value, write_empty)
         data = np.full(shape, fill_value, dtype=dtype)
@@ -168,36 +142,10 @@ def tmp_root(tmp_path: Path) -> Path:
 @SETTINGS
 @given(data=st.data())
 def test_reads_match_zarrs_pipeline(data: st.DataObject, tmp_root: Path) -> None:
-    array, expected, store = data.draw(arrays_and_data(tmp_root))
+    _, expected, store = data.draw(arrays_and_data(tmp_root))
     ours, theirs = opened(store, OURS), opened(store, ZARRS)
     np.testing.assert_array_equal(ours[...], expected)
-    for _ in range(3):
-        kind = data.draw(st.sampled_from(["basic", "orthogonal", "coordinate", "mask", "block"]))
-        if kind == "basic":
-            selection = data.draw(basic_indices(shape=array.shape))
-            np.testing.assert_array_equal(ours[selection], theirs[selection])
-            np.testing.assert_array_equal(ours[selection], expected[selection])
-        elif kind == "orthogonal":
-            zarr_sel, numpy_sel = data.draw(orthogonal_indices(shape=array.shape))
-            np.testing.assert_array_equal(ours.oindex[zarr_sel], expected[numpy_sel])
-        elif kind == "coordinate":
-            count = data.draw(st.integers(1, 6))
-            coords = tuple(
-                np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=count, max_size=count)))
-                for n in array.shape
-            )
-            np.testing.assert_array_equal(ours.vindex[coords], expected[coords])
-        elif kind == "mask":
-            mask = np.array(
-                data.draw(st.lists(st.booleans(), min_size=expected.size, max_size=expected.size))
-            ).reshape(expected.shape)
-            np.testing.assert_array_equal(ours.vindex[mask], expected[mask])
-        else:
-            block = tuple(
-                data.draw(st.integers(0, -(-n // c) - 1))
-                for n, c in zip(array.shape, array.shards or array.chunks, strict=True)
-            )
-            np.testing.assert_array_equal(ours.blocks[block], theirs.blocks[block])
+    compare_reads(data, ours, theirs, expected)
 
 
 def _stored(store: Any, *, metadata: bool = False) -> dict[str, bytes]:

@@ -1,18 +1,27 @@
-"""What the array API tests share: the backends they run under and stores that count their I/O."""
+"""What the array API tests share: the backends they run under, stores that count their I/O, and
+the reads that compare our codec pipeline with zarr's."""
 
 from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import numpy as np
 import pytest
+import zarr
+import zarr.storage
+from hypothesis import strategies as st
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.testing.strategies import basic_indices, orthogonal_indices
 
-from zarr_anyio import MemoryStore
+from zarr_anyio import LocalStore, MemoryStore, ZipStore
 
 if sys.platform != "win32":
     # Part of the test extra wherever uvloop exists: imported, not skipped, so CI cannot lose it.
@@ -108,3 +117,76 @@ class CountingStore(MemoryStore):
 
     def chunk_keys(self) -> list[str]:
         return sorted(key for key in self._store_dict if chunk_key(key))
+
+
+# ---------------------------------------------------------------- our pipeline against zarr's
+
+OURS = "zarr_anyio.arrays.AnyioCodecPipeline"
+ZARRS = "zarr.core.codec_pipeline.BatchedCodecPipeline"
+STORE_KINDS = ["local", "memory", "zarr-memory", "zip"]
+
+
+@contextmanager
+def pipeline(path: str) -> Iterator[None]:
+    """zarr's API, while it lasts, makes arrays with the codec pipeline ``path``."""
+    with zarr.config.set({"codec_pipeline.path": path}):
+        yield
+
+
+def opened(store: Any, path: str) -> zarr.Array[Any]:
+    """The array in ``store``, opened so that it reads through the pipeline ``path``."""
+    with pipeline(path):
+        array = zarr.open_array(store, mode="r+")
+    assert type(array._async_array.codec_pipeline).__name__ == path.rsplit(".", 1)[1]
+    return array
+
+
+def new_store(kind: str, root: Path) -> Any:
+    """An empty store of one of `STORE_KINDS` (files under ``root``)."""
+    if kind == "local":
+        return LocalStore(root / uuid.uuid4().hex)
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "zip":
+        return ZipStore(root / f"{uuid.uuid4().hex}.zip", mode="w")
+    return zarr.storage.MemoryStore()
+
+
+def compare_reads(
+    data: st.DataObject,
+    ours: zarr.Array[Any],
+    theirs: zarr.Array[Any],
+    expected: np.ndarray[Any, Any],
+    times: int = 3,
+) -> None:
+    """Random selections of every kind read through ``ours`` and ``theirs``: both give what
+    ``expected`` (the array as NumPy) does."""
+    shape = ours.shape
+    for _ in range(times):
+        kind = data.draw(st.sampled_from(["basic", "orthogonal", "coordinate", "mask", "block"]))
+        if kind == "basic":
+            selection = data.draw(basic_indices(shape=shape))
+            np.testing.assert_array_equal(ours[selection], theirs[selection])
+            np.testing.assert_array_equal(ours[selection], expected[selection])
+        elif kind == "orthogonal":
+            zarr_sel, numpy_sel = data.draw(orthogonal_indices(shape=shape))
+            np.testing.assert_array_equal(ours.oindex[zarr_sel], expected[numpy_sel])
+        elif kind == "coordinate":
+            # In any order, the same point more than once.
+            count = data.draw(st.integers(1, 8))
+            coords = tuple(
+                np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=count, max_size=count)))
+                for n in shape
+            )
+            np.testing.assert_array_equal(ours.vindex[coords], expected[coords])
+        elif kind == "mask":
+            mask = np.array(
+                data.draw(st.lists(st.booleans(), min_size=expected.size, max_size=expected.size))
+            ).reshape(expected.shape)
+            np.testing.assert_array_equal(ours.vindex[mask], expected[mask])
+        else:
+            block = tuple(
+                data.draw(st.integers(0, -(-n // c) - 1))
+                for n, c in zip(shape, ours.shards or ours.chunks, strict=True)
+            )
+            np.testing.assert_array_equal(ours.blocks[block], theirs.blocks[block])

@@ -132,12 +132,19 @@ class SyncChain:
                 self._stages[spec] = found
         return found
 
+    def decode_bytes(self, data: Buffer, spec: ArraySpec) -> Buffer:
+        """Only the bytes-to-bytes codecs' decode (decompression, checksums)."""
+        stages = self.stages(spec)
+        value: Any = data
+        for decode, bb_spec in zip(reversed(self._decoders[2]), reversed(stages.bb), strict=True):
+            value = decode(value, bb_spec)
+        assert isinstance(value, Buffer)
+        return value
+
     def decode(self, data: Buffer, spec: ArraySpec) -> NDBuffer:
         stages = self.stages(spec)
-        aa, ab, bb = self._decoders
-        value: Any = data
-        for decode, bb_spec in zip(reversed(bb), reversed(stages.bb), strict=True):
-            value = decode(value, bb_spec)
+        aa, ab, _ = self._decoders
+        value: Any = self.decode_bytes(data, spec)
         value = ab(value, stages.ab)
         for decode, aa_spec in zip(reversed(aa), reversed(stages.aa), strict=True):
             value = decode(value, aa_spec)
@@ -164,7 +171,14 @@ class SyncChain:
         """The dtype whose C-ordered bytes a stored chunk is, if the chain is only a
         native-endian ``bytes`` codec (the bytes can then be read straight into the result);
         else ``None``."""
-        if self.aa or self.bb or type(self.ab) is not BytesCodec:
+        return None if self.bb else self.bytes_dtype(spec)
+
+    def bytes_dtype(self, spec: ArraySpec) -> np.dtype[Any] | None:
+        """The dtype whose C-ordered bytes a chunk is once its bytes-to-bytes codecs are
+        undone (`decode_bytes`), if its array-to-bytes codec is a native-endian ``bytes`` codec
+        and no array-to-array codec comes before it; else ``None``. Such a chunk is those bytes
+        seen as an array, without the ``bytes`` codec's per-chunk work."""
+        if self.aa or type(self.ab) is not BytesCodec:
             return None
         dtype = np.dtype(spec.dtype.to_native_dtype())
         if dtype.hasobject or dtype.names is not None or not dtype.isnative:

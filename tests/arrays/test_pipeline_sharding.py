@@ -1,0 +1,363 @@
+"""Sharded arrays through our codec pipeline, against zarr's own pipeline on the same arrays.
+
+The property test draws shard and inner chunk shapes, the index's place and codecs, the inner
+codecs, fill values, which shards and inner chunks exist, and every selection kind, and reads
+them through both pipelines. The async tests run under every backend: the reads zarr_anyio's API
+makes, how many requests a shard costs (coalescing, counted at the store), and cancellation.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+import zarr
+import zarr.codecs
+import zarr.storage
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from zarr.abc.store import ByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.codecs import ShardingCodec
+from zarr.testing.strategies import basic_indices
+
+import zarr_anyio
+import zarr_anyio.api as za
+from support.arrays import (
+    BACKENDS,
+    OURS,
+    STORE_KINDS,
+    ZARRS,
+    CountingStore,
+    compare_reads,
+    new_store,
+    opened,
+    pipeline,
+)
+from support.remote import KINDS, http_store
+from support.servers import HTTPServer
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+INNER = ["raw", "zstd", "gzip+crc32c", "transpose+zstd", "big-endian"]
+
+
+def sharding(inner: tuple[int, ...], codecs: str, index: str, location: str) -> ShardingCodec:
+    chain: list[Any] = [zarr.codecs.BytesCodec()]
+    if codecs == "zstd":
+        chain.append(zarr.codecs.ZstdCodec(level=1))
+    elif codecs == "gzip+crc32c":
+        chain += [zarr.codecs.GzipCodec(level=1), zarr.codecs.Crc32cCodec()]
+    elif codecs == "transpose+zstd":
+        order = tuple(reversed(range(len(inner))))
+        chain = [zarr.codecs.TransposeCodec(order=order), *chain, zarr.codecs.ZstdCodec(level=1)]
+    elif codecs == "big-endian":
+        chain = [zarr.codecs.BytesCodec(endian="big")]
+    index_codecs: list[Any] = [zarr.codecs.BytesCodec()]
+    if index == "crc32c":
+        index_codecs.append(zarr.codecs.Crc32cCodec())
+    return ShardingCodec(
+        chunk_shape=inner, codecs=chain, index_codecs=index_codecs, index_location=location
+    )
+
+
+@st.composite
+def sharded_arrays(draw: st.DrawFn, tmp_root: Path) -> tuple[zarr.Array[Any], np.ndarray, Any]:
+    ndim = draw(st.integers(1, 3))
+    inner = tuple(draw(st.integers(1, 4)) for _ in range(ndim))
+    shards = tuple(n * draw(st.integers(1, 3)) for n in inner)
+    shape = tuple(draw(st.integers(1, 2 * n + 1)) for n in shards)
+    codecs = draw(st.sampled_from(INNER))
+    codec = sharding(
+        inner,
+        codecs,
+        draw(st.sampled_from(["crc32c", "bytes"])),
+        draw(st.sampled_from(["start", "end"])),
+    )
+    dtype = draw(st.sampled_from(["i2", "f4", "u1", "f8"]))
+    if codecs == "big-endian" and dtype == "u1":
+        dtype = "i4"
+    fill_value = draw(st.integers(0, 5))
+    store = new_store(draw(st.sampled_from(STORE_KINDS)), tmp_root)
+    with pipeline(ZARRS):
+        array = zarr.create_array(
+            store,
+            shape=shape,
+            chunks=shards,
+            serializer=codec,
+            compressors=None,
+            dtype=dtype,
+            fill_value=fill_value,
+            config={"write_empty_chunks": False},
+        )
+        data = np.full(shape, fill_value, dtype=dtype)
+        values = (np.arange(int(np.prod(shape))).reshape(shape) % 7).astype(dtype)
+        # Some shards written, some not; inside them, inner chunks holding only the fill value
+        # are left out of the shard.
+        for _ in range(draw(st.integers(0, 2))):
+            region = draw(basic_indices(shape=shape, allow_ellipsis=False))
+            data[region] = values[region]
+            array[region] = values[region]
+        region = draw(basic_indices(shape=shape, allow_ellipsis=False))
+        data[region] = fill_value
+        array[region] = fill_value
+    return array, data, store
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_sharded_reads_match_zarrs_pipeline(data: st.DataObject, tmp_path: Path) -> None:
+    _, expected, store = data.draw(sharded_arrays(tmp_path))
+    ours, theirs = opened(store, OURS), opened(store, ZARRS)
+    assert ours._async_array.codec_pipeline._sharded is not None  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(ours[...], expected)
+    compare_reads(data, ours, theirs, expected)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values"),
+    [
+        ("str", np.array(["a", "bc", "", "dé", "x" * 10] * 13, dtype=object)),
+        ("bool", np.arange(65) % 3 == 0),
+        ("datetime64[s]", np.arange(65).astype("datetime64[s]")),
+        ("complex128", np.arange(65) * (1 + 2j)),
+    ],
+)
+def test_sharded_dtypes_match_zarrs_pipeline(dtype: str, values: np.ndarray) -> None:
+    # Variable-length strings go through their own codec's decode; the others are their bytes.
+    store = zarr_anyio.MemoryStore()
+    with pipeline(ZARRS):
+        zarr.create_array(store, shape=(65,), chunks=(4,), shards=(16,), dtype=dtype)[:40] = values[
+            :40
+        ]
+    ours, theirs = opened(store, OURS), opened(store, ZARRS)
+    for selection in (slice(None), slice(3, 50, 3), slice(20, 24)):
+        np.testing.assert_array_equal(ours[selection], theirs[selection])
+
+
+# ---------------------------------------------------------------- the async surface
+
+
+class CountingDisk(zarr_anyio.LocalStore):
+    """A LocalStore that records the reads of chunk keys it makes and how many run at once;
+    each takes ``delay`` seconds."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay = 0.0
+        self.reads: list[tuple[str, ByteRequest | None]] = []
+        self.running = 0
+        self.lock = threading.Lock()
+
+    def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> Any:
+        if "/c/" not in f"/{key}":
+            return super()._read_blocking(key, byte_range)
+        with self.lock:
+            self.reads.append((key, byte_range))
+            self.running += 1
+        try:
+            time.sleep(self.delay)
+            return super()._read_blocking(key, byte_range)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+async def _sharded(store: Any, **kwargs: Any) -> zarr_anyio.AsyncArray:
+    """A 1-D array of 4 shards of 16 inner chunks of 4 values, all written but inner chunk 5."""
+    arr = await za.create_array(
+        store,
+        shape=(256,),
+        chunks=(4,),
+        shards=(64,),
+        dtype="i4",
+        fill_value=-1,
+        compressors=None,
+        **kwargs,
+    )
+    values = np.arange(256, dtype="i4")
+    values[20:24] = -1
+    await arr.setitem(slice(None), values)
+    return arr
+
+
+def _expected() -> np.ndarray:
+    values = np.arange(256, dtype="i4")
+    values[20:24] = -1
+    return values
+
+
+@pytest.mark.anyio
+async def test_inner_chunks_come_as_coalesced_ranges_through_the_store() -> None:
+    store = CountingStore(max_concurrency=8)
+    arr = await _sharded(store)
+    assert type(arr.async_array.codec_pipeline).__name__ == "AnyioCodecPipeline"
+    # Inner chunks 2 to 9 of the first shard (5 missing in between): its index, then one range.
+    store.started = 0
+    np.testing.assert_array_equal(await arr.getitem(slice(8, 40)), _expected()[8:40])
+    assert store.started == 2
+    # Every inner chunk of a shard: the whole shard in one request, index and all.
+    store.started = 0
+    np.testing.assert_array_equal(await arr.getitem(slice(None)), _expected())
+    assert store.started == 4
+    # A missing shard: one request to find it missing; the fill value.
+    await store.delete("c/3")
+    store.started = 0
+    np.testing.assert_array_equal(await arr.getitem(slice(200, 210)), -1)
+    assert store.started == 1
+
+
+@pytest.mark.anyio
+async def test_a_shard_costs_one_hop_and_two_reads_on_a_local_store(tmp_path: Path) -> None:
+    store = CountingDisk(tmp_path / "a")
+    arr = await _sharded(store)
+    store.reads.clear()
+    np.testing.assert_array_equal(
+        await arr.getitem(slice(8, 40)), _expected()[8:40]
+    )  # inner chunks 2..9
+    index_size = 16 * 16 + 4  # 16 entries of two uint64, a crc32c
+    # Chunks of 16 bytes, 5 left out: 2 to 9 are bytes 32 to 144, one range.
+    assert sorted(store.reads, key=str) == sorted(
+        [("c/0", SuffixByteRequest(index_size)), ("c/0", RangeByteRequest(32, 144))],
+        key=str,
+    )
+    store.reads.clear()
+    np.testing.assert_array_equal(await arr.getitem(slice(None)), _expected())
+    assert sorted(store.reads, key=str) == [(f"c/{i}", None) for i in range(4)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_remote_shard_costs_its_index_and_one_range(
+    http_server: HTTPServer, kind: str
+) -> None:
+    source = zarr_anyio.MemoryStore()
+    await _sharded(source)
+    http_server.objects.update({key: value.to_bytes() for key, value in source._store_dict.items()})
+    arr = await za.open_array(store=http_store(kind, http_server), mode="r")
+    assert type(arr.async_array.codec_pipeline).__name__ == "AnyioCodecPipeline"
+
+    async def requests_for(selection: slice) -> int:
+        http_server.paths.clear()
+        np.testing.assert_array_equal(await arr.getitem(selection), _expected()[selection])
+        return sum(path.endswith("/c/0") for path in http_server.paths)
+
+    one = await requests_for(slice(8, 12))  # inner chunk 2
+    assert one == 2  # the index, then the chunk
+    assert await requests_for(slice(8, 40)) == one  # inner chunks 2 to 9: one range still
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["local", "memory"])
+async def test_sharded_reads_under_every_backend(tmp_path: Path, kind: str) -> None:
+    for location in ("start", "end"):
+        store: Any = (
+            zarr_anyio.LocalStore(tmp_path / location)
+            if kind == "local"
+            else zarr_anyio.MemoryStore()
+        )
+        arr = await za.create_array(
+            store,
+            shape=(30, 20),
+            chunks=(10, 10),
+            serializer=sharding((5, 2), "zstd", "crc32c", location),
+            compressors=None,
+            dtype="f4",
+            fill_value=7,
+        )
+        values = np.arange(600, dtype="f4").reshape(30, 20)
+        await arr.setitem((slice(0, 12), slice(None)), values[:12])
+        expected = np.full((30, 20), 7, dtype="f4")
+        expected[:12] = values[:12]
+        selections: list[tuple[Any, ...]] = [
+            (slice(None), slice(None)),
+            (slice(3, 25, 2), 5),
+            (slice(4, 6), slice(1, 19)),
+        ]
+        for selection in selections:
+            np.testing.assert_array_equal(await arr.getitem(selection), expected[selection])
+        theirs = await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[:])  # noqa: B023
+        np.testing.assert_array_equal(theirs, expected)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("whole", [True, False])
+async def test_a_corrupt_shard_index_raises_zarrs_own_error(tmp_path: Path, whole: bool) -> None:
+    store = zarr_anyio.LocalStore(tmp_path)
+    arr = await _sharded(store)
+    shard = tmp_path / "c" / "1"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # in the index, at the end: its checksum no longer matches
+    shard.write_bytes(bytes(data))
+    selection = slice(64, 128) if whole else slice(70, 80)
+    with pytest.raises(ValueError) as theirs:  # noqa: PT011 (the message is compared below)
+        await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[selection])
+    with pytest.raises(ValueError, match=re.escape(str(theirs.value))):
+        await arr.getitem(selection)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["local", "memory"])
+async def test_one_big_shard_read_in_parts(tmp_path: Path, kind: str) -> None:
+    # One shard of 256 inner chunks, some missing: a read of it alone is decoded in several
+    # parts at once (one per thread), into the result or into a buffer of the selection.
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    arr = await za.create_array(
+        store,
+        shape=(64, 64),
+        chunks=(64, 64),
+        serializer=sharding((4, 4), "zstd", "crc32c", "end"),
+        compressors=None,
+        dtype="i4",
+        fill_value=-3,
+    )
+    values = np.arange(64 * 64, dtype="i4").reshape(64, 64)
+    await arr.setitem((slice(0, 50), slice(None)), values[:50])
+    expected = np.full((64, 64), -3, dtype="i4")
+    expected[:50] = values[:50]
+    np.testing.assert_array_equal(await arr.getitem(...), expected)
+    np.testing.assert_array_equal(
+        await arr.getitem((slice(3, 61), slice(1, 63))), expected[3:61, 1:63]
+    )
+    rows, cols = np.arange(63, -1, -1), np.arange(64) % 7
+    np.testing.assert_array_equal(
+        await arr.get_coordinate_selection((rows, cols)), expected[rows, cols]
+    )
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_sharded_read_from_a_local_store_waits_for_its_threads(
+    tmp_path: Path,
+) -> None:
+    store = CountingDisk(tmp_path / "a", max_concurrency=4)
+    arr = await za.create_array(
+        store, shape=(64 * 16,), chunks=(4,), shards=(16,), dtype="i4", compressors=None
+    )
+    await arr.setitem(slice(None), np.arange(64 * 16))
+    store.reads.clear()
+    store.delay = 0.02
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(arr.getitem, ...)
+            while not store.reads:
+                await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+    assert store.running == 0
+    done = len(store.reads)
+    assert 0 < done < 64
+    await anyio.sleep(0.1)
+    assert len(store.reads) == done
+    assert store.limiter.statistics().borrowed_tokens == 0
