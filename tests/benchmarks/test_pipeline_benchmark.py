@@ -26,7 +26,8 @@ def test_pipeline_benchmark_runs_quick() -> None:
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert out.count("\n## read ") == 6
+    assert out.count("\n## read ") == 8
+    assert out.count(", sharded:") == 2
     assert "arr[::3, 100:-100]" in out
     assert "blosc" in out
     assert "of window" in out
