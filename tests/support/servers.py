@@ -435,6 +435,8 @@ class CountingProxy:
         target = urlsplit(upstream)
         self.log: list[tuple[str, str]] = []
         self.in_flight = 0
+        self.most_in_flight = 0
+        self.delay = 0.0  # seconds each request waits before it is passed on
         self._lock = threading.Lock()
         proxy = self
 
@@ -460,7 +462,10 @@ class CountingProxy:
                 with proxy._lock:
                     proxy.log.append((self.command, self.path))
                     proxy.in_flight += 1
+                    proxy.most_in_flight = max(proxy.most_in_flight, proxy.in_flight)
                 try:
+                    if proxy.delay:
+                        time.sleep(proxy.delay)
                     self._pass_on(body)
                 finally:
                     with proxy._lock:

@@ -30,6 +30,7 @@ from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
 from ._base import PAGE_SIZE, Entry
+from ._client_pools import fsspec_options_with_pool, pool_size
 from ._client_retries import (
     fsspec_options_without_retries,
     turn_off_fsspec_retries,
@@ -202,7 +203,10 @@ class FsspecStore(RemoteStore):
         # used it, and fsspec would otherwise hand the same cached instance to other code.
         options = {"asynchronous": True, "skip_instance_cache": True, **(storage_options or {})}
         # The client's own retries off (botocore's here, s3fs's below): ours see every throttle.
-        fs, path = url_to_fs(url, **fsspec_options_without_retries(url, options))
+        options = fsspec_options_without_retries(url, options)
+        protocol = url.partition("://")[0].lower()  # a chained URL's options are nested: left
+        options = fsspec_options_with_pool(protocol, options, pool_size(kwargs))
+        fs, path = url_to_fs(url, **options)
         turn_off_fsspec_retries(fs)
         store = cls(
             fs, read_only=read_only, path=path, allowed_exceptions=allowed_exceptions, **kwargs

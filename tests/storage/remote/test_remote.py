@@ -49,6 +49,52 @@ async def test_max_concurrency_holds_at_the_server(
     assert http_server.most_in_flight == limit
 
 
+async def test_an_http_from_url_store_is_not_held_below_its_window_by_aiohttps_pool(
+    http_server: HTTPServer,
+) -> None:
+    # Before: botocore's pool of 10 connections held s3fs to 10 requests at once, aiohttp's
+    # pool of 100 held http to 100, whatever max_concurrency said.
+    objects = fill(http_server, 240)
+    http_server.faults = Faults(delay=0.1)
+    store = FsspecStore.from_url(
+        http_server.url, read_only=True, max_concurrency=120, adaptive=False
+    )
+    await store.get_partial_values(PROTO, [(key, None) for key in objects])
+    assert http_server.most_in_flight > 100
+    await store.aclose()
+
+
+async def test_an_s3_from_url_store_is_not_held_below_its_window_by_botocores_pool(
+    s3_server: S3Server,
+) -> None:
+    bucket = s3_server.new_bucket()
+    with CountingProxy(s3_server.endpoint) as proxy:
+        options = {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": proxy.url, "region_name": "us-east-1"},
+        }
+        writer = FsspecStore.from_url(f"s3://{bucket}/p", storage_options=options)
+        keys = [f"k{i}" for i in range(40)]
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(writer.set, key, PROTO.buffer.from_bytes(b"v"))
+        proxy.delay = 0.2
+        proxy.most_in_flight = 0
+        store = FsspecStore.from_url(
+            f"s3://{bucket}/p",
+            storage_options=options,
+            read_only=True,
+            max_concurrency=30,
+            adaptive=False,
+        )
+        values = await store.get_partial_values(PROTO, [(key, None) for key in keys])
+        assert all(value is not None and value.to_bytes() == b"v" for value in values)
+        assert proxy.most_in_flight > 10
+        await store.aclose()
+        await writer.aclose()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_two_stores_on_one_limiter(http_server: HTTPServer, kind: str) -> None:
     objects = fill(http_server, 40)
