@@ -17,8 +17,10 @@ round; medians, and every reader's ratio to zarr's default pipeline (lower is be
 * tensorstore: its zarr3 driver, ``read().result()``.
 
 zarrs and tensorstore are optional (``pip install zarrs tensorstore``); a missing one is said so.
-Also writes (``arr[:] = data``) of the raw 1-D and zstd arrays, ours against zarr's. Timings on
-a shared 2-core machine are noisy: read the ratios of one run.
+Also whole-array writes (``arr[:] = data``) of the same three arrays into an empty folder: ours
+(sync API, on a zarr_anyio LocalStore, atomic writes) against zarr's pipeline on its LocalStore,
+zarrs, and tensorstore (``write(data).result()``). Timings on a shared 2-core machine are noisy:
+read the ratios of one run.
 """
 
 from __future__ import annotations
@@ -191,16 +193,42 @@ def bench_writes(
         shutil.rmtree(path)
         return elapsed
 
+    def write_tensorstore() -> float:
+        # The metadata written by zarr (not timed), the chunks by tensorstore's zarr3 driver.
+        path = folder / f"w{next(rounds)}"
+        zarr.create_array(
+            zarr.storage.LocalStore(path),
+            shape=shape,
+            chunks=chunks,
+            dtype="float32",
+            compressors=compressors,
+        )
+        assert tensorstore is not None
+        ts_array = tensorstore.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+        ).result()
+        start = time.perf_counter()
+        ts_array.write(values).result()
+        elapsed = time.perf_counter() - start
+        shutil.rmtree(path)
+        return elapsed
+
     runs: dict[str, Callable[[], float]] = {
         "zarr": lambda: write(ZARR, zarr.storage.LocalStore),
         "ours (sync API)": lambda: write(OURS, zarr_anyio.LocalStore),
     }
     if HAVE_ZARRS:
         runs["zarrs"] = lambda: write(ZARRS, zarr.storage.LocalStore)
+    if tensorstore is not None:
+        runs["tensorstore"] = write_tensorstore
     medians = interleaved_medians(runs, repeat)
-    lines = [f"\n## write {label} (median of {repeat})"]
+    count = int(np.prod([-(-s // c) for s, c in zip(shape, chunks, strict=True)]))
+    lines = [f"\n## write {label}: {count} chunks (median of {repeat})"]
     for name, wall in medians.items():
-        lines.append(f"{name:22s} {wall * 1000:9.1f} ms  {wall / medians['zarr']:7.2f} of zarr's")
+        lines.append(
+            f"{name:22s} {wall * 1000:9.1f} ms  {wall / count * 1e6:8.1f} µs  "
+            f"{wall / medians['zarr']:7.2f} of zarr's"
+        )
     return lines
 
 
@@ -209,6 +237,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small arrays")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-writes", action="store_true")
+    parser.add_argument("--no-reads", action="store_true")
     args = parser.parse_args()
     scale = 8 if args.quick else 1
     print(
@@ -225,13 +254,15 @@ def main() -> None:
             ("zstd(1) float32 2-D", (8192 // scale, 8192), (512, 512), zstd),
         ]
         for number, (label, shape, chunks, compressors) in enumerate(cases):
+            if args.no_reads:
+                break
             for line in bench_reads(
                 folder / f"r{number}", label, shape, chunks, compressors, args.repeat
             ):
                 print(line, flush=True)
             shutil.rmtree(folder / f"r{number}")
         if not args.no_writes:
-            for label, shape, chunks, compressors in cases[1:]:
+            for label, shape, chunks, compressors in cases[:3]:
                 for line in bench_writes(folder, label, shape, chunks, compressors, args.repeat):
                     print(line, flush=True)
 
