@@ -13,7 +13,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -282,9 +282,13 @@ class SlowDisk(zarr_anyio.LocalStore):
         with self._counted():
             return super()._read_blocking(key, byte_range)
 
-    def _set_blocking(self, key: str, value: memoryview, check_cancelled: Any) -> None:
-        with self._counted():
-            super()._set_blocking(key, value, check_cancelled)
+    def _set_many_blocking(
+        self, items: Iterable[tuple[str, memoryview | None]], check_cancelled: Any
+    ) -> None:
+        for item in items:
+            check_cancelled()
+            with self._counted():
+                super()._set_many_blocking([item], check_cancelled)
 
     def _read_into_blocking(self, key: str, into: memoryview) -> Any:
         self.into += 1

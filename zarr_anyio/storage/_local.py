@@ -84,6 +84,7 @@ from ._localfs import (
     scan_folder,
     size_of,
     write_file,
+    write_files,
 )
 
 __all__ = ["LocalStore"]
@@ -222,6 +223,11 @@ class LocalStore(BlockingStore):
 
     def _delete_key_blocking(self, key: str) -> None:
         delete_file(self._root, key)
+
+    def _set_many_blocking(
+        self, items: Iterable[tuple[str, memoryview | None]], check_cancelled: CheckCancelled
+    ) -> None:
+        write_files(self._root, items, check_cancelled)
 
     async def _backend_delete(self, key: str) -> None:
         root = self._root
