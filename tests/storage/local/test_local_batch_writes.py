@@ -118,7 +118,7 @@ def test_a_batch_stopped_mid_write_leaves_old_values_and_no_temporary_file(
     store = opened(tmp_path)
     sync(store.set("c/1", cpu.Buffer.from_bytes(b"old")))
     monkeypatch.setattr(zarr_anyio.storage._localfs, "WRITE_PIECE", 1 << 16)
-    checks = []
+    checks: list[None] = []
 
     def check_cancelled() -> None:
         checks.append(None)
