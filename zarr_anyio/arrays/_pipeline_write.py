@@ -45,6 +45,13 @@ def all_equal(chunk: NDBuffer, fill: Any) -> bool:
     data = chunk.as_ndarray_like()
     if data.ndim == 0 or data.size == 0 or np.ndim(fill) > 0:
         return chunk.all_equal(fill)
+    if data.dtype.kind in "biuf" and isinstance(fill, (bool, int, float, np.number, np.bool_)):
+        # A first element that is a number other than the fill value (neither NaN, so no rule
+        # of zarr's on NaN or on -0.0 can make them equal): ~2 µs, where one call of zarr's
+        # comparison costs 30-90 µs whatever the slice's size.
+        first = np.asarray(data)[(0,) * data.ndim]  # a NumPy array: the same, not a copy
+        if first != fill and first == first and fill == fill:
+            return False
     leading = data.shape[0]
     step = max(1, FIRST_SLICE // max(1, data.size // leading))
     start = 0
