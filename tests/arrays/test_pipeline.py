@@ -35,6 +35,7 @@ from zarr.testing.strategies import basic_indices, orthogonal_indices
 
 import zarr_anyio
 from zarr_anyio.arrays import AnyioCodecPipeline
+from zarr_anyio.storage._localfs import TEMP_FOLDER
 
 OURS = "zarr_anyio.arrays.AnyioCodecPipeline"
 ZARRS = "zarr.core.codec_pipeline.BatchedCodecPipeline"
@@ -695,3 +696,28 @@ def test_whole_chunks_are_written_from_the_callers_array(
     assert _stored(store) == _stored(twin)
     assert ("c/0/1" in _stored(store)) == write_empty
     np.testing.assert_array_equal(opened(store, OURS)[...], values)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("after", [0.0, 0.02, 0.08])
+async def test_a_write_to_a_local_store_cancelled_at_any_moment(
+    tmp_path: Path, compressed: bool, after: float
+) -> None:
+    # The batches of whole chunks (raw ones written from the caller's array in one hop,
+    # compressed ones encoded, then written), cut at some moment: nothing goes on writing, no
+    # temporary file stays, every chunk holds its old value or its new one.
+    store = zarr_anyio.LocalStore(tmp_path / "a")
+    compressors = zarr.codecs.ZstdCodec(level=1) if compressed else None
+    array, ours = await _made(store, 400_000, 1000, "i4", 1, compressors=compressors)
+    new = default_buffer_prototype().nd_buffer.from_numpy_array(np.full(400_000, 2, dtype="i4"))
+    with anyio.move_on_after(after):
+        await ours.write(_items(array, store, 0, 400_000), new)
+    assert store.limiter.statistics().borrowed_tokens == 0
+    assert not (tmp_path / "a" / TEMP_FOLDER).exists()
+    files = sorted((tmp_path / "a" / "c").iterdir())
+    await anyio.sleep(0.05)
+    assert sorted((tmp_path / "a" / "c").iterdir()) == files  # none written afterwards
+    got = np.asarray(await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[:]))
+    assert all(len(set(got[i : i + 1000])) == 1 for i in range(0, 400_000, 1000))
+    assert set(np.unique(got)) <= {1, 2}
