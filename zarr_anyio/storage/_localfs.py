@@ -764,9 +764,13 @@ class _Batch:
     """What consecutive writes of one store share: the root, its temporary folder (held in use
     once, not made and removed around every write) and the keys' folders, each opened once.
 
-    Per key that leaves the temporary file's creation, write and rename (with its lock): ~35 µs
-    of a 4 KiB write's ~80 µs here, where each `write_file` also opened the root and the key's
-    folder, and made and removed the temporary folder whenever no other write was using it."""
+    Per key that leaves seven system calls (a random name, the temporary file's creation, its
+    lock and the check of it, the write, the close, the rename), where each `write_file` also
+    opens the root, the key's folder and the temporary folder, and makes and removes that folder
+    whenever no other write of the process is using it. A folder removed under the batch is
+    found when the rename into it fails, and that key takes `write_file`'s path. One moved
+    elsewhere meanwhile gets the keys where it went, as a single write's folder would if moved
+    between its opening and the rename: here that window is the batch, not one key."""
 
     def __init__(self, root: str) -> None:
         self.root = root
