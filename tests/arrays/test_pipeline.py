@@ -657,7 +657,8 @@ def test_zarr_finds_the_pipeline_by_its_entry_point_in_a_fresh_process(tmp_path:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("kind", ["raw", "zstd", "transpose+zstd", "big-endian", "gzip+crc32c"])
+# (Not gzip: its header holds the time of the write, so two writes a second apart differ.)
+@pytest.mark.parametrize("kind", ["raw", "zstd", "transpose+zstd", "big-endian", "v2-zlib"])
 @pytest.mark.parametrize("write_empty", [False, True])
 def test_whole_chunks_are_written_from_the_callers_array(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, write_empty: bool
@@ -694,7 +695,8 @@ def test_whole_chunks_are_written_from_the_callers_array(
         array[:512, :256] = values[:512, :256]
     assert merged == []
     assert _stored(store) == _stored(twin)
-    assert ("c/0/1" in _stored(store)) == write_empty
+    fill_chunk = "0.1" if kind.startswith("v2") else "c/0/1"
+    assert (fill_chunk in _stored(store)) == write_empty
     np.testing.assert_array_equal(opened(store, OURS)[...], values)
 
 

@@ -592,11 +592,9 @@ class _Write:
                 check_cancelled()
                 prepared.append((index, self.prepare(index, old.pop(index, None))))
 
-        if in_one_hop:
-            pass
-        elif not complete:
+        if not complete:
             await _hop_with_token(limiter, prepare_all)
-        else:
+        elif not in_one_hop:
             await run_in_worker(lambda check_cancelled: prepare_all(check_cancelled, lambda: None))
 
         def items() -> Iterator[tuple[str, memoryview | None]]:
