@@ -43,11 +43,14 @@ as a fraction of zarr's pipeline / of zarrs'): 512 x 1 MiB raw 2-D 0.59 / 0.85; 
 half is zarr's own work before the pipeline is called (its indexer, a StorePath and a spec per
 chunk), which no pipeline can save.
 
-Writes, whole arrays into an empty folder, medians of 5, the machine at load 10: zarr 3.1.6 raw
-2-D 0.29, raw 4 KiB 1-D 0.42, zstd 2-D 0.44 of zarr's time (zarrs 0.15, 0.27, 0.54); zarr 3.4,
-which writes without its event loop to a store with blocking calls, 0.74, 0.60, 1.12. Of a 4 KiB
-chunk's write the file system is most: a temporary file created, locked, written and renamed
-(seven system calls, the rename the dearest); the pipeline's own Python is ≈60 µs.
+Writes, whole arrays into an empty folder, medians of 5 in two runs, the machine at load 5-10:
+zarr 3.1.6 raw 2-D 0.28-0.29, raw 4 KiB 1-D 0.42-0.50, zstd 2-D 0.44-0.54 of zarr's time (zarrs
+0.15-0.22, 0.27-0.32, 0.44-0.54); zarr 3.4, whose own writes got up to 3 times faster (its
+empty-chunk test stops early, and it writes without its event loop to a store with blocking
+calls), 0.74-0.98, 0.48-0.60, 0.94-1.12 (zarrs 0.54-0.63, 0.34-0.35, 0.64-0.65): with no core
+idle, threads cannot help, and the copy and the kernel's write are the same work as zarr's. Of
+a 4 KiB chunk's write the file system is most: a temporary file created, locked, written and
+renamed (seven system calls, the rename the dearest); the pipeline's own Python is ≈60 µs.
 """
 
 from __future__ import annotations
