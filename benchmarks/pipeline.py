@@ -177,16 +177,15 @@ def bench_writes(
     values = (np.arange(int(np.prod(shape)), dtype="float32") % 1000).reshape(shape)
     rounds = iter(range(10**6))
 
+    def create(store: Any) -> zarr.Array:
+        return zarr.create_array(
+            store, shape=shape, chunks=chunks, dtype="float32", compressors=compressors
+        )
+
     def write(pipeline: str, store_class: Any) -> float:
         path = folder / f"w{next(rounds)}"
         with zarr.config.set({"codec_pipeline.path": pipeline}):
-            arr = zarr.create_array(
-                store_class(path),
-                shape=shape,
-                chunks=chunks,
-                dtype="float32",
-                compressors=compressors,
-            )
+            arr = create(store_class(path))
             start = time.perf_counter()
             arr[...] = values
             elapsed = time.perf_counter() - start
@@ -196,13 +195,7 @@ def bench_writes(
     def write_tensorstore() -> float:
         # The metadata written by zarr (not timed), the chunks by tensorstore's zarr3 driver.
         path = folder / f"w{next(rounds)}"
-        zarr.create_array(
-            zarr.storage.LocalStore(path),
-            shape=shape,
-            chunks=chunks,
-            dtype="float32",
-            compressors=compressors,
-        )
+        create(zarr.storage.LocalStore(path))
         assert tensorstore is not None
         ts_array = tensorstore.open(
             {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
