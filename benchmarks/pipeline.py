@@ -28,9 +28,11 @@ Readers, each run in every round, rounds interleaved in a new order each time:
 
 zarrs and tensorstore are optional (``pip install zarrs tensorstore``); a missing one is said so.
 Each reader's time is divided by zarr's in the same round; the min / median / max of that ratio
-over the rounds is printed (lower is better), then markdown tables for the docs. Also writes
-(``arr[:] = data``) of the raw 1-D and zstd arrays, ours against zarr's. Timings on a shared
-2-core machine are noisy: read the ratios of one run, and the load printed with them.
+over the rounds is printed (lower is better), then markdown tables for the docs. Also
+whole-array writes (``arr[:] = data``) of the raw 2-D, raw 1-D and zstd arrays into an empty
+folder: ours (sync API, on a zarr_anyio LocalStore, atomic writes) against zarr's pipeline on its
+LocalStore, zarrs, and tensorstore (``write(data).result()``). Timings on a shared 2-core machine
+are noisy: read the ratios of one run, and the load printed with them.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def workloads(quick: bool) -> list[Workload]:
     # tensorstore reads a negative stop as an index, not from the end: spell it out.
     strided = (slice(None, None, 3), slice(100, 8192 - 100))
     return [
-        Workload("512 x 1 MiB raw float32, 2-D", (16384 // scale, 8192), (512, 512)),
+        Workload("512 x 1 MiB raw float32, 2-D", (16384 // scale, 8192), (512, 512), written=True),
         Workload("8,192 x 4 KiB raw, 1-D", (8192 * 1024 // scale,), (1024,), written=True),
         Workload("256 x 1 MiB zstd(1), 2-D", (8192 // scale, 8192), (512, 512), zstd, written=True),
         Workload(
@@ -445,19 +447,36 @@ def bench_writes(folder: Path, work: Workload, repeat: int) -> list[str]:
     values = (np.arange(int(np.prod(work.shape)), dtype="float32") % 1000).reshape(work.shape)
     rounds = iter(range(10**6))
 
+    def create(store: Any) -> zarr.Array:
+        return zarr.create_array(
+            store,
+            shape=work.shape,
+            chunks=work.chunks,
+            dtype="float32",
+            compressors=work.compressors,
+        )
+
     def write(pipeline: str, store_class: Any) -> float:
         path = folder / f"w{next(rounds)}"
         with zarr.config.set({"codec_pipeline.path": pipeline}):
-            arr = zarr.create_array(
-                store_class(path),
-                shape=work.shape,
-                chunks=work.chunks,
-                dtype="float32",
-                compressors=work.compressors,
-            )
+            arr = create(store_class(path))
             start = time.perf_counter()
             arr[...] = values
             elapsed = time.perf_counter() - start
+        shutil.rmtree(path)
+        return elapsed
+
+    def write_tensorstore() -> float:
+        # The metadata written by zarr (not timed), the chunks by tensorstore's zarr3 driver.
+        path = folder / f"w{next(rounds)}"
+        create(zarr.storage.LocalStore(path))
+        assert tensorstore is not None
+        ts_array = tensorstore.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+        ).result()
+        start = time.perf_counter()
+        ts_array.write(values).result()
+        elapsed = time.perf_counter() - start
         shutil.rmtree(path)
         return elapsed
 
@@ -467,12 +486,18 @@ def bench_writes(folder: Path, work: Workload, repeat: int) -> list[str]:
     }
     if HAVE_ZARRS:
         runs["zarrs"] = lambda: write(ZARRS, zarr.storage.LocalStore)
+    if tensorstore is not None:
+        runs["tensorstore"] = write_tensorstore
     results = interleaved(runs, repeat)
-    lines = [f"\n## write {work.label} (min / median / max of {repeat} rounds)"]
+    lines = [
+        f"\n## write {work.label}: {work.count} chunks (min / median / max of {repeat} rounds, "
+        f"load {os.getloadavg()[0]:.1f})"
+    ]
     for name, (low, middle, high) in ratios(results, "zarr").items():
         wall = statistics.median(results[name])
         lines.append(
-            f"{name:22s} {wall * 1000:9.1f} ms  {low:5.2f} {middle:5.2f} {high:5.2f} of zarr's"
+            f"{name:22s} {wall * 1000:9.1f} ms  {wall / work.count * 1e6:8.1f} µs  "
+            f"{low:5.2f} {middle:5.2f} {high:5.2f} of zarr's"
         )
     return lines
 
@@ -492,6 +517,7 @@ def main() -> None:
         "--only", default="", help="comma-separated words: the workloads whose label has one"
     )
     parser.add_argument("--no-writes", action="store_true")
+    parser.add_argument("--no-reads", action="store_true")
     args = parser.parse_args()
     print(
         f"python {sys.version.split()[0]}; zarr {zarr.__version__}; "
@@ -507,7 +533,7 @@ def main() -> None:
     ]
     measured: list[Measured] = []
     with scratch() as folder:
-        for work in chosen:
+        for work in [] if args.no_reads else chosen:
             with ExitStack() as stack:
                 measured.append(bench_read(folder, work, args.repeat, args.window, stack))
             for line in report(measured[-1], args.repeat):

@@ -27,8 +27,10 @@ memory beside the result is the in-flight window, not the array. Every hop waits
 Writes go a batch at a time too: the old chunks a partial write needs are read (on a
 `BlockingStore`, in the hop, under a token), zarr's own merge and our encode run in a worker
 thread, and the batch is written in one hop under one token where the store gives blocking
-writes (`BlockingStore._set_blocking`: LocalStore's atomic writes), else through the store's own
-calls.
+writes (`BlockingStore._set_many_blocking`: LocalStore's atomic writes, its folders opened once
+a batch), else through the store's own calls. A chunk the caller's array covers whole is not
+merged: it is encoded from that array, and a raw one is written from it in the write hop, no
+encode hop at all (`._pipeline_write`, which also says where zarr's write spends its time).
 
 Reads of sharded arrays (a chain that is one sharding codec) are `._sharding`'s: one index read
 per shard, the wanted inner chunks as coalesced byte ranges, decoded in worker threads straight
@@ -43,9 +45,16 @@ Measured (benchmarks/pipeline.py, zarr 3.1.6, 2 shared cores under load, medians
 as a fraction of zarr's pipeline / of zarrs'): 512 x 1 MiB raw 2-D 0.59 / 0.85; 8,192 x 4 KiB raw
 0.22 / 0.73; 256 x 1 MiB zstd(1) 0.42 / 0.50. Of the ≈40 µs a 4 KiB chunk takes under load, about
 half is zarr's own work before the pipeline is called (its indexer, a StorePath and a spec per
-chunk), which no pipeline can save. Writes are bound by the file system: creating and renaming a
-file costs ≈300 µs here, which LocalStore's atomic writes pay per chunk (0.69 of zarr's time for
-4 KiB chunks, 0.79 for zstd; zarrs 0.37 and 0.39).
+chunk), which no pipeline can save.
+
+Writes, whole arrays into an empty folder, medians of 5 in two runs, the machine at load 5-10:
+zarr 3.1.6 raw 2-D 0.28-0.29, raw 4 KiB 1-D 0.42-0.50, zstd 2-D 0.44-0.54 of zarr's time (zarrs
+0.15-0.22, 0.27-0.32, 0.44-0.54); zarr 3.4, whose own writes got up to 3 times faster (its
+empty-chunk test stops early, and it writes without its event loop to a store with blocking
+calls), 0.74-0.98, 0.48-0.60, 0.94-1.12 (zarrs 0.54-0.63, 0.34-0.35, 0.64-0.65): with no core
+idle, threads cannot help, and the copy and the kernel's write are the same work as zarr's. Of
+a 4 KiB chunk's write the file system is most: a temporary file created, locked, written and
+renamed (seven system calls, the rename the dearest); the pipeline's own Python is ≈60 µs.
 """
 
 from __future__ import annotations
@@ -77,6 +86,7 @@ from zarr_anyio.storage import AnyioStore, BlockingStore
 from zarr_anyio.storage._keys import validate_key
 
 from ._pipeline_codecs import SyncChain
+from ._pipeline_write import all_equal, all_slices, contiguous, is_whole, whole_chunk
 
 __all__ = ["AnyioCodecPipeline"]
 
@@ -125,22 +135,6 @@ def _batches(count: int, chunk_bytes: int, hops: int) -> Iterator[range]:
 
 def _chunk_bytes(spec: ArraySpec) -> int:
     return prod(spec.shape) * np.dtype(spec.dtype.to_native_dtype()).itemsize
-
-
-def _all_slices(selection: object) -> bool:
-    return isinstance(selection, tuple) and all(type(s) is slice for s in selection)
-
-
-def _whole(selection: SelectorTuple, shape: tuple[int, ...]) -> bool:
-    """Whether a chunk selection takes every element of the chunk, in order."""
-    if not isinstance(selection, tuple) or len(selection) != len(shape):
-        return False
-    for s, n in zip(selection, shape, strict=True):
-        if type(s) is not slice or s.start not in (0, None) or s.step not in (1, None):
-            return False
-        if s.stop != n:
-            return False
-    return True
 
 
 def _key_of(getter: ByteGetter | ByteSetter) -> str:
@@ -207,7 +201,7 @@ class _Read:
             self._raw = (spec, dtype)
         if dtype is None or self.drop_axes or self.out_array.dtype != dtype:
             return None
-        if not _whole(chunk_sel, spec.shape) or not _all_slices(out_sel):
+        if not is_whole(chunk_sel, spec.shape) or not all_slices(out_sel):
             return None
         view = self.out_array[out_sel]
         if view.shape != spec.shape or not view.flags.c_contiguous or not view.flags.writeable:
@@ -460,9 +454,31 @@ class AnyioCodecPipeline(CodecPipeline):
             merged = self.inner._merge_chunk_array(  # type: ignore[attr-defined, unused-ignore]
                 old, value, out_sel, spec, chunk_sel, complete, drop_axes
             )
-        if not spec.config.write_empty_chunks and merged.all_equal(fill_value_or_default(spec)):
+        return self._encode(merged, spec)
+
+    def _encode(self, chunk: NDBuffer, spec: ArraySpec) -> Buffer | None:
+        """A chunk's stored bytes, ``None`` for none (a chunk of its fill value, not kept)."""
+        chain = self._chain
+        assert chain is not None
+        if not spec.config.write_empty_chunks and all_equal(chunk, fill_value_or_default(spec)):
             return None
-        return chain.encode(merged, spec)
+        return chain.encode(chunk, spec)
+
+    def _encode_whole(self, chunk: np.ndarray[Any, Any], spec: ArraySpec) -> Buffer | None:
+        """`_encode` of a whole chunk of the caller's array, from a C-contiguous copy in a reused
+        buffer where the chunk is not contiguous there (`contiguous`)."""
+        nd_buffer = spec.prototype.nd_buffer
+        if not spec.config.write_empty_chunks and all_equal(
+            nd_buffer.from_numpy_array(chunk), fill_value_or_default(spec)
+        ):
+            return None
+        source = contiguous(chunk)
+        encoded = self._encode(nd_buffer.from_numpy_array(source), spec)
+        if source is not chunk and encoded is not None:
+            stored = encoded.as_numpy_array()
+            if np.may_share_memory(source, stored):  # the buffer is reused: keep no view of it
+                encoded = spec.prototype.buffer.from_bytes(stored.tobytes())
+        return encoded
 
     async def write(
         self,
@@ -496,9 +512,18 @@ class AnyioCodecPipeline(CodecPipeline):
                 await _for_each(ranges, lambda r: writer.through_setters(fetchers, r), threads)
 
 
+class _Raw:
+    """The mark of a raw chunk that the caller's array covers whole: the write hop takes its
+    bytes from that array (`_Write.stored`), nothing is encoded ahead."""
+
+
+RAW = _Raw()
+
+
 class _Write:
     """One call's write, a batch of chunks at a time: the old chunks a partial write needs, then
-    zarr's merge and our encode in a worker thread, then the stores."""
+    zarr's merge and our encode in a worker thread, then the stores. A chunk the caller's array
+    covers whole is not merged: it is encoded from that array (`._pipeline_write`)."""
 
     def __init__(
         self,
@@ -510,23 +535,65 @@ class _Write:
         self.pipeline = pipeline
         self.batch = batch
         self.value = value
+        # A NumPy array (`AnyioCodecPipeline.write` saw to it): the same memory, no copy.
+        self.array: np.ndarray[Any, Any] = np.asarray(value.as_ndarray_like())
         self.drop_axes = drop_axes
+        self._raw: tuple[ArraySpec | None, bool] = (None, False)
 
-    def encode(self, index: int, existing: Buffer | bytes | memoryview | None) -> Buffer | None:
+    def is_raw(self, spec: ArraySpec) -> bool:
+        last, raw = self._raw
+        if spec is not last:
+            chain = self.pipeline._chain
+            assert chain is not None
+            raw = chain.raw_dtype(spec) is not None
+            self._raw = (spec, raw)
+        return raw
+
+    def whole(self, index: int) -> np.ndarray[Any, Any] | None:
+        _, spec, chunk_sel, out_sel, complete = self.batch[index]
+        return whole_chunk(self.array, spec, chunk_sel, out_sel, complete, self.drop_axes)
+
+    def prepare(
+        self, index: int, existing: Buffer | bytes | memoryview | None, *, direct: bool = True
+    ) -> Buffer | _Raw | None:
+        """What a chunk is stored as: `RAW` (its bytes are the caller's, see `stored`), its
+        encoded bytes, or ``None`` (its key deleted). Not ``direct``: always zarr's merge."""
         spec = self.batch[index][1]
+        chunk = self.whole(index) if direct else None
+        if chunk is not None:
+            return RAW if self.is_raw(spec) else self.pipeline._encode_whole(chunk, spec)
         if existing is not None and not isinstance(existing, Buffer):
             existing = spec.prototype.buffer.from_bytes(existing)
         return self.pipeline._merge_and_encode(
             self.batch[index], existing, self.value, self.drop_axes
         )
 
+    def stored(self, index: int, prepared: Buffer | _Raw | None) -> memoryview | None:
+        """The bytes to store for a prepared chunk, ``None`` to delete its key. A raw chunk's
+        are the caller's own, or a reused buffer's: write them before the next is taken."""
+        if prepared is None:
+            return None
+        if isinstance(prepared, Buffer):
+            return memoryview(prepared.as_buffer_like()).cast("B")
+        spec = self.batch[index][1]
+        chunk = self.whole(index)
+        assert chunk is not None
+        if not spec.config.write_empty_chunks and all_equal(
+            spec.prototype.nd_buffer.from_numpy_array(chunk), fill_value_or_default(spec)
+        ):
+            return None
+        return contiguous(chunk).reshape(-1).view(np.uint8).data
+
     async def to_blocking_store(self, store: BlockingStore, indices: range) -> None:
         """One hop reads the old chunks (holding a token) and encodes; one hop writes them all
-        (holding a token)."""
+        (holding a token). Raw chunks that need no merge are one hop: their bytes are the
+        caller's, a copy at most, which is part of the write."""
         limiter = store.limiter
-        encoded: list[tuple[str, Buffer | None]] = []
+        prepared: list[tuple[int, Buffer | _Raw | None]] = []
+        complete = all(self.batch[index][4] for index in indices)
+        in_one_hop = complete and self.is_raw(self.batch[indices[0]][1])
 
-        def encode_all(check_cancelled: CheckCancelled, reads_done: Callable[[], None]) -> None:
+        def prepare_all(check_cancelled: CheckCancelled, reads_done: Callable[[], None]) -> None:
             old: dict[int, bytes | memoryview | None] = {}
             try:
                 for index in indices:
@@ -537,25 +604,26 @@ class _Write:
                 reads_done()
             for index in indices:
                 check_cancelled()
-                key = _key_of(self.batch[index][0])
-                encoded.append((key, self.encode(index, old.pop(index, None))))
+                prepared.append((index, self.prepare(index, old.pop(index, None))))
 
-        if any(not self.batch[index][4] for index in indices):
-            await _hop_with_token(limiter, encode_all)
-        else:
-            await run_in_worker(lambda check_cancelled: encode_all(check_cancelled, lambda: None))
+        if not complete:
+            await _hop_with_token(limiter, prepare_all)
+        elif not in_one_hop:
+            await run_in_worker(lambda check_cancelled: prepare_all(check_cancelled, lambda: None))
 
-        def write_all(check_cancelled: CheckCancelled, _: Callable[[], None]) -> None:
-            for position, (key, data) in enumerate(encoded):
-                check_cancelled()
-                encoded[position] = (key, None)
-                if data is None:
-                    store._delete_key_blocking(key)
-                else:
-                    view = memoryview(data.as_buffer_like()).cast("B")
-                    store._set_blocking(key, view, check_cancelled)
+        def items() -> Iterator[tuple[str, memoryview | None]]:
+            if in_one_hop:
+                for index in indices:
+                    key = _key_of(self.batch[index][0])
+                    yield key, self.stored(index, self.prepare(index, None))
+                return
+            for position, (index, data) in enumerate(prepared):
+                prepared[position] = (index, None)  # drop the encoded bytes as we go
+                yield _key_of(self.batch[index][0]), self.stored(index, data)
 
-        await _hop_with_token(limiter, write_all)
+        await _hop_with_token(
+            limiter, lambda check_cancelled, _: store._set_many_blocking(items(), check_cancelled)
+        )
 
     async def through_setters(self, fetchers: int, indices: range) -> None:
         old: dict[int, Buffer | None] = {}
@@ -566,12 +634,14 @@ class _Write:
 
         incomplete = [index for index in indices if not self.batch[index][4]]
         await _for_each(incomplete, fetch, min(fetchers, len(incomplete)))
-        encoded: dict[int, Buffer | None] = {}
+        encoded: dict[int, Buffer | _Raw | None] = {}
 
         def encode_all(check_cancelled: CheckCancelled) -> None:
             for index in indices:
                 check_cancelled()
-                encoded[index] = self.encode(index, old.pop(index, None))
+                # The store may keep the buffer it is given (a MemoryStore does): never one
+                # that is the caller's array or a reused buffer.
+                encoded[index] = self.prepare(index, old.pop(index, None), direct=False)
 
         await run_in_worker(encode_all)
 
@@ -580,6 +650,7 @@ class _Write:
             if data is None:
                 await setter.delete()
             else:
+                assert isinstance(data, Buffer)
                 await setter.set(data)
 
         await _for_each(indices, store, min(fetchers, len(indices)))

@@ -67,7 +67,6 @@ from zarr_anyio.storage import BlockingStore
 from ._compat import index_at_start, inner_chunk_grid
 from ._pipeline import (
     ReadItem,
-    _all_slices,
     _blocking_store_of,
     _chunk_bytes,
     _fetchers,
@@ -78,6 +77,7 @@ from ._pipeline import (
     fill_value_or_default,
 )
 from ._pipeline_codecs import SyncChain
+from ._pipeline_write import all_slices
 
 __all__ = ["IN_FLIGHT_BYTES", "MAX_GAP", "MAX_RANGE", "MIN_PART", "ShardedReader", "sharded_reader"]
 
@@ -275,7 +275,7 @@ class _Shard:
 
     def _target(self) -> np.ndarray[Any, Any] | None:
         """The result's own memory for this shard's selection, if it is a view of it."""
-        if self.sel_shape != self.shape or not _all_slices(self.out_sel):
+        if self.sel_shape != self.shape or not all_slices(self.out_sel):
             return None
         # The ellipsis keeps a view where every axis is taken by an index (a scalar otherwise).
         where: tuple[Any, ...] = (*self.out_sel, Ellipsis)

@@ -629,6 +629,20 @@ class BlockingStore(AnyioStore):
         """Delete ``key`` as `_backend_delete` would, as a blocking call (see `_set_blocking`)."""
         raise NotImplementedError
 
+    def _set_many_blocking(
+        self, items: Iterable[tuple[str, memoryview | None]], check_cancelled: CheckCancelled
+    ) -> None:
+        """Write each value (delete each key given ``None``) in turn, as `_set_blocking` and
+        `_delete_key_blocking` would; in a worker thread, holding a token. Each value is written
+        before the next item is taken, so a caller may reuse its memory for the next. A backend
+        may share work between the writes (LocalStore opens the folders once)."""
+        for key, value in items:
+            check_cancelled()
+            if value is None:
+                self._delete_key_blocking(key)
+            else:
+                self._set_blocking(key, value, check_cancelled)
+
     def _sync_get(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None
     ) -> Buffer | None:

@@ -40,6 +40,11 @@ and listings leave out every name that holds one (it cannot be a key either). Wh
 sub-folder is another file system (the rename would cross devices) the temporary file goes
 beside its target instead (a name of ours too); those are not cleaned up on open.
 
+A batch of writes (`_set_many_blocking`, the codec pipeline's) opens the root, the temporary
+folder and each key's folder once, not once a key, and makes the temporary folder once: per key
+that leaves the file's creation, lock, write and rename, with the single write's path to fall
+back on whenever something changed under the batch.
+
 Keys and folders. A key cannot be where a folder of keys is, nor below a key (``x`` and ``x/y``):
 such a write raises a `KeyConflict` naming both keys, and changes nothing. A folder that holds no
 key is as if it were not there, as in MemoryStore and the object stores: a delete removes the
@@ -84,6 +89,7 @@ from ._localfs import (
     scan_folder,
     size_of,
     write_file,
+    write_files,
 )
 
 __all__ = ["LocalStore"]
@@ -222,6 +228,11 @@ class LocalStore(BlockingStore):
 
     def _delete_key_blocking(self, key: str) -> None:
         delete_file(self._root, key)
+
+    def _set_many_blocking(
+        self, items: Iterable[tuple[str, memoryview | None]], check_cancelled: CheckCancelled
+    ) -> None:
+        write_files(self._root, items, check_cancelled)
 
     async def _backend_delete(self, key: str) -> None:
         root = self._root

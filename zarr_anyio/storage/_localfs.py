@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -72,6 +72,7 @@ __all__ = [
     "scan_folder",
     "size_of",
     "write_file",
+    "write_files",
 ]
 
 # Every name of the library's own files holds this, which no key may hold (`._keys`): no key can
@@ -616,6 +617,29 @@ def _write_through(
         raise
 
 
+def _write_via(
+    temp_dir: DirRef,
+    dir_fd: DirRef,
+    name: str,
+    value: memoryview,
+    *,
+    exclusive: bool,
+    check_cancelled: CheckCancelled,
+) -> None:
+    """Write through a new temporary file in ``temp_dir`` (`_write_through`)."""
+    temp, fd = _create_temp(temp_dir)
+    _write_through(
+        temp_dir,
+        temp,
+        fd,
+        dir_fd,
+        name,
+        value,
+        exclusive=exclusive,
+        check_cancelled=check_cancelled,
+    )
+
+
 def _write_via_temp_folder(
     root_fd: DirRef,
     dir_fd: DirRef,
@@ -718,11 +742,8 @@ def _write_once(
                 ):
                     # The target's folder is another file system than the root: write beside
                     # it.
-                    temp, fd = _create_temp(dir_fd)
-                    _write_through(
+                    _write_via(
                         dir_fd,
-                        temp,
-                        fd,
                         dir_fd,
                         name,
                         value,
@@ -737,6 +758,103 @@ def _write_once(
                     raise
                 return False  # the key's folder emptied and removed meanwhile
     return True
+
+
+class _Batch:
+    """What consecutive writes of one store share: the root, its temporary folder (held in use
+    once, not made and removed around every write) and the keys' folders, each opened once.
+
+    Per key that leaves seven system calls (a random name, the temporary file's creation, its
+    lock and the check of it, the write, the close, the rename), where each `write_file` also
+    opens the root, the key's folder and the temporary folder, and makes and removes that folder
+    whenever no other write of the process is using it. A folder removed under the batch is
+    found when the rename into it fails, and that key takes `write_file`'s path. One moved
+    elsewhere meanwhile gets the keys where it went, as a single write's folder would if moved
+    between its opening and the rename: here that window is the batch, not one key."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._stack = contextlib.ExitStack()
+        self._root_fd: DirRef | None = None
+        self._temp_dir: DirRef | None = None
+        self._folders: dict[str, DirRef] = {}
+        # Folders whose keys are written by `write_file` alone (another file system than the
+        # root: the rename from the temporary folder cannot reach them).
+        self._apart: set[str] = set()
+
+    def write(self, key: str, value: memoryview, check_cancelled: CheckCancelled) -> None:
+        folder, _, name = key.rpartition("/")
+        if folder not in self._apart:
+            try:
+                temp_dir, dir_fd = self._temp_folder(), self._folder(folder)
+                _write_via(
+                    temp_dir, dir_fd, name, value, exclusive=False, check_cancelled=check_cancelled
+                )
+            except OSError as error:
+                # Nothing of it was written (the temporary file is gone): the full path finds
+                # out what stands in the way (a folder removed meanwhile, a key or a folder
+                # where the key goes, a link out of the root) and says so, or starts again.
+                self._forget(folder)
+                if error.errno == errno.EXDEV:
+                    self._apart.add(folder)
+            else:
+                return
+        write_file(self.root, key, value, exclusive=False, check_cancelled=check_cancelled)
+
+    def _temp_folder(self) -> DirRef:
+        if self._temp_dir is None:
+            if self._root_fd is None:
+                self._root_fd = self._stack.enter_context(_opened(open_root(self.root)))
+                self._stack.enter_context(_temp_folders.using(self._root_fd))
+            with contextlib.suppress(FileExistsError):
+                _oscalls.mkdir_at(TEMP_FOLDER, self._root_fd)
+            self._temp_dir = open_folder_at(TEMP_FOLDER, self._root_fd)
+        return self._temp_dir
+
+    def _folder(self, folder: str) -> DirRef:
+        found = self._folders.get(folder)
+        if found is None:
+            assert self._root_fd is not None  # `_temp_folder` opened it
+            found = self._folders[folder] = _make_folders(self._root_fd, folder)
+        return found
+
+    def _forget(self, folder: str) -> None:
+        """Open the temporary folder and ``folder`` again next time: another process may have
+        removed either (an emptied folder, an unused temporary folder)."""
+        if self._temp_dir is not None:
+            _oscalls.close_dir(self._temp_dir)
+            self._temp_dir = None
+        found = self._folders.pop(folder, None)
+        if found is not None:
+            _oscalls.close_dir(found)
+
+    def close(self) -> None:
+        try:
+            for folder in list(self._folders):
+                self._forget(folder)
+            self._forget("")
+        finally:
+            self._stack.close()
+
+
+def write_files(
+    root: str,
+    items: Iterable[tuple[str, memoryview | None]],
+    check_cancelled: CheckCancelled,
+) -> None:
+    """Write each value (delete each key given ``None``) in turn, as `write_file` and
+    `delete_file` would, each write atomic; the folders are opened once for all (`_Batch`).
+    Each value is written before the next item is taken, so a caller may reuse its memory."""
+    batch = _Batch(root)
+    try:
+        for key, value in items:
+            check_cancelled()
+            if value is None:
+                delete_file(root, key)
+            else:
+                batch.write(key, value, check_cancelled)
+    finally:
+        batch.close()
 
 
 def _removed(folder: DirRef) -> bool:
