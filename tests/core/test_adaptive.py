@@ -63,11 +63,7 @@ def test_a_throttle_paces_attempts_at_the_admitted_rate() -> None:
     window = AdaptiveLimiter(128, initial=32)
     assert window.pace is None
     assert window.reserve(now=0.0) == 0.0
-    # Less than a second of answers is no rate yet: a throttle then does not pace.
     now = answer_a_second(window, 0.0, 300, 0.02)
-    throttle(window, now - 0.01)
-    assert window.pace is None
-    now = answer_a_second(window, now, 300, 0.02)
     throttle(window, now)
     assert window.pace == pytest.approx(300)
     # Turns are booked 1/300 s apart, in order, whoever asks.
@@ -97,7 +93,7 @@ def slow_down(window: AdaptiveLimiter, now: float) -> None:
 
 def test_the_window_holds_while_the_pace_binds() -> None:
     window = AdaptiveLimiter(128, initial=32)
-    now = answer_a_second(window, answer_a_second(window, 0.0, 300, 0.02), 300, 0.02)
+    now = answer_a_second(window, 0.0, 300, 0.02)
     slow_down(window, now)
     assert window.window == pytest.approx(6.0, rel=0.01)
     # A second of answers with the whole window in use, a second after the decrease, where
@@ -111,7 +107,7 @@ def test_the_window_holds_while_the_pace_binds() -> None:
 
 def test_the_pace_probes_upward_and_ends_once_it_no_longer_binds() -> None:
     window = AdaptiveLimiter(128, initial=32)
-    now = answer_a_second(window, answer_a_second(window, 0.0, 300, 0.02), 300, 0.02)
+    now = answer_a_second(window, 0.0, 300, 0.02)
     slow_down(window, now)
     floor = window.window
     # Each answer raises the pace by a tenth of an attempt a second (a tenth of the pace per
@@ -124,6 +120,21 @@ def test_the_pace_probes_upward_and_ends_once_it_no_longer_binds() -> None:
     assert window.pace is None
     assert i == pytest.approx((2 * floor / 0.02 - 300) / 0.1, rel=0.01)
     assert window.reserve(now=now + 5) == 0.0
+
+
+def test_a_pace_from_less_than_a_second_of_answers_grows_fast() -> None:
+    # 30 answers in the first tenth of a second, sent from 20 ms before the first came back:
+    # their rate is counted over that time, not over a whole second (which would make it 30/s
+    # against a server admitting 300/s), and as a guess it grows by one per answer.
+    window = AdaptiveLimiter(128, initial=32)
+    for i in range(1, 31):
+        window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=i / 300)
+    throttle(window, 0.1)
+    guessed = 30 / (0.1 - (1 / 300 - 0.02))
+    assert window.pace == pytest.approx(guessed)
+    for i in range(10):
+        window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=0.11 + i / 300)
+    assert window.pace == pytest.approx(guessed + 10)
 
 
 def test_slow_start_doubles_at_most_every_fifth_of_a_second() -> None:

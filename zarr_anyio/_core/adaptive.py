@@ -7,9 +7,9 @@ throttled one (measured: 128 in flight against a server admitting 300 requests/s
 
 * **Start**: ``initial`` tokens (32, the fixed window of old), growing by one per answered
   request while the window is in use (TCP's slow start: the window doubles per round trip,
-  but at most every 0.2 s of wall clock, so a 20 ms server is not sent 256 at once before its
-  first refusal can arrive), so a fast server is reached within a few round trips; it ends at
-  the first throttling signal.
+  but beyond 32 at most every 0.2 s of wall clock, so a 20 ms server is not sent 256 at once
+  before its first refusal can arrive), so a fast server is reached within a few round trips;
+  it ends at the first throttling signal.
 * **Throttled** (429, 503, S3's ``SlowDown`` and kin) **or timed out**: the window shrinks
   multiplicatively, x ``beta`` (0.9) for the first signal of an episode; the answers to
   requests sent *before* that decrease each take a little more off (x 0.95), so the
@@ -22,14 +22,14 @@ throttled one (measured: 128 in flight against a server admitting 300 requests/s
 * **Paced after a throttle**: a window bounds requests in flight, not requests a second, and a
   server that counts per second and refuses at once (in a millisecond) is sent the window
   again every millisecond. So the first throttle of a run also paces attempts at the rate of
-  the last second's answers (the AWS SDKs' adaptive mode paces its sending rate the same
+  the last second's answers (counted over less if the window is younger than that, and then
+  a guess that grows fast; the AWS SDKs' adaptive mode paces its sending rate the same
   way), each further throttle with no answer between halves that pace (down to a tenth: the
   server's count is spent, and probing backs off), the first answer restores it, and every
   answer raises it by a tenth of an attempt a second (10% a second); throttled requests go
   again under the same pace, spread, not as one burst at the start of the next second. While
   the pace binds, the window does not grow (its requests wait their turns holding tokens,
-  which proves nothing); pacing ends once the pace would keep twice the window in flight. No
-  pacing before a second of answers: less is no rate.
+  which proves nothing); pacing ends once the pace would keep twice the window in flight.
 * **Growth after a decrease** follows CUBIC (the curve the AWS SDKs' adaptive retry mode uses for
   its sending rate), in wall-clock seconds: W(t) = W_max + C (t - K)^3, back to the window that
   was throttled (W_max) quickly, then flat around it, then probing beyond. Throttling by request
@@ -78,7 +78,7 @@ counted in (per second, whether by token bucket, sliding or fixed window)."""
 PACE_GROWTH = 0.1
 """How much each answer raises the pace (attempts a second): 10% of the pace per second."""
 PACE_FLOOR = 0.1
-"""The least share of its rate a run of throttles backs the pace off to."""
+"""The least share of the last second's answers a run of throttles backs the pace off to."""
 SLOW_START_DOUBLING = 0.2
 """Slow start doubles the window at most this often (seconds), however fast the answers."""
 
@@ -140,6 +140,9 @@ class AdaptiveLimiter(Limiter):
         # The rate answered when the current run of throttles began (None: answers came since
         # the last throttle): the least the pace backs off to.
         self._streak_rate: float | None = None
+        self._pace_floor = 1.0
+        self._pace_growth = PACE_GROWTH
+        self._first_sent: float | None = None  # when the first answered request was sent
         self.decreases = 0
 
     @property
@@ -253,21 +256,23 @@ class AdaptiveLimiter(Limiter):
         # throttled requests' retries (they come back paced, not as one burst at the start of
         # the next second, which a fixed window refuses again).
         if self._streak_rate is None:
-            answered = len(self._answers) / SEEN_HORIZON
-            first = self._first_answer
-            if answered <= 0 or first is None or now - first < SEEN_HORIZON:
-                # Less than a second of answers is no rate: counted over the second it
-                # underrates the server (measured: a pace of 30/s against 300/s admitted,
-                # kept for the whole read), counted over their span it overrates a burst.
+            rate = self._answer_rate(now)
+            if rate <= 0:
                 return
-            self._streak_rate = answered
-            self._pace = answered
+            self._streak_rate = rate
+            self._pace = rate
+            # A rate from less than a second of answers is a guess: the pace then grows by a
+            # whole attempt a second per answer (doubling every second) until a throttle with
+            # a full second behind it sets it, and grows by PACE_GROWTH from then on.
+            young = self._first_sent is None or now - self._first_sent < SEEN_HORIZON
+            self._pace_growth = 1.0 if young else PACE_GROWTH
+            # The least the pace backs off to: a tenth of what the last second admitted.
+            self._pace_floor = max(1.0, PACE_FLOOR * len(self._answers) / SEEN_HORIZON)
         elif self._pace is not None:
             # Refused again with no answer since: the server's count is spent (a window
             # limiter refuses the rest of its second however few are sent), so probing backs
-            # off, halving the pace down to PACE_FLOOR of the rate it began at, and the first
-            # answer restores it.
-            self._pace = max(self._pace / 2, self._streak_rate * PACE_FLOOR)
+            # off, halving the pace down to its floor, and the first answer restores it.
+            self._pace = max(self._pace / 2, self._pace_floor)
         if self._pace is not None:
             self._next_send = min(self._next_send, now + 1 / self._pace)
 
@@ -277,12 +282,12 @@ class AdaptiveLimiter(Limiter):
             return
         if self._streak_rate is not None:
             # The first answer after a run of throttles: the server admits again.
-            pace = max(pace, len(self._answers) / SEEN_HORIZON, self._streak_rate)
+            pace = max(pace, self._streak_rate)
             self._streak_rate = None
             self._next_send = min(self._next_send, now + 1 / pace)
         # Probe upward by PACE_GROWTH of the pace per second of answers; once the pace is
         # beyond what the window can send anyway, it has stopped binding: pacing ends.
-        pace += PACE_GROWTH
+        pace += self._pace_growth
         latency = self._short_latency
         if latency is not None and latency > 0 and pace * latency > 2 * self._window:
             self._pace = None
@@ -302,10 +307,11 @@ class AdaptiveLimiter(Limiter):
             # 60 ms, and a server that counts per second has refused everything in flight by
             # the time its first refusal arrives (measured: ~200 requests refused at once by a
             # window limiter of 300/s). In time, as CUBIC probes, it doubles at most every
-            # SLOW_START_DOUBLING seconds.
+            # SLOW_START_DOUBLING seconds from the default initial window (below it, as fast
+            # as answers prove it: a window that small sends no burst worth holding back).
             first = now if self._first_answer is None else self._first_answer
             doublings = (now - first) / SLOW_START_DOUBLING
-            cap = self._initial * 2 ** min(doublings, 64.0)
+            cap = max(self._initial, INITIAL_WINDOW) * 2 ** min(doublings, 64.0)
             target = min(self._window + 1, max(self._window, cap))
         else:
             elapsed = now - self._last_decrease
@@ -332,8 +338,20 @@ class AdaptiveLimiter(Limiter):
         latency = min(latency, SEEN_HORIZON)
         if self._first_answer is None:
             self._first_answer = now
+            self._first_sent = now - latency
         self._answers.append((now, latency))
         self._answered_time += latency
+
+    def _answer_rate(self, now: float) -> float:
+        # Answers a second over the last second, or over the time since the first answered
+        # request was sent if that is shorter: counted over the whole second, a young
+        # limiter's few answers underrate the server (measured: a pace of 30/s against 300/s
+        # admitted, kept for the whole read).
+        first = self._first_sent
+        if first is None or not self._answers:
+            return 0.0
+        span = min(SEEN_HORIZON, now - first)
+        return len(self._answers) / span if span > 0 else 0.0
 
     def _forget_answers(self, now: float) -> None:
         answers = self._answers
