@@ -29,7 +29,7 @@ throttled one (measured: 128 in flight against a server admitting 300 requests/s
   answer raises it by a tenth of an attempt a second (10% a second); throttled requests go
   again under the same pace, spread, not as one burst at the start of the next second. While
   the pace binds, the window does not grow (its requests wait their turns holding tokens,
-  which proves nothing); pacing ends once the pace would keep twice the window in flight.
+  which proves nothing); pacing ends once twice the throttled rate is answered cleanly.
 * **Growth after a decrease** follows CUBIC (the curve the AWS SDKs' adaptive retry mode uses for
   its sending rate), in wall-clock seconds: W(t) = W_max + C (t - K)^3, back to the window that
   was throttled (W_max) quickly, then flat around it, then probing beyond. Throttling by request
@@ -141,6 +141,7 @@ class AdaptiveLimiter(Limiter):
         # the last throttle): the least the pace backs off to.
         self._streak_rate: float | None = None
         self._pace_floor = 1.0
+        self._paced_from = 0.0  # the pace a run of throttles began at
         self._pace_growth = PACE_GROWTH
         self._first_sent: float | None = None  # when the first answered request was sent
         self.decreases = 0
@@ -261,6 +262,7 @@ class AdaptiveLimiter(Limiter):
                 return
             self._streak_rate = rate
             self._pace = rate
+            self._paced_from = rate
             # A rate from less than a second of answers is a guess: the pace then grows by a
             # whole attempt a second per answer (doubling every second) until a throttle with
             # a full second behind it sets it, and grows by PACE_GROWTH from then on.
@@ -285,14 +287,13 @@ class AdaptiveLimiter(Limiter):
             pace = max(pace, self._streak_rate)
             self._streak_rate = None
             self._next_send = min(self._next_send, now + 1 / pace)
-        # Probe upward by PACE_GROWTH of the pace per second of answers; once the pace is
-        # beyond what the window can send anyway, it has stopped binding: pacing ends.
+        # Probe upward by PACE_GROWTH of the pace per second of answers; twice the rate that
+        # was throttled, answered cleanly, says that limit is gone: pacing ends. (Not "once
+        # the window could not send that fast anyway": a client whose own CPU is the
+        # bottleneck sees latencies that grow with its window, and ended pacing within a
+        # second, to grow its window into the next burst of refusals.)
         pace += self._pace_growth
-        latency = self._short_latency
-        if latency is not None and latency > 0 and pace * latency > 2 * self._window:
-            self._pace = None
-        else:
-            self._pace = pace
+        self._pace = None if pace > 2 * self._paced_from else pace
 
     def _paced(self) -> bool:
         # While the pace binds (the window holds more than the pace keeps in flight), the
