@@ -122,19 +122,19 @@ def test_the_pace_probes_upward_and_ends_at_twice_the_throttled_rate() -> None:
     assert window.reserve(now=now + 5) == 0.0
 
 
-def test_a_pace_from_less_than_a_second_of_answers_grows_fast() -> None:
-    # 30 answers in the first tenth of a second, sent from 20 ms before the first came back:
-    # their rate is counted over that time, not over a whole second (which would make it 30/s
-    # against a server admitting 300/s), and as a guess it grows by one per answer.
+def test_less_than_a_second_of_answers_is_no_rate_to_pace_at() -> None:
+    # 30 answers in the first tenth of a second: counted over the second that is 30/s against
+    # a server admitting 300/s; counted over their span it is as much our own backoff's rate
+    # as the server's. Neither is paced at; a second of answers is.
     window = AdaptiveLimiter(128, initial=32)
     for i in range(1, 31):
         window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=i / 300)
     throttle(window, 0.1)
-    guessed = 30 / (0.1 - (1 / 300 - 0.02))
-    assert window.pace == pytest.approx(guessed)
-    for i in range(10):
-        window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=0.11 + i / 300)
-    assert window.pace == pytest.approx(guessed + 10)
+    assert window.pace is None
+    assert window.reserve(now=0.1) == 0.0
+    now = answer_a_second(window, 0.1, 300, 0.02)
+    throttle(window, now)
+    assert window.pace == pytest.approx(300)
 
 
 def test_slow_start_doubles_at_most_every_fifth_of_a_second() -> None:

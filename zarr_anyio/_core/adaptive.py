@@ -22,10 +22,10 @@ throttled one (measured: 128 in flight against a server admitting 300 requests/s
 * **Paced after a throttle**: a window bounds requests in flight, not requests a second, and a
   server that counts per second and refuses at once (in a millisecond) is sent the window
   again every millisecond. So the first throttle of a run also paces attempts at the rate of
-  the last second's answers (counted over less if the window is younger than that, and then
-  a guess that grows fast; the AWS SDKs' adaptive mode paces its sending rate the same
-  way), each further throttle with no answer between halves that pace (down to a tenth: the
-  server's count is spent, and probing backs off), the first answer restores it, and every
+  the last second's answers (none before a second of answers: less is no rate; the AWS SDKs'
+  adaptive mode paces its sending rate the same way), each further throttle with no answer
+  between halves that pace (down to a tenth: the server's count is spent, and probing backs
+  off), the first answer restores it, and every
   answer raises it by a tenth of an attempt a second (10% a second); throttled requests go
   again under the same pace, spread, not as one burst at the start of the next second. While
   the pace binds, the window does not grow (its requests wait their turns holding tokens,
@@ -142,7 +142,6 @@ class AdaptiveLimiter(Limiter):
         self._streak_rate: float | None = None
         self._pace_floor = 1.0
         self._paced_from = 0.0  # the pace a run of throttles began at
-        self._pace_growth = PACE_GROWTH
         self._first_sent: float | None = None  # when the first answered request was sent
         self.decreases = 0
 
@@ -257,19 +256,19 @@ class AdaptiveLimiter(Limiter):
         # throttled requests' retries (they come back paced, not as one burst at the start of
         # the next second, which a fixed window refuses again).
         if self._streak_rate is None:
-            rate = self._answer_rate(now)
-            if rate <= 0:
+            first = self._first_sent
+            if first is None or now - first < SEEN_HORIZON or not self._answers:
+                # Less than a second of answers is no rate: counted over the second it
+                # underrates the server (measured: a pace of 30/s against 300/s admitted,
+                # kept for the whole read), counted over their span it is our own backoff's
+                # rate as much as the server's (measured: 45-70% of a token bucket's rate).
                 return
+            rate = len(self._answers) / SEEN_HORIZON
             self._streak_rate = rate
             self._pace = rate
             self._paced_from = rate
-            # A rate from less than a second of answers is a guess: the pace then grows by a
-            # whole attempt a second per answer (doubling every second) until a throttle with
-            # a full second behind it sets it, and grows by PACE_GROWTH from then on.
-            young = self._first_sent is None or now - self._first_sent < SEEN_HORIZON
-            self._pace_growth = 1.0 if young else PACE_GROWTH
             # The least the pace backs off to: a tenth of what the last second admitted.
-            self._pace_floor = max(1.0, PACE_FLOOR * len(self._answers) / SEEN_HORIZON)
+            self._pace_floor = max(1.0, PACE_FLOOR * rate)
         elif self._pace is not None:
             # Refused again with no answer since: the server's count is spent (a window
             # limiter refuses the rest of its second however few are sent), so probing backs
@@ -292,7 +291,7 @@ class AdaptiveLimiter(Limiter):
         # the window could not send that fast anyway": a client whose own CPU is the
         # bottleneck sees latencies that grow with its window, and ended pacing within a
         # second, to grow its window into the next burst of refusals.)
-        pace += self._pace_growth
+        pace += PACE_GROWTH
         self._pace = None if pace > 2 * self._paced_from else pace
 
     def _paced(self) -> bool:
@@ -342,17 +341,6 @@ class AdaptiveLimiter(Limiter):
             self._first_sent = now - latency
         self._answers.append((now, latency))
         self._answered_time += latency
-
-    def _answer_rate(self, now: float) -> float:
-        # Answers a second over the last second, or over the time since the first answered
-        # request was sent if that is shorter: counted over the whole second, a young
-        # limiter's few answers underrate the server (measured: a pace of 30/s against 300/s
-        # admitted, kept for the whole read).
-        first = self._first_sent
-        if first is None or not self._answers:
-            return 0.0
-        span = min(SEEN_HORIZON, now - first)
-        return len(self._answers) / span if span > 0 else 0.0
 
     def _forget_answers(self, now: float) -> None:
         answers = self._answers
