@@ -14,6 +14,7 @@ import sys
 import warnings
 from typing import Any, Literal
 
+import anyio
 import pytest
 import zarr
 from zarr.core.buffer import default_buffer_prototype
@@ -182,6 +183,26 @@ async def test_the_deadline_ends_a_read_the_server_keeps_throttling(
     # A bulk read raises it as itself, not in a group.
     with pytest.raises(DeadlineExceeded):
         await read_all(store, objects)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_throttled_request_goes_again_under_its_own_token(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # One token, two reads, the first three answers 429. The throttled read keeps its token
+    # and goes again under it while the other waits: given back and taken again, the token
+    # went to the other read, fresh, and a window of refused requests kept probing at the
+    # shortest backoff however long the server refused.
+    objects = fill(http_server, 2)
+    http_server.faults = Faults(too_many_first=3)
+    store = http_store(kind, http_server, adaptive=False, max_concurrency=1, retry=QUICK)
+    async with anyio.create_task_group() as tg:
+        for key in objects:
+            tg.start_soon(store.get, key, PROTO)
+    first = http_server.paths[0]
+    (second,) = {path for path in http_server.paths if path != first}
+    assert http_server.paths == [first] * 4 + [second]
+    assert http_server.answers == [429] * 3 + [200] * 2
 
 
 @pytest.mark.parametrize("kind", KINDS)
