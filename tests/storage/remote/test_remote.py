@@ -92,6 +92,10 @@ async def test_an_s3_from_url_store_is_not_held_below_its_window_by_botocores_po
         assert all(value is not None and value.to_bytes() == b"v" for value in values)
         assert proxy.most_in_flight > 10
         await store.aclose()
+        sized = {**options, "config_kwargs": {"max_pool_connections": 4}}
+        store = FsspecStore.from_url(f"s3://{bucket}/p", storage_options=sized)
+        assert store.fs.config_kwargs["max_pool_connections"] == 4  # the caller's own size
+        await store.aclose()
         await writer.aclose()
 
 
