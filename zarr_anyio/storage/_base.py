@@ -243,6 +243,35 @@ class AnyioStore(Store, abc.ABC):
             await self._for_each(names, size_of)
             yield [(key, sizes[key]) for key in names if key in sizes]
 
+    # What `_backend_set_streamed` does with a value given in parts: ``True`` where each part
+    # goes to the backend as it comes (a temporary file, a multipart upload), so a value of any
+    # size costs memory for a part; ``False`` where the default holds the value whole.
+    @property
+    def _streams_writes(self) -> bool:
+        return False
+
+    # The smallest part the backend takes, all but the last (S3's multipart upload: 5 MiB).
+    _min_part_size: int = 0
+
+    async def _backend_set_streamed(self, key: str, parts: AsyncIterator[bytes]) -> None:
+        """Write the value whose bytes ``parts`` gives in order, whole or not at all: until the
+        last part is in, nothing is visible at ``key`` (the old value, if any, stays).
+
+        This default joins the parts and writes them with `_backend_set` (the value held
+        whole); a backend that can write a value as it comes overrides it and sets
+        ``_streams_writes``.
+        """
+        pieces = [part async for part in parts]
+        value = default_buffer_prototype().buffer.from_bytes(b"".join(pieces))
+        del pieces
+        await self._backend_set(key, value, exclusive=False)
+
+    async def _backend_checksum(self, key: str) -> str | None:
+        """A checksum of the value at ``key`` that the backend keeps and gives without reading
+        the value, as ``"md5:<hex>"`` (or another ``algorithm:hex``); ``None`` where it keeps
+        none it vouches for. ``FileNotFoundError`` if the key does not exist."""
+        return None
+
     # ----------------------------------------------------------------- the worker pool
 
     async def _for_each(
@@ -459,6 +488,20 @@ class AnyioStore(Store, abc.ABC):
         self._check_value(value)
         await self._ensure_open()
         await self._backend_set(key, value, exclusive=exclusive)
+
+    @tracked
+    async def _set_streamed(self, key: str, parts: AsyncIterator[bytes]) -> None:
+        """Write a value given as an async iterator of its parts (see `_backend_set_streamed`)."""
+        self._check_writable()
+        validate_key(key)
+        await self._ensure_open()
+        await self._backend_set_streamed(key, parts)
+
+    async def _checksum(self, key: str) -> str | None:
+        """The backend's own checksum of ``key`` (see `_backend_checksum`)."""
+        validate_key(key)
+        await self._ensure_open()
+        return await self._backend_checksum(key)
 
     @tracked
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:

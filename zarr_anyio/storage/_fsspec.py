@@ -16,7 +16,14 @@ import os
 import posixpath
 import threading
 import urllib.parse
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+)
 from typing import Any, Self, TypeVar, Unpack
 
 import anyio
@@ -30,6 +37,7 @@ from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
 from ._base import PAGE_SIZE, Entry
+from ._checksum import etag_checksum
 from ._client_retries import (
     fsspec_options_without_retries,
     turn_off_fsspec_retries,
@@ -471,6 +479,58 @@ class FsspecStore(RemoteStore):
         if not await self._is_file(path):
             await self._fs("pipe_file", path, data, _sent=len(data))
 
+    def _is_s3(self) -> bool:
+        return bool(_protocols(self.fs) & {"s3", "s3a"}) and bool(self.fs.async_impl)
+
+    @property
+    def _streams_writes(self) -> bool:
+        return self._is_s3()
+
+    # S3's smallest part of a multipart upload, all but the last.
+    _min_part_size = 5 << 20
+
+    async def _backend_set_streamed(self, key: str, parts: AsyncIterator[bytes]) -> None:
+        if not self._is_s3():
+            await super()._backend_set_streamed(key, parts)
+            return
+        # S3's multipart upload, a part sent as each comes (several small ones joined up to
+        # the least S3 takes); a value that fits in one part is one PUT, as `set` makes it.
+        path = self._path(key)
+        pending = bytearray()
+        first: bytes | None = None
+        upload: _MultipartUpload | None = None
+        try:
+            async for part in parts:
+                pending += part
+                if len(pending) < self._min_part_size:
+                    continue
+                if first is None:
+                    first = bytes(pending)
+                else:
+                    if upload is None:
+                        upload = await _MultipartUpload.start(self, path)
+                        await upload.send(first)
+                    await upload.send(bytes(pending))
+                pending.clear()
+            if upload is None:
+                await self._put_value(path, (first or b"") + pending, exclusive=False)
+                return
+            if pending:
+                await upload.send(bytes(pending))
+            await upload.complete()
+        except BaseException:
+            if upload is not None:
+                await upload.abort()
+            raise
+
+    async def _backend_checksum(self, key: str) -> str | None:
+        if not self._is_s3():
+            return None
+        info = await self._fs("info", self._path(key))
+        if info.get("type") != "file":
+            raise FileNotFoundError(key)
+        return etag_checksum(info.get("ETag"))
+
     async def _backend_delete(self, key: str) -> None:
         with contextlib.suppress(*self.allowed_exceptions):
             await self._fs("rm_file", self._path(key))
@@ -582,3 +642,67 @@ class FsspecStore(RemoteStore):
                 await self._fs("rm_file", path)
 
         await self._for_each(paths, delete_one)
+
+
+class _MultipartUpload:
+    """One S3 multipart upload through s3fs's client, each step one request of the store
+    (retried: a part sent again under its number replaces itself)."""
+
+    def __init__(self, store: FsspecStore, bucket: str, key: str, upload_id: str) -> None:
+        self.store = store
+        self.bucket = bucket
+        self.key = key
+        self.upload_id = upload_id
+        self.parts: list[dict[str, Any]] = []
+
+    @classmethod
+    async def start(cls, store: FsspecStore, path: str) -> _MultipartUpload:
+        bucket, key, _ = store.fs.split_path(path)
+        answer = await store._on_loop(
+            lambda fs: fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+        )
+        return cls(store, bucket, key, str(answer["UploadId"]))
+
+    async def send(self, data: bytes) -> None:
+        number = len(self.parts) + 1
+        answer = await self.store._on_loop(
+            lambda fs: fs._call_s3(
+                "upload_part",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=data,
+            ),
+            sent=len(data),
+        )
+        self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+
+    async def complete(self) -> None:
+        await self.store._on_loop(
+            lambda fs: fs._call_s3(
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": self.parts},
+            )
+        )
+        self.store.fs.invalidate_cache(f"{self.bucket}/{self.key}")
+
+    async def abort(self) -> None:
+        # Whatever stopped the upload, its parts go: shielded from the cancellation that may be
+        # the reason, bounded in case the server is what failed.
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(10),
+            contextlib.suppress(Exception),
+        ):
+            await self.store._on_loop(
+                lambda fs: fs._call_s3(
+                    "abort_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self.upload_id,
+                )
+            )

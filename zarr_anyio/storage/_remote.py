@@ -319,6 +319,18 @@ class RemoteStore(AnyioStore):
             scrub(error)
             raise
 
+    async def _request_once(self, make: Callable[[], Awaitable[T]], *, sent: int = 0) -> T:
+        """One request, never retried: for a step of a stateful write (obstore's writer) that a
+        repeat would get wrong. It still holds a token and feeds the window."""
+        limiter = self._limit.current()
+        try:
+            async with limiter:
+                return await self._attempt(limiter, make, sent)
+        except Exception as error:
+            self._counters.add(errors=1)
+            scrub(error)
+            raise
+
     async def _attempts(self, make: Callable[[], Awaitable[T]], sent: int) -> T:
         started = time.monotonic()
         failed = 0  # retries after failures: bounded by attempts and the budget

@@ -1,0 +1,75 @@
+"""Values larger than a part: read in ranges, written as they come, so memory stays at a part.
+
+A value is copied in parts when it is larger than the part size (`part_size`): each part is one
+ranged read of the source, handed to the destination's streamed write as it arrives (a
+temporary file renamed into place at the end for a folder, the multipart upload for S3), so a
+value of any size costs the copy's byte budget two parts (the one read, the one being written),
+not the value. The write is whole or absent as any other: the temporary file is removed, the
+multipart upload aborted (s3fs) or left incomplete and invisible (obstore, which has no abort),
+if the copy stops mid-value; a copy killed outright leaves only these invisible leftovers, and
+its resume writes the value again from its first byte.
+
+A destination that cannot write a value in parts (a zip file, whose members we append whole
+under its lock, and memory) gets it whole: held in memory as before this module, one value at a
+time when it is bigger than the budget.
+
+The part size is an eighth of ``--max-memory`` (8 MiB for the default 64 MiB: four values in
+parts at once), at least 1 MiB (each part is one request and one thread hop) and at least what
+the destination takes (S3: 5 MiB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from zarr.abc.store import RangeByteRequest
+from zarr.core.buffer import BufferPrototype
+
+from zarr_anyio.storage._base import AnyioStore
+
+__all__ = ["SourceChanged", "Vanished", "part_size", "ranged_parts", "streams"]
+
+_LEAST_PART = 1 << 20
+
+
+class Vanished(Exception):
+    """The source key went away while it was being read in parts."""
+
+
+class SourceChanged(Exception):
+    """The source value changed size while it was being read in parts."""
+
+
+def part_size(max_bytes: int, dst: AnyioStore) -> int:
+    """The size of the parts a value is copied in under a budget of ``max_bytes``."""
+    return max(max_bytes // 8, _LEAST_PART, dst._min_part_size)
+
+
+def streams(dst: AnyioStore, size: int, part: int) -> bool:
+    """Whether a value of ``size`` bytes goes to ``dst`` in parts."""
+    return size > part and dst._streams_writes
+
+
+async def ranged_parts(
+    store: AnyioStore, key: str, size: int, part: int, prototype: BufferPrototype
+) -> AsyncGenerator[bytes, None]:
+    """The ``size`` bytes of ``key`` in order, one ranged read of at most ``part`` bytes each.
+
+    Raises `Vanished` if the key goes away, `SourceChanged` if it no longer has ``size``
+    bytes (a shorter answer, or bytes past the end), rather than give a torn value.
+    """
+    start = 0
+    while start < size:
+        end = min(start + part, size)
+        value = await store.get(key, prototype, RangeByteRequest(start, end))
+        if value is None:
+            raise Vanished(key)
+        if len(value) != end - start:
+            raise SourceChanged(f"{key} changed size while it was copied")
+        data = value.to_bytes()
+        del value
+        yield data
+        start = end
+    # Nothing past the end: a value that grew would otherwise be copied cut short.
+    if size and await store.get(key, prototype, RangeByteRequest(size, size + 1)):
+        raise SourceChanged(f"{key} changed size while it was copied")
