@@ -80,8 +80,11 @@ def test_a_value_larger_than_the_budget_costs_memory_for_parts_not_for_the_value
     tmp_path: Path,
 ) -> None:
     src = big_array(tmp_path / "src.zarr", 256)
-    done, peak = run_measured("copy", str(src), str(tmp_path / "dst.zarr"), "--max-memory", "32M")
+    done, peak = run_measured(
+        "copy", str(src), str(tmp_path / "dst.zarr"), "--max-memory", "32M", "--verify"
+    )
     assert done.returncode == 0, done.stderr
+    assert "verified 2 keys by bytes: 0 differ" in done.stdout
     # Held whole, the value alone is 256 MiB (measured: 307 MiB peak); in parts of 4 MiB the
     # whole command stays near its 60 MiB of code and libraries.
     assert peak < 128 * MiB, peak / MiB
@@ -104,6 +107,34 @@ def test_a_value_larger_than_the_budget_goes_to_s3_in_a_multipart_upload(
     assert len(uploads) >= 96 // 8, proxy.log
     fs = s3_server.s3fs(skip_instance_cache=True)
     assert hashlib.md5(fs.cat_file(f"{bucket}/data.zarr/c/0")).hexdigest() == (keys_of(src)["c/0"])
+
+
+def test_a_large_value_damaged_in_its_middle_is_found_and_mended_in_parts(
+    tmp_path: Path,
+) -> None:
+    src = big_array(tmp_path / "src.zarr", 128)
+    dst = tmp_path / "dst.zarr"
+    assert run_cli("copy", str(src), str(dst), "--quiet").returncode == 0
+    with (dst / "c" / "0").open("r+b") as file:
+        file.seek(100 * MiB)
+        byte = file.read(1)[0]
+        file.seek(100 * MiB)
+        file.write(bytes([byte ^ 0xFF]))
+
+    check = run_cli("copy", str(src), str(dst), "--skip-existing", "--dry-run", "--verify")
+    assert check.returncode == 1
+    assert "c/0: bytes differ" in check.stdout
+
+    # Both sides are read in parts to compare, and again to check: never whole.
+    done, peak = run_measured(
+        "copy", str(src), str(dst), "--skip-existing", "--verify", "--max-memory", "16M", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["keys_copied"] == 2  # the chunk, and the metadata around the change
+    assert summary["mismatched_keys"] == 0
+    assert peak < 128 * MiB, peak / MiB
+    assert keys_of(dst) == keys_of(src)
 
 
 def kill_when(child: subprocess.Popen[str], ready: Callable[[], bool]) -> None:

@@ -35,7 +35,7 @@ from zarr_anyio.storage._base import AnyioStore
 from .copy_plan import _DAMAGED_ERRORS, Damaged, read_back
 from .copy_stream import SourceChanged, Vanished, ranged_parts
 
-__all__ = ["Compared", "compare"]
+__all__ = ["Compared", "compare", "same_bytes"]
 
 # Parts at least this big are hashed in a worker thread (hashlib lets go of the GIL): 1 MiB of
 # MD5 takes ~1.5 ms, long enough to stall the other workers' requests on the event loop.
@@ -96,7 +96,7 @@ async def _digest(
     return f"{kind}:{digest.hexdigest()}"
 
 
-async def _same_bytes(
+async def same_bytes(
     src: AnyioStore,
     source_key: str,
     dst: AnyioStore,
@@ -105,6 +105,8 @@ async def _same_bytes(
     part: int,
     prototype: BufferPrototype,
 ) -> bool:
+    """Whether ``key`` of ``dst`` holds the ``size`` bytes of ``source_key``, both read (in
+    parts of ``part`` bytes when bigger). Raises `Vanished` if the source key is gone."""
     if size <= part:
         # Whole: a zip member read whole is checked against its CRC-32 as it is read.
         value = await src.get(source_key, prototype)
@@ -162,7 +164,7 @@ async def compare(
     if ours is not None:
         computed = await _digest(dst, key, size, part, _kind(ours), prototype, source=False)
         return Compared(computed == ours, "checksum")
-    return Compared(await _same_bytes(src, source_key, dst, key, size, part, prototype), "bytes")
+    return Compared(await same_bytes(src, source_key, dst, key, size, part, prototype), "bytes")
 
 
 def _kind(checksum: str) -> str:
