@@ -3,18 +3,21 @@
 Keys are listed a page at a time (`zarr_anyio.storage._listing`) and handed to ``workers`` tasks
 in one task group through a small memory object stream, so a bucket of millions of keys costs
 memory for a page and the values in flight, not for the listing. Values in flight are also
-bounded in bytes (``max_bytes``; a value bigger than the budget goes alone), since 32 workers on
-1 GiB chunks would otherwise hold 32 GiB. The default, 64 MiB, was measured on 64 chunks of 8
-MiB from moto's S3 server (``benchmarks/copy_cli.py``, obstore, median of 3): 1.45 s at a peak
-of 156 MiB, where 256 MiB gave 1.86 s at 320 MiB: past a handful of big values in flight, more
-only costs memory.
+bounded in bytes (``max_bytes``), since 32 workers on 1 GiB chunks would otherwise hold 32 GiB;
+a value larger than a part is copied in parts (`.copy_stream`) and costs two parts of it (a
+value bigger than the budget that the destination takes only whole goes alone). The default,
+64 MiB, was measured on 64 chunks of 8 MiB from moto's S3 server (``benchmarks/copy_cli.py``,
+obstore, median of 3): 1.45 s at a peak of 156 MiB, where 256 MiB gave 1.86 s at 320 MiB: past a
+handful of big values in flight, more only costs memory.
 
 What happens to a destination that already holds data (refused, brought up to date, replaced)
 is `._copy_plan`'s to say; ``--verify`` is `._copy_verify`.
 
 Each value is written with the destination's own atomic ``set`` (a temporary file renamed over
-its target, one zip member appended under the archive lock, one PUT), so a cancelled copy
-leaves each key whole or absent.
+its target, one zip member appended under the archive lock, one PUT) or its streamed write (the
+same temporary file filled a part at a time, a multipart upload), so a cancelled copy leaves
+each key whole or absent. Whether a key the destination holds is up to date is
+`.fingerprint`'s to say (a checksum where a store keeps one, else the bytes).
 
 Metadata goes last, deepest nodes first and the root last (``.zattrs`` before ``.zarray``, a
 consolidated ``.zmetadata`` after everything): until the data is all there the destination is
