@@ -20,6 +20,7 @@ the destination takes (S3: 5 MiB).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 
 from zarr.abc.store import RangeByteRequest
@@ -53,23 +54,34 @@ def streams(dst: AnyioStore, size: int, part: int) -> bool:
 async def ranged_parts(
     store: AnyioStore, key: str, size: int, part: int, prototype: BufferPrototype
 ) -> AsyncGenerator[bytes, None]:
-    """The ``size`` bytes of ``key`` in order, one ranged read of at most ``part`` bytes each.
+    """The ``size`` bytes of ``key`` in order, in parts of ``part`` bytes, the last shorter
+    (the store's `_read_parts`, ranged reads or one streamed read, whose pieces may be of any
+    size: cut here to the same parts on every store, so that two values compare part by part).
 
     Raises `Vanished` if the key goes away, `SourceChanged` if it no longer has ``size``
     bytes (a shorter answer, or bytes past the end), rather than give a torn value.
     """
-    start = 0
-    while start < size:
-        end = min(start + part, size)
-        value = await store.get(key, prototype, RangeByteRequest(start, end))
-        if value is None:
-            raise Vanished(key)
-        if len(value) != end - start:
-            raise SourceChanged(f"{key} changed size while it was copied")
-        data = value.to_bytes()
-        del value
-        yield data
-        start = end
+    got = 0
+    held = bytearray()
+    try:
+        async with contextlib.aclosing(store._read_parts(key, size, part)) as parts:
+            async for data in parts:
+                got += len(data)
+                if got > size:
+                    raise SourceChanged(f"{key} changed size while it was copied")
+                if not held and len(data) == part:
+                    yield data
+                    continue
+                held += data
+                while len(held) >= part:
+                    yield bytes(held[:part])
+                    del held[:part]
+    except FileNotFoundError:
+        raise Vanished(key) from None
+    if got != size:
+        raise SourceChanged(f"{key} changed size while it was copied")
+    if held:
+        yield bytes(held)
     # Nothing past the end: a value that grew would otherwise be copied cut short.
     if size and await store.get(key, prototype, RangeByteRequest(size, size + 1)):
         raise SourceChanged(f"{key} changed size while it was copied")

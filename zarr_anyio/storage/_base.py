@@ -23,14 +23,14 @@ from collections.abc import (
     Iterable,
     Iterator,
 )
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from itertools import islice
 from typing import Any, Literal, Self, TypeVar
 
 import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
-from zarr.abc.store import ByteRequest, Store
+from zarr.abc.store import ByteRequest, RangeByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from zarr_anyio._core.api_scope import in_api_call, tracked
@@ -266,6 +266,28 @@ class AnyioStore(Store, abc.ABC):
         del pieces
         await self._backend_set(key, value, exclusive=False)
 
+    async def _backend_read_parts(
+        self, key: str, start: int, size: int, part: int
+    ) -> AsyncGenerator[bytes, None]:
+        """The bytes ``start`` to ``size`` of ``key`` in order, in parts of about ``part`` bytes
+        (the last may be shorter): what a copy of a large value reads. ``FileNotFoundError`` if
+        the key does not exist; a value shorter than ``size`` ends early (the caller checks).
+
+        This default makes one ranged read per part. A backend whose ranged reads cost more
+        than a part (a server that reads the whole object for each range) or that streams a
+        response overrides it with one streamed read. It must not ``yield`` while it holds a
+        task group or cancel scope open.
+        """
+        while start < size:
+            end = min(start + part, size)
+            value = await self.get(key, default_buffer_prototype(), RangeByteRequest(start, end))
+            if value is None:
+                raise FileNotFoundError(key)
+            if not len(value):
+                return
+            start += len(value)
+            yield value.to_bytes()
+
     async def _backend_checksum(self, key: str) -> str | None:
         """A checksum of the value at ``key`` that the backend keeps and gives without reading
         the value, as ``"md5:<hex>"`` (or another ``algorithm:hex``); ``None`` where it keeps
@@ -496,6 +518,15 @@ class AnyioStore(Store, abc.ABC):
         validate_key(key)
         await self._ensure_open()
         await self._backend_set_streamed(key, parts)
+
+    async def _read_parts(self, key: str, size: int, part: int) -> AsyncGenerator[bytes, None]:
+        """The ``size`` bytes of ``key`` in parts (see `_backend_read_parts`)."""
+        validate_key(key)
+        await self._ensure_open()
+        parts = self._backend_read_parts(key, 0, size, part)
+        async with aclosing(parts):
+            async for data in parts:
+                yield data
 
     async def _checksum(self, key: str) -> str | None:
         """The backend's own checksum of ``key`` (see `_backend_checksum`)."""

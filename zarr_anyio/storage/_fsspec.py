@@ -341,15 +341,23 @@ class FsspecStore(RemoteStore):
             lambda: run_in_worker(lambda _: function(*args, **kwargs)), sent=_sent
         )
 
-    async def _on_loop(self, make: Callable[[Any], Coroutine[Any, Any, T]], sent: int = 0) -> T:
-        """Await ``make(fs)`` on the async filesystem's loop, as one request."""
+    async def _on_loop(
+        self,
+        make: Callable[[Any], Coroutine[Any, Any, T]],
+        sent: int = 0,
+        *,
+        retried: bool = True,
+    ) -> T:
+        """Await ``make(fs)`` on the async filesystem's loop, as one request (never retried if
+        not ``retried``: a step that a repeat would get wrong)."""
         fs = self._filesystem()
         loop = self._loop()
 
         def start() -> Awaitable[T]:
             return run_on_loop(lambda: make(fs), loop)
 
-        return await self._request(start, sent=sent)
+        request = self._request if retried else self._request_once
+        return await request(start, sent=sent)
 
     async def _files_under(self, folder: str) -> list[str]:
         """Every file under ``folder`` (a path in ``fs``), as paths in ``fs``."""
@@ -523,6 +531,50 @@ class FsspecStore(RemoteStore):
                 await upload.abort()
             raise
 
+    async def _backend_read_parts(
+        self, key: str, start: int, size: int, part: int
+    ) -> AsyncGenerator[bytes, None]:
+        if not self._is_s3():
+            async with contextlib.aclosing(
+                super()._backend_read_parts(key, start, size, part)
+            ) as parts:
+                async for data in parts:
+                    yield data
+            return
+        # One GET whose body is taken a part at a time (see ObjectStore's): botocore's
+        # streaming body, read on the filesystem's loop; a failure in the middle goes on with
+        # ranged reads from there, each retried.
+        bucket, path_key, _ = self.fs.split_path(self._path(key))
+        answer = await self._on_loop(
+            lambda fs: fs._call_s3(
+                "get_object", Bucket=bucket, Key=path_key, Range=f"bytes={start}-"
+            )
+        )
+        body = answer["Body"]
+        try:
+            while start < size:
+                wanted = min(part, size - start)
+                try:
+                    data = await self._on_loop(
+                        lambda _: _read_up_to(body, wanted),  # noqa: B023
+                        retried=False,
+                    )
+                except Exception as error:
+                    if not describe(error).transient:
+                        raise
+                    rest = super()._backend_read_parts(key, start, size, part)
+                    async with contextlib.aclosing(rest):
+                        async for data in rest:
+                            yield data
+                    return
+                if not data:
+                    return
+                start += len(data)
+                yield data
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run_on_loop(lambda: _close(body), self._loop())
+
     async def _backend_checksum(self, key: str) -> str | None:
         if not self._is_s3():
             return None
@@ -642,6 +694,23 @@ class FsspecStore(RemoteStore):
                 await self._fs("rm_file", path)
 
         await self._for_each(paths, delete_one)
+
+
+async def _read_up_to(body: Any, size: int) -> bytes:
+    """Up to ``size`` bytes of a streaming body, fewer only at its end."""
+    pieces: list[bytes] = []
+    got = 0
+    while got < size:
+        piece = await body.read(size - got)
+        if not piece:
+            break
+        pieces.append(piece)
+        got += len(piece)
+    return b"".join(pieces)
+
+
+async def _close(body: Any) -> None:
+    body.close()
 
 
 class _MultipartUpload:

@@ -47,7 +47,7 @@ from ._keys import check_byte_range, is_valid_key, validate_key
 from ._obstore_listing import Lister
 from ._redact import redact
 from ._remote import RemoteOptions, RemoteStore
-from ._retry import http_status
+from ._retry import describe, http_status
 
 __all__ = ["ObjectStore"]
 
@@ -118,6 +118,14 @@ def _holds_a_key(store: Any, folder: str) -> bool:
     import obstore
 
     return any(len(batch) > 0 for batch in obstore.list(store, prefix=folder, chunk_size=1))
+
+
+async def _next_chunk(stream: Any) -> Any:
+    """The next chunk of an obstore byte stream, ``None`` at its end."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:
@@ -466,6 +474,37 @@ class ObjectStore(RemoteStore):
         # incomplete multipart upload (never visible; S3's AbortIncompleteMultipartUpload
         # lifecycle rule removes it) and the old value, if any, in place.
         await self._call(lambda: _awaited(writer.close()), retried=False)
+
+    async def _backend_read_parts(
+        self, key: str, start: int, size: int, part: int
+    ) -> AsyncGenerator[bytes, None]:
+        # One GET whose body is taken a part at a time: one request for the value where ranged
+        # reads cost one a part, and a server that reads the whole object for each range (moto:
+        # 0.31 s a 2 MiB range of a 256 MiB object, 0.02 s of a 4 MiB one) is read once. A
+        # failure in the middle of the body goes on with ranged reads from there, each retried.
+        import obstore
+
+        options: Any = {"range": {"offset": start}} if start else None
+        result = await self._call(
+            lambda: _awaited(obstore.get_async(self.store, key, options=options))
+        )
+        stream = result.stream(min_chunk_size=part)
+        while start < size:
+            try:
+                chunk = await self._call(lambda: _next_chunk(stream), retried=False)
+            except Exception as error:
+                if not describe(error).transient:
+                    raise
+                rest = super()._backend_read_parts(key, start, size, part)
+                async with contextlib.aclosing(rest):
+                    async for data in rest:
+                        yield data
+                return
+            if chunk is None:
+                return
+            data = bytes(chunk)[: size - start]
+            start += len(data)
+            yield data
 
     async def _backend_checksum(self, key: str) -> str | None:
         import obstore
