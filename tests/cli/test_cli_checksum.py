@@ -138,3 +138,37 @@ def test_two_folders_still_compare_bytes(tmp_path: Path) -> None:
     assert summary["keys_compared_by_checksum"] == 0
     assert summary["keys_copied"] == 16 + 4  # the chunks, and the metadata written again
     assert files_of(dst) == files_of(src)
+
+
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_a_value_uploaded_in_parts_has_no_md5_and_is_compared_by_its_bytes(
+    tmp_path: Path, s3_server: S3Server, backend: str
+) -> None:
+    # 12 MiB with --max-memory 8M goes up as a multipart upload (parts of 5 MiB): its ETag is
+    # no MD5, so only the bytes can tell whether it changed.
+    items = 3 << 20
+    src = tmp_path / "src.zarr"
+    array = zarr.create_array(
+        str(src), shape=(items,), chunks=(items,), dtype="int32", compressors=None
+    )
+    array[:] = np.arange(items, dtype="int32")
+    bucket = s3_server.new_bucket()
+    url = f"s3://{bucket}/data.zarr"
+    options = ["--backend", backend, *s3_options(s3_server.endpoint, backend), "--max-memory"]
+    options.append("8M")
+    assert run_cli("copy", str(src), url, *options, "--quiet").returncode == 0
+    fs = s3_server.s3fs(skip_instance_cache=True)
+    assert "-" in fs.info(f"{bucket}/data.zarr/c/0")["ETag"]
+
+    same = run_cli("copy", str(src), url, *options, "--skip-existing", "--json")
+    assert same.returncode == 0, same.stderr
+    summary = json.loads(same.stdout)
+    assert summary["keys_copied"] == 0
+    assert summary["keys_compared_by_checksum"] == 1  # zarr.json, one PUT: its MD5
+
+    array[:] = np.arange(items, dtype="int32")[::-1]
+    changed = run_cli("copy", str(src), url, *options, "--skip-existing", "--json")
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["keys_copied"] == 2  # the chunk, and zarr.json around it
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{bucket}/data.zarr/c/0") == (src / "c" / "0").read_bytes()
