@@ -68,8 +68,11 @@ def fill(endpoint: str, bucket: str, name: str, count: int, size: int) -> None:
 
     import zarr_anyio
 
+    # moto takes over a minute to complete a 2 GiB multipart upload: botocore's 60 s read
+    # timeout would end it.
+    options = {**_s3_options(endpoint), "config_kwargs": {"read_timeout": 900}}
     store = zarr_anyio.FsspecStore.from_url(
-        f"s3://{bucket}/{name}", storage_options=_s3_options(endpoint), max_concurrency=16
+        f"s3://{bucket}/{name}", storage_options=options, max_concurrency=16
     )
     items = size // 4
     zarr.create_array(

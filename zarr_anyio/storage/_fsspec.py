@@ -347,17 +347,20 @@ class FsspecStore(RemoteStore):
         sent: int = 0,
         *,
         retried: bool = True,
+        patient: bool = False,
     ) -> T:
         """Await ``make(fs)`` on the async filesystem's loop, as one request (never retried if
-        not ``retried``: a step that a repeat would get wrong)."""
+        not ``retried``: a step that a repeat would get wrong; without a timeout if
+        ``patient``)."""
         fs = self._filesystem()
         loop = self._loop()
 
         def start() -> Awaitable[T]:
             return run_on_loop(lambda: make(fs), loop)
 
-        request = self._request if retried else self._request_once
-        return await request(start, sent=sent)
+        if retried:
+            return await self._request(start, sent=sent)
+        return await self._request_once(start, sent=sent, patient=patient)
 
     async def _files_under(self, folder: str) -> list[str]:
         """Every file under ``folder`` (a path in ``fs``), as paths in ``fs``."""
@@ -755,7 +758,10 @@ class _MultipartUpload:
                 Key=self.key,
                 UploadId=self.upload_id,
                 MultipartUpload={"Parts": self.parts},
-            )
+            ),
+            # Not retried: a completed upload is gone, and a repeat would fail as NoSuchUpload.
+            retried=False,
+            patient=True,
         )
         self.store.fs.invalidate_cache(f"{self.bucket}/{self.key}")
 

@@ -245,15 +245,24 @@ class ObjectStore(RemoteStore):
     # ---------------------------------------------------------------- calling obstore
 
     async def _call(
-        self, make: Callable[[], Coroutine[Any, Any, T]], sent: int = 0, *, retried: bool = True
+        self,
+        make: Callable[[], Coroutine[Any, Any, T]],
+        sent: int = 0,
+        *,
+        retried: bool = True,
+        patient: bool = False,
     ) -> T:
         """One obstore request (``make()`` awaits its async API), as one `_request` (as one
-        `_request_once`, never retried, if not ``retried``)."""
+        `_request_once`, never retried, if not ``retried``; without a timeout if ``patient``)."""
         _check_runtime()
-        request = self._request if retried else self._request_once
-        if isinstance(current_loop_key(), asyncio.AbstractEventLoop):
-            return await request(make, sent=sent)
-        return await request(lambda: run_on_loop(make), sent=sent)
+        call = make if isinstance(current_loop_key(), asyncio.AbstractEventLoop) else None
+
+        def start() -> Awaitable[T]:
+            return call() if call is not None else run_on_loop(make)
+
+        if retried:
+            return await self._request(start, sent=sent)
+        return await self._request_once(start, sent=sent, patient=patient)
 
     async def _call_blocking(self, function: Callable[[], T]) -> T:
         """One obstore request made with its blocking API in a worker thread."""
@@ -473,7 +482,7 @@ class ObjectStore(RemoteStore):
         # object visible. One that failed or was cancelled is dropped unclosed, which leaves an
         # incomplete multipart upload (never visible; S3's AbortIncompleteMultipartUpload
         # lifecycle rule removes it) and the old value, if any, in place.
-        await self._call(lambda: _awaited(writer.close()), retried=False)
+        await self._call(lambda: _awaited(writer.close()), retried=False, patient=True)
 
     async def _backend_read_parts(
         self, key: str, start: int, size: int, part: int

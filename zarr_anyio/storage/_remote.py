@@ -319,13 +319,17 @@ class RemoteStore(AnyioStore):
             scrub(error)
             raise
 
-    async def _request_once(self, make: Callable[[], Awaitable[T]], *, sent: int = 0) -> T:
+    async def _request_once(
+        self, make: Callable[[], Awaitable[T]], *, sent: int = 0, patient: bool = False
+    ) -> T:
         """One request, never retried: for a step of a stateful write (obstore's writer) that a
-        repeat would get wrong. It still holds a token and feeds the window."""
+        repeat would get wrong. It still holds a token and feeds the window. A ``patient`` one
+        has no timeout: completing a multipart upload takes S3 minutes for a large object
+        (moto: over 30 s for 1 GiB), and the caller can still cancel it."""
         limiter = self._limit.current()
         try:
             async with limiter:
-                return await self._attempt(limiter, make, sent)
+                return await self._attempt(limiter, make, sent, None if patient else self.timeout)
         except Exception as error:
             self._counters.add(errors=1)
             scrub(error)
@@ -340,7 +344,7 @@ class RemoteStore(AnyioStore):
             limiter = self._limit.current()
             async with limiter:
                 try:
-                    result = await self._attempt(limiter, make, sent)
+                    result = await self._attempt(limiter, make, sent, self.timeout)
                 except Exception as error:
                     failure = describe(error)
                     timed_out = isinstance(error, TimeoutError)
@@ -383,8 +387,15 @@ class RemoteStore(AnyioStore):
             # A failure waits without its token: it says nothing of load.
             await anyio.sleep(wait)
 
-    async def _attempt(self, limiter: object, make: Callable[[], Awaitable[T]], sent: int) -> T:
-        """One attempt, holding a token of ``limiter``: its outcome feeds the window."""
+    async def _attempt(
+        self,
+        limiter: object,
+        make: Callable[[], Awaitable[T]],
+        sent: int,
+        allowed: float | None,
+    ) -> T:
+        """One attempt, holding a token of ``limiter``, given ``allowed`` seconds (``None``:
+        no limit): its outcome feeds the window."""
         if self.rate_limit is not None:
             await self.rate_limit.acquire()
         adaptive = limiter if isinstance(limiter, AdaptiveLimiter) else None
@@ -393,10 +404,10 @@ class RemoteStore(AnyioStore):
         self._counters.add(requests=1, sent=sent)
         started = time.monotonic()
         try:
-            if self.timeout is None:
+            if allowed is None:
                 result = await make()
             else:
-                with anyio.fail_after(self.timeout):
+                with anyio.fail_after(allowed):
                     result = await make()
         except Exception as error:
             latency = time.monotonic() - started
