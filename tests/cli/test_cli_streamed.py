@@ -96,13 +96,20 @@ def test_a_value_larger_than_the_budget_goes_to_s3_in_a_multipart_upload(
     tmp_path: Path, s3_server: S3Server, backend: str
 ) -> None:
     src = big_array(tmp_path / "src.zarr", 96)
+    small = big_array(tmp_path / "small.zarr", 1)
     bucket = s3_server.new_bucket()
     url = f"s3://{bucket}/data.zarr"
     with CountingProxy(s3_server.endpoint) as proxy:
-        options = ["--backend", backend, *s3_options(proxy.url, backend)]
-        done, peak = run_measured("copy", str(src), url, *options, "--max-memory", "16M")
+        options = ["--backend", backend, *s3_options(proxy.url, backend), "--max-memory", "16M"]
+        # The same command on a 1 MiB value: the code, the libraries and the clients.
+        base, at_rest = run_measured("copy", str(small), f"s3://{bucket}/small.zarr", *options)
+        assert base.returncode == 0, base.stderr
+        proxy.log.clear()
+        done, peak = run_measured("copy", str(src), url, *options)
     assert done.returncode == 0, done.stderr
-    assert peak < 128 * MiB, peak / MiB
+    # Held whole, the 96 MiB value adds at least its size (measured: 190-300 MiB more); in
+    # parts of 5 MiB, a few parts and their copies in the clients.
+    assert peak - at_rest < 48 * MiB, (peak - at_rest) / MiB
     uploads = [path for method, path in proxy.log if method == "PUT" and "partNumber=" in path]
     assert len(uploads) >= 96 // 8, proxy.log
     fs = s3_server.s3fs(skip_instance_cache=True)
