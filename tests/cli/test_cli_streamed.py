@@ -10,22 +10,37 @@ byte-identical. On a folder and on S3 through both backends.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 import zarr
+from obstore.store import S3Store
+from zarr.core.buffer import default_buffer_prototype
 
+import zarr_anyio
 from support.command_line import TEMP_MARK, cli_env, files_of, run_cli, s3_options, start_cli
-from support.servers import CountingProxy, S3Server
+from support.servers import CountingProxy, S3Server, s3fs_at
+from zarr_anyio.cli.copy_stream import ranged_parts
 
 MiB = 1 << 20
+_KEYS: dict[str, Any] = {
+    "access_key_id": "testing",
+    "secret_access_key": "testing",
+    "region": "us-east-1",
+    "client_options": {"allow_http": True},
+    "retry_config": {"max_retries": 0},
+}
 
 # The command run in a process of its own, telling its peak resident memory (VmHWM: this
 # process's own, where a child's ru_maxrss would count the parent's pages at the fork).
@@ -215,3 +230,74 @@ def test_a_copy_killed_mid_value_into_s3_shows_nothing_of_it_and_resumes(
         for path in fs.find(f"{bucket}/data.zarr")
     }
     assert copied == keys_of(src)
+
+
+class CuttingProxy(CountingProxy):
+    """A proxy in front of moto that sends half of the first whole-object GET's body, then
+    hangs up: a connection lost in the middle of a large value."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.cut = 0
+        proxy = self
+        base: Any = self._server.RequestHandlerClass
+
+        class Cutting(base):  # type: ignore[misc]
+            def _pass_on(self, body: bytes) -> None:
+                ranged = self.headers.get("Range", "bytes=0-")
+                if self.command != "GET" or proxy.cut or not ranged.endswith("-"):
+                    super()._pass_on(body)
+                    return
+                proxy.cut += 1
+                target = urlsplit(upstream)
+                upstream_call = http.client.HTTPConnection(
+                    target.hostname or "127.0.0.1", target.port, timeout=30
+                )
+                try:
+                    upstream_call.request("GET", self.path, headers=dict(self.headers.items()))
+                    response = upstream_call.getresponse()
+                    data = response.read()
+                finally:
+                    upstream_call.close()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+        self._server.RequestHandlerClass = Cutting
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+async def test_a_value_read_in_parts_goes_on_with_ranged_reads_when_the_connection_breaks(
+    s3_server: S3Server, backend: str
+) -> None:
+    bucket = s3_server.new_bucket()
+    data = np.arange(10 * MiB // 4, dtype="int32").tobytes()
+    s3_server.s3fs(skip_instance_cache=True).pipe_file(f"{bucket}/data/k", data)
+    proxy = CuttingProxy(s3_server.endpoint)
+    with proxy:
+        store: zarr_anyio.ObjectStore | zarr_anyio.FsspecStore
+        if backend == "obstore":
+            store = zarr_anyio.ObjectStore(
+                S3Store(bucket, prefix="data", endpoint=proxy.url, **_KEYS)
+            )
+        else:
+            fs = s3fs_at(proxy.url, skip_instance_cache=True, asynchronous=False)
+            store = zarr_anyio.FsspecStore(fs, path=f"{bucket}/data")
+        try:
+            parts = ranged_parts(store, "k", len(data), 2 * MiB, default_buffer_prototype())
+            got = [part async for part in parts]
+        finally:
+            await store.aclose()
+    assert proxy.cut == 1
+    assert [len(part) for part in got] == [2 * MiB] * 5
+    assert b"".join(got) == data
+    # One GET cut short, then a ranged read for each part still missing.
+    ranges = [path for method, path in proxy.log if method == "GET"]
+    assert 1 < len(ranges) <= 1 + 5

@@ -554,26 +554,15 @@ class FsspecStore(RemoteStore):
             )
         )
         body = answer["Body"]
+
+        async def next_piece(wanted: int) -> bytes:
+            return await self._on_loop(lambda _: _read_up_to(body, wanted), retried=False)
+
         try:
-            while start < size:
-                wanted = min(part, size - start)
-                try:
-                    data = await self._on_loop(
-                        lambda _: _read_up_to(body, wanted),  # noqa: B023
-                        retried=False,
-                    )
-                except Exception as error:
-                    if not describe(error).transient:
-                        raise
-                    rest = super()._backend_read_parts(key, start, size, part)
-                    async with contextlib.aclosing(rest):
-                        async for data in rest:
-                            yield data
-                    return
-                if not data:
-                    return
-                start += len(data)
-                yield data
+            pieces = self._streamed_parts(key, start, size, part, next_piece)
+            async with contextlib.aclosing(pieces):
+                async for data in pieces:
+                    yield data
         finally:
             with anyio.CancelScope(shield=True):
                 await run_on_loop(lambda: _close(body), self._loop())

@@ -47,7 +47,7 @@ from ._keys import check_byte_range, is_valid_key, validate_key
 from ._obstore_listing import Lister
 from ._redact import redact
 from ._remote import RemoteOptions, RemoteStore
-from ._retry import describe, http_status
+from ._retry import http_status
 
 __all__ = ["ObjectStore"]
 
@@ -498,22 +498,15 @@ class ObjectStore(RemoteStore):
             lambda: _awaited(obstore.get_async(self.store, key, options=options))
         )
         stream = result.stream(min_chunk_size=part)
-        while start < size:
-            try:
-                chunk = await self._call(lambda: _next_chunk(stream), retried=False)
-            except Exception as error:
-                if not describe(error).transient:
-                    raise
-                rest = super()._backend_read_parts(key, start, size, part)
-                async with contextlib.aclosing(rest):
-                    async for data in rest:
-                        yield data
-                return
-            if chunk is None:
-                return
-            data = bytes(chunk)[: size - start]
-            start += len(data)
-            yield data
+
+        async def next_piece(_: int) -> bytes | None:
+            chunk = await self._call(lambda: _next_chunk(stream), retried=False)
+            return None if chunk is None else bytes(chunk)
+
+        pieces = self._streamed_parts(key, start, size, part, next_piece)
+        async with contextlib.aclosing(pieces):
+            async for data in pieces:
+                yield data
 
     async def _backend_checksum(self, key: str) -> str | None:
         import obstore

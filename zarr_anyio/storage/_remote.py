@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Self, TypedDict, TypeVar, Unpack
 
@@ -305,6 +306,35 @@ class RemoteStore(AnyioStore):
         while True:
             yield self.stats()
             await anyio.sleep(interval)
+
+    async def _streamed_parts(
+        self,
+        key: str,
+        start: int,
+        size: int,
+        part: int,
+        next_piece: Callable[[int], Awaitable[bytes | None]],
+    ) -> AsyncGenerator[bytes, None]:
+        """`_backend_read_parts` over one streamed response: ``next_piece(wanted)`` gives its
+        next piece (``None`` or empty at its end), each one request that is never retried (a
+        repeat would skip bytes). A piece that fails as a retry would be worth it goes on with
+        ranged reads from where the stream broke, each retried."""
+        while start < size:
+            try:
+                data = await next_piece(min(part, size - start))
+            except Exception as error:
+                if not describe(error).transient:
+                    raise
+                rest = AnyioStore._backend_read_parts(self, key, start, size, part)
+                async with aclosing(rest):
+                    async for data in rest:
+                        yield data
+                return
+            if not data:
+                return
+            data = data[: size - start]
+            start += len(data)
+            yield data
 
     # ----------------------------------------------------------------- one request
 
