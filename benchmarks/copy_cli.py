@@ -2,12 +2,18 @@
 
     python benchmarks/copy_cli.py            # 2,000 x 4 KiB and 64 x 8 MiB, median of 5
     python benchmarks/copy_cli.py --quick    # a short run
+    python benchmarks/copy_cli.py --only huge --repeat 3   # one 2 GiB value (slow: selected)
+
+The 2 GiB case needs ~2 GiB free where ``--tmp`` points (default: the system's temporary
+folder) for each copy in turn, and ~2 GiB of memory for moto.
 
 moto's S3 server runs in a process of its own. Each way of copying runs in a fresh process of
 its own, so its peak memory (``ru_maxrss``, from ``os.wait4``) is its own; the time is that of the
 copy itself, measured inside the process after the imports:
 
-* ``zarr-anyio copy`` (the console script's code, ``--quiet``), with s3fs and with obstore;
+* ``zarr-anyio copy`` (the console script's code, ``--quiet``), with s3fs and with obstore, at
+  the default ``--max-memory`` (64M) and with obstore at ``--max-memory 16M`` (values above
+  2 MiB then go in parts of 2 MiB);
 * ``fsspec``: s3fs's ``fs.get(src, dst, recursive=True)``;
 * ``asyncio.gather``: every key listed through ``zarr.storage.FsspecStore``, then one
   ``dst.set(key, await src.get(key))`` per key into ``zarr.storage.LocalStore``, all gathered.
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +44,11 @@ from support.servers import S3ServerProcess
 CONTENDERS = [
     "zarr-anyio copy (fsspec)",
     "zarr-anyio copy (obstore)",
+    "zarr-anyio copy (obstore, 16M)",
     "fsspec get",
     "asyncio.gather",
 ]
+OURS = [name for name in CONTENDERS if name.startswith("zarr-anyio")]
 
 
 def _s3_options(endpoint: str) -> dict[str, Any]:
@@ -59,14 +68,31 @@ def fill(endpoint: str, bucket: str, name: str, count: int, size: int) -> None:
 
     import zarr_anyio
 
+    # moto takes over a minute to complete a 2 GiB multipart upload: botocore's 60 s read
+    # timeout would end it.
+    options = {**_s3_options(endpoint), "config_kwargs": {"read_timeout": 900}}
     store = zarr_anyio.FsspecStore.from_url(
-        f"s3://{bucket}/{name}", storage_options=_s3_options(endpoint), max_concurrency=16
+        f"s3://{bucket}/{name}", storage_options=options, max_concurrency=16
     )
     items = size // 4
     zarr.create_array(
         store=store, shape=(count * items,), chunks=(items,), dtype="float32", compressors=None
     )
-    data = np.random.default_rng(0).bytes(size)
+    part = min(size, 64 << 20)
+    data = np.random.default_rng(0).bytes(part)
+    if size > part:
+        # A 2 GiB value goes up in parts, as the copy's streamed writes send it.
+        async def parts() -> AsyncIterator[bytes]:
+            for start in range(0, size, part):
+                yield data[: min(part, size - start)]
+
+        async def put_parts() -> None:
+            for i in range(count):
+                await store._set_streamed(f"c/{i}", parts())
+            await store.aclose()
+
+        anyio.run(put_parts)
+        return
     values = [(f"c/{i}", default_buffer_prototype().buffer.from_bytes(data)) for i in range(count)]
 
     async def put() -> None:
@@ -79,7 +105,7 @@ def fill(endpoint: str, bucket: str, name: str, count: int, size: int) -> None:
 # ---------------------------------------------------------------- the contenders (in a child)
 
 
-def run_ours(endpoint: str, src: str, dst: str, backend: str) -> float:
+def run_ours(endpoint: str, src: str, dst: str, backend: str, max_memory: str | None) -> float:
     from zarr_anyio.cli import main
 
     if backend == "obstore":
@@ -93,6 +119,8 @@ def run_ours(endpoint: str, src: str, dst: str, backend: str) -> float:
     else:
         options = ["key=testing", "secret=testing", f"client_kwargs.endpoint_url={endpoint}"]
     args = ["copy", src, dst, "--backend", backend, "--json", "--quiet"]
+    if max_memory is not None:
+        args += ["--max-memory", max_memory]
     args += [arg for option in options for arg in ("--storage-option", option)]
     stdout = sys.stdout
     sys.stdout = capture = _Capture()
@@ -165,7 +193,8 @@ def peak_rss_mib() -> float:
 
 def child(name: str, endpoint: str, src: str, dst: str) -> None:
     if name.startswith("zarr-anyio"):
-        seconds = run_ours(endpoint, src, dst, "obstore" if "obstore" in name else "fsspec")
+        backend = "obstore" if "obstore" in name else "fsspec"
+        seconds = run_ours(endpoint, src, dst, backend, "16M" if "16M" in name else None)
     elif name == "fsspec get":
         seconds = run_fsspec(endpoint, src, dst)
     else:
@@ -190,11 +219,13 @@ def expected_files(count: int) -> int:
     return count + 1  # the chunks and the array's zarr.json
 
 
-def bench(endpoint: str, bucket: str, name: str, count: int, size: int, repeat: int) -> list[str]:
+def bench(
+    endpoint: str, bucket: str, name: str, count: int, size: int, repeat: int, tmp: str | None
+) -> list[str]:
     fill(endpoint, bucket, name, count, size)
     src = f"s3://{bucket}/{name}"
     results: dict[str, list[tuple[float, float]]] = {contender: [] for contender in CONTENDERS}
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory(dir=tmp) as folder:
         for number in range(repeat):
             for contender in CONTENDERS:
                 dst = Path(folder) / f"{number}-{contender.replace(' ', '_')}"
@@ -206,8 +237,8 @@ def bench(endpoint: str, bucket: str, name: str, count: int, size: int, repeat: 
     mib = count * size / 2**20
     lines = [
         f"\n## {count} x {size // 1024} KiB ({mib:.0f} MiB) from moto S3 to a folder "
-        f"(median of {repeat})",
-        f"{'':28s} {'seconds':>8s} {'MiB/s':>8s} {'keys/s':>8s} {'peak RSS MiB':>13s}",
+        f"(median of {repeat}, load {' '.join(f'{x:.2f}' for x in os.getloadavg())})",
+        f"{'':32s} {'seconds':>8s} {'MiB/s':>8s} {'keys/s':>8s} {'peak RSS MiB':>13s}",
     ]
     medians = {}
     for contender, runs in results.items():
@@ -215,12 +246,14 @@ def bench(endpoint: str, bucket: str, name: str, count: int, size: int, repeat: 
         peak = statistics.median(run[1] for run in runs)
         medians[contender] = (seconds, peak)
         lines.append(
-            f"{contender:28s} {seconds:8.2f} {mib / seconds:8.1f} {count / seconds:8.0f} "
+            f"{contender:32s} {seconds:8.2f} {mib / seconds:8.1f} {count / seconds:8.0f} "
             f"{peak:13.0f}"
         )
-    ours = min(medians[c][0] for c in CONTENDERS[:2])
-    best = min(medians[c][0] for c in CONTENDERS[2:])
+    ours = min(medians[c][0] for c in OURS)
+    best = min(medians[c][0] for c in CONTENDERS if c not in OURS)
     lines.append(f"time, best of ours / best of the others: {ours / best:.2f}")
+    least = min(medians[c][1] for c in OURS)
+    lines.append(f"peak memory, least of ours / fsspec get: {least / medians['fsspec get'][1]:.2f}")
     return lines
 
 
@@ -231,7 +264,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=None)
-    parser.add_argument("--only", choices=["small", "large"], default=None)
+    parser.add_argument(
+        "--only",
+        choices=["small", "large", "huge"],
+        default=None,
+        help="one case; huge (one 2 GiB value) runs only when chosen",
+    )
+    parser.add_argument("--tmp", default=None, help="where the copies go (needs room)")
     args = parser.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 5)
     print(f"# zarr-anyio copy benchmark (python {sys.version.split()[0]}, {os.cpu_count()} cores)")
@@ -242,10 +281,11 @@ def main(argv: list[str]) -> int:
         bucket = server.new_bucket()
         small = (200, 4096) if args.quick else (2000, 4096)
         large = (8, 8 << 20) if args.quick else (64, 8 << 20)
-        for name, (count, size) in (("small", small), ("large", large)):
-            if args.only not in (None, name):
+        huge = (1, 256 << 20) if args.quick else (1, 2 << 30)
+        for name, (count, size) in (("small", small), ("large", large), ("huge", huge)):
+            if args.only != name and (args.only is not None or name == "huge"):
                 continue
-            for line in bench(server.endpoint, bucket, name, count, size, repeat):
+            for line in bench(server.endpoint, bucket, name, count, size, repeat, args.tmp):
                 print(line, flush=True)
     finally:
         server.stop()

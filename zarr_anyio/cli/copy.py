@@ -3,18 +3,21 @@
 Keys are listed a page at a time (`zarr_anyio.storage._listing`) and handed to ``workers`` tasks
 in one task group through a small memory object stream, so a bucket of millions of keys costs
 memory for a page and the values in flight, not for the listing. Values in flight are also
-bounded in bytes (``max_bytes``; a value bigger than the budget goes alone), since 32 workers on
-1 GiB chunks would otherwise hold 32 GiB. The default, 64 MiB, was measured on 64 chunks of 8
-MiB from moto's S3 server (``benchmarks/copy_cli.py``, obstore, median of 3): 1.45 s at a peak
-of 156 MiB, where 256 MiB gave 1.86 s at 320 MiB: past a handful of big values in flight, more
-only costs memory.
+bounded in bytes (``max_bytes``), since 32 workers on 1 GiB chunks would otherwise hold 32 GiB;
+a value larger than a part is copied in parts (`.copy_stream`) and costs two parts of it (a
+value bigger than the budget that the destination takes only whole goes alone). The default,
+64 MiB, was measured on 64 chunks of 8 MiB from moto's S3 server (``benchmarks/copy_cli.py``,
+obstore, median of 3): 1.45 s at a peak of 156 MiB, where 256 MiB gave 1.86 s at 320 MiB: past a
+handful of big values in flight, more only costs memory.
 
 What happens to a destination that already holds data (refused, brought up to date, replaced)
 is `._copy_plan`'s to say; ``--verify`` is `._copy_verify`.
 
 Each value is written with the destination's own atomic ``set`` (a temporary file renamed over
-its target, one zip member appended under the archive lock, one PUT), so a cancelled copy
-leaves each key whole or absent.
+its target, one zip member appended under the archive lock, one PUT) or its streamed write (the
+same temporary file filled a part at a time, a multipart upload), so a cancelled copy leaves
+each key whole or absent. Whether a key the destination holds is up to date is
+`.fingerprint`'s to say (a checksum where a store keeps one, else the bytes).
 
 Metadata goes last, deepest nodes first and the root last (``.zattrs`` before ``.zarray``, a
 consolidated ``.zmetadata`` after everything): until the data is all there the destination is
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.core.buffer import default_buffer_prototype
 
 from zarr_anyio._core.errors import single_error
 from zarr_anyio.storage import KeyConflict
@@ -44,13 +47,13 @@ from zarr_anyio.storage._listing import Entry, list_node
 
 from .copy_plan import (
     Compare,
-    Damaged,
     DestinationHoldsData,
     Existing,
     MetadataTakeDown,
     destination_keys,
-    read_back,
 )
+from .copy_stream import Vanished, part_size, ranged_parts, streams
+from .fingerprint import compare
 
 __all__ = ["METADATA_NAMES", "ByteBudget", "CopyOptions", "CopyReport", "copy_node"]
 
@@ -88,6 +91,7 @@ class CopyReport:
     keys_deleted: int = 0
     keys_in_doubt: int = 0
     keys_verified: int = 0
+    keys_compared_by_checksum: int = 0
     keys_vanished: int = 0
     invalid_keys: int = 0
     mismatched_keys: int = 0
@@ -127,6 +131,7 @@ class CopyReport:
             "keys_deleted": self.keys_deleted,
             "keys_in_doubt": self.keys_in_doubt,
             "keys_verified": self.keys_verified,
+            "keys_compared_by_checksum": self.keys_compared_by_checksum,
             "keys_vanished": self.keys_vanished,
             "invalid_keys": self.invalid_keys,
             "mismatched_keys": self.mismatched_keys,
@@ -254,6 +259,7 @@ class _Copier:
         self.report = report
         self.budget = ByteBudget(options.max_bytes)
         self.prototype = default_buffer_prototype()
+        self.part = part_size(options.max_bytes, dst)
         # What the destination held before the copy (None: nothing), less what was taken down.
         self.held = held
         metadata = [key for key in held or () if is_metadata(key)]
@@ -270,59 +276,80 @@ class _Copier:
             if size is None:
                 self._vanished(source_key)
                 return
-        if options.existing == "skip" and self.held is not None and key in self.held:
-            there = self.held[key]
-            if there is None:
-                there = await size_at(self.dst, key)
-            if there == size:
-                if options.compare == "size":
-                    self._skipped(size)
-                    return
-                async with self.budget.take(2 * size):
-                    value = await self.src.get(source_key, self.prototype)
-                    if value is None:
-                        self._vanished(source_key)
-                        return
-                    found = await read_back(self.dst, key, self.prototype)
-                    if _same_bytes(found, value):
-                        self._skipped(size)
-                        return
-                    await self._write(key, value)
-                    return
-        if options.dry_run:
-            await self.take_down()
-            report.keys_copied += 1
-            report.bytes_copied += size
-            report.example("would copy", key)
-            report.would_copy.append(key)
-            return
-        async with self.budget.take(size):
-            value = await self.src.get(source_key, self.prototype)
-            if value is None:
-                self._vanished(source_key)
-                return
-            await self._write(key, value)
-
-    async def _write(self, key: str, value: Buffer) -> None:
-        await self.take_down()
-        if not self.options.dry_run:
-            try:
-                await self._set(key, value)
-            except BaseException:
-                # Stopped or failed while writing: the key is whole or absent, but which of the
-                # two only the destination knows (a PUT may land as its answer is cancelled).
-                self.report.keys_in_doubt += 1
-                self.report.example("in doubt", key)
-                raise
-        else:
-            self.report.example("would copy", key)
-            self.report.would_copy.append(key)
-        self.report.keys_copied += 1
-        self.report.bytes_copied += len(value)
-
-    async def _set(self, key: str, value: Buffer) -> None:
         try:
-            await self.dst.set(key, value)
+            if await self._up_to_date(source_key, key, size):
+                self._skipped(size)
+                return
+            if options.dry_run:
+                await self.take_down()
+                report.keys_copied += 1
+                report.bytes_copied += size
+                report.example("would copy", key)
+                report.would_copy.append(key)
+                return
+            await self._copy(source_key, key, size)
+        except Vanished:
+            self._vanished(source_key)
+
+    async def _up_to_date(self, source_key: str, key: str, size: int) -> bool:
+        """Whether ``--skip-existing`` leaves ``key`` as the destination holds it."""
+        if self.options.existing != "skip" or self.held is None or key not in self.held:
+            return False
+        there = self.held[key]
+        if there is None:
+            there = await size_at(self.dst, key)
+        if there != size:
+            return False
+        if self.options.compare == "size":
+            return True
+        async with self.budget.take(2 * min(size, self.part)):
+            compared = await compare(
+                self.src, source_key, self.dst, key, size, self.part, self.prototype
+            )
+        if compared.by == "checksum":
+            self.report.keys_compared_by_checksum += 1
+        return compared.same
+
+    async def _copy(self, source_key: str, key: str, size: int) -> None:
+        if not streams(self.dst, size, self.part):
+            async with self.budget.take(size):
+                value = await self.src.get(source_key, self.prototype)
+                if value is None:
+                    raise Vanished(source_key)
+
+                async def put() -> None:
+                    await self.dst.set(key, value)
+
+                await self._write(key, len(value), put)
+            return
+
+        async def put_in_parts() -> None:
+            parts = ranged_parts(self.src, source_key, size, self.part, self.prototype)
+            async with contextlib.aclosing(parts):
+                await self.dst._set_streamed(key, parts)
+
+        # Two parts: the one being read, the one being written.
+        async with self.budget.take(2 * self.part):
+            await self._write(key, size, put_in_parts)
+
+    async def _write(self, key: str, size: int, put: Callable[[], Awaitable[None]]) -> None:
+        await self.take_down()
+        try:
+            await self._set(key, put)
+        except Vanished:
+            raise  # nothing was written: the source went away under the copy
+        except BaseException:
+            # Stopped or failed while writing: the key is whole or absent, but which of the
+            # two only the destination knows (a PUT may land as its answer is cancelled).
+            self.report.keys_in_doubt += 1
+            self.report.example("in doubt", key)
+            raise
+        self.report.keys_copied += 1
+        self.report.bytes_copied += size
+
+    async def _set(self, key: str, put: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await put()
         except KeyConflict as conflict:
             # A tree of files cannot hold `c/0` beside `c/0/0`: when what is in the way is what
             # the destination held before (an array of another shape, say), it goes now rather
@@ -334,7 +361,7 @@ class _Copier:
                 raise conflict from None
             # (Nothing left in the way: another worker of this copy has just cleared it.)
             await self.dst._for_each(in_way, self._delete_held, self.options.workers)
-            await self.dst.set(key, value)
+            await put()
 
     def _held_in_way(self, key: str) -> list[str]:
         """Keys the destination held before the copy that a key ``key`` cannot stand beside:
@@ -403,28 +430,16 @@ class _Copier:
             if self.held is None or key not in self.held:
                 same = False
                 return
-            if self.options.compare == "size":
-                there = self.held[key]
-                if there is None:
-                    there = await size_at(self.dst, key)
-                if size is None:
-                    size = await size_at(self.src, source_key)
-                same = same and there == size
-                return
-            expected = await self.src.get(source_key, self.prototype)
-            found = await read_back(self.dst, key, self.prototype)
-            if not _same_bytes(expected, found):
+            if size is None:
+                size = await size_at(self.src, source_key)
+            try:
+                if size is None or not await self._up_to_date(source_key, key, size):
+                    same = False
+            except Vanished:
                 same = False
 
         await self.dst._for_each(entries, check, self.options.workers)
         return same
-
-
-def _same_bytes(a: Buffer | Damaged | None, b: Buffer | Damaged | None) -> bool:
-    """Whether both are values with the same bytes (absent and damaged values never are)."""
-    if not isinstance(a, Buffer) or not isinstance(b, Buffer):
-        return False
-    return len(a) == len(b) and a.to_bytes() == b.to_bytes()
 
 
 async def _in_pool(

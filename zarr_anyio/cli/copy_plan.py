@@ -10,9 +10,10 @@ the rules are `rclone sync`'s and `aws s3 sync --delete`'s, never `rclone copy`'
   written, with a message naming the two choices below.
 - ``overwrite``: every key of the source is written, keys the destination has and the source
   does not are deleted.
-- ``skip``: keys the destination already has with the same content are left as they are (the
-  bytes are compared, or only the sizes with ``compare="size"``), the others are written, keys the
-  source does not have are deleted. This is how an interrupted copy is resumed.
+- ``skip``: keys the destination already has with the same content are left as they are (a
+  checksum or the bytes compared, `.fingerprint`; only the sizes with ``compare="size"``), the
+  others are written, keys the source does not have are deleted. This is how an interrupted
+  copy is resumed.
 
 Nothing half-done is visible: before the first key is written or deleted, the destination's
 metadata is taken down (so the old node no longer opens), and the source's metadata is written

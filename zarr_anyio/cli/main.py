@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=CopyOptions.max_bytes,
         metavar="SIZE",
-        help="bytes of values in flight at most, like 256M (default: 64M)",
+        help="bytes of values in flight at most, like 256M (default: 64M); a value larger "
+        "than an eighth of it is copied in parts",
     )
     copy.add_argument(
         "--progress-interval",

@@ -9,7 +9,8 @@ a destination that dropped, truncated or mangled a write is caught, as is a key 
 added.
 
 It holds the set of the source's keys (a Python string per key) to find the extra keys in the
-destination's listing; values are read within the copy's byte budget.
+destination's listing; values are read within the copy's byte budget, those larger than a part
+in parts (`.copy_stream`), so checking a 2 GiB value costs two parts of memory.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from zarr_anyio.storage._listing import Entry, list_node
 
 from .copy import ByteBudget, CopyReport, _in_pool, relative_key, size_at
 from .copy_plan import Damaged, read_back
+from .copy_stream import Vanished, part_size
+from .fingerprint import same_bytes
 
 __all__ = ["Verify", "verify_node"]
 
@@ -54,6 +57,7 @@ async def verify_node(
     prefix = prefix.strip("/")
     prefix = f"{prefix}/" if prefix else ""
     budget = ByteBudget(max_bytes)
+    part = part_size(max_bytes, dst)
     prototype = default_buffer_prototype()
     expected: set[str] = set()
 
@@ -83,6 +87,22 @@ async def verify_node(
                 mismatch(key, "missing")
             elif found != size:
                 mismatch(key, f"{found} bytes, expected {size}")
+            return
+        if size > part:
+            # Read in parts, as it was copied: a value of any size costs two parts.
+            found = await size_at(dst, key)
+            if found is None:
+                mismatch(key, "missing")
+            elif found != size:
+                mismatch(key, f"{found} bytes, expected {size}")
+            else:
+                async with budget.take(2 * part):
+                    try:
+                        same = await same_bytes(src, source_key, dst, key, size, part, prototype)
+                    except Vanished:
+                        return
+                if not same:
+                    mismatch(key, "bytes differ")
             return
         async with budget.take(2 * size):
             value = await src.get(key=source_key, prototype=prototype)

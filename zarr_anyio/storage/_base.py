@@ -23,14 +23,14 @@ from collections.abc import (
     Iterable,
     Iterator,
 )
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from itertools import islice
 from typing import Any, Literal, Self, TypeVar
 
 import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
-from zarr.abc.store import ByteRequest, Store
+from zarr.abc.store import ByteRequest, RangeByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from zarr_anyio._core.api_scope import in_api_call, tracked
@@ -242,6 +242,57 @@ class AnyioStore(Store, abc.ABC):
 
             await self._for_each(names, size_of)
             yield [(key, sizes[key]) for key in names if key in sizes]
+
+    # What `_backend_set_streamed` does with a value given in parts: ``True`` where each part
+    # goes to the backend as it comes (a temporary file, a multipart upload), so a value of any
+    # size costs memory for a part; ``False`` where the default holds the value whole.
+    @property
+    def _streams_writes(self) -> bool:
+        return False
+
+    # The smallest part the backend takes, all but the last (S3's multipart upload: 5 MiB).
+    _min_part_size: int = 0
+
+    async def _backend_set_streamed(self, key: str, parts: AsyncIterator[bytes]) -> None:
+        """Write the value whose bytes ``parts`` gives in order, whole or not at all: until the
+        last part is in, nothing is visible at ``key`` (the old value, if any, stays).
+
+        This default joins the parts and writes them with `_backend_set` (the value held
+        whole); a backend that can write a value as it comes overrides it and sets
+        ``_streams_writes``.
+        """
+        pieces = [part async for part in parts]
+        value = default_buffer_prototype().buffer.from_bytes(b"".join(pieces))
+        del pieces
+        await self._backend_set(key, value, exclusive=False)
+
+    async def _backend_read_parts(
+        self, key: str, start: int, size: int, part: int
+    ) -> AsyncGenerator[bytes, None]:
+        """The bytes ``start`` to ``size`` of ``key`` in order, in parts of about ``part`` bytes
+        (the last may be shorter): what a copy of a large value reads. ``FileNotFoundError`` if
+        the key does not exist; a value shorter than ``size`` ends early (the caller checks).
+
+        This default makes one ranged read per part. A backend whose ranged reads cost more
+        than a part (a server that reads the whole object for each range) or that streams a
+        response overrides it with one streamed read. It must not ``yield`` while it holds a
+        task group or cancel scope open.
+        """
+        while start < size:
+            end = min(start + part, size)
+            value = await self.get(key, default_buffer_prototype(), RangeByteRequest(start, end))
+            if value is None:
+                raise FileNotFoundError(key)
+            if not len(value):
+                return
+            start += len(value)
+            yield value.to_bytes()
+
+    async def _backend_checksum(self, key: str) -> str | None:
+        """A checksum of the value at ``key`` that the backend keeps and gives without reading
+        the value, as ``"md5:<hex>"`` (or another ``algorithm:hex``); ``None`` where it keeps
+        none it vouches for. ``FileNotFoundError`` if the key does not exist."""
+        return None
 
     # ----------------------------------------------------------------- the worker pool
 
@@ -459,6 +510,29 @@ class AnyioStore(Store, abc.ABC):
         self._check_value(value)
         await self._ensure_open()
         await self._backend_set(key, value, exclusive=exclusive)
+
+    @tracked
+    async def _set_streamed(self, key: str, parts: AsyncIterator[bytes]) -> None:
+        """Write a value given as an async iterator of its parts (see `_backend_set_streamed`)."""
+        self._check_writable()
+        validate_key(key)
+        await self._ensure_open()
+        await self._backend_set_streamed(key, parts)
+
+    async def _read_parts(self, key: str, size: int, part: int) -> AsyncGenerator[bytes, None]:
+        """The ``size`` bytes of ``key`` in parts (see `_backend_read_parts`)."""
+        validate_key(key)
+        await self._ensure_open()
+        parts = self._backend_read_parts(key, 0, size, part)
+        async with aclosing(parts):
+            async for data in parts:
+                yield data
+
+    async def _checksum(self, key: str) -> str | None:
+        """The backend's own checksum of ``key`` (see `_backend_checksum`)."""
+        validate_key(key)
+        await self._ensure_open()
+        return await self._backend_checksum(key)
 
     @tracked
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:

@@ -16,7 +16,14 @@ import os
 import posixpath
 import threading
 import urllib.parse
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+)
 from typing import Any, Self, TypeVar, Unpack
 
 import anyio
@@ -30,6 +37,7 @@ from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
 from ._base import PAGE_SIZE, Entry
+from ._checksum import etag_checksum
 from ._client_pools import fsspec_options_with_pool, pool_size
 from ._client_retries import (
     fsspec_options_without_retries,
@@ -339,15 +347,26 @@ class FsspecStore(RemoteStore):
             lambda: run_in_worker(lambda _: function(*args, **kwargs)), sent=_sent
         )
 
-    async def _on_loop(self, make: Callable[[Any], Coroutine[Any, Any, T]], sent: int = 0) -> T:
-        """Await ``make(fs)`` on the async filesystem's loop, as one request."""
+    async def _on_loop(
+        self,
+        make: Callable[[Any], Coroutine[Any, Any, T]],
+        sent: int = 0,
+        *,
+        retried: bool = True,
+        patient: bool = False,
+    ) -> T:
+        """Await ``make(fs)`` on the async filesystem's loop, as one request (never retried if
+        not ``retried``: a step that a repeat would get wrong; without a timeout if
+        ``patient``)."""
         fs = self._filesystem()
         loop = self._loop()
 
         def start() -> Awaitable[T]:
             return run_on_loop(lambda: make(fs), loop)
 
-        return await self._request(start, sent=sent)
+        if retried:
+            return await self._request(start, sent=sent)
+        return await self._request_once(start, sent=sent, patient=patient)
 
     async def _files_under(self, folder: str) -> list[str]:
         """Every file under ``folder`` (a path in ``fs``), as paths in ``fs``."""
@@ -477,6 +496,91 @@ class FsspecStore(RemoteStore):
         if not await self._is_file(path):
             await self._fs("pipe_file", path, data, _sent=len(data))
 
+    def _is_s3(self) -> bool:
+        return bool(_protocols(self.fs) & {"s3", "s3a"}) and bool(self.fs.async_impl)
+
+    @property
+    def _streams_writes(self) -> bool:
+        return self._is_s3()
+
+    # S3's smallest part of a multipart upload, all but the last.
+    _min_part_size = 5 << 20
+
+    async def _backend_set_streamed(self, key: str, parts: AsyncIterator[bytes]) -> None:
+        if not self._is_s3():
+            await super()._backend_set_streamed(key, parts)
+            return
+        # S3's multipart upload, a part sent as each comes (several small ones joined up to
+        # the least S3 takes); a value that fits in one part is one PUT, as `set` makes it.
+        path = self._path(key)
+        pending = bytearray()
+        first: bytes | None = None
+        upload: _MultipartUpload | None = None
+        try:
+            async for part in parts:
+                pending += part
+                if len(pending) < self._min_part_size:
+                    continue
+                if first is None:
+                    first = bytes(pending)
+                else:
+                    if upload is None:
+                        upload = await _MultipartUpload.start(self, path)
+                        await upload.send(first)
+                    await upload.send(bytes(pending))
+                pending.clear()
+            if upload is None:
+                await self._put_value(path, (first or b"") + pending, exclusive=False)
+                return
+            if pending:
+                await upload.send(bytes(pending))
+            await upload.complete()
+        except BaseException:
+            if upload is not None:
+                await upload.abort()
+            raise
+
+    async def _backend_read_parts(
+        self, key: str, start: int, size: int, part: int
+    ) -> AsyncGenerator[bytes, None]:
+        if not self._is_s3():
+            async with contextlib.aclosing(
+                super()._backend_read_parts(key, start, size, part)
+            ) as parts:
+                async for data in parts:
+                    yield data
+            return
+        # One GET whose body is taken a part at a time (see ObjectStore's): botocore's
+        # streaming body, read on the filesystem's loop; a failure in the middle goes on with
+        # ranged reads from there, each retried.
+        bucket, path_key, _ = self.fs.split_path(self._path(key))
+        answer = await self._on_loop(
+            lambda fs: fs._call_s3(
+                "get_object", Bucket=bucket, Key=path_key, Range=f"bytes={start}-"
+            )
+        )
+        body = answer["Body"]
+
+        async def next_piece(wanted: int) -> bytes:
+            return await self._on_loop(lambda _: _read_up_to(body, wanted), retried=False)
+
+        try:
+            pieces = self._streamed_parts(key, start, size, part, next_piece)
+            async with contextlib.aclosing(pieces):
+                async for data in pieces:
+                    yield data
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run_on_loop(lambda: _close(body), self._loop())
+
+    async def _backend_checksum(self, key: str) -> str | None:
+        if not self._is_s3():
+            return None
+        info = await self._fs("info", self._path(key))
+        if info.get("type") != "file":
+            raise FileNotFoundError(key)
+        return etag_checksum(info.get("ETag"))
+
     async def _backend_delete(self, key: str) -> None:
         with contextlib.suppress(*self.allowed_exceptions):
             await self._fs("rm_file", self._path(key))
@@ -588,3 +692,87 @@ class FsspecStore(RemoteStore):
                 await self._fs("rm_file", path)
 
         await self._for_each(paths, delete_one)
+
+
+async def _read_up_to(body: Any, size: int) -> bytes:
+    """Up to ``size`` bytes of a streaming body, fewer only at its end."""
+    pieces: list[bytes] = []
+    got = 0
+    while got < size:
+        piece = await body.read(size - got)
+        if not piece:
+            break
+        pieces.append(piece)
+        got += len(piece)
+    return b"".join(pieces)
+
+
+async def _close(body: Any) -> None:
+    body.close()
+
+
+class _MultipartUpload:
+    """One S3 multipart upload through s3fs's client, each step one request of the store
+    (retried: a part sent again under its number replaces itself)."""
+
+    def __init__(self, store: FsspecStore, bucket: str, key: str, upload_id: str) -> None:
+        self.store = store
+        self.bucket = bucket
+        self.key = key
+        self.upload_id = upload_id
+        self.parts: list[dict[str, Any]] = []
+
+    @classmethod
+    async def start(cls, store: FsspecStore, path: str) -> _MultipartUpload:
+        bucket, key, _ = store.fs.split_path(path)
+        answer = await store._on_loop(
+            lambda fs: fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+        )
+        return cls(store, bucket, key, str(answer["UploadId"]))
+
+    async def send(self, data: bytes) -> None:
+        number = len(self.parts) + 1
+        answer = await self.store._on_loop(
+            lambda fs: fs._call_s3(
+                "upload_part",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=data,
+            ),
+            sent=len(data),
+        )
+        self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+
+    async def complete(self) -> None:
+        await self.store._on_loop(
+            lambda fs: fs._call_s3(
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": self.parts},
+            ),
+            # Not retried: a completed upload is gone, and a repeat would fail as NoSuchUpload.
+            retried=False,
+            patient=True,
+        )
+        self.store.fs.invalidate_cache(f"{self.bucket}/{self.key}")
+
+    async def abort(self) -> None:
+        # Whatever stopped the upload, its parts go: shielded from the cancellation that may be
+        # the reason, bounded in case the server is what failed.
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(10),
+            contextlib.suppress(Exception),
+        ):
+            await self.store._on_loop(
+                lambda fs: fs._call_s3(
+                    "abort_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self.upload_id,
+                )
+            )

@@ -60,10 +60,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
+import anyio
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer
 
@@ -76,6 +77,7 @@ from ._localfs import (
     RWF_NOWAIT,
     Folder,
     NoWaitUnsupported,
+    Staged,
     delete_file,
     delete_tree,
     is_file,
@@ -220,6 +222,33 @@ class LocalStore(BlockingStore):
         await self._blocking(
             lambda check: write_file(root, key, view, exclusive=exclusive, check_cancelled=check)
         )
+
+    @property
+    def _streams_writes(self) -> bool:
+        return True
+
+    async def _backend_set_streamed(self, key: str, parts: AsyncIterator[bytes]) -> None:
+        # Each part into one temporary file as it comes (a thread hop each), which is then put
+        # in place as any write's is: a value of any size costs memory for one part.
+        root = self._root
+        staged = await self._blocking(lambda _: Staged(root))
+        try:
+            async for part in parts:
+                view = memoryview(part).cast("B")
+                await self._blocking(lambda check: staged.write(view, check))  # noqa: B023
+            await self._blocking(
+                lambda check: write_file(
+                    root,
+                    key,
+                    memoryview(b""),
+                    exclusive=False,
+                    check_cancelled=check,
+                    staged=staged,
+                )
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run_in_worker(lambda _: staged.close())
 
     _sets_blocking = True
 

@@ -58,6 +58,7 @@ __all__ = [
     "KeyConflict",
     "KeyIsAFolder",
     "NoWaitUnsupported",
+    "Staged",
     "check_root",
     "delete_file",
     "delete_tree",
@@ -573,6 +574,13 @@ def _create_temp_in_root(root_fd: DirRef) -> tuple[DirRef, str, int]:
     raise FileNotFoundError(errno.ENOENT, "the temporary folder keeps vanishing", TEMP_FOLDER)
 
 
+def _write_all(fd: int, value: memoryview, check_cancelled: CheckCancelled) -> None:
+    written = 0
+    while written < len(value):
+        written += _write_piece(fd, value[written : written + WRITE_PIECE])
+        check_cancelled()
+
+
 def _write_through(
     temp_dir: DirRef,
     temp: str,
@@ -594,10 +602,7 @@ def _write_through(
     open_fd: int | None = fd
     try:
         try:
-            written = 0
-            while written < len(value):
-                written += _write_piece(fd, value[written : written + WRITE_PIECE])
-                check_cancelled()
+            _write_all(fd, value, check_cancelled)
             if not _oscalls.OPEN_FILES_MOVE:
                 open_fd = None
                 os.close(fd)
@@ -672,6 +677,85 @@ def _write_via_temp_folder(
     return True
 
 
+class Staged:
+    """A value written a part at a time into a temporary file of the root's temporary folder,
+    then put in place whole by `write_file` (``staged=``), or dropped by `close`.
+
+    The file holds its lock and the folder its count of users from the first part to the
+    last, so no cleaner takes it for a file a dead writer left; a writer killed mid-value
+    leaves only it, a name no key can have, which a later open of the root removes.
+    """
+
+    def __init__(self, root: str) -> None:
+        self._root_fd = open_root(root)
+        self._using = _temp_folders.using(self._root_fd)
+        try:
+            self._using.__enter__()
+            try:
+                self.temp_dir, self.temp, self._fd = _create_temp_in_root(self._root_fd)
+            except BaseException:
+                self._using.__exit__(None, None, None)
+                raise
+        except BaseException:
+            _oscalls.close_dir(self._root_fd)
+            raise
+        self.placed = False
+        self._closed = False
+
+    def write(self, data: memoryview, check_cancelled: CheckCancelled) -> None:
+        _write_all(self._fd, data, check_cancelled)
+
+    def place(self, dir_fd: DirRef, name: str) -> None:
+        """Move the file to ``name`` in ``dir_fd``; it stays where it is if this fails."""
+        try:
+            if not _oscalls.OPEN_FILES_MOVE:
+                os.close(self._fd)
+                self._fd = -1
+            _oscalls.replace_at(self.temp, self.temp_dir, name, dir_fd)
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+            # The key's folder is another file system than the root: copy the file beside it
+            # (a file-to-file copy, never through memory), then move that copy into place.
+            temp, fd = _create_temp(dir_fd)
+            try:
+                with (
+                    open(
+                        self.temp,
+                        "rb",
+                        opener=lambda path, _: open_at(path, _READING, self.temp_dir),
+                    ) as source,
+                    open(fd, "wb", closefd=False) as target,
+                ):
+                    shutil.copyfileobj(source, target, WRITE_PIECE)
+                _oscalls.replace_at(temp, dir_fd, name, dir_fd)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    unlink_at(temp, dir_fd)
+                raise
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                unlink_at(self.temp, self.temp_dir)
+        self.placed = True
+
+    def close(self) -> None:
+        """Remove the file unless it was put in place; let go of the folder and the root."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.placed:
+                with contextlib.suppress(FileNotFoundError):
+                    unlink_at(self.temp, self.temp_dir)
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+            _oscalls.close_dir(self.temp_dir)
+            self._using.__exit__(None, None, None)
+            _oscalls.close_dir(self._root_fd)
+
+
 # How often a write starts again after a folder on its way was removed under it (emptied by a
 # delete of this or another process) or an empty folder was removed to make room for it. Each
 # start costs ~50 µs. Three threads writing and deleting keys of one folder as fast as they can:
@@ -681,12 +765,26 @@ _WRITE_TRIES = 100
 
 
 def write_file(
-    root: str, key: str, value: memoryview, *, exclusive: bool, check_cancelled: CheckCancelled
+    root: str,
+    key: str,
+    value: memoryview,
+    *,
+    exclusive: bool,
+    check_cancelled: CheckCancelled,
+    staged: Staged | None = None,
 ) -> None:
-    """Write ``key``; an error says which store and which key (never a temporary of ours)."""
+    """Write ``key`` (or put the ``staged`` file there, ``value`` unused); an error says which
+    store and which key (never a temporary of ours)."""
     for _ in range(_WRITE_TRIES):
         try:
-            if _write_once(root, key, value, exclusive=exclusive, check_cancelled=check_cancelled):
+            if _write_once(
+                root,
+                key,
+                value,
+                exclusive=exclusive,
+                check_cancelled=check_cancelled,
+                staged=staged,
+            ):
                 return
         except OSError as error:
             raise _where(error, "write", root, key) from None
@@ -701,6 +799,7 @@ def _write_once(
     *,
     exclusive: bool,
     check_cancelled: CheckCancelled,
+    staged: Staged | None = None,
 ) -> bool:
     """One try at writing ``key``: ``False`` if it must start again (a folder on its way was
     removed under it, or an empty folder where the key goes was removed to make room)."""
@@ -732,7 +831,9 @@ def _write_once(
                     _make_room(root, root_fd, dir_fd, key)
                     return False
             try:
-                if not _write_via_temp_folder(
+                if staged is not None:
+                    staged.place(dir_fd, name)
+                elif not _write_via_temp_folder(
                     root_fd,
                     dir_fd,
                     name,

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Self, TypedDict, TypeVar, Unpack
 
@@ -313,6 +314,35 @@ class RemoteStore(AnyioStore):
             yield self.stats()
             await anyio.sleep(interval)
 
+    async def _streamed_parts(
+        self,
+        key: str,
+        start: int,
+        size: int,
+        part: int,
+        next_piece: Callable[[int], Awaitable[bytes | None]],
+    ) -> AsyncGenerator[bytes, None]:
+        """`_backend_read_parts` over one streamed response: ``next_piece(wanted)`` gives its
+        next piece (``None`` or empty at its end), each one request that is never retried (a
+        repeat would skip bytes). A piece that fails as a retry would be worth it goes on with
+        ranged reads from where the stream broke, each retried."""
+        while start < size:
+            try:
+                data = await next_piece(min(part, size - start))
+            except Exception as error:
+                if not describe(error).transient:
+                    raise
+                rest = AnyioStore._backend_read_parts(self, key, start, size, part)
+                async with aclosing(rest):
+                    async for data in rest:
+                        yield data
+                return
+            if not data:
+                return
+            data = data[: size - start]
+            start += len(data)
+            yield data
+
     # ----------------------------------------------------------------- one request
 
     async def _request(self, make: Callable[[], Awaitable[T]], *, sent: int = 0) -> T:
@@ -323,6 +353,22 @@ class RemoteStore(AnyioStore):
         try:
             return await self._attempts(make, sent)
         except Exception as error:
+            scrub(error)
+            raise
+
+    async def _request_once(
+        self, make: Callable[[], Awaitable[T]], *, sent: int = 0, patient: bool = False
+    ) -> T:
+        """One request, never retried: for a step of a stateful write (obstore's writer) that a
+        repeat would get wrong. It still holds a token and feeds the window. A ``patient`` one
+        has no timeout: completing a multipart upload takes S3 minutes for a large object
+        (moto: over 30 s for 1 GiB), and the caller can still cancel it."""
+        limiter = self._limit.current()
+        try:
+            async with limiter:
+                return await self._attempt(limiter, make, sent, None if patient else self.timeout)
+        except Exception as error:
+            self._counters.add(errors=1)
             scrub(error)
             raise
 
@@ -338,7 +384,7 @@ class RemoteStore(AnyioStore):
                 # one leaves this loop, and the token, to wait.
                 while True:
                     try:
-                        result = await self._attempt(limiter, make, sent)
+                        result = await self._attempt(limiter, make, sent, self.timeout)
                     except Exception as error:
                         failure = describe(error)
                         timed_out = isinstance(error, TimeoutError)
@@ -392,8 +438,15 @@ class RemoteStore(AnyioStore):
             # A failure waits without its token: it says nothing of load.
             await anyio.sleep(wait)
 
-    async def _attempt(self, limiter: object, make: Callable[[], Awaitable[T]], sent: int) -> T:
-        """One attempt, holding a token of ``limiter``: its outcome feeds the window."""
+    async def _attempt(
+        self,
+        limiter: object,
+        make: Callable[[], Awaitable[T]],
+        sent: int,
+        allowed: float | None,
+    ) -> T:
+        """One attempt, holding a token of ``limiter``, given ``allowed`` seconds (``None``:
+        no limit): its outcome feeds the window."""
         if self.rate_limit is not None:
             await self.rate_limit.acquire()
         adaptive = limiter if isinstance(limiter, AdaptiveLimiter) else None
@@ -406,10 +459,10 @@ class RemoteStore(AnyioStore):
         self._counters.add(requests=1, sent=sent)
         started = time.monotonic()
         try:
-            if self.timeout is None:
+            if allowed is None:
                 result = await make()
             else:
-                with anyio.fail_after(self.timeout):
+                with anyio.fail_after(allowed):
                     result = await make()
         except Exception as error:
             latency = time.monotonic() - started
