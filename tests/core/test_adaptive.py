@@ -7,6 +7,8 @@ never a duration.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from zarr_anyio import AdaptiveLimiter
@@ -91,34 +93,50 @@ def slow_down(window: AdaptiveLimiter, now: float) -> None:
         throttle(window, now, new_episode=False)
 
 
-def test_the_window_holds_while_the_pace_binds() -> None:
+def answer_paced(window: AdaptiveLimiter, start: float, count: int, latency: float) -> float:
+    """``count`` answers a millisecond apart from ``start``, the whole window in use."""
+    now = start
+    for i in range(1, count + 1):
+        now = start + i / 1000
+        window.record(Outcome.ANSWERED, latency, window.epoch, round(window.window), now=now)
+    return now
+
+
+def test_the_window_holds_while_the_pace_binds_with_room_to_spare() -> None:
     window = AdaptiveLimiter(128, initial=32)
     now = answer_a_second(window, 0.0, 300, 0.02)
     slow_down(window, now)
     assert window.window == pytest.approx(6.0, rel=0.01)
-    # A second of answers with the whole window in use, a second after the decrease, where
-    # CUBIC heads back to the 128 that was throttled: while the pace binds, the window's
-    # requests wait for turns holding their tokens, so they prove nothing of the server; the
-    # window follows the pace (what it keeps in flight), not the curve.
-    now = answer_a_second(window, now + 1.0, 300, 0.02)
-    assert window.pace == pytest.approx(330)
-    assert window.window <= 330 * 0.02 + 1
+    # Answers with the whole window in use, where CUBIC heads back to the 128 that was
+    # throttled: while the pace binds, the window's requests wait for turns holding their
+    # tokens, so they prove nothing of the server; the window follows the pace (at most twice
+    # what it keeps in flight), not the curve.
+    now = answer_paced(window, now, 250, 0.02)
+    assert window.pace is not None
+    assert window.window <= 2 * window.pace * 0.02 + 1
+    # But a window at just what the pace keeps in flight (6 at 300/s and 20 ms) is as much the
+    # limit as the pace: it grows, or the pace could never be answered faster.
+    assert window.window > 6 + 2
 
 
-def test_the_pace_probes_upward_and_ends_at_twice_the_throttled_rate() -> None:
+def test_the_pace_probes_gently_after_a_throttle_then_faster() -> None:
     window = AdaptiveLimiter(128, initial=32)
     now = answer_a_second(window, 0.0, 300, 0.02)
     slow_down(window, now)
-    # Each answer raises the pace by a tenth of an attempt a second (a tenth of the pace per
-    # second of answers); twice the rate that was throttled, answered cleanly, says the limit
-    # is gone: pacing ends. Latency has no say: a client whose own CPU is the bottleneck sees
-    # it grow with its window.
+    # Right after a throttle each answer raises the pace by a tenth of an attempt a second
+    # (10% of the pace per second of answers), the growth doubling every 0.3 s without a
+    # throttle: a limit that holds is probed gently, one that has risen is found in seconds.
+    # Twice the rate that was throttled, answered cleanly, ends pacing. Latency has no say: a
+    # client whose own CPU is the bottleneck sees it grow with its window.
+    now = answer_paced(window, now, 300, 0.2)
+    assert window.pace == pytest.approx(300 + 0.1 * 300 / math.log(2), rel=0.02)
     for i in range(1, 4000):
         window.record(Outcome.ANSWERED, 0.2, window.epoch, 0, now=now + i / 1000)
         if window.pace is None:
             break
     assert window.pace is None
-    assert i == pytest.approx((2 * 300 - 300) / 0.1, abs=2)
+    # 10% a second for good took 3,000 answers (3 s) to double the pace; doubling growth, 900.
+    assert 300 + i == pytest.approx(300 * math.log2(1 + 300 * math.log(2) / 30), abs=5)
     assert window.reserve(now=now + 5) == 0.0
 
 
