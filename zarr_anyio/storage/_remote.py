@@ -377,15 +377,35 @@ class RemoteStore(AnyioStore):
         failed = 0  # retries after failures: bounded by attempts and the budget
         throttled = 0  # retries after throttles: bounded by the deadline only
         last_cost: int | None = None
+        retrying: Exception | None = None  # the error the next attempt retries
         while True:
             limiter = self._limit.current()
             async with limiter:
                 # A throttled request retries under the token it holds (see below); a failed
                 # one leaves this loop, and the token, to wait.
                 while True:
+                    # A retry that waited for its token, or would wait for its turn under the
+                    # pace, past the deadline is not sent: the deadline's check before the
+                    # backoff cannot know how long those waits will be.
+                    not_after = None
+                    if retrying is not None and self.deadline is not None:
+                        not_after = started + self.deadline
                     try:
-                        result = await self._attempt(limiter, make, sent, self.timeout)
+                        result = await self._attempt(
+                            limiter, make, sent, self.timeout, not_after=not_after
+                        )
+                    except _PastDeadline:
+                        # Only a retry has a deadline to miss.
+                        assert retrying is not None
+                        assert self.deadline is not None
+                        if last_cost is not None and not describe(retrying).throttled:
+                            self.retry_budget.refund(last_cost)  # the retry it paid for: not made
+                        self._counters.add(errors=1)
+                        raise DeadlineExceeded(
+                            time.monotonic() - started, throttled, failed, self.deadline
+                        ) from retrying
                     except Exception as error:
+                        retrying = error
                         failure = describe(error)
                         timed_out = isinstance(error, TimeoutError)
                         if not (failure.transient or timed_out):
@@ -444,16 +464,20 @@ class RemoteStore(AnyioStore):
         make: Callable[[], Awaitable[T]],
         sent: int,
         allowed: float | None,
+        *,
+        not_after: float | None = None,
     ) -> T:
         """One attempt, holding a token of ``limiter``, given ``allowed`` seconds (``None``:
-        no limit): its outcome feeds the window."""
+        no limit): its outcome feeds the window. Raises `_PastDeadline`, sending nothing, if it
+        could not be sent by ``not_after`` (`time.monotonic`)."""
         if self.rate_limit is not None:
             await self.rate_limit.acquire()
         adaptive = limiter if isinstance(limiter, AdaptiveLimiter) else None
-        if adaptive is not None:
-            turn = adaptive.reserve()
-            if turn > 0:
-                await anyio.sleep(turn)
+        turn = adaptive.reserve() if adaptive is not None else 0.0
+        if not_after is not None and time.monotonic() + turn > not_after:
+            raise _PastDeadline
+        if turn > 0:
+            await anyio.sleep(turn)
         epoch = adaptive.epoch if adaptive is not None else 0
         in_flight = adaptive.borrowed_tokens if adaptive is not None else 0
         self._counters.add(requests=1, sent=sent)
@@ -501,6 +525,10 @@ class RemoteStore(AnyioStore):
             )
             return None
         return self.retry.delay(retry_number, failure.retry_after), cost
+
+
+class _PastDeadline(Exception):
+    """A retry that could not be sent before the store's deadline (nothing was sent)."""
 
 
 def check_http_root(url: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import warnings
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from support.servers import Faults, HTTPServer, s3fs_at
 from zarr_anyio import (
     DEFAULT_DEADLINE,
     NO_RETRY,
+    AdaptiveLimiter,
     ClientRetriesWarning,
     DeadlineExceeded,
     FsspecStore,
@@ -183,6 +185,49 @@ async def test_the_deadline_ends_a_read_the_server_keeps_throttling(
     # A bulk read raises it as itself, not in a group.
     with pytest.raises(DeadlineExceeded):
         await read_all(store, objects)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_no_retry_is_sent_past_the_deadline_after_waiting_for_a_token(
+    http_server: HTTPServer, kind: str
+) -> None:
+    fill(http_server, 2)
+    # Every request refused with 429; the first held by the server until released.
+    http_server.faults = Faults(too_many_first=10**6, hang_first=1, hang_for=30)
+    store = http_store(
+        kind,
+        http_server,
+        limiter=AdaptiveLimiter(2, initial=2),
+        deadline=1.0,
+        retry=Retry(base_delay=0.01, max_delay=0.02),
+    )
+    errors: list[DeadlineExceeded] = []
+
+    async def get(key: str) -> None:
+        try:
+            await store.get(key, PROTO)
+        except DeadlineExceeded as error:
+            errors.append(error)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get, "c/0")  # holds a token while the server holds it
+        while http_server.requests < 1:
+            await anyio.sleep(0.01)
+        started = time.monotonic()
+        # Refused until the window shrinks below the two tokens held: then it gives its token
+        # back and queues for one, which comes free only when the first is released.
+        tg.start_soon(get, "c/1")
+        await anyio.sleep(2.5)
+        http_server.release()
+    assert len(errors) == 2
+    # Its retry got a token 1.5 s past its deadline: it must not be sent then.
+    late = [
+        when - started
+        for when, path in zip(http_server.times, http_server.paths, strict=True)
+        if path.endswith("/c/1") and when - started > 1.5
+    ]
+    assert late == []
+    assert all(describe(error.__cause__ or error).throttled for error in errors)
 
 
 @pytest.mark.parametrize("kind", KINDS)
