@@ -4,7 +4,8 @@ A client's connection pool is a second bound beneath the store's: botocore's hol
 connections, so an s3fs store ran at most 10 requests at once whatever ``max_concurrency`` said,
 and aiohttp's holds 100, below the adaptive window's default ceiling of 128. A client that
 `FsspecStore.from_url` (and so `open_store`) makes gets a pool as wide as the store may ever
-have requests in flight; a pool is a most, not a start, so a wider one costs nothing. A pool
+have requests in flight, and at least 1,024 (a store reopened over the same client may have a
+wider window); a pool is a most, not a start, so a wider one costs nothing. A pool
 the caller sized, and a client the caller made, are left as they are. (obstore's client has no
 such bound.)
 """
@@ -19,10 +20,14 @@ from zarr_anyio._core.adaptive import DEFAULT_CEILING
 
 __all__ = ["fsspec_options_with_pool", "pool_size"]
 
+POOL_AT_LEAST = 1024
+"""The least pool we give: `open_store(str(store), max_concurrency=…)` reopens a live store over
+the same client, so its pool must not hold a second store with a wider window either."""
+
 
 def pool_size(store_options: dict[str, Any]) -> int:
     """The most requests in flight a store made with ``store_options`` may ever have."""
-    sizes = [DEFAULT_CEILING]
+    sizes = [DEFAULT_CEILING, POOL_AT_LEAST]
     max_concurrency = store_options.get("max_concurrency")
     if isinstance(max_concurrency, int) and not isinstance(max_concurrency, bool):
         sizes.append(max_concurrency)

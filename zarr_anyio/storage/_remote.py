@@ -159,10 +159,11 @@ class RemoteStore(AnyioStore):
     rate_limit
         A `RateLimit` (shareable between stores), or requests per second, or ``None``.
     deadline
-        Seconds a request may go on being retried, counted from its first attempt (default
-        120, `DEFAULT_DEADLINE`): what ends a request that the server keeps throttling, since
-        throttles are retried without limit otherwise. No retry starts that would begin past
-        it; the request then raises `DeadlineExceeded`. ``None``: no deadline (a server that
+        Seconds a request may take to be sent and retried, counted from when it was made, its
+        wait for a token included (default 120, `DEFAULT_DEADLINE`): what ends a request that
+        the server keeps throttling, since throttles are retried without limit otherwise. No
+        attempt is sent past it, nor a retry started whose backoff would end past it; the
+        request then raises `DeadlineExceeded`. ``None``: no deadline (a server that
         throttles forever is waited on forever). To bound a whole call instead, wrap it in
         ``anyio.fail_after``.
     """
@@ -384,21 +385,23 @@ class RemoteStore(AnyioStore):
                 # A throttled request retries under the token it holds (see below); a failed
                 # one leaves this loop, and the token, to wait.
                 while True:
-                    # A retry that waited for its token, or would wait for its turn under the
-                    # pace, past the deadline is not sent: the deadline's check before the
-                    # backoff cannot know how long those waits will be.
-                    not_after = None
-                    if retrying is not None and self.deadline is not None:
-                        not_after = started + self.deadline
+                    # A request that waited for its token, or would wait for its turn under
+                    # the pace, past the deadline is not sent: the deadline's check before a
+                    # backoff cannot know how long those waits will be, and a first attempt
+                    # queued behind a throttled window (independent callers, each a task of
+                    # its own) waited a minute for a deadline of 2 s.
+                    not_after = None if self.deadline is None else started + self.deadline
                     try:
                         result = await self._attempt(
                             limiter, make, sent, self.timeout, not_after=not_after
                         )
                     except _PastDeadline:
-                        # Only a retry has a deadline to miss.
-                        assert retrying is not None
                         assert self.deadline is not None
-                        if last_cost is not None and not describe(retrying).throttled:
+                        if (
+                            retrying is not None
+                            and last_cost is not None
+                            and not describe(retrying).throttled
+                        ):
                             self.retry_budget.refund(last_cost)  # the retry it paid for: not made
                         self._counters.add(errors=1)
                         raise DeadlineExceeded(
@@ -528,7 +531,7 @@ class RemoteStore(AnyioStore):
 
 
 class _PastDeadline(Exception):
-    """A retry that could not be sent before the store's deadline (nothing was sent)."""
+    """A request that could not be sent before the store's deadline (nothing was sent)."""
 
 
 def check_http_root(url: str) -> None:

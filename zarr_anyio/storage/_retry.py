@@ -68,11 +68,20 @@ class DeadlineExceeded(TimeoutError):
         self.throttled = throttled
         self.failed = failed
         self.deadline = deadline
-        super().__init__(
-            f"the server refused this request {throttled + failed} times over "
-            f"{elapsed:.1f} s ({throttled} of them asking to slow down); no retry could start "
-            f"within the store's deadline of {deadline:g} s (deadline=)"
-        )
+        if throttled + failed:
+            told = (
+                f"the server refused this request {throttled + failed} times over "
+                f"{elapsed:.1f} s ({throttled} of them asking to slow down); no retry could "
+                "start"
+            )
+        else:
+            # Never sent: it waited its turn behind a window and pace that the server's
+            # throttling of other requests had narrowed.
+            told = (
+                f"this request waited {elapsed:.1f} s for its turn (the store's window and pace, "
+                "narrowed by the server's throttling) and could not be sent"
+            )
+        super().__init__(f"{told} within the store's deadline of {deadline:g} s (deadline=)")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.elapsed, self.throttled, self.failed, self.deadline))

@@ -231,6 +231,49 @@ async def test_no_retry_is_sent_past_the_deadline_after_waiting_for_a_token(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_a_request_queued_past_its_deadline_is_never_sent(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # Independent callers (a task each, as web handlers are) behind one token that a slow
+    # request holds past their deadlines, on a server that then refuses everything. Before,
+    # each was still sent when the token came free (and retried until its own deadline: a
+    # minute for 400 callers and a deadline of 2 s).
+    objects = fill(http_server, 12)
+    http_server.faults = Faults(too_many_first=10**6, hang_first=1, hang_for=30)
+    store = http_store(
+        kind,
+        http_server,
+        limiter=AdaptiveLimiter(1, initial=1),
+        deadline=0.5,
+        retry=Retry(base_delay=0.01, max_delay=0.02),
+    )
+    errors: list[DeadlineExceeded] = []
+
+    async def get(key: str) -> None:
+        try:
+            await store.get(key, PROTO)
+        except DeadlineExceeded as error:
+            errors.append(error)
+
+    first, *others = objects
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get, first)  # holds the token while the server holds it
+        while http_server.requests < 1:
+            await anyio.sleep(0.01)
+        for key in others:
+            tg.start_soon(get, key)
+        await anyio.sleep(1.5)
+        http_server.release()
+    assert len(errors) == len(objects)
+    assert {
+        path.rsplit("/", 2)[-2] + "/" + path.rsplit("/", 1)[-1] for path in http_server.paths
+    } == {first}
+    never_sent = [error for error in errors if error.throttled == 0]
+    assert len(never_sent) == len(others)
+    assert all("waited" in str(error) and error.__cause__ is None for error in never_sent)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_throttled_request_goes_again_under_its_own_token(
     http_server: HTTPServer, kind: str
 ) -> None:
