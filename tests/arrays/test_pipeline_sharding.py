@@ -310,6 +310,30 @@ async def test_a_corrupt_shard_index_raises_zarrs_own_error(tmp_path: Path, whol
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("cut", "whole", "message"),
+    [
+        ("middle", True, "its index names bytes up to"),
+        ("to 250 bytes", True, "250 bytes where its index takes 260"),
+        ("to 250 bytes", False, "250 bytes where its index takes 260"),
+    ],
+)
+async def test_a_truncated_shard_raises_an_error_that_names_it(
+    tmp_path: Path, cut: str, whole: bool, message: str
+) -> None:
+    # Before: numpy's "cannot reshape array of size 0 into shape (4,)", or (the index intact
+    # at the end, bytes cut from before it) inner chunks read from the index's bytes.
+    store = zarr_anyio.LocalStore(tmp_path)
+    arr = await _sharded(store)
+    shard = tmp_path / "c" / "1"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:100] + data[-260:] if cut == "middle" else data[:250])
+    selection = slice(64, 128) if whole else slice(110, 128)
+    with pytest.raises(ValueError, match=rf"the shard at '.*c/1' is corrupt: {message}"):
+        await arr.getitem(selection)
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("kind", ["local", "memory"])
 async def test_one_big_shard_read_in_parts(tmp_path: Path, kind: str) -> None:
     # One shard of 256 inner chunks, some missing: a read of it alone is decoded in several

@@ -235,6 +235,11 @@ class _Shard:
         return SuffixByteRequest(self.index_size)
 
     def _index(self, data: Bytes) -> np.ndarray[Any, np.dtype[np.uint64]]:
+        if len(data) != self.index_size:
+            raise ValueError(
+                f"{self._where()} is corrupt: {len(data)} bytes where its index "
+                f"takes {self.index_size}; the shard is truncated"
+            )
         chunk = self.read.reader.index_chain.decode(
             default_buffer_prototype().buffer.from_bytes(data.data), self.index_spec
         )
@@ -255,11 +260,16 @@ class _Shard:
     def first_answer(self, data: Bytes) -> list[tuple[int, int]]:
         """Take the first answer (the whole shard, or its index); give the ranges still to read."""
         if self.whole:
-            if self.at_start:
+            if len(data) < self.index_size:
+                index = self._index(data)  # too short to hold it: raises, saying so
+            elif self.at_start:
                 index = self._index(data[: self.index_size])
             else:
                 index = self._index(data[len(data) - self.index_size :])
+            # Inner chunks lie outside the index: where it is at the end, before it.
+            end = len(data) if self.at_start else len(data) - self.index_size
             for start, stop, coords in self._spans(index):
+                self._check_within(stop, end)
                 self.chunks[coords] = data[start:stop]
             return []
         self.ranges = _coalesce(self._spans(self._index(data)), self.max_gap, self.max_range)
@@ -268,8 +278,21 @@ class _Shard:
     def range_answers(self, answers: list[Bytes]) -> None:
         for (low, _, members), data in zip(self.ranges, answers, strict=True):
             for start, stop, coords in members:
+                self._check_within(stop - low, len(data))
                 self.chunks[coords] = data[start - low : stop - low]
         self.ranges = []
+
+    def _where(self) -> str:
+        return f"the shard at {_key_of(self.read.batch[self.position][0])!r}"
+
+    def _check_within(self, stop: int, size: int) -> None:
+        # An index entry past the bytes there are (a shard cut short, or an index that lies)
+        # would otherwise give an inner chunk of the wrong length: numpy's "cannot reshape".
+        if stop > size:
+            raise ValueError(
+                f"{self._where()} is corrupt: its index names bytes up to {stop}, "
+                f"but it holds {size}; the shard is truncated or its index damaged"
+            )
 
     # ------------------------------------------------------------------ into the result
 
