@@ -41,11 +41,12 @@ sharded arrays and chains with codecs around a sharding codec (the inner chunks 
 through this pipeline, so they are decoded in our threads), an output that is not a NumPy array
 (GPU buffers), and partial encodes.
 
-Measured (benchmarks/pipeline.py, zarr 3.1.6, 2 shared cores under load, medians of 5, wall time
-as a fraction of zarr's pipeline / of zarrs'): 512 x 1 MiB raw 2-D 0.59 / 0.85; 8,192 x 4 KiB raw
-0.22 / 0.73; 256 x 1 MiB zstd(1) 0.42 / 0.50. Of the ≈40 µs a 4 KiB chunk takes under load, about
-half is zarr's own work before the pipeline is called (its indexer, a StorePath and a spec per
-chunk), which no pipeline can save.
+Measured reads (benchmarks/pipeline.py; the tables, min / median / max, are in docs/pipeline.md):
+on zarr 3.1.6 at or below zarrs' time on every local workload but zstd, within a few hundredths
+there; on zarr 3.4.2 behind zarrs on zstd and blosc. Of a 4 KiB chunk's time through
+`zarr_anyio.api` about four fifths is zarr's own work before any pipeline is called (a StorePath,
+whose path normalisation compiles a regular expression, and an ArraySpec per chunk; its
+indexer), which no pipeline can save.
 
 Writes, whole arrays into an empty folder, medians of 5 in two runs, the machine at load 5-10:
 zarr 3.1.6 raw 2-D 0.28-0.29, raw 4 KiB 1-D 0.42-0.50, zstd 2-D 0.44-0.54 of zarr's time (zarrs
