@@ -42,8 +42,9 @@ through this pipeline, so they are decoded in our threads), an output that is no
 (GPU buffers), and partial encodes.
 
 Measured reads (benchmarks/pipeline.py; the tables, min / median / max, are in docs/pipeline.md):
-on zarr 3.1.6 at or below zarrs' time on every local workload but zstd, within a few hundredths
-there; on zarr 3.4.2 behind zarrs on zstd and blosc. Of a 4 KiB chunk's time through
+ahead of zarrs on the 2-D raw, strided and (zarr 3.1.6) blosc reads, level with it within the
+noise on 4 KiB chunks and (zarr 3.1.6) zstd, behind it on zarr 3.4.2's zstd and blosc and on
+sharded reads. Of a 4 KiB chunk's time through
 `zarr_anyio.api` about four fifths is zarr's own work before any pipeline is called (a StorePath,
 whose path normalisation compiles a regular expression, and an ArraySpec per chunk; its
 indexer), which no pipeline can save.
