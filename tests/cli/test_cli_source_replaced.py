@@ -19,7 +19,7 @@ from zarr.core.buffer import default_buffer_prototype
 
 from support.command_line import make_hierarchy, run_cli
 from zarr_anyio import LocalStore
-from zarr_anyio.cli.copy_stream import ranged_parts
+from zarr_anyio.cli.copy_stream import SourceChanged, ranged_parts
 
 MiB = 1 << 20
 OLD = b"A" * (16 * MiB)
@@ -73,3 +73,24 @@ def test_a_copy_never_writes_a_value_the_source_did_not_hold(tmp_path: Path, rou
     assert done.returncode == 0, done.stderr
     copied = (dst / "c" / "big").read_bytes()
     assert copied in (OLD, NEW), f"a torn value: {copied.count(b'A')} A, {copied.count(b'B')} B"
+
+
+@pytest.mark.anyio
+async def test_a_value_written_over_in_place_between_two_parts_is_a_change(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "src.zarr"
+    root.mkdir()
+    (root / "big").write_bytes(OLD)
+    # Its times well in the past, so that the write below changes them whatever the clock's
+    # granularity.
+    os.utime(root / "big", ns=(10**18, 10**18))
+    store = await LocalStore.open(root, read_only=True)
+    parts = ranged_parts(store, "big", len(OLD), MiB, default_buffer_prototype())
+    with pytest.raises(SourceChanged):
+        async with contextlib.aclosing(parts):
+            await anext(parts)
+            with (root / "big").open("r+b") as file:
+                file.write(NEW)
+            async for _ in parts:
+                pass
