@@ -100,8 +100,16 @@ from ._localfs import (
 __all__ = ["LocalStore"]
 
 
-def _read_at(fd: int, length: int, offset: int, _: CheckCancelled) -> bytes:
-    return read_exact(fd, length, offset)
+def _read_at(fd: int, length: int, offset: int, _: CheckCancelled) -> tuple[bytes, os.stat_result]:
+    """``length`` bytes at ``offset``, and the file's status after they were read."""
+    data = read_exact(fd, length, offset)
+    return data, os.fstat(fd)
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    # Not its ctime: a value renamed over (the old file unlinked) changes that, and the bytes
+    # read from the old file stay whole.
+    return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
 
 
 class LocalStore(BlockingStore):
@@ -215,12 +223,14 @@ class LocalStore(BlockingStore):
         opened = await self._blocking(lambda _: open_value(root, key))
         if opened is None:
             raise FileNotFoundError(key)
-        fd = opened[0]
+        fd, before = opened
         try:
             while start < size:
                 length = min(part, size - start)
-                data = await self._blocking(functools.partial(_read_at, fd, length, start))
-                if not data:
+                data, after = await self._blocking(functools.partial(_read_at, fd, length, start))
+                if not data or _changed(before, after):
+                    # Written to in place since it was opened: the parts may mix two values.
+                    # Ending short makes the caller give up on it as a value that changed.
                     return
                 start += len(data)
                 yield data
