@@ -45,7 +45,7 @@ class Vanished(Exception):
 
 
 class SourceChanged(Exception):
-    """The source value changed size while it was being read in parts."""
+    """The source value changed (its size, or a file written to) while it was read in parts."""
 
 
 def part_size(max_bytes: int, dst: AnyioStore) -> int:
@@ -75,7 +75,7 @@ async def ranged_parts(
             async for data in parts:
                 got += len(data)
                 if got > size:
-                    raise SourceChanged(f"{key} changed size while it was copied")
+                    raise SourceChanged(f"{key} changed while it was copied")
                 if not held and len(data) == part:
                     yield data
                     continue
@@ -86,9 +86,9 @@ async def ranged_parts(
     except FileNotFoundError:
         raise Vanished(key) from None
     if got != size:
-        raise SourceChanged(f"{key} changed size while it was copied")
+        raise SourceChanged(f"{key} changed while it was copied")
     if held:
         yield bytes(held)
     # Nothing past the end: a value that grew would otherwise be copied cut short.
     if size and await store.get(key, prototype, RangeByteRequest(size, size + 1)):
-        raise SourceChanged(f"{key} changed size while it was copied")
+        raise SourceChanged(f"{key} changed while it was copied")

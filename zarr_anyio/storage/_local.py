@@ -59,6 +59,7 @@ the file system's own name a temporary file of ours, or a name relative to some 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from pathlib import Path
@@ -72,6 +73,7 @@ from zarr_anyio._core.limit import LimiterLike
 from zarr_anyio._core.threads import CheckCancelled, run_in_worker
 
 from ._base import NOT_READY, PAGE_SIZE, BlockingStore, Entry, Pending
+from ._fileio import read_exact
 from ._localfs import (
     ON_LOOP_READ,
     RWF_NOWAIT,
@@ -85,6 +87,7 @@ from ._localfs import (
     list_prefix,
     move_root,
     no_cancel_check,
+    open_value,
     prepare_root,
     read_cached,
     read_file,
@@ -95,6 +98,18 @@ from ._localfs import (
 )
 
 __all__ = ["LocalStore"]
+
+
+def _read_at(fd: int, length: int, offset: int, _: CheckCancelled) -> tuple[bytes, os.stat_result]:
+    """``length`` bytes at ``offset``, and the file's status after they were read."""
+    data = read_exact(fd, length, offset)
+    return data, os.fstat(fd)
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    # Not its ctime: a value renamed over (the old file unlinked) changes that, and the bytes
+    # read from the old file stay whole.
+    return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
 
 
 class LocalStore(BlockingStore):
@@ -197,6 +212,30 @@ class LocalStore(BlockingStore):
 
     def _read_into_blocking(self, key: str, into: memoryview) -> int | bytes | memoryview | None:
         return read_file(self._root, key, None, into)
+
+    async def _backend_read_parts(
+        self, key: str, start: int, size: int, part: int
+    ) -> AsyncGenerator[bytes, None]:
+        # One descriptor for all the parts (not one open a part): a value replaced while it
+        # is copied is then read whole, the old one, never its first parts and the new one's
+        # last.
+        root = self._root
+        opened = await self._blocking(lambda _: open_value(root, key))
+        if opened is None:
+            raise FileNotFoundError(key)
+        fd, before = opened
+        try:
+            while start < size:
+                length = min(part, size - start)
+                data, after = await self._blocking(functools.partial(_read_at, fd, length, start))
+                if not data or _changed(before, after):
+                    # Written to in place since it was opened: the parts may mix two values.
+                    # Ending short makes the caller give up on it as a value that changed.
+                    return
+                start += len(data)
+                yield data
+        finally:
+            os.close(fd)
 
     # Small reads whose names and bytes are all cached are made on the event loop (~5 µs,
     # against a hop to a thread); see `read_cached`.

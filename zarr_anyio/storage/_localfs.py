@@ -164,6 +164,32 @@ def read_file(
     straight into ``into`` and its length is given, one ``preadv`` into the caller's memory with
     no buffer between (see `BlockingStore._read_into_blocking`); a file of another length is
     given as bytes."""
+    opened = open_value(root, key)
+    if opened is None:
+        return None
+    fd, info = opened
+    try:
+        if into is not None:
+            if info.st_size != len(into):
+                return read_exact(fd, info.st_size, 0)
+            done = _read_into(fd, into, 0)
+            # The file shrank under us: what it held is not a whole value of that length.
+            return len(into) if len(done) == len(into) else bytes(done)
+        wanted = byte_range_slice(byte_range, info.st_size)
+        if wanted.stop - wanted.start >= POOLED_READ:
+            return _read_into(fd, _buffers.take(wanted.stop - wanted.start), wanted.start)
+        return read_exact(fd, wanted.stop - wanted.start, wanted.start)
+    finally:
+        os.close(fd)
+
+
+def open_value(root: str, key: str) -> tuple[int, os.stat_result] | None:
+    """A descriptor open for reading on the file of ``key``, and its status; ``None`` if it
+    names no file.
+
+    A value read in parts through one descriptor is the one file it opened: a writer that puts
+    a new value in place (a rename, as every writer here and zarr's own do) replaces the name,
+    not the bytes read from here, so the parts cannot mix an old value and a new one."""
     try:
         root_fd = open_root(root)
     except _ABSENT:
@@ -180,20 +206,13 @@ def read_file(
         _oscalls.close_dir(root_fd)
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        if into is not None:
-            if info.st_size != len(into):
-                return read_exact(fd, info.st_size, 0)
-            done = _read_into(fd, into, 0)
-            # The file shrank under us: what it held is not a whole value of that length.
-            return len(into) if len(done) == len(into) else bytes(done)
-        wanted = byte_range_slice(byte_range, info.st_size)
-        if wanted.stop - wanted.start >= POOLED_READ:
-            return _read_into(fd, _buffers.take(wanted.stop - wanted.start), wanted.start)
-        return read_exact(fd, wanted.stop - wanted.start, wanted.start)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        return None
+    return fd, info
 
 
 def _read_into(fd: int, buffer: memoryview, offset: int) -> memoryview:

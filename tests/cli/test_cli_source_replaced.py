@@ -1,0 +1,96 @@
+"""``zarr-anyio copy`` of a folder whose large values are replaced while they are copied.
+
+A writer that puts a new value in place (a temporary file renamed over the key, as zarr and
+this package write) must not leave the copy a value the source never held: the first parts of
+the old value and the last of the new one. What is promised: each value copied is one of the
+values the source held, whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from zarr.core.buffer import default_buffer_prototype
+
+from support.command_line import make_hierarchy, run_cli
+from zarr_anyio import LocalStore
+from zarr_anyio.cli.copy_stream import SourceChanged, ranged_parts
+
+MiB = 1 << 20
+OLD = b"A" * (16 * MiB)
+NEW = b"B" * (16 * MiB)
+
+
+@contextlib.contextmanager
+def replaced_over_and_over(path: Path, spare: Path) -> Iterator[None]:
+    """``path`` replaced by a rename, OLD and NEW in turn, until the block ends."""
+    stop = threading.Event()
+
+    def flip() -> None:
+        turn = 0
+        while not stop.is_set():
+            spare.write_bytes(NEW if turn % 2 else OLD)
+            os.replace(spare, path)
+            turn += 1
+
+    thread = threading.Thread(target=flip)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.mark.anyio
+async def test_a_value_renamed_over_between_two_parts_is_read_whole(tmp_path: Path) -> None:
+    root = tmp_path / "src.zarr"
+    root.mkdir()
+    (root / "big").write_bytes(OLD)
+    store = await LocalStore.open(root, read_only=True)
+    parts = ranged_parts(store, "big", len(OLD), MiB, default_buffer_prototype())
+    async with contextlib.aclosing(parts):
+        read = [await anext(parts)]
+        (tmp_path / "spare").write_bytes(NEW)
+        os.replace(tmp_path / "spare", root / "big")
+        read += [data async for data in parts]
+    assert b"".join(read) == OLD
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_a_copy_never_writes_a_value_the_source_did_not_hold(tmp_path: Path, round_: int) -> None:
+    src = make_hierarchy(tmp_path / "src.zarr")
+    (src / "c").mkdir()
+    (src / "c" / "big").write_bytes(OLD)
+    dst = tmp_path / "dst.zarr"
+    with replaced_over_and_over(src / "c" / "big", tmp_path / "spare"):
+        done = run_cli("copy", str(src), str(dst), "--max-memory", "8M", "--quiet", timeout=120)
+    assert done.returncode == 0, done.stderr
+    copied = (dst / "c" / "big").read_bytes()
+    assert copied in (OLD, NEW), f"a torn value: {copied.count(b'A')} A, {copied.count(b'B')} B"
+
+
+@pytest.mark.anyio
+async def test_a_value_written_over_in_place_between_two_parts_is_a_change(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "src.zarr"
+    root.mkdir()
+    (root / "big").write_bytes(OLD)
+    # Its times well in the past, so that the write below changes them whatever the clock's
+    # granularity.
+    os.utime(root / "big", ns=(10**18, 10**18))
+    store = await LocalStore.open(root, read_only=True)
+    parts = ranged_parts(store, "big", len(OLD), MiB, default_buffer_prototype())
+    with pytest.raises(SourceChanged):
+        async with contextlib.aclosing(parts):
+            await anext(parts)
+            with (root / "big").open("r+b") as file:
+                file.write(NEW)
+            async for _ in parts:
+                pass
