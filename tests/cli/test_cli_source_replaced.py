@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from zarr.core.buffer import default_buffer_prototype
 
-from support.command_line import make_hierarchy, run_cli
+from support.command_line import make_hierarchy, run_cli, s3_options
+from support.servers import CountingProxy, S3Server
 from zarr_anyio import LocalStore
 from zarr_anyio.cli.copy_stream import SourceChanged, ranged_parts
 
@@ -94,3 +95,40 @@ async def test_a_value_written_over_in_place_between_two_parts_is_a_change(
                 file.write(NEW)
             async for _ in parts:
                 pass
+
+
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_an_s3_value_replaced_after_its_stream_broke_is_never_copied_torn(
+    tmp_path: Path, s3_server: S3Server, backend: str
+) -> None:
+    # The value is read as one streamed GET; cut after 3 MiB, the rest comes in ranged reads.
+    # Replaced in between, those read the new object. Before: exit 0 with 3 MiB of the old
+    # value and 13 MiB of the new, on both backends. Each ranged part is now taken only while
+    # the object's ETag is the one the stream began with.
+    bucket = s3_server.new_bucket()
+    fs = s3_server.s3fs(skip_instance_cache=True)
+    fs.put(str(make_hierarchy(tmp_path / "h.zarr")), f"{bucket}/src.zarr", recursive=True)
+    fs.pipe_file(f"{bucket}/src.zarr/c/big", OLD)
+    dst = tmp_path / "dst.zarr"
+    with CountingProxy(s3_server.endpoint) as proxy:
+        proxy.cut_get = (
+            "/src.zarr/c/big",
+            3 * MiB,
+            lambda: fs.pipe_file(f"{bucket}/src.zarr/c/big", NEW),
+        )
+        done = run_cli(
+            "copy",
+            f"s3://{bucket}/src.zarr",
+            str(dst),
+            "--backend",
+            backend,
+            *s3_options(proxy.url, backend),
+            "--max-memory",
+            "8M",
+            "--quiet",
+            timeout=120,
+        )
+    assert proxy.cut_get is None  # the stream was cut
+    assert done.returncode == 1, done.stderr
+    assert "c/big changed while it was copied" in done.stderr
+    assert not (dst / "c" / "big").exists() or (dst / "c" / "big").read_bytes() in (OLD, NEW)

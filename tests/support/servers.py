@@ -437,6 +437,9 @@ class CountingProxy:
         self.in_flight = 0
         self.most_in_flight = 0
         self.delay = 0.0  # seconds each request waits before it is passed on
+        # (path ending, bytes, action): the first GET of a path with that ending gets only that
+        # many bytes of its body, ``action()`` runs, then the connection is cut.
+        self.cut_get: tuple[str, int, Any] | None = None
         self._lock = threading.Lock()
         proxy = self
 
@@ -496,7 +499,18 @@ class CountingProxy:
                 length = response.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                cut, proxy.cut_get = proxy.cut_get, None
+                if cut is not None and not (
+                    self.command == "GET" and self.path.split("?")[0].endswith(cut[0])
+                ):
+                    proxy.cut_get, cut = cut, None
+                if cut is not None:
+                    self.wfile.write(data[: cut[1]])
+                    self.wfile.flush()
+                    cut[2]()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                elif self.command != "HEAD":
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward

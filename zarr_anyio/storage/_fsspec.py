@@ -564,8 +564,16 @@ class FsspecStore(RemoteStore):
         async def next_piece(wanted: int) -> bytes:
             return await self._on_loop(lambda _: _read_up_to(body, wanted), retried=False)
 
+        async def current_version() -> str | None:
+            head = await self._on_loop(
+                lambda fs: fs._call_s3("head_object", Bucket=bucket, Key=path_key)
+            )
+            return head.get("ETag")  # type: ignore[no-any-return]
+
         try:
-            pieces = self._streamed_parts(key, start, size, part, next_piece)
+            pieces = self._streamed_parts(
+                key, start, size, part, next_piece, answer.get("ETag"), current_version
+            )
             async with contextlib.aclosing(pieces):
                 async for data in pieces:
                     yield data

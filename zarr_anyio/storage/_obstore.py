@@ -503,7 +503,13 @@ class ObjectStore(RemoteStore):
             chunk = await self._call(lambda: _next_chunk(stream), retried=False)
             return None if chunk is None else bytes(chunk)
 
-        pieces = self._streamed_parts(key, start, size, part, next_piece)
+        async def current_version() -> str | None:
+            meta = await self._call(lambda: _awaited(obstore.head_async(self.store, key)))
+            return meta.get("e_tag")
+
+        pieces = self._streamed_parts(
+            key, start, size, part, next_piece, result.meta.get("e_tag"), current_version
+        )
         async with contextlib.aclosing(pieces):
             async for data in pieces:
                 yield data

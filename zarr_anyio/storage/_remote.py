@@ -322,11 +322,16 @@ class RemoteStore(AnyioStore):
         size: int,
         part: int,
         next_piece: Callable[[int], Awaitable[bytes | None]],
+        version: str | None = None,
+        current_version: Callable[[], Awaitable[str | None]] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """`_backend_read_parts` over one streamed response: ``next_piece(wanted)`` gives its
         next piece (``None`` or empty at its end), each one request that is never retried (a
         repeat would skip bytes). A piece that fails as a retry would be worth it goes on with
-        ranged reads from where the stream broke, each retried."""
+        ranged reads from where the stream broke, each retried, and each given only while
+        ``current_version()`` is still the response's ``version`` (its ETag): an object
+        replaced after the break ends the parts short (the caller says the value changed)
+        instead of a value torn between two objects."""
         while start < size:
             try:
                 data = await next_piece(min(part, size - start))
@@ -336,6 +341,12 @@ class RemoteStore(AnyioStore):
                 rest = AnyioStore._backend_read_parts(self, key, start, size, part)
                 async with aclosing(rest):
                     async for data in rest:
+                        if (
+                            version is not None
+                            and current_version is not None
+                            and await current_version() != version
+                        ):
+                            return
                         yield data
                 return
             if not data:
