@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import anyio
@@ -187,18 +188,17 @@ async def test_the_deadline_ends_a_read_the_server_keeps_throttling(
         await read_all(store, objects)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-async def test_no_retry_is_sent_past_the_deadline_after_waiting_for_a_token(
-    http_server: HTTPServer, kind: str
-) -> None:
-    fill(http_server, 2)
-    # Every request refused with 429; the first held by the server until released.
+def refused_behind_a_held_request(
+    http_server: HTTPServer, kind: str, *, tokens: int, deadline: float
+) -> tuple[Callable[[str], Coroutine[Any, Any, None]], list[DeadlineExceeded]]:
+    """A store of ``tokens`` on a server that refuses every request with 429 and holds the
+    first until released; ``get(key)`` reads a key, keeping its `DeadlineExceeded`."""
     http_server.faults = Faults(too_many_first=10**6, hang_first=1, hang_for=30)
     store = http_store(
         kind,
         http_server,
-        limiter=AdaptiveLimiter(2, initial=2),
-        deadline=1.0,
+        limiter=AdaptiveLimiter(tokens, initial=tokens),
+        deadline=deadline,
         retry=Retry(base_delay=0.01, max_delay=0.02),
     )
     errors: list[DeadlineExceeded] = []
@@ -208,6 +208,17 @@ async def test_no_retry_is_sent_past_the_deadline_after_waiting_for_a_token(
             await store.get(key, PROTO)
         except DeadlineExceeded as error:
             errors.append(error)
+
+    return get, errors
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_no_retry_is_sent_past_the_deadline_after_waiting_for_a_token(
+    http_server: HTTPServer, kind: str
+) -> None:
+    fill(http_server, 2)
+    # Every request refused with 429; the first held by the server until released.
+    get, errors = refused_behind_a_held_request(http_server, kind, tokens=2, deadline=1.0)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(get, "c/0")  # holds a token while the server holds it
@@ -239,21 +250,7 @@ async def test_a_request_queued_past_its_deadline_is_never_sent(
     # each was still sent when the token came free (and retried until its own deadline: a
     # minute for 400 callers and a deadline of 2 s).
     objects = fill(http_server, 12)
-    http_server.faults = Faults(too_many_first=10**6, hang_first=1, hang_for=30)
-    store = http_store(
-        kind,
-        http_server,
-        limiter=AdaptiveLimiter(1, initial=1),
-        deadline=0.5,
-        retry=Retry(base_delay=0.01, max_delay=0.02),
-    )
-    errors: list[DeadlineExceeded] = []
-
-    async def get(key: str) -> None:
-        try:
-            await store.get(key, PROTO)
-        except DeadlineExceeded as error:
-            errors.append(error)
+    get, errors = refused_behind_a_held_request(http_server, kind, tokens=1, deadline=0.5)
 
     first, *others = objects
     async with anyio.create_task_group() as tg:
