@@ -577,15 +577,20 @@ def _create_temp(dir_fd: DirRef) -> tuple[str, int]:
 
 def _create_temp_in_root(root_fd: DirRef) -> tuple[DirRef, str, int]:
     """A new temporary file in the root's temporary folder: (folder, name, open file)."""
-    for _ in range(8):
+    for _ in range(_WRITE_TRIES):
         with contextlib.suppress(FileExistsError):
             _oscalls.mkdir_at(TEMP_FOLDER, root_fd)
-        # A name in the root itself, not followed if a link: beneath the root by construction.
-        temp_dir = open_folder_at(TEMP_FOLDER, root_fd)
+        # Another process may remove the folder, empty, between our mkdir and our open, or
+        # between our open and our file: either way, make it again.
+        try:
+            # A name in the root itself, not followed if a link: beneath the root by
+            # construction.
+            temp_dir = open_folder_at(TEMP_FOLDER, root_fd)
+        except FileNotFoundError:
+            continue
         try:
             return (temp_dir, *_create_temp(temp_dir))
         except FileNotFoundError:
-            # Another process removed the folder, empty, between our mkdir and our file.
             _oscalls.close_dir(temp_dir)
         except BaseException:
             _oscalls.close_dir(temp_dir)

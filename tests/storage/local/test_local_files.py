@@ -395,6 +395,39 @@ async def test_a_writable_open_removes_temporaries_of_dead_writers_only(tmp_path
     assert not (root / TEMP_FOLDER).exists()
 
 
+@pytest.mark.parametrize("how", ["set", "batch"])
+async def test_a_write_makes_the_temporary_folder_again_when_another_process_removes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # Another process, its writes done, removes the root's temporary folder (empty) right after
+    # this one made it for a write: seen with dask's worker processes writing one folder store.
+    root = tmp_path / "root"
+    store = LocalStore(root)
+    await store.set("zarr.json", buf(b"{}"))
+    mkdir = _oscalls.mkdir_at
+    removed: list[str] = []
+
+    def made_then_removed(name: str, folder: Any) -> None:
+        mkdir(name, folder)
+        if name == TEMP_FOLDER and len(removed) < 3:
+            removed.append(name)
+            os.rmdir(root / TEMP_FOLDER)
+
+    monkeypatch.setattr(_oscalls, "mkdir_at", made_then_removed)
+    value = memoryview(b"value")
+    if how == "set":
+        await store.set("c/0", buf(bytes(value)))
+    else:
+        await anyio.to_thread.run_sync(
+            store._set_many_blocking, [("c/0", value)], zarr_anyio.storage._localfs.no_cancel_check
+        )
+    assert removed == [TEMP_FOLDER] * 3
+    got = await store.get("c/0", PROTO)
+    assert got is not None
+    assert got.to_bytes() == b"value"
+    assert temp_files(root) == []
+
+
 async def test_cleaning_up_while_writing_takes_no_file_in_use(tmp_path: Path) -> None:
     # Writable opens (here, of other stores of the same root) clean up while writes go on.
     root = tmp_path / "root"
