@@ -61,48 +61,40 @@ renamed (seven system calls, the rename the dearest); the pipeline's own Python 
 
 from __future__ import annotations
 
-import importlib
-import os
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from math import prod
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Self, TypeVar
 
 import anyio
 import numpy as np
 from zarr.abc.codec import Codec, CodecPipeline
-from zarr.abc.store import ByteGetter, ByteSetter
 from zarr.codecs.sharding import ShardingCodec
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.core.codec_pipeline import BatchedCodecPipeline
-from zarr.core.config import config
-from zarr.core.indexing import SelectorTuple
 from zarr.registry import register_pipeline
-from zarr.storage import StorePath
 
 from zarr_anyio._core.errors import single_error
 from zarr_anyio._core.limit import Limiter, OneLoopLimiter
 from zarr_anyio._core.threads import CheckCancelled, run_in_worker
-from zarr_anyio.storage import AnyioStore, BlockingStore
-from zarr_anyio.storage._keys import validate_key
+from zarr_anyio.storage import BlockingStore
 
+from ._chunk_io import (
+    ReadItem,
+    WriteItem,
+    blocking_store_of,
+    decode_threads,
+    decoded_bytes,
+    fetchers_for,
+    fill_value_or_default,
+    get_status,
+    hop_with_token,
+    key_of,
+    zarr_merge,
+)
 from ._pipeline_codecs import SyncChain
 from ._pipeline_write import all_equal, all_slices, contiguous, is_whole, whole_chunk
 
 __all__ = ["AnyioCodecPipeline"]
-
-# zarr >= 3.4 keeps the chunk helpers in a module of their own, where the merge is a function;
-# in zarr 3.1 the merge is a method of the batched pipeline.
-_zarr_merge: Callable[..., NDBuffer] | None
-try:
-    _chunk_utils = importlib.import_module("zarr.core.chunk_utils")
-except ImportError:
-    _chunk_utils = importlib.import_module("zarr.core.codec_pipeline")
-    _zarr_merge = None
-else:
-    _zarr_merge = _chunk_utils._merge_chunk_array
-fill_value_or_default: Callable[[ArraySpec], Any] = _chunk_utils.fill_value_or_default
 
 # One hop takes chunks up to this many bytes (decoded size) or this many chunks. 4 KiB chunks:
 # 256 a hop (≈6 µs each, so ≈1.5 ms against a ≈30-100 µs hop); 1 MiB chunks: 4 a hop.
@@ -111,67 +103,12 @@ MAX_BATCH = 256
 
 T = TypeVar("T")
 
-ReadItem = tuple[ByteGetter, ArraySpec, SelectorTuple, SelectorTuple, bool]
-WriteItem = tuple[ByteSetter, ArraySpec, SelectorTuple, SelectorTuple, bool]
-
-
-def decode_threads() -> int:
-    """How many batches are decoded at once: one per core this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _status(present: bool) -> dict[str, str]:
-    # zarr >= 3.4's GetResult (a TypedDict); zarr 3.1 ignores what read gives.
-    return {"status": "present" if present else "missing"}
-
 
 def _batches(count: int, chunk_bytes: int, hops: int) -> Iterator[range]:
     """Consecutive index ranges, sized by bytes, and small enough that ``hops`` hops share the
     work when there is little of it."""
     size = max(1, min(MAX_BATCH, BATCH_BYTES // max(1, chunk_bytes), -(-count // (2 * hops))))
     return (range(start, min(start + size, count)) for start in range(0, count, size))
-
-
-def _chunk_bytes(spec: ArraySpec) -> int:
-    return prod(spec.shape) * np.dtype(spec.dtype.to_native_dtype()).itemsize
-
-
-def _key_of(getter: ByteGetter | ByteSetter) -> str:
-    assert isinstance(getter, StorePath)  # `_blocking_store_of` saw to it
-    key = getter.path
-    validate_key(key)
-    return key
-
-
-async def _hop_with_token(
-    limiter: Limiter | OneLoopLimiter,
-    work: Callable[[CheckCancelled, Callable[[], None]], T],
-) -> T:
-    """``work(check_cancelled, io_done)`` in a worker thread, holding one token of ``limiter``
-    from before the hop until ``work`` calls ``io_done()`` (its I/O is over, its decoding is
-    not), or the hop ends.
-
-    Our `Limiter` can be given back from the worker thread, so the token covers the I/O only;
-    an anyio limiter belongs to its loop, so it is given back when the hop is over."""
-    await limiter.acquire()
-    held = [True]
-    lock = threading.Lock()
-
-    def give_back() -> None:
-        with lock:
-            if not held[0]:
-                return
-            held[0] = False
-        limiter.release()
-
-    io_done = give_back if isinstance(limiter, Limiter) else (lambda: None)
-    try:
-        return await run_in_worker(lambda check_cancelled: work(check_cancelled, io_done))
-    finally:
-        give_back()
 
 
 class _Read:
@@ -236,7 +173,7 @@ class _Read:
         await store._ensure_open()
         limiter = store.limiter
         hops = max(1, min(decode_threads(), limiter.total_tokens))
-        ranges = _batches(len(self.batch), _chunk_bytes(self.batch[0][1]), hops)
+        ranges = _batches(len(self.batch), decoded_bytes(self.batch[0][1]), hops)
 
         async def hopper() -> None:
             for indices in ranges:  # shared: each hopper takes the next batch
@@ -254,7 +191,7 @@ class _Read:
             try:
                 for index in indices:
                     check_cancelled()
-                    key = _key_of(self.batch[index][0])
+                    key = key_of(self.batch[index][0])
                     target = self.direct_target(index)
                     if target is None:
                         read.append((index, store._read_blocking(key, None)))
@@ -269,14 +206,14 @@ class _Read:
                 read[position] = (index, None)  # drop the encoded bytes as we go
                 self.decode_and_scatter(index, data)
 
-        await _hop_with_token(limiter, work)
+        await hop_with_token(limiter, work)
 
     # ------------------------------------------------------------------ from any byte getter
 
     async def from_getters(self, fetchers: int) -> None:
         count = len(self.batch)
         decoders = decode_threads()
-        per_hop = next(_batches(count, _chunk_bytes(self.batch[0][1]), decoders)).stop
+        per_hop = next(_batches(count, decoded_bytes(self.batch[0][1]), decoders)).stop
         send, receive = anyio.create_memory_object_stream[tuple[int, Buffer | None]](fetchers)
         indices = iter(range(count))
 
@@ -312,26 +249,6 @@ class _Read:
                 tg.start_soon(fetch_all)
                 for _ in range(decoders):
                     tg.start_soon(decoder)
-
-
-def _blocking_store_of(batch: Sequence[ReadItem | WriteItem]) -> BlockingStore | None:
-    """The one BlockingStore every chunk of the batch is a key of, if there is one."""
-    first = batch[0][0]
-    if not isinstance(first, StorePath) or not isinstance(first.store, BlockingStore):
-        return None
-    store = first.store
-    for item in batch:
-        getter = item[0]
-        if not isinstance(getter, StorePath) or getter.store is not store:
-            return None
-    return store
-
-
-def _fetchers(batch: list[ReadItem] | list[WriteItem]) -> int:
-    first = batch[0][0]
-    if isinstance(first, StorePath) and isinstance(first.store, AnyioStore):
-        return first.store.max_concurrency
-    return int(config.get("async.concurrency"))
 
 
 async def _for_each(items: Iterable[Any], action: Callable[[Any], Any], workers: int) -> None:
@@ -428,13 +345,13 @@ class AnyioCodecPipeline(CodecPipeline):
         if not batch or self._chain is None or not isinstance(out_array, np.ndarray):
             return await self.inner.read(batch, out, drop_axes)
         reader = _Read(self._chain, batch, out, out_array, drop_axes)
-        store = _blocking_store_of(batch)
+        store = blocking_store_of(batch)
         with single_error():
             if store is not None:
                 await reader.from_blocking_store(store)
             else:
-                await reader.from_getters(_fetchers(batch))
-        return tuple(_status(present) for present in reader.present)
+                await reader.from_getters(fetchers_for(batch))
+        return tuple(get_status(present) for present in reader.present)
 
     # ------------------------------------------------------------------ writes
 
@@ -450,8 +367,8 @@ class AnyioCodecPipeline(CodecPipeline):
         assert chain is not None
         _, spec, chunk_sel, out_sel, complete = item
         old = None if existing is None else chain.decode(existing, spec)
-        if _zarr_merge is not None:
-            merged = _zarr_merge(old, value, out_sel, spec, chunk_sel, complete, drop_axes)
+        if zarr_merge is not None:
+            merged = zarr_merge(old, value, out_sel, spec, chunk_sel, complete, drop_axes)
         else:
             merged = self.inner._merge_chunk_array(  # type: ignore[attr-defined, unused-ignore]
                 old, value, out_sel, spec, chunk_sel, complete, drop_axes
@@ -499,8 +416,8 @@ class AnyioCodecPipeline(CodecPipeline):
             return
         threads = decode_threads()
         writer = _Write(self, batch, value, drop_axes)
-        ranges = _batches(len(batch), _chunk_bytes(batch[0][1]), threads)
-        store = _blocking_store_of(batch)
+        ranges = _batches(len(batch), decoded_bytes(batch[0][1]), threads)
+        store = blocking_store_of(batch)
         with single_error():
             if store is not None and store._sets_blocking:
                 store._check_writable()
@@ -510,7 +427,7 @@ class AnyioCodecPipeline(CodecPipeline):
                     ranges, lambda r: writer.to_blocking_store(blocking_store, r), threads
                 )
             else:
-                fetchers = _fetchers(batch)
+                fetchers = fetchers_for(batch)
                 await _for_each(ranges, lambda r: writer.through_setters(fetchers, r), threads)
 
 
@@ -601,7 +518,7 @@ class _Write:
                 for index in indices:
                     if not self.batch[index][4]:
                         check_cancelled()
-                        old[index] = store._read_blocking(_key_of(self.batch[index][0]), None)
+                        old[index] = store._read_blocking(key_of(self.batch[index][0]), None)
             finally:
                 reads_done()
             for index in indices:
@@ -609,21 +526,21 @@ class _Write:
                 prepared.append((index, self.prepare(index, old.pop(index, None))))
 
         if not complete:
-            await _hop_with_token(limiter, prepare_all)
+            await hop_with_token(limiter, prepare_all)
         elif not in_one_hop:
             await run_in_worker(lambda check_cancelled: prepare_all(check_cancelled, lambda: None))
 
         def items() -> Iterator[tuple[str, memoryview | None]]:
             if in_one_hop:
                 for index in indices:
-                    key = _key_of(self.batch[index][0])
+                    key = key_of(self.batch[index][0])
                     yield key, self.stored(index, self.prepare(index, None))
                 return
             for position, (index, data) in enumerate(prepared):
                 prepared[position] = (index, None)  # drop the encoded bytes as we go
-                yield _key_of(self.batch[index][0]), self.stored(index, data)
+                yield key_of(self.batch[index][0]), self.stored(index, data)
 
-        await _hop_with_token(
+        await hop_with_token(
             limiter, lambda check_cancelled, _: store._set_many_blocking(items(), check_cancelled)
         )
 

@@ -64,18 +64,18 @@ from zarr.storage import StorePath
 from zarr_anyio._core.threads import CheckCancelled, run_in_worker
 from zarr_anyio.storage import BlockingStore
 
-from ._compat import index_at_start, inner_chunk_grid
-from ._pipeline import (
+from ._chunk_io import (
     ReadItem,
-    _blocking_store_of,
-    _chunk_bytes,
-    _fetchers,
-    _hop_with_token,
-    _key_of,
-    _status,
+    blocking_store_of,
     decode_threads,
+    decoded_bytes,
+    fetchers_for,
     fill_value_or_default,
+    get_status,
+    hop_with_token,
+    key_of,
 )
+from ._compat import index_at_start, inner_chunk_grid
 from ._pipeline_codecs import SyncChain
 from ._pipeline_write import all_slices
 
@@ -172,12 +172,12 @@ class ShardedReader:
         drop_axes: tuple[int, ...],
     ) -> tuple[dict[str, str], ...]:
         read = _ShardedRead(self, batch, out_array, drop_axes)
-        store = _blocking_store_of(batch)
+        store = blocking_store_of(batch)
         if store is not None:
             await read.from_blocking_store(store)
         else:
-            await read.from_getters(_fetchers(batch))
-        return tuple(_status(present) for present in read.present)
+            await read.from_getters(fetchers_for(batch))
+        return tuple(get_status(present) for present in read.present)
 
 
 def sharded_reader(pipeline: BatchedCodecPipeline) -> ShardedReader | None:
@@ -283,7 +283,7 @@ class _Shard:
         self.ranges = []
 
     def _where(self) -> str:
-        return f"the shard at {_key_of(self.read.batch[self.position][0])!r}"
+        return f"the shard at {key_of(self.read.batch[self.position][0])!r}"
 
     def _check_within(self, stop: int, size: int) -> None:
         # An index entry past the bytes there are (a shard cut short, or an index that lies)
@@ -417,7 +417,7 @@ class _ShardedRead:
         ) -> tuple[_Shard, list[range]] | None:
             """Read a shard and decode it; or, if it is to be decoded in parts, give them."""
             shard = _Shard(self, position)
-            key = _key_of(self.batch[position][0])
+            key = key_of(self.batch[position][0])
             try:
                 check_cancelled()
                 first = store._read_blocking(key, shard.first_request())
@@ -451,7 +451,7 @@ class _ShardedRead:
 
         async def hopper() -> None:
             for position in positions:  # shared: each hopper takes the next shard
-                left = await _hop_with_token(
+                left = await hop_with_token(
                     limiter,
                     lambda check, done: work(position, check, done),  # noqa: B023
                 )
@@ -504,7 +504,7 @@ class _ShardedRead:
         async with anyio.create_task_group() as tg:
             # As many shards in flight as the store allows, but not more bytes than
             # `IN_FLIGHT_BYTES` of them (shards can be large).
-            per_shard = max(1, _chunk_bytes(self.batch[0][1]))
+            per_shard = max(1, decoded_bytes(self.batch[0][1]))
             tasks = min(fetchers, len(self.batch), IN_FLIGHT_BYTES // per_shard)
             for _ in range(max(1, tasks)):
                 tg.start_soon(worker)
