@@ -25,6 +25,7 @@ import zarr.codecs
 import zarr.storage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zarr.abc.codec import BytesBytesCodec
 from zarr.abc.store import ByteRequest
 from zarr.core.array_spec import ArrayConfig, ArraySpec
 from zarr.core.buffer import default_buffer_prototype
@@ -671,3 +672,63 @@ async def test_a_write_to_a_local_store_cancelled_at_any_moment(
     got = np.asarray(await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[:]))
     assert all(len(set(got[i : i + 1000])) == 1 for i in range(0, 400_000, 1000))
     assert set(np.unique(got)) <= {1, 2}
+
+
+class _ToThreadCodec(BytesBytesCodec):
+    """A codec with coroutines only, each hopping to a thread as zarr 3.1's v2 compressors do;
+    it notes the threads its work ran in."""
+
+    is_fixed_size = True
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def _noted(self, data: Any) -> Any:
+        self.threads.append(threading.current_thread().name)
+        return data
+
+    async def _decode_single(self, chunk_bytes: Any, chunk_spec: ArraySpec) -> Any:
+        import asyncio
+
+        return await asyncio.to_thread(self._noted, chunk_bytes)
+
+    async def _encode_single(self, chunk_bytes: Any, chunk_spec: ArraySpec) -> Any:
+        import asyncio
+
+        return await asyncio.to_thread(self._noted, chunk_bytes)
+
+    def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
+        return input_byte_length
+
+
+def test_a_codec_with_coroutines_only_runs_in_the_worker_thread_that_calls_it() -> None:
+    # Its `asyncio.to_thread` runs right where the chain runs: a worker thread's private loop
+    # that waited on a thread pool of its own was seen to wait for ever.
+    from zarr_anyio.arrays._pipeline_codecs import SyncChain
+
+    codec = _ToThreadCodec()
+    chain = SyncChain((), zarr.codecs.BytesCodec(), (codec,))
+    spec = ArraySpec(
+        shape=(4,),
+        dtype=zarr.create_array(
+            zarr.storage.MemoryStore(), shape=(4,), dtype="i4"
+        ).metadata.data_type,  # type: ignore[union-attr]
+        fill_value=0,
+        config=ArrayConfig.from_dict({}),
+        prototype=default_buffer_prototype(),
+    )
+    values = default_buffer_prototype().nd_buffer.from_numpy_array(np.arange(4, dtype="i4"))
+    decoded: list[Any] = []
+
+    def in_a_worker() -> None:
+        for _ in range(3):
+            encoded = chain.encode(values, spec)
+            assert encoded is not None
+            decoded.append(chain.decode(encoded, spec).as_numpy_array())
+
+    worker = threading.Thread(target=in_a_worker, name="worker")
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert [list(d) for d in decoded] == [[0, 1, 2, 3]] * 3
+    assert codec.threads == ["worker"] * 6

@@ -19,7 +19,8 @@ import asyncio
 import sys
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 from zarr.abc.codec import ArrayArrayCodec, ArrayBytesCodec, BytesBytesCodec, Codec
@@ -30,6 +31,7 @@ from zarr.core.buffer import Buffer, NDBuffer
 __all__ = ["SyncChain"]
 
 _local = threading.local()
+T = TypeVar("T")
 
 
 def _run_here(coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -57,6 +59,28 @@ class _NeedsLoop(Exception):
     pass
 
 
+class _InThisThread(ThreadPoolExecutor):
+    """The private loop's executor: a codec's ``asyncio.to_thread`` call runs right here.
+
+    The codec already runs in a worker thread, so a hop to another thread buys nothing; and a
+    worker thread's loop waiting on a thread pool of its own was seen to wait for ever (zarr
+    3.1's v2 compressors, in a loaded test run: the loop idle in ``select``, no thread running
+    the call). asyncio takes only a ``ThreadPoolExecutor``; this one starts no thread."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as error:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+        return future
+
+
 def _blocking(
     codec: Codec, method: str
 ) -> Callable[[Any, ArraySpec], Any]:  # the codec's one-chunk call, blocking
@@ -73,6 +97,7 @@ def _blocking(
         loop: asyncio.AbstractEventLoop | None = getattr(_local, "loop", None)
         if loop is None:
             loop = _local.loop = asyncio.new_event_loop()
+            loop.set_default_executor(_InThisThread())
         return loop.run_until_complete(single(data, spec))
 
     return call
