@@ -114,11 +114,13 @@ def _create(
 
 
 @st.composite
-def arrays_and_data(draw: st.DrawFn, tmp_root: Path) -> tuple[zarr.Array[Any], np.ndarray, Any]:
+def arrays_and_data(
+    draw: st.DrawFn, tmp_root: Path, codecs: list[str] = CODECS
+) -> tuple[zarr.Array[Any], np.ndarray, Any]:
     ndim = draw(st.integers(1, 3))
     shape = tuple(draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
     chunks = tuple(draw(st.integers(1, n + 1)) for n in shape)
-    kind = draw(st.sampled_from(CODECS))
+    kind = draw(st.sampled_from(codecs))
     dtype = draw(st.sampled_from(["i2", "f4", "u1", "f8"]))
     if kind == "big-endian" and dtype == "u1":
         dtype = "i4"
@@ -166,7 +168,9 @@ def _stored(store: Any, *, metadata: bool = False) -> dict[str, bytes]:
 @SETTINGS
 @given(data=st.data())
 def test_writes_match_zarrs_pipeline(data: st.DataObject, tmp_root: Path) -> None:
-    array, _, store = data.draw(arrays_and_data(tmp_root))
+    # Not gzip: its header holds the second of the write, so two writes a second apart differ.
+    codecs = [kind for kind in CODECS if not kind.startswith("gzip")]
+    array, _, store = data.draw(arrays_and_data(tmp_root, codecs))
     # The same array again, byte for byte, in memory: written through zarr's pipeline.
     twin_store = zarr.storage.MemoryStore()
     for key, stored in _stored(store, metadata=True).items():
