@@ -92,6 +92,15 @@ PACE_FLOOR = 0.1
 """The least share of the last second's answers a run of throttles backs the pace off to."""
 SLOW_START_DOUBLING = 0.2
 """Slow start doubles the window at most this often (seconds), however fast the answers."""
+RETURN_BELOW = 0.8
+"""A pace below this share of the rate that held returns to it (`RETURN_TIME`) once clean."""
+RETURN_AFTER = 0.2
+"""Seconds without a throttle before the pace returns to the rate that held; doubled by each
+return the server refuses, up to `RETURN_AFTER_MOST`."""
+RETURN_AFTER_MOST = 2.4
+RETURN_TIME = 0.3
+"""Seconds a return takes from its start to the rate that held (a concave curve: most of the
+way in the first tenth of a second, then gently up to it)."""
 
 
 class Outcome(enum.Enum):
@@ -154,6 +163,14 @@ class AdaptiveLimiter(Limiter):
         self._pace_floor = 1.0
         self._paced_from = 0.0  # the pace a run of throttles began at
         self._first_sent: float | None = None  # when the first answered request was sent
+        # The highest rate answered when a run of throttles began: the rate that held before
+        # the server dropped its limit, which the pace returns to once answers run clean.
+        self._held = 0.0
+        self._return_after = RETURN_AFTER
+        # The return under way: (when it began, the pace it began from); None: none.
+        self._returning: tuple[float, float] | None = None
+        # The pace does not grow before this (a Retry-After's wait).
+        self._hold_until = -math.inf
         self.decreases = 0
 
     @property
@@ -206,26 +223,38 @@ class AdaptiveLimiter(Limiter):
         in_flight: int,
         *,
         now: float | None = None,
+        retry_after: float | None = None,
     ) -> None:
         """Feed the window one request's outcome: its latency (seconds), the `epoch` it started
         in and how many requests were in flight with it; ``now`` is when it ended on the
-        `time.monotonic` clock (default: now)."""
+        `time.monotonic` clock (default: now); ``retry_after``: the seconds a throttling
+        answer asked to wait (its ``Retry-After``), if it said."""
         with self._state:
             if now is None:
                 now = time.monotonic()
             self._forget_answers(now)
             if outcome in (Outcome.THROTTLED, Outcome.TIMED_OUT):
                 new_episode = epoch == self._epoch
+                clean = now - self._last_decrease
                 self._decrease(now, new_episode=new_episode)
                 if new_episode:
-                    self._slow_to_admitted(now)
+                    self._slow_to_admitted(now, clean)
+                if retry_after is not None and retry_after > 0:
+                    self._told_to_wait(now, retry_after, new_episode=new_episode)
             elif outcome is Outcome.ANSWERED:
                 self._note_latency(latency)
                 self._note_answer(now, latency)
                 self._speed_up(now)
                 if in_flight * 2 < self._window or self._queueing() or self._paced():
                     return
-                self._grow(now)
+                if self._returning is not None:
+                    # On the way back to the rate that held, the pace bounds the rate: the
+                    # window follows it one per answer, where CUBIC would regrow it from what
+                    # the low rate taught it (2-3 in flight at 20 ms is 100-150 requests/s,
+                    # and it capped the return).
+                    self._window = min(float(self._ceiling), self._window + 1)
+                else:
+                    self._grow(now)
             else:
                 return
             tokens = max(1, min(self._ceiling, round(self._window)))
@@ -259,7 +288,7 @@ class AdaptiveLimiter(Limiter):
         self._slow_start = False
         self.decreases += 1
 
-    def _slow_to_admitted(self, now: float) -> None:
+    def _slow_to_admitted(self, now: float, clean: float) -> None:
         # A window bounds requests in flight, not requests a second: against a server that
         # counts per second and refuses at once, the window that answers in 20 ms sends many
         # times the server's rate. So a throttle also paces attempts at the rate the server
@@ -275,6 +304,21 @@ class AdaptiveLimiter(Limiter):
                 # rate as much as the server's (measured: 45-70% of a token bucket's rate).
                 return
             rate = len(self._answers) / SEEN_HORIZON
+            if self._returning is not None and self._pace is not None:
+                # Refused on the way back: the server has not (yet) come back to the rate
+                # that held. The next return waits twice as long, and aims a step lower (as
+                # CUBIC's fast convergence lowers W_max): a limit that dropped for good is
+                # forgotten in a few returns, each costing a few refusals.
+                self._held *= self._beta
+                self._return_after = min(2 * self._return_after, RETURN_AFTER_MOST)
+                self._returning = None
+            elif self._pace is not None and clean >= RETURN_AFTER:
+                # Refused after answers ran clean: a step down from the pace (x beta), not
+                # down to the last second's rate, which lags a pace that was climbing (after a
+                # return from 100 to 300 requests/s the second still counts the low rate, and
+                # a stray refusal there took the pace back to 200).
+                rate = max(rate, self._beta * self._pace)
+            self._held = max(self._held, rate)
             self._streak_rate = rate
             self._pace = rate
             self._paced_from = rate
@@ -307,9 +351,48 @@ class AdaptiveLimiter(Limiter):
         # second); a limit that has risen (a server back from 100 to 300 requests/s) is found
         # in seconds, where a steady 10% a second took 11 s to triple (measured: 60% of what
         # a server that dropped its rate for 2 s admitted over the read).
-        clean = max(0.0, now - self._last_decrease) / PACE_DOUBLING
-        pace += PACE_GROWTH * 2 ** min(clean, 16.0)
-        self._pace = None if pace > 2 * self._paced_from else pace
+        if now < self._hold_until:
+            self._pace = pace  # the server said when to come back: no probing before then
+            return
+        clean = max(0.0, now - max(self._last_decrease, self._hold_until))
+        pace += PACE_GROWTH * 2 ** min(clean / PACE_DOUBLING, 16.0)
+        pace = self._return(now, pace, clean)
+        # Twice the rate throttled, or twice the rate that held, whichever is more: a return
+        # to 300 requests/s from a pace throttled at 100 is no sign that the limit is gone.
+        if pace > 2 * max(self._paced_from, self._held):
+            self._pace = self._returning = None
+        else:
+            self._pace = pace
+
+    def _return(self, now: float, pace: float, clean: float) -> float:
+        # A server that dropped its limit for a while and came back (300 requests/s, 100, 300
+        # again) left the pace at the low rate, and growing 10% a second (doubling every 0.3 s)
+        # took 1.5-2 s to find the old one, any stray refusal on the way starting it over
+        # (measured: 72-75% of what such a server admitted). CUBIC remembers the window that
+        # was throttled and returns to it fast, then probes beyond; the pace remembers the
+        # rate that held (the highest answered when a run of throttles began) and, once
+        # answers have run clean for `_return_after` seconds, returns to it along a concave
+        # curve in `RETURN_TIME`; beyond it the doubling growth probes on.
+        held = self._held
+        if self._returning is None:
+            if pace >= RETURN_BELOW * held or clean < self._return_after:
+                return pace
+            self._returning = (now, pace)
+        began, start = self._returning
+        progress = min(1.0, (now - began) / RETURN_TIME)
+        target = held - (held - start) * (1 - progress) ** 3
+        if progress >= 1:
+            self._returning = None
+            self._return_after = RETURN_AFTER
+        return max(pace, target)
+
+    def _told_to_wait(self, now: float, seconds: float, *, new_episode: bool) -> None:
+        # A refusal that says when to come back costs its request that long: one in a read's
+        # last second held the whole read for it, the rest done (measured: 78-85% of a token
+        # bucket's rate, every lost point a refused request's wait at the end). So it keeps
+        # the pace clear of the limit: it restarts a step below the rate answered (x beta),
+        # and does not probe upward until the wait has passed.
+        self._hold_until = max(self._hold_until, now + seconds)
 
     def _paced(self) -> bool:
         # While the pace binds (the window holds more than the pace keeps in flight), the
