@@ -287,9 +287,9 @@ class Run:
     cells: list[Cell] = field(default_factory=list)
 
 
-def measure(kind: Kind, url: str, client: str, count: int, store: Any, ceiling: int) -> Cell:
+def measure(kind: Kind, url: str, client: str, count: int, store: Any, ceiling: int | None) -> Cell:
     """``count`` reads by ``store`` (ours, or zarr's at its default concurrency), which keeps
-    at most ``ceiling`` requests in flight."""
+    at most ``ceiling`` requests in flight (``None``: no bound)."""
     ours = isinstance(store, zarr_anyio.RemoteStore)
     reset(url)
     try:
@@ -301,7 +301,7 @@ def measure(kind: Kind, url: str, client: str, count: int, store: Any, ceiling: 
     seen = store.stats().throttled if ours else None
     share = count / kind.admits(seconds) if seconds else 0.0
     at_ceiling = None
-    if seconds and kind.admits(seconds, ceiling) < kind.admits(seconds):
+    if seconds and ceiling is not None and kind.admits(seconds, ceiling) < kind.admits(seconds):
         at_ceiling = count / kind.admits(seconds, ceiling)
     return Cell(client, count, seconds, counts, share, error, seen, at_ceiling)
 
@@ -339,7 +339,10 @@ def run_kind(
                 store.close()
         for client, store in zarr_stores(url).items():
             label = f"{client}, async.concurrency=10"
-            add(measure(kind, url, label, count, store, 10))
+            # zarr's FsspecStore hands fsspec every range at once: async.concurrency does not
+            # bound it (the queue server saw 48 and more in flight).
+            bound = 10 if "ObjectStore" in client else None
+            add(measure(kind, url, label, count, store, bound))
             close_zarrs(store)
     return run
 
