@@ -32,7 +32,22 @@ throttled one (measured: 128 in flight against a server admitting 300 requests/s
   spread, not as one burst at the start of the next second. While the pace binds with room to
   spare (the window over twice what the pace keeps in flight), the window does not grow (its
   requests wait their turns holding tokens, which proves nothing); pacing ends once twice the
-  throttled rate is answered cleanly.
+  throttled rate is answered cleanly (or twice the rate that held, below).
+* **Return to the rate that held**: a server that lowers its limit for a while and raises it
+  again (300 requests/s, 100, 300) leaves the pace at the low rate, and probing up from it took
+  seconds. So the pace remembers the rate that held (the highest answered over a second when a
+  run of throttles began, as CUBIC remembers the window that was throttled), and once it is
+  below 80% of it and answers have run clean for 0.2 s it returns there along a concave curve
+  in 0.3 s (most of the way in the first tenth), the window following it one per answer; beyond
+  it the doubling growth probes on. A return the server refuses makes the next wait twice as
+  long (up to 2.4 s) and aim a tenth lower, so a limit that fell for good is forgotten in a few
+  returns. A throttle after answers ran clean for 0.2 s takes the pace a step down from where
+  it was (x ``beta``) rather than to the last second's rate, which lags a pace that was
+  climbing.
+* **Retry-After**: a throttle that says when to come back holds the pace's growth until then
+  (its request waits that long, and one refused in a read's last second holds the whole read),
+  and its request waits without its token (the store's part), so the pace, not a window of
+  sleeping requests, sets the rate meanwhile.
 * **Growth after a decrease** follows CUBIC (the curve the AWS SDKs' adaptive retry mode uses for
   its sending rate), in wall-clock seconds: W(t) = W_max + C (t - K)^3, back to the window that
   was throttled (W_max) quickly, then flat around it, then probing beyond. Throttling by request
