@@ -79,3 +79,18 @@ def test_throttling_benchmark_runs_one_kind() -> None:
     assert "## fixed" not in done.stdout
     ours = [line for line in done.stdout.splitlines() if line.startswith("zarr_anyio.")]
     assert len(ours) == 2
+
+
+def test_throttling_benchmark_judges_a_ceiling_below_the_server_by_what_it_allows() -> None:
+    # 32 in flight at 100 ms is 320 of the 480 requests a second the server admits: the raw
+    # share is beside the share of what the server admits at that ceiling.
+    done = run_throttling("--only", "concurrency", "--no-oracle")
+    ours = [line for line in done.stdout.splitlines() if line.startswith("| zarr_anyio.")]
+    assert len(ours) == 2
+    assert all(line.count("(") == 1 for line in ours)
+    # zarr's 10 in flight bound it too; against a 20 ms server of 300/s no ceiling does.
+    assert "| zarr.storage.ObjectStore, async.concurrency=10 | " in done.stdout
+    sliding = run_throttling("--only", "sliding", "--no-oracle")
+    rows = [line for line in sliding.stdout.splitlines() if line.startswith("| ")]
+    assert rows
+    assert not any("(" in row for row in rows)

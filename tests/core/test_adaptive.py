@@ -7,10 +7,12 @@ never a duration.
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import pytest
 
+from support.limits import Admission, Limits
 from zarr_anyio import AdaptiveLimiter
 from zarr_anyio._core.adaptive import Outcome
 
@@ -168,3 +170,109 @@ def test_slow_start_doubles_at_most_every_fifth_of_a_second() -> None:
     for i in range(8):
         slow.record(Outcome.ANSWERED, 0.2, slow.epoch, 256, now=i * 0.2)
     assert slow.total_tokens == 39
+
+
+DROP = ((2.0, 100.0), (4.0, 300.0))
+"""300 requests/s, 100 from 2 s after the first request, 300 again from 4 s."""
+
+
+def against(
+    window: AdaptiveLimiter, limits: Limits, seconds: float, latency: float = 0.02
+) -> list[tuple[float, bool]]:
+    """The limiter in front of a server of ``limits`` (the benchmarks' and the loopback
+    servers' own policy) for ``seconds`` of a clock stepped by the millisecond, with always a
+    request to send: each holds a token from its booking to its answer, waits its turn under
+    the pace, and is admitted (answered ``latency`` later) or refused (at once). Gives the
+    server's answers, (when, admitted)."""
+    admission = Admission()
+    booked: list[float] = []  # when each booked request goes out
+    # (when answered, admitted, when sent, epoch, in flight)
+    answering: list[tuple[float, bool, float, int, int]] = []
+    answers: list[tuple[float, bool]] = []
+    held = 0
+    for tick in range(1, round(seconds * 1000) + 1):
+        now = tick / 1000
+        while answering and answering[0][0] <= now:
+            when, admitted, sent, epoch, in_flight = heapq.heappop(answering)
+            outcome = Outcome.ANSWERED if admitted else Outcome.THROTTLED
+            window.record(outcome, when - sent, epoch, in_flight, now=when)
+            answers.append((when, admitted))
+            held -= 1
+        while held < window.total_tokens:
+            heapq.heappush(booked, now + window.reserve(now=now))
+            held += 1
+        while booked and booked[0] <= now:
+            heapq.heappop(booked)
+            admission.arrives(f"{tick}", now)
+            refused = admission.judge(limits, now, len(answering) + 1).refused
+            when = now + (0.001 if refused else latency)
+            heapq.heappush(answering, (when, not refused, now, window.epoch, held))
+    return answers
+
+
+def answer_at_pace(window: AdaptiveLimiter, start: float, seconds: float, latency: float) -> float:
+    """Answers for ``seconds`` from ``start``, each a turn of the pace after the last (a
+    millisecond apart while not pacing), the whole window in use: a server admitting all the
+    client sends. Gives the time of the last."""
+    now = start
+    while now < start + seconds:
+        now += 1 / (window.pace or 1000.0)
+        window.record(Outcome.ANSWERED, latency, window.epoch, round(window.window), now=now)
+    return now
+
+
+def admitted_between(answers: list[tuple[float, bool]], start: float, end: float) -> int:
+    return sum(admitted for when, admitted in answers if start <= when < end)
+
+
+def refused_between(answers: list[tuple[float, bool]], start: float, end: float) -> int:
+    return sum(not admitted for when, admitted in answers if start <= when < end)
+
+
+def test_the_pace_returns_fast_to_the_rate_that_held_before_a_drop() -> None:
+    # The benchmarks' drop server: a token bucket of 300 requests/s, 100 from 2 s after the
+    # first request, 300 again from 4 s. Growing 10% a second (doubling every 0.3 s) from what
+    # the low rate taught it, the pace took seconds to find 300 again (here: 419 answers in
+    # the 2.5 s from 4.5 s, 56% of what the server admitted); it remembers the rate that held
+    # and, a fifth of a second clean, returns to it in a third of a second, the window
+    # following the pace.
+    window = AdaptiveLimiter(128, initial=32)
+    answers = against(window, Limits(rate=300, burst=10, rate_changes=DROP), 7.0)
+    assert admitted_between(answers, 2.5, 4.0) == pytest.approx(150, abs=5)
+    back = admitted_between(answers, 4.5, 7.0)
+    assert back >= 0.85 * 300 * 2.5
+    # Quickly back, and no hammering: the return is refused rarely once the rate has held.
+    assert refused_between(answers, 4.5, 7.0) <= 0.05 * back
+
+
+def test_a_limit_that_dropped_for_good_is_forgotten_in_a_few_returns() -> None:
+    # The rate that held is a memory, not a target: each return the server refuses waits
+    # twice as long as the last and aims a step lower, so a server that stays at 100 is not
+    # probed toward 300 for good.
+    window = AdaptiveLimiter(128, initial=32)
+    answers = against(window, Limits(rate=300, burst=10, rate_changes=DROP[:1]), 8.0)
+    admitted = admitted_between(answers, 4.0, 8.0)
+    assert admitted == pytest.approx(400, abs=5)
+    assert refused_between(answers, 4.0, 8.0) <= 0.1 * admitted
+    assert refused_between(answers, 6.0, 8.0) <= 0.05 * admitted
+
+
+def test_a_retry_after_holds_the_pace_until_the_wait_has_passed() -> None:
+    # A refusal that says when to come back costs its request that long (one in a read's last
+    # second holds the whole read for it): the pace does not probe upward before then.
+    window = AdaptiveLimiter(128, initial=32)
+    now = answer_a_second(window, 0.0, 300, 0.02)
+    window.record(Outcome.THROTTLED, 0.001, window.epoch, 32, now=now, retry_after=1.0)
+    held = window.pace
+    assert held is not None
+    assert held == pytest.approx(300)
+    now = answer_at_pace(window, now, 0.9, 0.02)
+    assert window.pace == held
+    # A later throttle, told to wait again, holds it again from then.
+    window.record(Outcome.THROTTLED, 0.001, window.epoch, 32, now=now, retry_after=1.0)
+    now = answer_at_pace(window, now, 0.9, 0.02)
+    assert window.pace == held
+    # Once the wait has passed, probing goes on as after any throttle.
+    answer_at_pace(window, now, 0.5, 0.02)
+    assert window.pace is not None
+    assert window.pace > held

@@ -452,9 +452,18 @@ class RemoteStore(AnyioStore):
                             ) from error
                         self._counters.add(retries=1)
                         window = limiter.statistics()
-                        if not throttle or window.borrowed_tokens > window.total_tokens:
-                            # A failure, or a throttle above a window that has since shrunk:
-                            # wait without the token, and queue for one again.
+                        if (
+                            not throttle
+                            or failure.retry_after is not None
+                            or window.borrowed_tokens > window.total_tokens
+                        ):
+                            # A failure, a throttle told when to come back, or a throttle above
+                            # a window that has since shrunk: wait without the token, and
+                            # queue for one again. (Held through a Retry-After, a second for
+                            # a server that answers in 20 ms, the tokens of a burst of refused
+                            # requests left the window a few to send with, at a third of the
+                            # pace: 78-85% of a token bucket's rate. The pace, not the window,
+                            # keeps such a server from being sent the window again at once.)
                             break
                         # A throttled request waits holding its token and goes again under it:
                         # a server that refuses at once would otherwise see every freed token
@@ -506,7 +515,9 @@ class RemoteStore(AnyioStore):
             latency = time.monotonic() - started
             outcome = self._outcome(error)
             if adaptive is not None:
-                adaptive.record(outcome, latency, epoch, in_flight)
+                # A throttle's Retry-After is the server saying how long it is full.
+                retry_after = describe(error).retry_after if outcome is Outcome.THROTTLED else None
+                adaptive.record(outcome, latency, epoch, in_flight, retry_after=retry_after)
             raise
         if adaptive is not None:
             adaptive.record(Outcome.ANSWERED, time.monotonic() - started, epoch, in_flight)

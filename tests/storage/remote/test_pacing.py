@@ -123,6 +123,27 @@ async def test_a_bulk_read_against_429s_with_retry_after(
     assert early == 0 if kind == "fsspec" else early > 0
 
 
+async def test_a_request_told_retry_after_waits_without_its_token(
+    http_server: HTTPServer,
+) -> None:
+    # A window of one, two reads, the first request answered 429 `Retry-After: 1`. Held
+    # through that second, the token kept the other read from the server the whole time (a
+    # burst of such refusals left the window a few tokens to send with); given back, the other
+    # read is answered while the refused one waits. (fsspec's errors carry the header; an
+    # ObjectStore's carry none, so it waits its own short backoff under its token.)
+    fill(http_server, 2, size=64)
+    http_server.faults = Faults(too_many_first=1, retry_after="1")
+    store = http_store("fsspec", http_server, adaptive=False, max_concurrency=1)
+    async with anyio.create_task_group() as tg:
+        for key in ("c/0", "c/1"):
+            tg.start_soon(store.get, key, PROTO)
+    assert http_server.answers == [429, 200, 200]
+    first, second, third = http_server.paths
+    assert second != first
+    assert third == first
+    assert http_server.admission.early == 0
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_bulk_read_survives_a_rate_that_drops_mid_run(
     http_server: HTTPServer, kind: str
