@@ -311,7 +311,7 @@ class _Copier:
         return compared.same
 
     async def _copy(self, source_key: str, key: str, size: int) -> None:
-        if not streams(self.dst, size, self.part):
+        if not streams(self.src, self.dst, size, self.part):
             async with self.budget.take(size):
                 value = await self.src.get(source_key, self.prototype)
                 if value is None:

@@ -11,10 +11,10 @@ pool (``zarr_anyio.storage._pieces``: a client's pieces copied in as they come, 
 straight in), the destination writes from there, and the slot is taken again for a later part
 once nothing refers to it; where the store's parts were joined, copied to bytes, then cut again
 here, a copy of 64 values of 8 MiB under a budget of 16 MiB peaked 73 MiB above its imports
-(obstore), now 35 MiB, 16 of them the parts. Measured (``benchmarks/copy_cli.py --only huge``, median of 3, load
-7-8 on 2 cores): a 2 GiB value from moto to a folder in 7.3 s at a 184 MiB peak (obstore; s3fs
-10.1 s, 131 MiB), where ``fs.get`` took 70 s at 1,119 MiB and a gather of zarr's own store
-66 s at 4,231 MiB.
+(obstore), now 35 MiB, 16 of them the parts. Measured (``benchmarks/copy_cli.py --only
+huge``, median of 3, load 7-8 on 2 cores): a 2 GiB value from moto to a folder in 7.3 s at
+a 184 MiB peak (obstore; s3fs 10.1 s, 131 MiB), where ``fs.get`` took 70 s at 1,119 MiB and a
+gather of zarr's own store 66 s at 4,231 MiB.
 
 The write is whole or absent as any other: the temporary file is removed, the multipart upload
 aborted (s3fs) or left incomplete and invisible (obstore, which has no abort),
@@ -58,12 +58,18 @@ def part_size(max_bytes: int, dst: AnyioStore) -> int:
     return max(max_bytes // 8, _LEAST_PART, dst._min_part_size)
 
 
-def streams(dst: AnyioStore, size: int, part: int) -> bool:
-    """Whether a value of ``size`` bytes goes to ``dst`` in parts. One of a part or less is
-    read whole, as one buffer of the client's: in parts (a slot of the read pool) it held as
-    much and took longer (64 values of 8 MiB from moto, parts of 8 MiB: 1.12 s against 0.62 s,
-    obstore)."""
-    return size > part and dst._streams_writes
+def streams(src: AnyioStore, dst: AnyioStore, size: int, part: int) -> bool:
+    """Whether a value of ``size`` bytes goes from ``src`` to ``dst`` in parts.
+
+    One of a part or less is read whole, as one buffer of the client's: in parts (a slot of the
+    read pool) it held as much and took longer (64 values of 8 MiB from moto, parts of 8 MiB,
+    obstore: 1.36 s against 1.59 s), unless the source's whole read holds the value twice
+    (s3fs: aiohttp joins the body's pieces into new bytes): then from 1 MiB on it goes as one
+    part (172 MiB peak against 155, 2.26 s against 2.06).
+    """
+    if not dst._streams_writes:
+        return False
+    return size > part or (size >= _LEAST_PART and src._whole_reads_twice)
 
 
 def held(size: int, part: int) -> int:

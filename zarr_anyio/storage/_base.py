@@ -258,6 +258,13 @@ class AnyioStore(Store, abc.ABC):
     # The smallest part the backend takes, all but the last (S3's multipart upload: 5 MiB).
     _min_part_size: int = 0
 
+    # Whether a whole read (`get`) holds the value twice at its peak (a client that joins the
+    # body's pieces into new bytes), where `_read_parts` of the value as one part holds it once:
+    # a copy then reads a large value in parts even when it fits one.
+    @property
+    def _whole_reads_twice(self) -> bool:
+        return False
+
     async def _backend_set_streamed(self, key: str, parts: AsyncIterator[Part]) -> None:
         """Write the value whose bytes ``parts`` gives in order, whole or not at all: until the
         last part is in, nothing is visible at ``key`` (the old value, if any, stays). A part

@@ -507,6 +507,12 @@ class FsspecStore(RemoteStore):
     # S3's smallest part of a multipart upload, all but the last.
     _min_part_size = 5 << 20
 
+    @property
+    def _whole_reads_twice(self) -> bool:
+        # s3fs reads a whole object with aiohttp's ``read()``, which joins the body's pieces
+        # into new bytes; `_read_parts` copies them into one slot instead (see `._pieces`).
+        return self._is_s3()
+
     async def _backend_set_streamed(self, key: str, parts: AsyncIterator[Part]) -> None:
         if not self._is_s3():
             await super()._backend_set_streamed(key, parts)
