@@ -12,9 +12,10 @@ straight in), the destination writes from there, and the slot is taken again for
 once nothing refers to it; where the store's parts were joined, copied to bytes, then cut again
 here, a copy of 64 values of 8 MiB under a budget of 16 MiB peaked 73 MiB above its imports
 (obstore), now 35 MiB, 16 of them the parts. Measured (``benchmarks/copy_cli.py --only
-huge``, median of 3, load 7-8 on 2 cores): a 2 GiB value from moto to a folder in 7.3 s at
-a 184 MiB peak (obstore; s3fs 10.1 s, 131 MiB), where ``fs.get`` took 70 s at 1,119 MiB and a
-gather of zarr's own store 66 s at 4,231 MiB.
+huge``, median of 3, load 5 on 2 cores): a 2 GiB value from moto to a folder in 4.2 s at an
+86 MiB peak (obstore, 29 MiB above its imports; s3fs 3.5 s, 105 MiB; 184 and 131 MiB before
+parts were held once), where ``fs.get`` took 54 s at 1,116 MiB and a gather of zarr's own
+store 55 s at 4,245 MiB.
 
 The write is whole or absent as any other: the temporary file is removed, the multipart upload
 aborted (s3fs) or left incomplete and invisible (obstore, which has no abort),
