@@ -8,12 +8,14 @@ The 2 GiB case needs ~2 GiB free where ``--tmp`` points (default: the system's t
 folder) for each copy in turn, and ~2 GiB of memory for moto.
 
 moto's S3 server runs in a process of its own. Each way of copying runs in a fresh process of
-its own, so its peak memory (``ru_maxrss``, from ``os.wait4``) is its own; the time is that of the
-copy itself, measured inside the process after the imports:
+its own, so its peak memory (``VmHWM``) is its own; the time is that of the copy itself,
+measured inside the process after the imports. The memory after the imports (the libraries
+each one needs, its client's included: ``VmRSS`` before the copy starts) is shown beside the
+peak, and the peak above it, which is what the copy itself holds:
 
 * ``zarr-anyio copy`` (the console script's code, ``--quiet``), with s3fs and with obstore, at
   the default ``--max-memory`` (64M) and with obstore at ``--max-memory 16M`` (values above
-  2 MiB then go in parts of 2 MiB);
+  2 MiB then go in parts of 2 MiB) and ``4M`` (parts of 1 MiB, two values at once);
 * ``fsspec``: s3fs's ``fs.get(src, dst, recursive=True)``;
 * ``asyncio.gather``: every key listed through ``zarr.storage.FsspecStore``, then one
   ``dst.set(key, await src.get(key))`` per key into ``zarr.storage.LocalStore``, all gathered.
@@ -39,12 +41,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from support.servers import S3ServerProcess
-
 CONTENDERS = [
     "zarr-anyio copy (fsspec)",
     "zarr-anyio copy (obstore)",
     "zarr-anyio copy (obstore, 16M)",
+    "zarr-anyio copy (obstore, 4M)",
     "fsspec get",
     "asyncio.gather",
 ]
@@ -108,6 +109,10 @@ def fill(endpoint: str, bucket: str, name: str, count: int, size: int) -> None:
 def run_ours(endpoint: str, src: str, dst: str, backend: str, max_memory: str | None) -> float:
     from zarr_anyio.cli import main
 
+    # The client the command imports when it opens the stores, imported here first so that
+    # the memory after the imports counts it.
+    __import__("obstore" if backend == "obstore" else "s3fs")
+    imported()
     if backend == "obstore":
         options = [
             f"endpoint={endpoint}",
@@ -148,7 +153,9 @@ class _Capture:
 
 def run_fsspec(endpoint: str, src: str, dst: str) -> float:
     import fsspec
+    import s3fs  # noqa: F401
 
+    imported()
     fs = fsspec.filesystem("s3", skip_instance_cache=True, **_s3_options(endpoint))
     started = time.perf_counter()
     fs.get(src.removeprefix("s3://"), dst, recursive=True)
@@ -158,8 +165,11 @@ def run_fsspec(endpoint: str, src: str, dst: str) -> float:
 def run_gather(endpoint: str, src: str, dst: str) -> float:
     import asyncio
 
+    import s3fs  # noqa: F401
     import zarr.storage
     from zarr.core.buffer import default_buffer_prototype
+
+    imported()
 
     async def copy() -> float:
         source = zarr.storage.FsspecStore.from_url(
@@ -181,38 +191,52 @@ def run_gather(endpoint: str, src: str, dst: str) -> float:
     return asyncio.run(copy())
 
 
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory. VmHWM belongs to the process's own address space;
     ``ru_maxrss`` would also count the parent's memory at the fork before the exec."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return _status_mib("VmHWM")
+
+
+_IMPORTED: list[float] = []
+
+
+def imported() -> None:
+    """Note the memory after the imports, before the copy."""
+    _IMPORTED.append(_status_mib("VmRSS"))
 
 
 def child(name: str, endpoint: str, src: str, dst: str) -> None:
     if name.startswith("zarr-anyio"):
         backend = "obstore" if "obstore" in name else "fsspec"
-        seconds = run_ours(endpoint, src, dst, backend, "16M" if "16M" in name else None)
+        budget = name.rstrip(")").rpartition(", ")[2]
+        seconds = run_ours(endpoint, src, dst, backend, budget if budget[-1:] == "M" else None)
     elif name == "fsspec get":
         seconds = run_fsspec(endpoint, src, dst)
     else:
         seconds = run_gather(endpoint, src, dst)
-    print(json.dumps({"seconds": seconds, "peak": peak_rss_mib()}))
+    print(json.dumps({"seconds": seconds, "peak": peak_rss_mib(), "imported": _IMPORTED[0]}))
 
 
 # ---------------------------------------------------------------- the parent
 
 
-def measure(name: str, endpoint: str, src: str, dst: Path) -> tuple[float, float]:
-    """One run of one contender in a process of its own: seconds, peak memory in MiB."""
+def measure(name: str, endpoint: str, src: str, dst: Path) -> tuple[float, float, float]:
+    """One run of one contender in a process of its own: seconds, peak memory in MiB, memory
+    after the imports in MiB."""
     command = [sys.executable, __file__, "--child", name, endpoint, src, str(dst)]
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if result.returncode:
         raise SystemExit(f"{name} failed ({result.returncode}): {result.stdout}")
     found = json.loads(result.stdout.strip().splitlines()[-1])
-    return float(found["seconds"]), float(found["peak"])
+    return float(found["seconds"]), float(found["peak"]), float(found["imported"])
 
 
 def expected_files(count: int) -> int:
@@ -224,7 +248,7 @@ def bench(
 ) -> list[str]:
     fill(endpoint, bucket, name, count, size)
     src = f"s3://{bucket}/{name}"
-    results: dict[str, list[tuple[float, float]]] = {contender: [] for contender in CONTENDERS}
+    results: dict[str, list[tuple[float, float, float]]] = {c: [] for c in CONTENDERS}
     with tempfile.TemporaryDirectory(dir=tmp) as folder:
         for number in range(repeat):
             for contender in CONTENDERS:
@@ -238,22 +262,27 @@ def bench(
     lines = [
         f"\n## {count} x {size // 1024} KiB ({mib:.0f} MiB) from moto S3 to a folder "
         f"(median of {repeat}, load {' '.join(f'{x:.2f}' for x in os.getloadavg())})",
-        f"{'':32s} {'seconds':>8s} {'MiB/s':>8s} {'keys/s':>8s} {'peak RSS MiB':>13s}",
+        f"{'':32s} {'seconds':>8s} {'MiB/s':>8s} {'keys/s':>8s} {'peak RSS MiB':>13s} "
+        f"{'imports MiB':>12s} {'peak - imports':>15s}",
     ]
     medians = {}
     for contender, runs in results.items():
         seconds = statistics.median(run[0] for run in runs)
         peak = statistics.median(run[1] for run in runs)
-        medians[contender] = (seconds, peak)
+        imports = statistics.median(run[2] for run in runs)
+        medians[contender] = (seconds, peak, imports)
         lines.append(
             f"{contender:32s} {seconds:8.2f} {mib / seconds:8.1f} {count / seconds:8.0f} "
-            f"{peak:13.0f}"
+            f"{peak:13.0f} {imports:12.0f} {statistics.median(r[1] - r[2] for r in runs):15.0f}"
         )
     ours = min(medians[c][0] for c in OURS)
     best = min(medians[c][0] for c in CONTENDERS if c not in OURS)
     lines.append(f"time, best of ours / best of the others: {ours / best:.2f}")
     least = min(medians[c][1] for c in OURS)
     lines.append(f"peak memory, least of ours / fsspec get: {least / medians['fsspec get'][1]:.2f}")
+    above = min(medians[c][1] - medians[c][2] for c in OURS)
+    get_above = medians["fsspec get"][1] - medians["fsspec get"][2]
+    lines.append(f"peak above the imports, least of ours / fsspec get: {above / get_above:.2f}")
     return lines
 
 
@@ -275,6 +304,10 @@ def main(argv: list[str]) -> int:
     repeat = args.repeat or (1 if args.quick else 5)
     print(f"# zarr-anyio copy benchmark (python {sys.version.split()[0]}, {os.cpu_count()} cores)")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    # Imported here, not by the children: moto and the test servers would count in their
+    # memory.
+    from support.servers import S3ServerProcess
+
     server = S3ServerProcess()
     server.start()
     try:

@@ -52,7 +52,7 @@ from .copy_plan import (
     MetadataTakeDown,
     destination_keys,
 )
-from .copy_stream import Vanished, part_size, ranged_parts, streams
+from .copy_stream import Vanished, held, part_size, ranged_parts, streams
 from .fingerprint import compare
 
 __all__ = ["METADATA_NAMES", "ByteBudget", "CopyOptions", "CopyReport", "copy_node"]
@@ -311,7 +311,7 @@ class _Copier:
         return compared.same
 
     async def _copy(self, source_key: str, key: str, size: int) -> None:
-        if not streams(self.dst, size, self.part):
+        if not streams(self.src, self.dst, size, self.part):
             async with self.budget.take(size):
                 value = await self.src.get(source_key, self.prototype)
                 if value is None:
@@ -329,7 +329,7 @@ class _Copier:
                 await self.dst._set_streamed(key, parts)
 
         # Two parts: the one being read, the one being written.
-        async with self.budget.take(2 * self.part):
+        async with self.budget.take(held(size, self.part)):
             await self._write(key, size, put_in_parts)
 
     async def _write(self, key: str, size: int, put: Callable[[], Awaitable[None]]) -> None:

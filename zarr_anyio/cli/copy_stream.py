@@ -6,10 +6,16 @@ S3, where a ranged read per part would cost a request each, and moto reads the w
 each range; ranged reads elsewhere), each part handed to the destination's streamed write as it
 arrives (a temporary file renamed into place at the end for a folder, the multipart upload for
 S3), so a value of any size costs the copy's byte budget two parts (the one read, the one being
-written), not the value. Measured (``benchmarks/copy_cli.py --only huge``, median of 3, load
-7-8 on 2 cores): a 2 GiB value from moto to a folder in 7.3 s at a 184 MiB peak (obstore; s3fs
-10.1 s, 131 MiB), where ``fs.get`` took 70 s at 1,119 MiB and a gather of zarr's own store
-66 s at 4,231 MiB.
+written), not the value. Each part is held once: the source reads it into a slot of the read
+pool (``zarr_anyio.storage._pieces``: a client's pieces copied in as they come, a file read
+straight in), the destination writes from there, and the slot is taken again for a later part
+once nothing refers to it; where the store's parts were joined, copied to bytes, then cut again
+here, a copy of 64 values of 8 MiB under a budget of 16 MiB peaked 73 MiB above its imports
+(obstore), now 35 MiB, 16 of them the parts. Measured (``benchmarks/copy_cli.py --only
+huge``, median of 3, load 5 on 2 cores): a 2 GiB value from moto to a folder in 4.2 s at an
+86 MiB peak (obstore, 29 MiB above its imports; s3fs 3.5 s, 105 MiB; 184 and 131 MiB before
+parts were held once), where ``fs.get`` took 54 s at 1,116 MiB and a gather of zarr's own
+store 55 s at 4,245 MiB.
 
 The write is whole or absent as any other: the temporary file is removed, the multipart upload
 aborted (s3fs) or left incomplete and invisible (obstore, which has no abort),
@@ -30,10 +36,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator
 
-from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import BufferPrototype
 
 from zarr_anyio.storage._base import AnyioStore
+from zarr_anyio.storage._pieces import Pieces
 
 __all__ = ["SourceChanged", "Vanished", "part_size", "ranged_parts", "streams"]
 
@@ -53,42 +59,55 @@ def part_size(max_bytes: int, dst: AnyioStore) -> int:
     return max(max_bytes // 8, _LEAST_PART, dst._min_part_size)
 
 
-def streams(dst: AnyioStore, size: int, part: int) -> bool:
-    """Whether a value of ``size`` bytes goes to ``dst`` in parts."""
-    return size > part and dst._streams_writes
+def streams(src: AnyioStore, dst: AnyioStore, size: int, part: int) -> bool:
+    """Whether a value of ``size`` bytes goes from ``src`` to ``dst`` in parts.
+
+    One of a part or less is read whole, as one buffer of the client's: in parts (a slot of the
+    read pool) it held as much and took longer (64 values of 8 MiB from moto, parts of 8 MiB,
+    obstore: 1.36 s against 1.59 s), unless the source's whole read holds the value twice
+    (s3fs: aiohttp joins the body's pieces into new bytes): then from 1 MiB on it goes as one
+    part (172 MiB peak against 155, 2.26 s against 2.06).
+    """
+    if not dst._streams_writes:
+        return False
+    return size > part or (size >= _LEAST_PART and src._whole_reads_twice)
+
+
+def held(size: int, part: int) -> int:
+    """The bytes a value of ``size`` copied in parts of ``part`` holds at once: the part being
+    written and the one being read (each in a slot of the read pool, held once)."""
+    return min(size, 2 * part)
 
 
 async def ranged_parts(
     store: AnyioStore, key: str, size: int, part: int, prototype: BufferPrototype
-) -> AsyncGenerator[bytes, None]:
+) -> AsyncGenerator[memoryview, None]:
     """The ``size`` bytes of ``key`` in order, in parts of ``part`` bytes, the last shorter
-    (the store's `_read_parts`, ranged reads or one streamed read, whose pieces may be of any
-    size: cut here to the same parts on every store, so that two values compare part by part).
+    (the store's `_read_parts`, ranged reads or one streamed read), so that two values compare
+    part by part. Each part is the store's own, held once (``zarr_anyio.storage._pieces``);
+    a store that gives other sizes has its pieces cut to parts.
 
     Raises `Vanished` if the key goes away, `SourceChanged` if it no longer has ``size``
     bytes (a shorter answer, or bytes past the end), rather than give a torn value.
     """
     got = 0
-    held = bytearray()
     try:
-        async with contextlib.aclosing(store._read_parts(key, size, part)) as parts:
-            async for data in parts:
-                got += len(data)
+        async with contextlib.aclosing(store._read_parts(key, size, part)) as given:
+
+            async def piece(_: int) -> memoryview | None:
+                nonlocal got
+                data = await anext(given, None)
+                got += 0 if data is None else len(data)
                 if got > size:
                     raise SourceChanged(f"{key} changed while it was copied")
-                if not held and len(data) == part:
-                    yield data
-                    continue
-                held += data
-                while len(held) >= part:
-                    yield bytes(held[:part])
-                    del held[:part]
+                return data
+
+            cut = Pieces(piece)
+            while data := await cut.part(part):
+                yield data
     except FileNotFoundError:
         raise Vanished(key) from None
+    # Nothing past the end either (the store reads past it): a value that grew would otherwise
+    # be copied cut short.
     if got != size:
-        raise SourceChanged(f"{key} changed while it was copied")
-    if held:
-        yield bytes(held)
-    # Nothing past the end: a value that grew would otherwise be copied cut short.
-    if size and await store.get(key, prototype, RangeByteRequest(size, size + 1)):
         raise SourceChanged(f"{key} changed while it was copied")

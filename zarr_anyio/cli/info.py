@@ -18,18 +18,18 @@ from typing import Any
 
 import anyio
 import zarr
-from tqdm import tqdm  # type: ignore[import-untyped]
 
 from zarr_anyio.storage._base import AnyioStore
 from zarr_anyio.storage._listing import list_node
 
 from .copy import is_metadata
+from .progress import tqdm
 
 __all__ = ["Node", "describe", "human_size", "render_info", "render_tree"]
 
 
 def human_size(size: int) -> str:
-    text: str = tqdm.format_sizeof(size, "B", 1024)
+    text: str = tqdm().format_sizeof(size, "B", 1024)
     return text
 
 

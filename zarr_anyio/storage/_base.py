@@ -47,6 +47,7 @@ __all__ = [
     "BlockingStore",
     "Entry",
     "FetchRequest",
+    "Part",
 ]
 
 T = TypeVar("T")
@@ -68,6 +69,10 @@ Entry = tuple[str, int | None]
 
 FetchRequest = str | tuple[str, ByteRequest | None]
 """What `AnyioStore.fetch_many` takes per item: a key, or a key and a byte range."""
+
+Part = bytes | memoryview
+"""A part of a value written in parts (`AnyioStore._set_streamed`): bytes, or a view of a part
+as it was read (`AnyioStore._read_parts`)."""
 
 
 def _as_request(item: FetchRequest) -> tuple[str, ByteRequest | None]:
@@ -253,9 +258,18 @@ class AnyioStore(Store, abc.ABC):
     # The smallest part the backend takes, all but the last (S3's multipart upload: 5 MiB).
     _min_part_size: int = 0
 
-    async def _backend_set_streamed(self, key: str, parts: AsyncIterator[bytes]) -> None:
+    # Whether a whole read (`get`) holds the value twice at its peak (a client that joins the
+    # body's pieces into new bytes), where `_read_parts` of the value as one part holds it once:
+    # a copy then reads a large value in parts even when it fits one.
+    @property
+    def _whole_reads_twice(self) -> bool:
+        return False
+
+    async def _backend_set_streamed(self, key: str, parts: AsyncIterator[Part]) -> None:
         """Write the value whose bytes ``parts`` gives in order, whole or not at all: until the
-        last part is in, nothing is visible at ``key`` (the old value, if any, stays).
+        last part is in, nothing is visible at ``key`` (the old value, if any, stays). A part
+        may be a slot of the read pool (`._pieces`): keep a reference only as long as it is
+        used (the slot is reused once none is left), copy it to keep it longer.
 
         This default joins the parts and writes them with `_backend_set` (the value held
         whole); a backend that can write a value as it comes overrides it and sets
@@ -268,25 +282,33 @@ class AnyioStore(Store, abc.ABC):
 
     async def _backend_read_parts(
         self, key: str, start: int, size: int, part: int
-    ) -> AsyncGenerator[bytes, None]:
-        """The bytes ``start`` to ``size`` of ``key`` in order, in parts of about ``part`` bytes
-        (the last may be shorter): what a copy of a large value reads. ``FileNotFoundError`` if
-        the key does not exist; a value shorter than ``size`` ends early (the caller checks).
+    ) -> AsyncGenerator[memoryview, None]:
+        """The bytes ``start`` to ``size`` of ``key`` in order, in parts of ``part`` bytes (the
+        last may be shorter): what a copy of a large value reads. ``FileNotFoundError`` if the
+        key does not exist. A value that no longer has ``size`` bytes gives fewer (it ends
+        early) or more (bytes past ``size``): the caller checks, and no request is made for it
+        where the read itself tells (the end of a streamed response, a file's size).
+
+        Each part is read into memory of its own, with no copy after (the read pool's slots,
+        `._pieces`, where a client hands the body over in pieces), so that a copy holds a part
+        once: what its byte budget counts.
 
         This default makes one ranged read per part. A backend whose ranged reads cost more
         than a part (a server that reads the whole object for each range) or that streams a
         response overrides it with one streamed read. It must not ``yield`` while it holds a
         task group or cancel scope open.
         """
-        while start < size:
-            end = min(start + part, size)
+        while True:
+            # Past the end, one byte more: what tells a value that grew.
+            end = min(start + part, size) if start < size else size + 1
             value = await self.get(key, default_buffer_prototype(), RangeByteRequest(start, end))
             if value is None:
                 raise FileNotFoundError(key)
             if not len(value):
                 return
             start += len(value)
-            yield value.to_bytes()
+            # As it was read (`to_bytes` would copy it): a large read from a folder is a slot.
+            yield memoryview(value.as_buffer_like()).cast("B")
 
     async def _backend_checksum(self, key: str) -> str | None:
         """A checksum of the value at ``key`` that the backend keeps and gives without reading
@@ -512,14 +534,14 @@ class AnyioStore(Store, abc.ABC):
         await self._backend_set(key, value, exclusive=exclusive)
 
     @tracked
-    async def _set_streamed(self, key: str, parts: AsyncIterator[bytes]) -> None:
+    async def _set_streamed(self, key: str, parts: AsyncIterator[Part]) -> None:
         """Write a value given as an async iterator of its parts (see `_backend_set_streamed`)."""
         self._check_writable()
         validate_key(key)
         await self._ensure_open()
         await self._backend_set_streamed(key, parts)
 
-    async def _read_parts(self, key: str, size: int, part: int) -> AsyncGenerator[bytes, None]:
+    async def _read_parts(self, key: str, size: int, part: int) -> AsyncGenerator[memoryview, None]:
         """The ``size`` bytes of ``key`` in parts (see `_backend_read_parts`)."""
         validate_key(key)
         await self._ensure_open()

@@ -36,7 +36,7 @@ from zarr_anyio._core.fork import at_fork_in_child, keep_inherited
 from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
-from ._base import PAGE_SIZE, Entry
+from ._base import PAGE_SIZE, Entry, Part
 from ._checksum import etag_checksum
 from ._client_pools import fsspec_options_with_pool, pool_size
 from ._client_retries import (
@@ -47,6 +47,7 @@ from ._client_retries import (
 from ._conflicts import find_conflict
 from ._http_range import get_range
 from ._keys import is_valid_key
+from ._pieces import Pieces
 from ._redact import redact
 from ._remote import RemoteOptions, RemoteStore, check_http_root
 from ._retry import describe, http_status
@@ -506,7 +507,13 @@ class FsspecStore(RemoteStore):
     # S3's smallest part of a multipart upload, all but the last.
     _min_part_size = 5 << 20
 
-    async def _backend_set_streamed(self, key: str, parts: AsyncIterator[bytes]) -> None:
+    @property
+    def _whole_reads_twice(self) -> bool:
+        # s3fs reads a whole object with aiohttp's ``read()``, which joins the body's pieces
+        # into new bytes; `_read_parts` copies them into one slot instead (see `._pieces`).
+        return self._is_s3()
+
+    async def _backend_set_streamed(self, key: str, parts: AsyncIterator[Part]) -> None:
         if not self._is_s3():
             await super()._backend_set_streamed(key, parts)
             return
@@ -518,17 +525,26 @@ class FsspecStore(RemoteStore):
         upload: _MultipartUpload | None = None
         try:
             async for part in parts:
-                pending += part
-                if len(pending) < self._min_part_size:
-                    continue
+                if not pending and len(part) >= self._min_part_size:
+                    # Big enough alone: copied once to the bytes botocore takes (a view of
+                    # the read pool's slot it does not), not staged as well.
+                    data = bytes(part)
+                else:
+                    pending += part
+                    if len(pending) < self._min_part_size:
+                        continue
+                    data = bytes(pending)
+                    pending.clear()
+                del part  # its slot of the read pool is free for the next part
                 if first is None:
-                    first = bytes(pending)
+                    first = data
                 else:
                     if upload is None:
                         upload = await _MultipartUpload.start(self, path)
                         await upload.send(first)
-                    await upload.send(bytes(pending))
-                pending.clear()
+                        first = b""
+                    await upload.send(data)
+                del data
             if upload is None:
                 await self._put_value(path, (first or b"") + pending, exclusive=False)
                 return
@@ -542,7 +558,7 @@ class FsspecStore(RemoteStore):
 
     async def _backend_read_parts(
         self, key: str, start: int, size: int, part: int
-    ) -> AsyncGenerator[bytes, None]:
+    ) -> AsyncGenerator[memoryview, None]:
         if not self._is_s3():
             async with contextlib.aclosing(
                 super()._backend_read_parts(key, start, size, part)
@@ -560,9 +576,13 @@ class FsspecStore(RemoteStore):
             )
         )
         body = answer["Body"]
+        # aiohttp's pieces, each copied once into the part (`._pieces`). Asked for a part at
+        # once, aiohttp joins what it holds into a new piece of up to the part: asked for
+        # less, it gives what it has without a join.
+        pieces = Pieces(lambda wanted: body.read(min(wanted, _PIECE)))
 
-        async def next_piece(wanted: int) -> bytes:
-            return await self._on_loop(lambda _: _read_up_to(body, wanted), retried=False)
+        async def next_piece(wanted: int) -> memoryview:
+            return await self._on_loop(lambda _: pieces.part(wanted), retried=False)
 
         async def current_version() -> str | None:
             head = await self._on_loop(
@@ -571,11 +591,11 @@ class FsspecStore(RemoteStore):
             return head.get("ETag")  # type: ignore[no-any-return]
 
         try:
-            pieces = self._streamed_parts(
+            parts = self._streamed_parts(
                 key, start, size, part, next_piece, answer.get("ETag"), current_version
             )
-            async with contextlib.aclosing(pieces):
-                async for data in pieces:
+            async with contextlib.aclosing(parts):
+                async for data in parts:
                     yield data
         finally:
             with anyio.CancelScope(shield=True):
@@ -702,21 +722,12 @@ class FsspecStore(RemoteStore):
         await self._for_each(paths, delete_one)
 
 
-async def _read_up_to(body: Any, size: int) -> bytes:
-    """Up to ``size`` bytes of a streaming body, fewer only at its end."""
-    pieces: list[bytes] = []
-    got = 0
-    while got < size:
-        piece = await body.read(size - got)
-        if not piece:
-            break
-        pieces.append(piece)
-        got += len(piece)
-    return b"".join(pieces)
-
-
 async def _close(body: Any) -> None:
     body.close()
+
+
+# The most a streamed body is asked for at once: aiohttp's own pieces are up to 64 KiB.
+_PIECE = 64 << 10
 
 
 class _MultipartUpload:

@@ -72,8 +72,7 @@ from zarr.core.buffer import Buffer
 from zarr_anyio._core.limit import LimiterLike
 from zarr_anyio._core.threads import CheckCancelled, run_in_worker
 
-from ._base import NOT_READY, PAGE_SIZE, BlockingStore, Entry, Pending
-from ._fileio import read_exact
+from ._base import NOT_READY, PAGE_SIZE, BlockingStore, Entry, Part, Pending
 from ._localfs import (
     ON_LOOP_READ,
     RWF_NOWAIT,
@@ -91,6 +90,7 @@ from ._localfs import (
     prepare_root,
     read_cached,
     read_file,
+    read_part,
     scan_folder,
     size_of,
     write_file,
@@ -100,9 +100,11 @@ from ._localfs import (
 __all__ = ["LocalStore"]
 
 
-def _read_at(fd: int, length: int, offset: int, _: CheckCancelled) -> tuple[bytes, os.stat_result]:
+def _read_at(
+    fd: int, length: int, offset: int, _: CheckCancelled
+) -> tuple[memoryview, os.stat_result]:
     """``length`` bytes at ``offset``, and the file's status after they were read."""
-    data = read_exact(fd, length, offset)
+    data = read_part(fd, length, offset)
     return data, os.fstat(fd)
 
 
@@ -215,7 +217,7 @@ class LocalStore(BlockingStore):
 
     async def _backend_read_parts(
         self, key: str, start: int, size: int, part: int
-    ) -> AsyncGenerator[bytes, None]:
+    ) -> AsyncGenerator[memoryview, None]:
         # One descriptor for all the parts (not one open a part): a value replaced while it
         # is copied is then read whole, the old one, never its first parts and the new one's
         # last.
@@ -225,6 +227,8 @@ class LocalStore(BlockingStore):
             raise FileNotFoundError(key)
         fd, before = opened
         try:
+            if before.st_size != size:
+                return  # not the value the caller knows: ends short, a change
             while start < size:
                 length = min(part, size - start)
                 data, after = await self._blocking(functools.partial(_read_at, fd, length, start))
@@ -266,7 +270,7 @@ class LocalStore(BlockingStore):
     def _streams_writes(self) -> bool:
         return True
 
-    async def _backend_set_streamed(self, key: str, parts: AsyncIterator[bytes]) -> None:
+    async def _backend_set_streamed(self, key: str, parts: AsyncIterator[Part]) -> None:
         # Each part into one temporary file as it comes (a thread hop each), which is then put
         # in place as any write's is: a value of any size costs memory for one part.
         root = self._root

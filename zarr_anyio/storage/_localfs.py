@@ -70,6 +70,7 @@ __all__ = [
     "prepare_root",
     "read_cached",
     "read_file",
+    "read_part",
     "scan_folder",
     "size_of",
     "write_file",
@@ -213,6 +214,12 @@ def open_value(root: str, key: str) -> tuple[int, os.stat_result] | None:
         os.close(fd)
         return None
     return fd, info
+
+
+def read_part(fd: int, length: int, offset: int) -> memoryview:
+    """``length`` bytes at ``offset`` (fewer only if the file ends first) in a slot of the read
+    pool: a part of a value copied in parts, held once (see `._pieces`)."""
+    return _read_into(fd, _buffers.take(length), offset)
 
 
 def _read_into(fd: int, buffer: memoryview, offset: int) -> memoryview:

@@ -321,20 +321,22 @@ class RemoteStore(AnyioStore):
         start: int,
         size: int,
         part: int,
-        next_piece: Callable[[int], Awaitable[bytes | None]],
+        next_piece: Callable[[int], Awaitable[memoryview | None]],
         version: str | None = None,
         current_version: Callable[[], Awaitable[str | None]] | None = None,
-    ) -> AsyncGenerator[bytes, None]:
+    ) -> AsyncGenerator[memoryview, None]:
         """`_backend_read_parts` over one streamed response: ``next_piece(wanted)`` gives its
         next piece (``None`` or empty at its end), each one request that is never retried (a
         repeat would skip bytes). A piece that fails as a retry would be worth it goes on with
         ranged reads from where the stream broke, each retried, and each given only while
         ``current_version()`` is still the response's ``version`` (its ETag): an object
         replaced after the break ends the parts short (the caller says the value changed)
-        instead of a value torn between two objects."""
-        while start < size:
+        instead of a value torn between two objects. The response is read to its end: a
+        value that grew gives its bytes past ``size`` (no request of its own)."""
+        while True:
             try:
-                data = await next_piece(min(part, size - start))
+                # Past ``size``, one byte: the response's end, or a value that grew.
+                data = await next_piece(min(part, size - start) if start < size else 1)
             except Exception as error:
                 if not describe(error).transient:
                     raise
@@ -351,7 +353,6 @@ class RemoteStore(AnyioStore):
                 return
             if not data:
                 return
-            data = data[: size - start]
             start += len(data)
             yield data
 
