@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from zarr.core.buffer import default_buffer_prototype
 
 from support.command_line import make_hierarchy, run_cli, s3_options
 from support.servers import CountingProxy, S3Server
@@ -54,7 +53,7 @@ async def test_a_value_renamed_over_between_two_parts_is_read_whole(tmp_path: Pa
     root.mkdir()
     (root / "big").write_bytes(OLD)
     store = await LocalStore.open(root, read_only=True)
-    parts = ranged_parts(store, "big", len(OLD), MiB, default_buffer_prototype())
+    parts = ranged_parts(store, "big", len(OLD), MiB)
     async with contextlib.aclosing(parts):
         read = [await anext(parts)]
         (tmp_path / "spare").write_bytes(NEW)
@@ -87,7 +86,7 @@ async def test_a_value_written_over_in_place_between_two_parts_is_a_change(
     # granularity.
     os.utime(root / "big", ns=(10**18, 10**18))
     store = await LocalStore.open(root, read_only=True)
-    parts = ranged_parts(store, "big", len(OLD), MiB, default_buffer_prototype())
+    parts = ranged_parts(store, "big", len(OLD), MiB)
     with pytest.raises(SourceChanged):
         async with contextlib.aclosing(parts):
             await anext(parts)

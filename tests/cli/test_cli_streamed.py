@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 import zarr
 from obstore.store import S3Store
-from zarr.core.buffer import default_buffer_prototype
 
 import zarr_anyio
 from support.command_line import TEMP_MARK, cli_env, files_of, run_cli, s3_options, start_cli
@@ -324,7 +323,7 @@ async def test_a_value_read_in_parts_goes_on_with_ranged_reads_when_the_connecti
             fs = s3fs_at(proxy.url, skip_instance_cache=True, asynchronous=False)
             store = zarr_anyio.FsspecStore(fs, path=f"{bucket}/data")
         try:
-            parts = ranged_parts(store, "k", len(data), 2 * MiB, default_buffer_prototype())
+            parts = ranged_parts(store, "k", len(data), 2 * MiB)
             got = [part async for part in parts]
         finally:
             await store.aclose()

@@ -62,7 +62,7 @@ renamed (seven system calls, the rename the dearest); the pipeline's own Python 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import anyio
 import numpy as np
@@ -100,8 +100,6 @@ __all__ = ["AnyioCodecPipeline"]
 # 256 a hop (≈6 µs each, so ≈1.5 ms against a ≈30-100 µs hop); 1 MiB chunks: 4 a hop.
 BATCH_BYTES = 4 << 20
 MAX_BATCH = 256
-
-T = TypeVar("T")
 
 
 def _batches(count: int, chunk_bytes: int, hops: int) -> Iterator[range]:

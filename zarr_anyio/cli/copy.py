@@ -324,7 +324,7 @@ class _Copier:
             return
 
         async def put_in_parts() -> None:
-            parts = ranged_parts(self.src, source_key, size, self.part, self.prototype)
+            parts = ranged_parts(self.src, source_key, size, self.part)
             async with contextlib.aclosing(parts):
                 await self.dst._set_streamed(key, parts)
 

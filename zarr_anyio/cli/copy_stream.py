@@ -36,8 +36,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator
 
-from zarr.core.buffer import BufferPrototype
-
 from zarr_anyio.storage._base import AnyioStore
 from zarr_anyio.storage._pieces import Pieces
 
@@ -80,7 +78,7 @@ def held(size: int, part: int) -> int:
 
 
 async def ranged_parts(
-    store: AnyioStore, key: str, size: int, part: int, prototype: BufferPrototype
+    store: AnyioStore, key: str, size: int, part: int
 ) -> AsyncGenerator[memoryview, None]:
     """The ``size`` bytes of ``key`` in order, in parts of ``part`` bytes, the last shorter
     (the store's `_read_parts`, ranged reads or one streamed read), so that two values compare

@@ -74,7 +74,6 @@ async def _digest(
     size: int,
     part: int,
     kind: str,
-    prototype: BufferPrototype,
     *,
     source: bool,
 ) -> str | None:
@@ -83,7 +82,7 @@ async def _digest(
     raises `Vanished` or `SourceChanged`."""
     digest = hashlib.new(kind)
     try:
-        async with contextlib.aclosing(ranged_parts(store, key, size, part, prototype)) as parts:
+        async with contextlib.aclosing(ranged_parts(store, key, size, part)) as parts:
             async for data in parts:
                 if len(data) >= _HASH_IN_THREAD:
                     await anyio.to_thread.run_sync(digest.update, data)
@@ -116,8 +115,8 @@ async def same_bytes(
         if found is None or isinstance(found, Damaged):
             return False
         return len(found) == len(value) and found.to_bytes() == value.to_bytes()
-    ours = ranged_parts(src, source_key, size, part, prototype)
-    theirs = ranged_parts(dst, key, size, part, prototype)
+    ours = ranged_parts(src, source_key, size, part)
+    theirs = ranged_parts(dst, key, size, part)
     # The source's errors (Vanished, SourceChanged) are the copy's; the destination's are a
     # difference.
     async with contextlib.aclosing(ours), contextlib.aclosing(theirs):
@@ -159,10 +158,10 @@ async def compare(
     if ours is not None and theirs is not None and _kind(ours) == _kind(theirs):
         return Compared(ours == theirs, "checksum")
     if theirs is not None:
-        computed = await _digest(src, source_key, size, part, _kind(theirs), prototype, source=True)
+        computed = await _digest(src, source_key, size, part, _kind(theirs), source=True)
         return Compared(computed == theirs, "checksum")
     if ours is not None:
-        computed = await _digest(dst, key, size, part, _kind(ours), prototype, source=False)
+        computed = await _digest(dst, key, size, part, _kind(ours), source=False)
         return Compared(computed == ours, "checksum")
     return Compared(await same_bytes(src, source_key, dst, key, size, part, prototype), "bytes")
 
