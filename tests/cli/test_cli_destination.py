@@ -27,6 +27,7 @@ from zarr.core.buffer import default_buffer_prototype
 import zarr_anyio
 from support.command_line import files_of, make_hierarchy, run_cli, s3_options
 from support.servers import CountingProxy, S3Server
+from zarr_anyio.cli.new_place import first_missing, remove_if_still_empty
 
 CHUNK_ITEMS = 256  # make_hierarchy's chunks: 1024 bytes of int32
 
@@ -388,3 +389,41 @@ def test_an_array_replaced_by_one_of_another_shape_in_a_folder(tmp_path: Path, f
     done = run_cli("copy", str(src), str(dst), flag, "--verify")
     assert done.returncode == 0, done.stderr
     assert files_of(dst) == files_of(src)
+
+
+@pytest.mark.parametrize("dst_name", ["new.zarr", "new.zip", "a/b/new.zarr"])
+@pytest.mark.parametrize("failing", ["empty source", "missing path"])
+def test_a_failed_copy_to_a_new_local_place_leaves_nothing_there(
+    tmp_path: Path, dst_name: str, failing: str
+) -> None:
+    if failing == "empty source":
+        (tmp_path / "src.zarr").mkdir()
+        extra: list[str] = []
+    else:
+        make_hierarchy(tmp_path / "src.zarr")
+        extra = ["--path", "no/such/node"]
+    result = run_cli(
+        "copy", "--quiet", str(tmp_path / "src.zarr"), str(tmp_path / dst_name), *extra
+    )
+    assert result.returncode == 1, result.stderr
+    assert "nothing to copy" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src.zarr"]
+
+
+def test_a_failed_copy_keeps_what_it_wrote_and_what_was_there(tmp_path: Path) -> None:
+    """Only a place that holds nothing is taken away: whole keys stay for a resume."""
+    made = first_missing(str(tmp_path / "a" / "b" / "new.zarr"))
+    assert made == tmp_path / "a"
+    (tmp_path / "a" / "b" / "new.zarr" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "new.zarr" / "c" / "0").write_bytes(b"written")
+    remove_if_still_empty(made)
+    assert (tmp_path / "a" / "b" / "new.zarr" / "c" / "0").read_bytes() == b"written"
+    with zipfile.ZipFile(tmp_path / "one.zip", "w") as archive:
+        archive.writestr("zarr.json", b"{}")
+    remove_if_still_empty(tmp_path / "one.zip")
+    assert (tmp_path / "one.zip").exists()
+    (tmp_path / "not-a-zip").write_bytes(b"")
+    remove_if_still_empty(tmp_path / "not-a-zip")
+    assert (tmp_path / "not-a-zip").exists()
+    assert first_missing(str(tmp_path)) is None
+    assert first_missing("s3://bucket/x.zarr") is None
