@@ -90,7 +90,7 @@ def bench_reads(
 
     def zarr_sync() -> Timing:
         wall, cpu = time.perf_counter(), time.process_time()
-        result = theirs[:]
+        result = np.asarray(theirs[:])
         timing = (time.perf_counter() - wall, time.process_time() - cpu)
         assert result[-1] == last
         return timing

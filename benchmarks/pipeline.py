@@ -78,6 +78,7 @@ except ImportError:
     HAVE_ZARRS = False
 else:
     HAVE_ZARRS = True
+tensorstore: Any
 try:
     import tensorstore
 except ImportError:
@@ -182,7 +183,7 @@ def timed(function: Callable[[], Any], check: Callable[[Any], None]) -> Callable
     return run
 
 
-def opened(store: Any, pipeline: str) -> zarr.Array:
+def opened(store: Any, pipeline: str) -> zarr.Array[Any]:
     with zarr.config.set({"codec_pipeline.path": pipeline}):
         return zarr.open_array(store, mode="r")
 
@@ -250,7 +251,7 @@ def remote_runs(
             url, client_options={"allow_http": True}, retry_config={"max_retries": 0}
         )
 
-    def zarr_read(arr: zarr.Array) -> Callable[[], Any]:
+    def zarr_read(arr: zarr.Array[Any]) -> Callable[[], Any]:
         def read() -> Any:
             with zarr.config.set({"async.concurrency": window}):
                 return arr[sel]
@@ -265,7 +266,7 @@ def remote_runs(
             http_store(), read_only=True, max_concurrency=window, adaptive=False
         ),
     }
-    theirs = {
+    theirs: dict[str, Callable[[], Any]] = {
         "FsspecStore": lambda: zarr.storage.FsspecStore.from_url(url, read_only=True),
         "ObjectStore": lambda: zarr.storage.ObjectStore(http_store(), read_only=True),
     }
@@ -447,7 +448,7 @@ def bench_writes(folder: Path, work: Workload, repeat: int) -> list[str]:
     values = (np.arange(int(np.prod(work.shape)), dtype="float32") % 1000).reshape(work.shape)
     rounds = iter(range(10**6))
 
-    def create(store: Any) -> zarr.Array:
+    def create(store: Any) -> zarr.Array[Any]:
         return zarr.create_array(
             store,
             shape=work.shape,

@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import anyio
 import numpy as np
 import zarr
+import zarr.codecs
 import zarr.storage
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -148,7 +149,7 @@ def one_run(folder: Path, repeat: int, pipeline: str, into_out: bool) -> dict[st
     def read(name: str) -> Callable[[], None]:
         def run() -> None:
             if out is None:
-                result = arrays[name][:]
+                result = np.asarray(arrays[name][:])
             else:
                 arrays[name].get_basic_selection(slice(None), out=out)
                 result = out.as_numpy_array()
@@ -263,7 +264,7 @@ def bench_zip(folder: Path, chunk_bytes: int, chunks: int, repeat: int) -> list[
     ours = zarr_anyio.ZipStore(path, mode="r")
 
     def read_array(store: Any) -> None:
-        result = zarr.open_array(store=store, mode="r")[:]
+        result = np.asarray(zarr.open_array(store=store, mode="r")[:])
         assert result[-1] == data[-1]
 
     timings = median_seconds(

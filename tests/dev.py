@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     for command in (
         (py, "-m", "ruff", "check", "zarr_anyio", "tests", "benchmarks"),
         (py, "-m", "ruff", "format", "--check", "zarr_anyio", "tests", "benchmarks"),
-        (py, "-m", "mypy", "--strict", "zarr_anyio", "tests"),
+        (py, "-m", "mypy", "--strict", "zarr_anyio", "tests", "benchmarks"),
     ):
         if code := _run(*command):
             return code
