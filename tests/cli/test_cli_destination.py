@@ -391,7 +391,7 @@ def test_an_array_replaced_by_one_of_another_shape_in_a_folder(tmp_path: Path, f
     assert files_of(dst) == files_of(src)
 
 
-@pytest.mark.parametrize("dst_name", ["new.zarr", "new.zip", "a/b/new.zarr"])
+@pytest.mark.parametrize("dst_name", ["new.zarr", "new.zip", "a/b/new.zarr", "a/b/new.zip"])
 @pytest.mark.parametrize("failing", ["empty source", "missing path"])
 def test_a_failed_copy_to_a_new_local_place_leaves_nothing_there(
     tmp_path: Path, dst_name: str, failing: str
@@ -427,3 +427,11 @@ def test_a_failed_copy_keeps_what_it_wrote_and_what_was_there(tmp_path: Path) ->
     assert (tmp_path / "not-a-zip").exists()
     assert first_missing(str(tmp_path)) is None
     assert first_missing("s3://bucket/x.zarr") is None
+
+
+def test_a_copy_to_a_zip_in_folders_that_do_not_exist_makes_them(tmp_path: Path) -> None:
+    src = make_hierarchy(tmp_path / "src.zarr")
+    result = run_cli("copy", "--quiet", str(src), str(tmp_path / "a" / "b" / "new.zip"))
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(tmp_path / "a" / "b" / "new.zip") as archive:
+        assert {name: archive.read(name) for name in archive.namelist()} == files_of(src)

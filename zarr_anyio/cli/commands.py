@@ -31,7 +31,17 @@ from .new_place import first_missing, remove_if_still_empty
 from .plain_listing import PlainEntry, list_level, render_level
 from .progress import choose_mode, show_progress, store_counters
 from .signals import Interrupt, interruptible
-from .urls import UsageError, close_stores, ensure_open, exists, inside, open_url, place, scheme
+from .urls import (
+    UsageError,
+    close_stores,
+    ensure_open,
+    exists,
+    inside,
+    local_path,
+    open_url,
+    place,
+    scheme,
+)
 from .verify import verify_node
 
 __all__ = ["PROG", "copy_command", "demo", "demo_command", "info_command", "ls_command"]
@@ -167,6 +177,10 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
         raise UsageError("--size-only goes with --skip-existing (it says how keys are compared)")
     src = open_url(args.src, args, args.src_storage_option, "r")
     made = None if args.dry_run else first_missing(args.dst)
+    target = local_path(args.dst)
+    if made is not None and target is not None:
+        # A zip store makes its file but not the folders above it (a folder store makes both).
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
     # A dry run writes nothing, so it does not create DST either.
     dst: AnyioStore
     try:
