@@ -177,10 +177,6 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
         raise UsageError("--size-only goes with --skip-existing (it says how keys are compared)")
     src = open_url(args.src, args, args.src_storage_option, "r")
     made = None if args.dry_run else first_missing(args.dst)
-    target = local_path(args.dst)
-    if made is not None and target is not None:
-        # A zip store makes its file but not the folders above it (a folder store makes both).
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
     # A dry run writes nothing, so it does not create DST either.
     dst: AnyioStore
     try:
@@ -209,6 +205,11 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
         with interrupt.scope, single_error():
             await ensure_open(src, "source", args.src)
             if not args.dry_run:
+                target = local_path(args.dst)
+                if made is not None and target is not None:
+                    # A zip store makes its file but not the folders above it (a folder store
+                    # makes both).
+                    Path(target).parent.mkdir(parents=True, exist_ok=True)
                 await ensure_open(dst, "destination", args.dst)
             elif not await exists(dst):
                 await close_stores(dst)
