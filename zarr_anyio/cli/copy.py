@@ -73,7 +73,7 @@ class CopyOptions:
     existing: Existing = "refuse"
     compare: Compare = "bytes"
     dry_run: bool = False
-    max_bytes: int = 64 << 20
+    max_bytes: int = 4 << 20
 
 
 @dataclass
@@ -328,8 +328,7 @@ class _Copier:
             async with contextlib.aclosing(parts):
                 await self.dst._set_streamed(key, parts)
 
-        # Two parts: the one being read, the one being written.
-        async with self.budget.take(held(size, self.part)):
+        async with self.budget.take(held(self.src, size, self.part)):
             await self._write(key, size, put_in_parts)
 
     async def _write(self, key: str, size: int, put: Callable[[], Awaitable[None]]) -> None:

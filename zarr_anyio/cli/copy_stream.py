@@ -71,10 +71,12 @@ def streams(src: AnyioStore, dst: AnyioStore, size: int, part: int) -> bool:
     return size > part or (size >= _LEAST_PART and src._whole_reads_twice)
 
 
-def held(size: int, part: int) -> int:
-    """The bytes a value of ``size`` copied in parts of ``part`` holds at once: the part being
-    written and the one being read (each in a slot of the read pool, held once)."""
-    return min(size, 2 * part)
+def held(src: AnyioStore, size: int, part: int) -> int:
+    """The bytes a value of ``size`` copied in parts of ``part`` from ``src`` holds at once: one
+    part (read into a slot of the read pool, then written from it: the next part is read only
+    once the destination is done with this one, and takes the same slot), and what the source's
+    client holds for the response beside it (`AnyioStore._stream_overhead`)."""
+    return min(size, part) + src._stream_overhead
 
 
 async def ranged_parts(
@@ -103,6 +105,7 @@ async def ranged_parts(
             cut = Pieces(piece)
             while data := await cut.part(part):
                 yield data
+                del data  # see `AnyioStore._read_parts`
     except FileNotFoundError:
         raise Vanished(key) from None
     # Nothing past the end either (the store reads past it): a value that grew would otherwise

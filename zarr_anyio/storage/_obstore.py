@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import pickle
 import posixpath
@@ -127,6 +128,11 @@ async def _next_chunk(stream: Any) -> Any:
         return await stream.__anext__()
     except StopAsyncIteration:
         return None
+
+
+async def _written(writer: Any, part: Part) -> None:
+    """``part`` written by an obstore writer (a coroutine, as the bridge takes)."""
+    await writer.write(part)
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:
@@ -472,10 +478,11 @@ class ObjectStore(RemoteStore):
                 )
             # Never retried: the writer has taken in whatever a failed write gave it.
             await self._call(
-                lambda: _awaited(writer.write(part)),  # noqa: B023
+                functools.partial(_written, writer, part),
                 sent=len(part),
                 retried=False,
             )
+            del part  # its slot of the read pool is free for the next part
         if writer is None:
             await self._put(key, b"", exclusive=False)
             return
@@ -516,6 +523,7 @@ class ObjectStore(RemoteStore):
         async with contextlib.aclosing(parts):
             async for data in parts:
                 yield data
+                del data  # see `AnyioStore._read_parts`
 
     async def _backend_checksum(self, key: str) -> str | None:
         import obstore
