@@ -4,11 +4,14 @@ Keys are listed a page at a time (`zarr_anyio.storage._listing`) and handed to `
 in one task group through a small memory object stream, so a bucket of millions of keys costs
 memory for a page and the values in flight, not for the listing. Values in flight are also
 bounded in bytes (``max_bytes``), since 32 workers on 1 GiB chunks would otherwise hold 32 GiB;
-a value larger than a part is copied in parts (`.copy_stream`) and costs two parts of it (a
-value bigger than the budget that the destination takes only whole goes alone). The default,
-64 MiB, was measured on 64 chunks of 8 MiB from moto's S3 server (``benchmarks/copy_cli.py``,
-obstore, median of 3): 1.45 s at a peak of 156 MiB, where 256 MiB gave 1.86 s at 320 MiB: past a
-handful of big values in flight, more only costs memory.
+a value larger than a part is copied in parts (`.copy_stream`) and costs one part of it and
+its client's buffers (a value bigger than the budget that the destination takes only whole goes
+alone). The default, 4 MiB, was measured on 64 chunks of 8 MiB from moto's S3 server to a
+folder (``benchmarks/copy_cli.py``, median of 3, the same run): with obstore, two values in
+parts of 1 MiB at once copied as fast as eight values read whole at once under 64 MiB, or five
+under 16 MiB, and as ``fs.get``, below ``fs.get``'s peak (see docs/cli.md): on a loopback
+server, more values in flight only cost memory. A server far away, where each request waits
+out a round trip, wants more in flight: ``--max-memory`` is the knob.
 
 What happens to a destination that already holds data (refused, brought up to date, replaced)
 is `._copy_plan`'s to say; ``--verify`` is `._copy_verify`.

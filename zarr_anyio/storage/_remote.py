@@ -172,7 +172,8 @@ class RemoteStore(AnyioStore):
     # buffer and the piece in hand (hyper's pieces are ~400 KiB; aiohttp's 64 KiB, with botocore
     # and aiohttp's state for the response). Measured as what each value streamed at once added
     # to a copy's peak beyond its part (64 values of 8 MiB from moto, parts of 1 MiB, two
-    # values at once against four): ~1.1 MiB with obstore, ~1.9 with s3fs.
+    # values at once against four, malloc arenas capped as the command does): ~1.1 MiB with
+    # obstore, ~0.9 with s3fs.
     _stream_overhead = 1 << 20
 
     def __init__(self, *, read_only: bool = False, **options: Unpack[RemoteOptions]) -> None:
