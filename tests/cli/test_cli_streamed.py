@@ -149,13 +149,14 @@ def test_a_value_larger_than_the_budget_goes_to_s3_in_a_multipart_upload(
 def test_values_from_s3_larger_than_the_budget_cost_the_budget_and_no_copies_of_parts(
     tmp_path: Path, s3_server: S3Server, backend: str
 ) -> None:
-    # Four values of 48 MiB from S3 to a folder under a budget of 16 MiB: parts of 2 MiB, four
-    # values at once, two parts each. Measured against the same command copying one value of
-    # 1 MiB (the code, the libraries, the clients and their runtime), the copy may add its
-    # budget and the clients' pieces, not a value (48 MiB) nor copies of its parts. Each part
-    # was copied up to four times on its way (joined by obstore, copied to bytes, cut into a
-    # bytearray, sliced out): 79 MiB more with obstore (s3fs: 20-27 MiB); each piece now goes
-    # once into a reused part: 21-28 MiB (s3fs: 12-17 MiB).
+    # Four values of 48 MiB from S3 to a folder under a budget of 16 MiB: parts of 2 MiB, the
+    # four values at once, one part each (and a MiB each counted for the client's buffers).
+    # Measured against the same command copying one value of 1 MiB (the code, the libraries,
+    # the clients and their runtime), the copy may add its budget and the clients' pieces, not
+    # a value (48 MiB) nor copies of its parts. Each part was copied up to four times on its
+    # way (joined by obstore, copied to bytes, cut into a bytearray, sliced out): 79 MiB more
+    # with obstore (s3fs: 20-27 MiB); each piece now goes once into a reused part: 21-28 MiB
+    # (s3fs: 12-17 MiB).
     bucket = s3_server.new_bucket()
     fs = s3_server.s3fs(skip_instance_cache=True)
     fs.put(str(big_array(tmp_path / "big.zarr", 48, chunks=4)), f"{bucket}/big", recursive=True)

@@ -16,10 +16,10 @@ alive by a variable, an empty view of it or the thread that wrote it had the nex
 second. Where the store's parts were joined, copied to bytes, then cut again here, a copy of 64
 values of 8 MiB under a budget of 16 MiB peaked 73 MiB above its imports (obstore), then 35
 MiB with each part held once, two slots a value. Measured (``benchmarks/copy_cli.py --only
-huge``, median of 3, load 5 on 2 cores): a 2 GiB value from moto to a folder in 4.2 s at an
-86 MiB peak (obstore, 29 MiB above its imports; s3fs 3.5 s, 105 MiB; 184 and 131 MiB before
-parts were held once), where ``fs.get`` took 54 s at 1,116 MiB and a gather of zarr's own
-store 55 s at 4,245 MiB.
+huge``, one run, load 3.8 on 2 cores): a 2 GiB value from moto to a folder at the default
+budget in 3.7 s at a 66 MiB peak (obstore, 9 MiB above its imports; s3fs 3.0 s, 90 MiB; 86
+and 105 MiB with two slots a value under 64 MiB, 184 and 131 MiB before parts were held once),
+where ``fs.get`` took 45 s at 1,115 MiB and a gather of zarr's own store 49 s at 4,228 MiB.
 
 The write is whole or absent as any other: the temporary file is removed, the multipart upload
 aborted (s3fs) or left incomplete and invisible (obstore, which has no abort),
