@@ -7,11 +7,11 @@ bounded in bytes (``max_bytes``), since 32 workers on 1 GiB chunks would otherwi
 a value larger than a part is copied in parts (`.copy_stream`) and costs one part of it and
 its client's buffers (a value bigger than the budget that the destination takes only whole goes
 alone). The default, 4 MiB, was measured on 64 chunks of 8 MiB from moto's S3 server to a
-folder (``benchmarks/copy_cli.py``, median of 3, the same run): with obstore, two values in
-parts of 1 MiB at once copied as fast as eight values read whole at once under 64 MiB, or five
-under 16 MiB, and as ``fs.get``, below ``fs.get``'s peak (see docs/cli.md): on a loopback
-server, more values in flight only cost memory. A server far away, where each request waits
-out a round trip, wants more in flight: ``--max-memory`` is the knob.
+folder (``benchmarks/copy_cli.py``, median of 5, load 4): with obstore, two values at once in
+parts of 1 MiB took 1.22 s at a 68 MiB peak, ``fs.get`` 1.28 s at 70 MiB; 64 MiB (eight values
+read whole at once) took 0.91 s at 134 MiB, 16 MiB 1.08 s at 80 MiB. The default is the
+budget at which a copy holds no more than ``fs.get``; a server far away, where each request
+waits out a round trip, wants more values in flight: ``--max-memory`` is the knob.
 
 What happens to a destination that already holds data (refused, brought up to date, replaced)
 is `._copy_plan`'s to say; ``--verify`` is `._copy_verify`.
