@@ -4,11 +4,14 @@ Keys are listed a page at a time (`zarr_anyio.storage._listing`) and handed to `
 in one task group through a small memory object stream, so a bucket of millions of keys costs
 memory for a page and the values in flight, not for the listing. Values in flight are also
 bounded in bytes (``max_bytes``), since 32 workers on 1 GiB chunks would otherwise hold 32 GiB;
-a value larger than a part is copied in parts (`.copy_stream`) and costs two parts of it (a
-value bigger than the budget that the destination takes only whole goes alone). The default,
-64 MiB, was measured on 64 chunks of 8 MiB from moto's S3 server (``benchmarks/copy_cli.py``,
-obstore, median of 3): 1.45 s at a peak of 156 MiB, where 256 MiB gave 1.86 s at 320 MiB: past a
-handful of big values in flight, more only costs memory.
+a value larger than a part is copied in parts (`.copy_stream`) and costs one part of it and
+its client's buffers (a value bigger than the budget that the destination takes only whole goes
+alone). The default, 4 MiB, was measured on 64 chunks of 8 MiB from moto's S3 server to a
+folder (``benchmarks/copy_cli.py``, median of 5, load 4): with obstore, two values at once in
+parts of 1 MiB took 1.22 s at a 68 MiB peak, ``fs.get`` 1.28 s at 70 MiB; 64 MiB (eight values
+read whole at once) took 0.91 s at 134 MiB, 16 MiB 1.08 s at 80 MiB. The default is the
+budget at which a copy holds no more than ``fs.get``; a server far away, where each request
+waits out a round trip, wants more values in flight: ``--max-memory`` is the knob.
 
 What happens to a destination that already holds data (refused, brought up to date, replaced)
 is `._copy_plan`'s to say; ``--verify`` is `._copy_verify`.
@@ -73,7 +76,7 @@ class CopyOptions:
     existing: Existing = "refuse"
     compare: Compare = "bytes"
     dry_run: bool = False
-    max_bytes: int = 64 << 20
+    max_bytes: int = 4 << 20
 
 
 @dataclass
@@ -328,8 +331,7 @@ class _Copier:
             async with contextlib.aclosing(parts):
                 await self.dst._set_streamed(key, parts)
 
-        # Two parts: the one being read, the one being written.
-        async with self.budget.take(held(size, self.part)):
+        async with self.budget.take(held(self.src, size, self.part)):
             await self._write(key, size, put_in_parts)
 
     async def _write(self, key: str, size: int, put: Callable[[], Awaitable[None]]) -> None:

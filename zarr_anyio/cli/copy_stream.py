@@ -5,17 +5,21 @@ it a part at a time (the store's `_read_parts`: one GET whose body is taken a pa
 S3, where a ranged read per part would cost a request each, and moto reads the whole object for
 each range; ranged reads elsewhere), each part handed to the destination's streamed write as it
 arrives (a temporary file renamed into place at the end for a folder, the multipart upload for
-S3), so a value of any size costs the copy's byte budget two parts (the one read, the one being
-written), not the value. Each part is held once: the source reads it into a slot of the read
-pool (``zarr_anyio.storage._pieces``: a client's pieces copied in as they come, a file read
-straight in), the destination writes from there, and the slot is taken again for a later part
-once nothing refers to it; where the store's parts were joined, copied to bytes, then cut again
-here, a copy of 64 values of 8 MiB under a budget of 16 MiB peaked 73 MiB above its imports
-(obstore), now 35 MiB, 16 of them the parts. Measured (``benchmarks/copy_cli.py --only
-huge``, median of 3, load 5 on 2 cores): a 2 GiB value from moto to a folder in 4.2 s at an
-86 MiB peak (obstore, 29 MiB above its imports; s3fs 3.5 s, 105 MiB; 184 and 131 MiB before
-parts were held once), where ``fs.get`` took 54 s at 1,116 MiB and a gather of zarr's own
-store 55 s at 4,245 MiB.
+S3), so a value of any size costs the copy's byte budget one part and what the source's client
+holds for the response (`held`), not the value. Each part is held once: the source reads it
+into a slot of the read pool (``zarr_anyio.storage._pieces``: a client's pieces copied in as
+they come, a file read straight in), the destination writes from there, and the next part,
+read only once that write is done, takes the same slot, since nothing refers to the part any
+more (each generator on the way lets go of it before asking for the next, the folder's writer
+thread is handed it in a box it empties): a value in flight holds one slot, where a part kept
+alive by a variable, an empty view of it or the thread that wrote it had the next take a
+second. Where the store's parts were joined, copied to bytes, then cut again here, a copy of 64
+values of 8 MiB under a budget of 16 MiB peaked 73 MiB above its imports (obstore), then 35
+MiB with each part held once, two slots a value. Measured (``benchmarks/copy_cli.py --only
+huge``, one run, load 3.8 on 2 cores): a 2 GiB value from moto to a folder at the default
+budget in 3.7 s at a 66 MiB peak (obstore, 9 MiB above its imports; s3fs 3.0 s, 90 MiB; 86
+and 105 MiB with two slots a value under 64 MiB, 184 and 131 MiB before parts were held once),
+where ``fs.get`` took 45 s at 1,115 MiB and a gather of zarr's own store 49 s at 4,228 MiB.
 
 The write is whole or absent as any other: the temporary file is removed, the multipart upload
 aborted (s3fs) or left incomplete and invisible (obstore, which has no abort),
@@ -26,9 +30,9 @@ A destination that cannot write a value in parts (a zip file, whose members we a
 under its lock, and memory) gets it whole: held in memory as before this module, one value at a
 time when it is bigger than the budget.
 
-The part size is an eighth of ``--max-memory`` (8 MiB for the default 64 MiB: four values in
-parts at once), at least 1 MiB (each part is a thread hop, or a request) and at least what
-the destination takes (S3: 5 MiB).
+The part size is an eighth of ``--max-memory``, at least 1 MiB (each part is a thread hop, or a
+request) and at least what the destination takes (S3: 5 MiB): for the default of 4 MiB, parts
+of 1 MiB, and two values from S3 at once (each counted as its part and a MiB for the client).
 """
 
 from __future__ import annotations
@@ -71,10 +75,12 @@ def streams(src: AnyioStore, dst: AnyioStore, size: int, part: int) -> bool:
     return size > part or (size >= _LEAST_PART and src._whole_reads_twice)
 
 
-def held(size: int, part: int) -> int:
-    """The bytes a value of ``size`` copied in parts of ``part`` holds at once: the part being
-    written and the one being read (each in a slot of the read pool, held once)."""
-    return min(size, 2 * part)
+def held(src: AnyioStore, size: int, part: int) -> int:
+    """The bytes a value of ``size`` copied in parts of ``part`` from ``src`` holds at once: one
+    part (read into a slot of the read pool, then written from it: the next part is read only
+    once the destination is done with this one, and takes the same slot), and what the source's
+    client holds for the response beside it (`AnyioStore._stream_overhead`)."""
+    return min(size, part) + src._stream_overhead
 
 
 async def ranged_parts(
@@ -103,6 +109,7 @@ async def ranged_parts(
             cut = Pieces(piece)
             while data := await cut.part(part):
                 yield data
+                del data  # see `AnyioStore._read_parts`
     except FileNotFoundError:
         raise Vanished(key) from None
     # Nothing past the end either (the store reads past it): a value that grew would otherwise

@@ -11,8 +11,11 @@ SIGTERM (143). An error is one line on stderr; ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import importlib.metadata
 import os
+import platform
 import signal
 import sys
 import traceback
@@ -236,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=CopyOptions.max_bytes,
         metavar="SIZE",
-        help="bytes of values in flight at most, like 256M (default: 64M); a value larger "
-        "than an eighth of it is copied in parts",
+        help="bytes of values in flight at most, the clients' buffers for them included, like "
+        "64M (default: 4M); a value larger than an eighth of it (at least 1 MiB) is copied "
+        "in parts",
     )
     copy.add_argument(
         "--progress-interval",
@@ -301,8 +305,31 @@ def _spelled_out(argv: list[str]) -> list[str]:
     return ["--verify=bytes" if arg == "--verify" else arg for arg in argv]
 
 
+# glibc's mallopt parameter for the most malloc arenas a process makes.
+_M_ARENA_MAX = -8
+# Two arenas: the event loop's thread and one for every other.
+_ARENAS = 2
+
+
+def few_malloc_arenas() -> None:
+    """Cap the malloc arenas of this process (glibc only; elsewhere nothing changes).
+
+    glibc gives a thread that allocates an arena of its own, up to 8 a core, and keeps what is
+    freed in it: a copy's threads (the worker threads that write files, obstore's tokio
+    threads, which allocate each response's buffers) each kept a MiB or more. With two arenas,
+    64 values of 8 MiB from moto with obstore under ``--max-memory 4M`` peaked 10 MiB above
+    the command's imports, against 15 (median of 2, same run, same speed). The command owns
+    its process, so it sets this for every subcommand, before any thread starts.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, _ARENAS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_spelled_out(sys.argv[1:] if argv is None else argv))
+    few_malloc_arenas()
     try:
         code: int = args.run(args)
     except UsageError as error:

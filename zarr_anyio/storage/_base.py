@@ -258,6 +258,11 @@ class AnyioStore(Store, abc.ABC):
     # The smallest part the backend takes, all but the last (S3's multipart upload: 5 MiB).
     _min_part_size: int = 0
 
+    # The bytes that reading a value with `_read_parts` holds beyond the part itself, for as
+    # long as the read goes on (a client's buffers for the response): what a copy's byte
+    # budget counts for each value it streams.
+    _stream_overhead: int = 0
+
     # Whether a whole read (`get`) holds the value twice at its peak (a client that joins the
     # body's pieces into new bytes), where `_read_parts` of the value as one part holds it once:
     # a copy then reads a large value in parts even when it fits one.
@@ -309,6 +314,7 @@ class AnyioStore(Store, abc.ABC):
             start += len(value)
             # As it was read (`to_bytes` would copy it): a large read from a folder is a slot.
             yield memoryview(value.as_buffer_like()).cast("B")
+            del value  # see `_read_parts`
 
     async def _backend_checksum(self, key: str) -> str | None:
         """A checksum of the value at ``key`` that the backend keeps and gives without reading
@@ -549,6 +555,11 @@ class AnyioStore(Store, abc.ABC):
         async with aclosing(parts):
             async for data in parts:
                 yield data
+                # Let go of a part before the next is read, here and in every generator that
+                # passes parts on: a part still referred to keeps its slot of the read pool, so
+                # the next part would take a second slot, and a copy would hold two parts a
+                # value where it reads and writes them one after the other.
+                del data
 
     async def _checksum(self, key: str) -> str | None:
         """The backend's own checksum of ``key`` (see `_backend_checksum`)."""

@@ -565,6 +565,7 @@ class FsspecStore(RemoteStore):
             ) as parts:
                 async for data in parts:
                     yield data
+                    del data  # see `AnyioStore._read_parts`
             return
         # One GET whose body is taken a part at a time (see ObjectStore's): botocore's
         # streaming body, read on the filesystem's loop; a failure in the middle goes on with
@@ -597,6 +598,7 @@ class FsspecStore(RemoteStore):
             async with contextlib.aclosing(parts):
                 async for data in parts:
                     yield data
+                    del data
         finally:
             with anyio.CancelScope(shield=True):
                 await run_on_loop(lambda: _close(body), self._loop())

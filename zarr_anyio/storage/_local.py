@@ -238,6 +238,7 @@ class LocalStore(BlockingStore):
                     return
                 start += len(data)
                 yield data
+                del data  # see `AnyioStore._read_parts`
         finally:
             os.close(fd)
 
@@ -277,8 +278,13 @@ class LocalStore(BlockingStore):
         staged = await self._blocking(lambda _: Staged(root))
         try:
             async for part in parts:
-                view = memoryview(part).cast("B")
-                await self._blocking(lambda check: staged.write(view, check))  # noqa: B023
+                # Handed to the thread in a box that the write empties, and let go of here, so
+                # that once written nothing refers to the part and the next one (read next, as
+                # the loop asks for it) takes its slot of the read pool: the thread's call would
+                # otherwise hold it until the thread next runs, after this loop may have asked.
+                given = [memoryview(part).cast("B")]
+                del part
+                await self._blocking(lambda check: staged.write(given.pop(), check))  # noqa: B023
             await self._blocking(
                 lambda check: write_file(
                     root,

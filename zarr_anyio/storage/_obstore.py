@@ -15,6 +15,7 @@ import asyncio
 import atexit
 import contextlib
 import errno
+import functools
 import os
 import pickle
 import posixpath
@@ -152,6 +153,11 @@ async def _next_chunk(stream: Any) -> Any:
         return await stream.__anext__()
     except StopAsyncIteration:
         return None
+
+
+async def _written(writer: Any, part: Part) -> None:
+    """``part`` written by an obstore writer (a coroutine, as the bridge takes)."""
+    await writer.write(part)
 
 
 async def _awaited(awaitable: Awaitable[T]) -> T:
@@ -497,10 +503,11 @@ class ObjectStore(RemoteStore):
                 )
             # Never retried: the writer has taken in whatever a failed write gave it.
             await self._call(
-                lambda: _awaited(writer.write(part)),  # noqa: B023
+                functools.partial(_written, writer, part),
                 sent=len(part),
                 retried=False,
             )
+            del part  # its slot of the read pool is free for the next part
         if writer is None:
             await self._put(key, b"", exclusive=False)
             return
@@ -541,6 +548,7 @@ class ObjectStore(RemoteStore):
         async with contextlib.aclosing(parts):
             async for data in parts:
                 yield data
+                del data  # see `AnyioStore._read_parts`
 
     async def _backend_checksum(self, key: str) -> str | None:
         import obstore

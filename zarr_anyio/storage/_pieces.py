@@ -26,6 +26,8 @@ from . import _buffers
 
 __all__ = ["Pieces"]
 
+_EMPTY = memoryview(b"")
+
 
 class Pieces:
     """A body read as parts, each in a slot of the pool: ``read(n)`` gives its next piece (at
@@ -34,7 +36,7 @@ class Pieces:
 
     def __init__(self, read: Callable[[int], Awaitable[Any]]) -> None:
         self._read = read
-        self._rest = memoryview(b"")
+        self._rest = _EMPTY
 
     async def part(self, wanted: int) -> memoryview:
         """The next ``wanted`` bytes, fewer only at the body's end."""
@@ -42,19 +44,25 @@ class Pieces:
             return self._rest
         if len(self._rest) >= wanted:
             # Within one piece (a client that gave the part whole): a view of it, no copy.
-            whole, self._rest = self._rest[:wanted], self._rest[wanted:]
+            whole = self._rest[:wanted]
+            self._left_after(wanted)
             return whole
         into = _buffers.take(wanted)
         got = 0
         while got < wanted and (self._rest or await self._next(wanted - got)):
             count = min(len(self._rest), wanted - got)
             into[got : got + count] = self._rest[:count]
-            self._rest = self._rest[count:]
+            self._left_after(count)
             got += count
         return into if got == wanted else into[:got]
+
+    def _left_after(self, used: int) -> None:
+        # An empty view still holds its piece (a slot of the pool, when the pieces are parts
+        # read into the pool): a piece used up is let go, so its slot serves the next part.
+        self._rest = self._rest[used:] if used < len(self._rest) else _EMPTY
 
     async def _next(self, wanted: int) -> bool:
         """Read the next piece into ``_rest``; whether there was one."""
         piece = await self._read(wanted)
-        self._rest = memoryview(b"") if piece is None else memoryview(piece).cast("B")
+        self._rest = _EMPTY if piece is None else memoryview(piece).cast("B")
         return bool(self._rest)
