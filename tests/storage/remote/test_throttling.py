@@ -56,9 +56,10 @@ async def test_against_a_rate_limit_the_window_shrinks_and_every_byte_arrives(
     adaptive = http_store(kind, http_server, max_concurrency=64, retry=QUICK)
     await read_all(adaptive, objects)
     stats = adaptive.stats()
-    # The same server, the same reads: the fixed window of 64 kept hammering (most of its
-    # requests refused), the adaptive one came down to what the server admits.
-    assert fixed_throttled > 300
+    # The same server, the same reads: the fixed window of 64 kept hammering (hundreds of its
+    # requests refused: 300-600 here, fewer on a loaded machine, whose client is slower), the
+    # adaptive one came down to what the server admits.
+    assert fixed_throttled > 150
     assert http_server.throttled < fixed_throttled / 4
     assert stats.throttled == http_server.throttled
     assert stats.requests == http_server.requests == 300 + http_server.throttled
