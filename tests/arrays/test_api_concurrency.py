@@ -69,8 +69,9 @@ async def test_waiting_calls_hold_no_thread() -> None:
             tg.start_soon(arr.getitem, Ellipsis)
         while store.now < 40:
             await anyio.sleep(0.001)
-        # 40 calls waiting on their reads, under trio as under asyncio: not a thread more.
-        assert threading.active_count() == threads_before
+        # 40 calls waiting on their reads, under trio as under asyncio: not a thread more
+        # (fewer is no failure: a thread of an earlier test may have ended meanwhile).
+        assert threading.active_count() <= threads_before
 
 
 @pytest.mark.parametrize(("limit", "zarr_cap", "expected"), [(64, 10, 64), (16, 64, 16)])
