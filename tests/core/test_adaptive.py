@@ -276,29 +276,3 @@ def test_a_retry_after_holds_the_pace_until_the_wait_has_passed() -> None:
     answer_at_pace(window, now, 0.5, 0.02)
     assert window.pace is not None
     assert window.pace > held
-
-
-def test_a_refusal_soon_after_another_steps_the_pace_down_from_where_it_was() -> None:
-    # After a return from 100 to 300 requests/s, the last second still counts the low rate. A
-    # refusal there steps the pace down (x beta) from where it was; so does the next one, an
-    # answer between: taken to that lagging second's rate instead, the pace fell from 283 to
-    # 166 requests/s in 4 ms, and stayed there until the next return.
-    window = AdaptiveLimiter(128, initial=32)
-    now = answer_a_second(window, 0.0, 300, 0.02)
-    throttle(window, now)
-    # The server drops to 100/s: a second of answers at that rate, a refusal after every tenth.
-    for i in range(1, 101):
-        window.record(Outcome.ANSWERED, 0.02, window.epoch, round(window.window), now=now + i / 100)
-        if i % 10 == 0:
-            throttle(window, now + i / 100 + 0.001)
-    # It comes back: answered at the pace, which returns to the rate that held.
-    now = answer_at_pace(window, now + 1.001, 0.6, 0.02)
-    assert window.pace is not None
-    assert window.pace >= 300
-    assert window.admitted(now) < 0.7 * 300 * 0.02  # the last second lags it
-    throttle(window, now)
-    stepped = window.pace
-    assert stepped == pytest.approx(0.9 * 300, rel=0.1)
-    window.record(Outcome.ANSWERED, 0.02, window.epoch - 1, round(window.window), now=now + 0.002)
-    throttle(window, now + 0.004)
-    assert window.pace == pytest.approx(0.9 * stepped, rel=0.01)

@@ -41,9 +41,9 @@ throttled one (measured: 128 in flight against a server admitting 300 requests/s
   in 0.3 s (most of the way in the first tenth), the window following it one per answer; beyond
   it the doubling growth probes on. A return the server refuses makes the next wait twice as
   long (up to 2.4 s) and aim a tenth lower, so a limit that fell for good is forgotten in a few
-  returns. A throttle while pacing takes the pace a step down from where it was (x ``beta``),
-  never below the last second's rate, rather than to that rate, which lags a pace that was
-  climbing (it took a pace just back at 300 requests/s to 166 at a second refusal).
+  returns. A throttle after answers ran clean for 0.2 s takes the pace a step down from where
+  it was (x ``beta``) rather than to the last second's rate, which lags a pace that was
+  climbing.
 * **Retry-After**: a throttle that says when to come back holds the pace's growth until then
   (its request waits that long, and one refused in a read's last second holds the whole read),
   and its request waits without its token (the store's part), so the pace, not a window of
@@ -336,15 +336,11 @@ class AdaptiveLimiter(Limiter):
                 self._held *= self._beta
                 self._return_after = min(2 * self._return_after, RETURN_AFTER_MOST)
                 self._returning = None
-            elif self._pace is not None:
-                # Refused while pacing: a step down from the pace (x beta), not down to the
-                # last second's rate, which lags a pace that was climbing (after a return from
-                # 100 to 300 requests/s the second still counts the low rate, and a stray
-                # refusal there took the pace back to 200). Not only after answers ran clean:
-                # the second refusal of a burst, an answer after the first, took the pace to
-                # that lagging rate all the same (measured: 364 to 225 requests/s in 6 ms, a
-                # third of a second at 230 before the next return, and the window with it).
-                # A limit that fell comes down as fast: x beta a run, halving within one.
+            elif self._pace is not None and clean >= RETURN_AFTER:
+                # Refused after answers ran clean: a step down from the pace (x beta), not
+                # down to the last second's rate, which lags a pace that was climbing (after a
+                # return from 100 to 300 requests/s the second still counts the low rate, and
+                # a stray refusal there took the pace back to 200).
                 rate = max(rate, self._beta * self._pace)
             self._held = max(self._held, rate)
             self._streak_rate = rate
