@@ -8,6 +8,7 @@ otherwise outlive the failed command and read as an empty store.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 from pathlib import Path
@@ -48,12 +49,28 @@ def remove_if_still_empty(made: Path) -> None:
     """
     if not os.path.lexists(made) or not _holds_nothing(made):
         return
+    # Another process may write into ``made`` after the check (another copy into a sibling
+    # of ours under the same new folder): each entry is looked at again as it goes, and a
+    # folder goes with ``rmdir``, which refuses one that is no longer empty.
     if made.is_dir():
         for folder, subfolders, files in os.walk(made, topdown=False):
             for name in files:
-                os.unlink(os.path.join(folder, name))
+                _remove_empty_zip(Path(folder, name))
             for name in subfolders:
-                os.rmdir(os.path.join(folder, name))
-        os.rmdir(made)
+                _remove_empty_folder(Path(folder, name))
+        _remove_empty_folder(made)
     else:
-        made.unlink()
+        _remove_empty_zip(made)
+
+
+def _remove_empty_zip(path: Path) -> None:
+    if os.path.lexists(path) and not path.is_dir() and _holds_nothing(path):
+        path.unlink(missing_ok=True)
+
+
+def _remove_empty_folder(path: Path) -> None:
+    if path.is_symlink():
+        return
+    # Gone already, or not empty any more (ENOTEMPTY): either way not ours to take.
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
