@@ -411,6 +411,23 @@ def test_a_failed_copy_to_a_new_local_place_leaves_nothing_there(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["src.zarr"]
 
 
+def test_a_failed_copy_to_an_empty_file_leaves_it_empty(tmp_path: Path) -> None:
+    """A zip destination that is a file of no bytes (``touch new.zip``) is a new archive to the
+    store, which writes the archive's directory at close: a copy that fails leaves the file as
+    it found it, and one that succeeds fills it."""
+    (tmp_path / "src.zarr").mkdir()
+    touched = tmp_path / "new.zip"
+    touched.touch()
+    result = run_cli("copy", "--quiet", str(tmp_path / "src.zarr"), str(touched))
+    assert result.returncode == 1, result.stderr
+    assert "nothing to copy" in result.stderr
+    assert touched.read_bytes() == b""
+    src = make_hierarchy(tmp_path / "full.zarr")
+    assert run_cli("copy", "--quiet", str(src), str(touched)).returncode == 0
+    with zipfile.ZipFile(touched) as archive:
+        assert {name: archive.read(name) for name in archive.namelist()} == files_of(src)
+
+
 def test_a_failed_copy_keeps_what_it_wrote_and_what_was_there(tmp_path: Path) -> None:
     """Only a place that holds nothing is taken away: whole keys stay for a resume."""
     made = first_missing(str(tmp_path / "a" / "b" / "new.zarr"))

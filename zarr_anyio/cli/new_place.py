@@ -3,7 +3,9 @@ failed before anything was written into it.
 
 A copy that fails leaves the destination as it found it: where DST did not exist, opening it
 made a folder (and the missing folders above it) or a zip holding no member, which would
-otherwise outlive the failed command and read as an empty store.
+otherwise outlive the failed command and read as an empty store. Likewise a zip destination
+that was a file of no bytes, into which the zip store writes an empty directory at close, is
+made empty again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from .urls import local_path
 
-__all__ = ["first_missing", "remove_if_still_empty"]
+__all__ = ["emptied_if_still_empty", "empty_file", "first_missing", "remove_if_still_empty"]
 
 
 def first_missing(url: str) -> Path | None:
@@ -29,6 +31,22 @@ def first_missing(url: str) -> Path | None:
             break
         missing = candidate
     return missing
+
+
+def empty_file(url: str) -> Path | None:
+    """The local ``url`` if it is a file of no bytes: a zip destination takes it as a new
+    archive and writes the archive's (empty) directory into it at close."""
+    path = local_path(url)
+    if path is None or not os.path.isfile(path) or os.path.getsize(path) != 0:
+        return None
+    return Path(path)
+
+
+def emptied_if_still_empty(path: Path) -> None:
+    """``path``, found empty, made empty again if it is a zip without members (what a failed
+    copy to it left)."""
+    if os.path.isfile(path) and _holds_nothing(path):
+        os.truncate(path, 0)
 
 
 def _holds_nothing(path: Path) -> bool:
