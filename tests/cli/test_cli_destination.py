@@ -27,6 +27,7 @@ from zarr.core.buffer import default_buffer_prototype
 import zarr_anyio
 from support.command_line import files_of, make_hierarchy, run_cli, s3_options
 from support.servers import CountingProxy, S3Server
+from zarr_anyio.cli import new_place
 from zarr_anyio.cli.new_place import first_missing, remove_if_still_empty
 
 CHUNK_ITEMS = 256  # make_hierarchy's chunks: 1024 bytes of int32
@@ -410,6 +411,23 @@ def test_a_failed_copy_to_a_new_local_place_leaves_nothing_there(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["src.zarr"]
 
 
+def test_a_failed_copy_to_an_empty_file_leaves_it_empty(tmp_path: Path) -> None:
+    """A zip destination that is a file of no bytes (``touch new.zip``) is a new archive to the
+    store, which writes the archive's directory at close: a copy that fails leaves the file as
+    it found it, and one that succeeds fills it."""
+    (tmp_path / "src.zarr").mkdir()
+    touched = tmp_path / "new.zip"
+    touched.touch()
+    result = run_cli("copy", "--quiet", str(tmp_path / "src.zarr"), str(touched))
+    assert result.returncode == 1, result.stderr
+    assert "nothing to copy" in result.stderr
+    assert touched.read_bytes() == b""
+    src = make_hierarchy(tmp_path / "full.zarr")
+    assert run_cli("copy", "--quiet", str(src), str(touched)).returncode == 0
+    with zipfile.ZipFile(touched) as archive:
+        assert {name: archive.read(name) for name in archive.namelist()} == files_of(src)
+
+
 def test_a_failed_copy_keeps_what_it_wrote_and_what_was_there(tmp_path: Path) -> None:
     """Only a place that holds nothing is taken away: whole keys stay for a resume."""
     made = first_missing(str(tmp_path / "a" / "b" / "new.zarr"))
@@ -427,6 +445,30 @@ def test_a_failed_copy_keeps_what_it_wrote_and_what_was_there(tmp_path: Path) ->
     assert (tmp_path / "not-a-zip").exists()
     assert first_missing(str(tmp_path)) is None
     assert first_missing("s3://bucket/x.zarr") is None
+
+
+def test_a_failed_copy_keeps_a_key_another_process_wrote_after_it_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies into new folders under one that neither found: the one that fails must not
+    take the other's key, written between its look at the folder and its removal."""
+    made = first_missing(str(tmp_path / "out" / "a.zarr"))
+    assert made == tmp_path / "out"
+    (tmp_path / "out" / "a.zarr").mkdir(parents=True)
+    other = tmp_path / "out" / "b.zarr" / "c" / "0"
+    looked = new_place._holds_nothing
+
+    def then_the_other_copy_writes(path: Path) -> bool:
+        empty = looked(path)
+        if not other.exists():
+            other.parent.mkdir(parents=True)
+            other.write_bytes(b"the other copy's key")
+        return empty
+
+    monkeypatch.setattr(new_place, "_holds_nothing", then_the_other_copy_writes)
+    remove_if_still_empty(made)
+    assert other.read_bytes() == b"the other copy's key"
+    assert not (tmp_path / "out" / "a.zarr").exists()  # what was ours and empty still goes
 
 
 def test_a_copy_to_a_zip_in_folders_that_do_not_exist_makes_them(tmp_path: Path) -> None:

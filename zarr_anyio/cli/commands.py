@@ -27,7 +27,7 @@ from zarr_anyio.storage._redact import redact
 from .copy import CopyOptions, CopyReport, copy_node
 from .copy_plan import DestinationHoldsData
 from .info import describe, human_size, render_info, render_tree
-from .new_place import first_missing, remove_if_still_empty
+from .new_place import emptied_if_still_empty, empty_file, first_missing, remove_if_still_empty
 from .plain_listing import PlainEntry, list_level, render_level
 from .progress import choose_mode, show_progress, store_counters
 from .signals import Interrupt, interruptible
@@ -177,6 +177,8 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
         raise UsageError("--size-only goes with --skip-existing (it says how keys are compared)")
     src = open_url(args.src, args, args.src_storage_option, "r")
     made = None if args.dry_run else first_missing(args.dst)
+    # A file of no bytes (``touch out.zip``) is left with no bytes by a copy that fails.
+    found_empty = None if args.dry_run else empty_file(args.dst)
     # A dry run writes nothing, so it does not create DST either.
     dst: AnyioStore
     try:
@@ -235,8 +237,11 @@ async def _copy(args: argparse.Namespace, interrupt: Interrupt, out: TextIO) -> 
         failure, status = error, "failed"
     finally:
         await close_stores(src, dst)
-        if made is not None and (failure is not None or interrupt.signal is not None):
-            remove_if_still_empty(made)
+        if failure is not None or interrupt.signal is not None:
+            if made is not None:
+                remove_if_still_empty(made)
+            if found_empty is not None:
+                emptied_if_still_empty(found_empty)
     if interrupt.signal is not None:
         status = "interrupted"
     report.finished = report.finished or time.monotonic()
