@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.util
 import os
 import random
 import shutil
@@ -72,15 +74,12 @@ MIB = 1 << 20
 LATENCY = 0.02
 BARE = "aiohttp alone (no zarr)"
 
-try:
-    import zarrs  # noqa: F401
-except ImportError:
-    HAVE_ZARRS = False
-else:
-    HAVE_ZARRS = True
+# Optional readers, not in any extra (pip install zarrs tensorstore): imported by name, so that
+# the type check is the same whether or not they are installed.
+HAVE_ZARRS = importlib.util.find_spec("zarrs") is not None
 tensorstore: Any
 try:
-    import tensorstore
+    tensorstore = importlib.import_module("tensorstore")
 except ImportError:
     tensorstore = None
 
