@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,21 +201,22 @@ async def test_a_cancelled_read_from_a_local_store_waits_for_its_threads(
     running = 0
     started = 0
     lock = threading.Lock()
-    real_read = zarr_anyio.storage._localfs.read_file
+    real_reads = zarr_anyio.storage._localfs.read_files
 
-    def slow_read(*args: Any) -> Any:
+    def slow_reads(root: str, requests: Iterable[Any]) -> Iterator[Any]:
         nonlocal running, started
-        with lock:
-            running += 1
-            started += 1
-        try:
-            threading.Event().wait(0.03)  # a slow disk
-            return real_read(*args)
-        finally:
+        for request in requests:
             with lock:
-                running -= 1
+                running += 1
+                started += 1
+            try:
+                threading.Event().wait(0.03)  # a slow disk
+                yield from real_reads(root, [request])
+            finally:
+                with lock:
+                    running -= 1
 
-    monkeypatch.setattr(zarr_anyio.storage._local, "read_file", slow_read)
+    monkeypatch.setattr(zarr_anyio.storage._local, "read_files", slow_reads)
     # On a slow disk nothing is read on the event loop (those reads are for cached bytes).
     monkeypatch.setattr(zarr_anyio.storage._local.LocalStore, "_reads_on_loop", False)
     # Cancel once reads are under way, however slowly a loaded machine gets them started.

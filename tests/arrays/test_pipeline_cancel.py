@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +125,17 @@ class Counted:
         with self.io.call():
             return super()._read_blocking(key, byte_range)  # type: ignore[misc]
 
-    def _read_into_blocking(self, key: str, into: memoryview) -> Any:
-        with self.io.call():
-            return super()._read_into_blocking(key, into)  # type: ignore[misc]
+    def _read_many_blocking(self, requests: Iterable[Any]) -> Generator[Any, None, None]:
+        reads = super()._read_many_blocking(requests)  # type: ignore[misc]
+        try:
+            while True:
+                with self.io.call():
+                    got = next(reads, _END)
+                if got is _END:
+                    return
+                yield got
+        finally:
+            reads.close()
 
     def _set_blocking(self, key: str, value: memoryview, check_cancelled: Any) -> None:
         with self.io.call():
@@ -142,6 +150,9 @@ class Counted:
         finally:
             with self.io.lock:
                 self.io.now -= 1
+
+
+_END = object()
 
 
 class CountedLocal(Counted, zarr_anyio.LocalStore):

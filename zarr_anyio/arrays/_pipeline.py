@@ -12,8 +12,9 @@ and decodes on the loop or one hop per chunk. Here the cost is per *batch*:
 * On a `BlockingStore` (LocalStore, ZipStore) a batch of chunks is one hop to a worker thread,
   holding one token of the store's limiter while it reads; the thread gives the token back as soon
   as its reads are done, then decodes and scatters the batch into the result. No task, future or
-  coroutine per chunk. A raw chunk (only a native-endian ``bytes`` codec) whose place in the
-  result is contiguous is read straight into the result (`BlockingStore._read_into_blocking`).
+  coroutine per chunk. A raw chunk (only a native-endian ``bytes`` codec) is read straight into
+  its place in the result (`BlockingStore._read_into_array_blocking`): one read where that place
+  is contiguous, one ``preadv`` into its rows where it is not (`zarr_anyio.storage._scatter`).
 * On any other store (ours or zarr's, remote or in memory, and the inner chunks of a shard) a
   pool of fetching tasks (as many as the store's bound, else zarr's ``async.concurrency``) feeds
   a bounded stream; a few decoding tasks each take what has arrived, up to a batch, to a worker
@@ -61,10 +62,12 @@ renamed (seven system calls, the rename the dearest); the pipeline's own Python 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Self
 
 import anyio
+import anyio.abc
 import numpy as np
 from zarr.abc.codec import Codec, CodecPipeline
 from zarr.codecs.sharding import ShardingCodec
@@ -100,13 +103,36 @@ __all__ = ["AnyioCodecPipeline"]
 # 256 a hop (≈6 µs each, so ≈1.5 ms against a ≈30-100 µs hop); 1 MiB chunks: 4 a hop.
 BATCH_BYTES = 4 << 20
 MAX_BATCH = 256
+# Raw chunks read straight into the result hold no buffer, so a hop takes more of them: fewer
+# hops, fewer wake-ups of the loop and of the threads. Measured on 512 x 1 MiB (benchmarks/
+# pipeline.py's 2-D raw read, zarr 3.1.6): 4 MiB a hop 0.156 s, 16 MiB 0.115 s, 64 MiB 0.101 s.
+DIRECT_BATCH_BYTES = 64 << 20
+# Hops at once on a BlockingStore, per decoding thread: while one hop's thread waits for the
+# loop to hand it the next batch, another's is reading (measured: 1 a thread left a core idle
+# a fifth of the time, 2 a tenth).
+HOPS_PER_THREAD = 2
+# Chunks at least this large are read in parallel hops from the start; smaller ones one hop at
+# a time until reads are seen to wait (`_Read.from_blocking_store`). Measured, whole reads of
+# raw 1-D arrays from the page cache, one hop against four: 16 KiB chunks 0.053 s against
+# 0.080, 64 KiB 0.071 against 0.083, 256 KiB 0.040 against 0.030.
+PARALLEL_CHUNK_BYTES = 128 << 10
+# A read slower than this, a chunk (smaller than `PARALLEL_CHUNK_BYTES`), waited for a device:
+# a 4 KiB chunk from the page cache takes 6-8 µs, a 64 KiB one 30.
+WAITING_READ = 100e-6
+PROBE_CHUNKS = 4
 
 
-def _batches(count: int, chunk_bytes: int, hops: int) -> Iterator[range]:
-    """Consecutive index ranges, sized by bytes, and small enough that ``hops`` hops share the
-    work when there is little of it."""
-    size = max(1, min(MAX_BATCH, BATCH_BYTES // max(1, chunk_bytes), -(-count // (2 * hops))))
-    return (range(start, min(start + size, count)) for start in range(0, count, size))
+def _batches(
+    count: int, chunk_bytes: int, hops: int, budget: int = BATCH_BYTES, first: int = 0
+) -> Iterator[range]:
+    """Consecutive index ranges, sized by bytes (``budget`` a range), and small enough that
+    ``hops`` hops share the work when there is little of it; the first ``first`` long, if
+    that is given (a probe)."""
+    size = max(1, min(MAX_BATCH, budget // max(1, chunk_bytes), -(-count // (2 * hops))))
+    if first:
+        yield range(min(first, count))
+    for start in range(min(first, count), count, size):
+        yield range(start, min(start + size, count))
 
 
 class _Read:
@@ -128,9 +154,10 @@ class _Read:
         self.present = [True] * len(batch)
         self._raw: tuple[ArraySpec | None, np.dtype[Any] | None] = (None, None)
 
-    def direct_target(self, index: int) -> memoryview | None:
+    def direct_target(self, index: int) -> np.ndarray[Any, Any] | None:
         """The result's memory a raw chunk's bytes can be read straight into, if there is one:
-        a whole chunk, no dropped axis, its place in the result contiguous in C order."""
+        a whole chunk, no dropped axis, its place in the result a view of it (contiguous or
+        not: the store fills it in C order, `BlockingStore._read_into_array_blocking`)."""
         _, spec, chunk_sel, out_sel, _ = self.batch[index]
         last_spec, dtype = self._raw
         if spec is not last_spec:
@@ -141,9 +168,9 @@ class _Read:
         if not is_whole(chunk_sel, spec.shape) or not all_slices(out_sel):
             return None
         view = self.out_array[out_sel]
-        if view.shape != spec.shape or not view.flags.c_contiguous or not view.flags.writeable:
+        if view.shape != spec.shape or not view.flags.writeable:
             return None
-        return view.reshape(-1).view(np.uint8).data
+        return view
 
     def scatter(self, index: int, chunk: NDBuffer | None) -> None:
         # What zarr's pipeline does with a decoded chunk, on the same NDBuffer calls.
@@ -170,41 +197,65 @@ class _Read:
     async def from_blocking_store(self, store: BlockingStore) -> None:
         await store._ensure_open()
         limiter = store.limiter
-        hops = max(1, min(decode_threads(), limiter.total_tokens))
-        ranges = _batches(len(self.batch), decoded_bytes(self.batch[0][1]), hops)
+        spec = self.batch[0][1]
+        chunk_bytes = decoded_bytes(spec)
+        direct = self.chain.raw_dtype(spec) == self.out_array.dtype and not self.drop_axes
+        budget = DIRECT_BATCH_BYTES if direct else BATCH_BYTES
+        most = max(1, min(HOPS_PER_THREAD * decode_threads(), limiter.total_tokens))
+        # Small chunks read from the page cache are system calls and Python, each call letting
+        # go of the GIL: two threads at it pass the GIL to and fro at every call (two context
+        # switches a call), and one thread alone is faster (8,192 x 4 KiB: 0.098 s against
+        # 0.18). Reads that wait (a cold disk, a network file system) want many at once: a
+        # batch whose reads took longer than `WAITING_READ` a chunk starts the other hops, and
+        # the first batch is a few chunks, to see that soon.
+        spread = chunk_bytes >= PARALLEL_CHUNK_BYTES
+        probe = 0 if spread else PROBE_CHUNKS
+        ranges = _batches(len(self.batch), chunk_bytes, most, budget, probe)
 
-        async def hopper() -> None:
+        async def hopper(tg: anyio.abc.TaskGroup | None) -> None:
+            nonlocal spread
             for indices in ranges:  # shared: each hopper takes the next batch
-                await self._hop(store, limiter, indices)
+                waited = await self._hop(store, limiter, indices)
+                if tg is not None and not spread and waited > WAITING_READ * len(indices):
+                    spread = True
+                    for _ in range(most - 1):
+                        tg.start_soon(hopper, None)
 
         async with anyio.create_task_group() as tg:
-            for _ in range(hops):
-                tg.start_soon(hopper)
+            if spread:
+                for _ in range(most):
+                    tg.start_soon(hopper, None)
+            else:
+                tg.start_soon(hopper, tg)
 
     async def _hop(
         self, store: BlockingStore, limiter: Limiter | OneLoopLimiter, indices: range
-    ) -> None:
-        def work(check_cancelled: CheckCancelled, reads_done: Callable[[], None]) -> None:
+    ) -> float:
+        """Read a batch and decode it, in a worker thread; how long its reads took."""
+
+        def work(check_cancelled: CheckCancelled, reads_done: Callable[[], None]) -> float:
             read: list[tuple[int, bytes | memoryview | None]] = []
+            started = time.perf_counter()
+            reads = store._read_many_blocking(
+                (key_of(self.batch[index][0]), self.direct_target(index)) for index in indices
+            )
             try:
                 for index in indices:
                     check_cancelled()
-                    key = key_of(self.batch[index][0])
-                    target = self.direct_target(index)
-                    if target is None:
-                        read.append((index, store._read_blocking(key, None)))
-                        continue
-                    got = store._read_into_blocking(key, target)
-                    if not isinstance(got, int):  # missing, or not a whole raw chunk: decode
+                    got = next(reads)
+                    if not isinstance(got, int):  # missing, or not read into the result: decode
                         read.append((index, got))
             finally:
+                reads.close()
                 reads_done()
+            took = time.perf_counter() - started
             for position, (index, data) in enumerate(read):
                 check_cancelled()
                 read[position] = (index, None)  # drop the encoded bytes as we go
                 self.decode_and_scatter(index, data)
+            return took
 
-        await hop_with_token(limiter, work)
+        return await hop_with_token(limiter, work)
 
     # ------------------------------------------------------------------ from any byte getter
 

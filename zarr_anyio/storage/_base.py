@@ -20,6 +20,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Generator,
     Iterable,
     Iterator,
 )
@@ -29,6 +30,7 @@ from typing import Any, Literal, Self, TypeVar
 
 import anyio
 import anyio.lowlevel
+import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
@@ -722,6 +724,33 @@ class BlockingStore(AnyioStore):
             return data
         into[:] = data
         return len(data)
+
+    def _read_into_array_blocking(
+        self, key: str, into: np.ndarray[Any, Any]
+    ) -> int | bytes | memoryview | None:
+        """`_read_into_blocking` with ``into`` a writable array of any strides, filled in C
+        order (a raw chunk's place in the result, contiguous in it or not). This default reads
+        into a contiguous one, or reads and copies."""
+        if into.flags.c_contiguous:
+            return self._read_into_blocking(key, into.reshape(-1).view(np.uint8).data)
+        data = self._read_blocking(key, None)
+        if data is None or len(data) != into.nbytes:
+            return data
+        into[...] = np.frombuffer(data, dtype=into.dtype).reshape(into.shape)
+        return len(data)
+
+    def _read_many_blocking(
+        self, requests: Iterable[tuple[str, np.ndarray[Any, Any] | None]]
+    ) -> Generator[int | bytes | memoryview | None, None, None]:
+        """For each ``(key, into)`` as it is taken: `_read_blocking` of the whole value
+        (``into`` ``None``) or `_read_into_array_blocking`. For a caller with many keys to read
+        in one hop (a codec pipeline's batch), so that a backend can share work between them (a
+        `LocalStore` opens its root once). Close it when done with it."""
+        for key, into in requests:
+            if into is None:
+                yield self._read_blocking(key, None)
+            else:
+                yield self._read_into_array_blocking(key, into)
 
     # Whether the backend gives `_set_blocking` and `_delete_key_blocking`, so that a caller with
     # many keys to write (a codec pipeline) can write them in one hop, under one token.

@@ -61,11 +61,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
 import anyio
+import numpy as np
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer
 
@@ -90,6 +91,8 @@ from ._localfs import (
     prepare_root,
     read_cached,
     read_file,
+    read_file_into_array,
+    read_files,
     read_part,
     scan_folder,
     size_of,
@@ -214,6 +217,19 @@ class LocalStore(BlockingStore):
 
     def _read_into_blocking(self, key: str, into: memoryview) -> int | bytes | memoryview | None:
         return read_file(self._root, key, None, into)
+
+    def _read_into_array_blocking(
+        self, key: str, into: np.ndarray[Any, Any]
+    ) -> int | bytes | memoryview | None:
+        return read_file_into_array(self._root, key, into)
+
+    def _read_many_blocking(
+        self, requests: Iterable[tuple[str, np.ndarray[Any, Any] | None]]
+    ) -> Generator[int | bytes | memoryview | None, None, None]:
+        for data in read_files(self._root, requests):
+            if data is not None and not isinstance(data, int):
+                self._hops.note_bytes(len(data))
+            yield data
 
     async def _backend_read_parts(
         self, key: str, start: int, size: int, part: int

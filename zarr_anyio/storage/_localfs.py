@@ -20,10 +20,11 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 from zarr.abc.store import ByteRequest
 
 from zarr_anyio._core.fork import at_fork_in_child
@@ -46,6 +47,7 @@ from ._oscalls import (
     try_lock,
     unlink_at,
 )
+from ._scatter import read_scattered
 
 __all__ = [
     "ON_LOOP_READ",
@@ -184,6 +186,84 @@ def read_file(
         os.close(fd)
 
 
+def read_files(
+    root: str, requests: Iterable[tuple[str, np.ndarray[Any, Any] | None]]
+) -> Generator[int | bytes | memoryview | None, None, None]:
+    """For each ``(key, into)``: `read_file`'s answer for the whole value of ``key``
+    (``into`` ``None``), or `read_file_into_array`'s (``into`` an array); the root opened once
+    for them all, not once a key (two system calls a key fewer: a tenth of a 4 KiB chunk's read).
+    """
+    try:
+        root_fd: DirRef | None = open_root(root)
+    except _ABSENT:
+        root_fd = None
+    try:
+        for key, into in requests:
+            if root_fd is None:
+                yield None
+            elif into is None:
+                yield _read_whole(root_fd, key)
+            else:
+                yield _read_into_array(root_fd, key, into)
+    finally:
+        if root_fd is not None:
+            _oscalls.close_dir(root_fd)
+
+
+def _read_whole(root_fd: DirRef, key: str) -> bytes | memoryview | None:
+    opened = open_value_at(root_fd, key)
+    if opened is None:
+        return None
+    fd, info = opened
+    try:
+        if info.st_size >= POOLED_READ:
+            return _read_into(fd, _buffers.take(info.st_size), 0)
+        return read_exact(fd, info.st_size, 0)
+    finally:
+        os.close(fd)
+
+
+def read_file_into_array(
+    root: str, key: str, into: np.ndarray[Any, Any]
+) -> int | bytes | memoryview | None:
+    """`read_file` with ``into`` an array of any strides (a raw chunk's place in the result):
+    a file of exactly ``into.nbytes`` is read into it in C order and its length given, straight
+    into its runs where the system can (`._scatter`), else through a buffer and a copy; a file
+    of another length is given as bytes, ``None`` if there is none."""
+    reads = read_files(root, [(key, into)])
+    try:
+        return next(reads)
+    finally:
+        reads.close()
+
+
+def _read_into_array(
+    root_fd: DirRef, key: str, into: np.ndarray[Any, Any]
+) -> int | bytes | memoryview | None:
+    opened = open_value_at(root_fd, key)
+    if opened is None:
+        return None
+    fd, info = opened
+    try:
+        if info.st_size != into.nbytes:
+            return read_exact(fd, info.st_size, 0)
+        if into.flags.c_contiguous:
+            done = len(_read_into(fd, into.reshape(-1).view(np.uint8).data, 0))
+        elif read_scattered is not None and (got := read_scattered(fd, into, 0)) is not None:
+            done = got
+        else:
+            data = _read_into(fd, _buffers.take(info.st_size), 0)
+            if len(data) != into.nbytes:
+                return data
+            into[...] = np.frombuffer(data, dtype=into.dtype).reshape(into.shape)
+            return len(data)
+        # Fewer: the file shrank under us, and what it held is not a whole value of that
+        # length: give what is there now, as bytes.
+        return done if done == into.nbytes else read_exact(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+
+
 def open_value(root: str, key: str) -> tuple[int, os.stat_result] | None:
     """A descriptor open for reading on the file of ``key``, and its status; ``None`` if it
     names no file.
@@ -196,6 +276,14 @@ def open_value(root: str, key: str) -> tuple[int, os.stat_result] | None:
     except _ABSENT:
         return None
     try:
+        return open_value_at(root_fd, key)
+    finally:
+        _oscalls.close_dir(root_fd)
+
+
+def open_value_at(root_fd: DirRef, key: str) -> tuple[int, os.stat_result] | None:
+    """`open_value` beneath a root already open."""
+    try:
         fd = open_beneath(root_fd, key, _READING)
     except (*_ABSENT, IsADirectoryError):
         return None
@@ -203,8 +291,6 @@ def open_value(root: str, key: str) -> tuple[int, os.stat_result] | None:
         if _no_file_there(error):
             return None
         raise
-    finally:
-        _oscalls.close_dir(root_fd)
     try:
         info = os.fstat(fd)
     except BaseException:
