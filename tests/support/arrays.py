@@ -15,6 +15,7 @@ import anyio
 import numpy as np
 import pytest
 import zarr
+import zarr.codecs
 import zarr.storage
 from hypothesis import strategies as st
 from zarr.abc.store import ByteRequest
@@ -190,3 +191,96 @@ def compare_reads(
                 for n, c in zip(shape, ours.shards or ours.chunks, strict=True)
             )
             np.testing.assert_array_equal(ours.blocks[block], theirs.blocks[block])
+
+
+# ---------------------------------------------------------------- arrays of every kind
+
+CODECS = [
+    "raw",
+    "zstd",
+    "gzip+crc32c",
+    "transpose+zstd",
+    "big-endian",
+    "sharding",
+    "sharding+zstd-inner",
+    "v2-zlib",
+    "v2-raw",
+]
+
+
+def create_kind(
+    store: Any,
+    kind: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: str,
+    fill_value: int,
+    write_empty: bool,
+) -> zarr.Array[Any]:
+    common: dict[str, Any] = {
+        "shape": shape,
+        "dtype": dtype,
+        "fill_value": fill_value,
+        "config": {"write_empty_chunks": write_empty},
+    }
+    if kind.startswith("v2"):
+        compressor: Any = None
+        if kind == "v2-zlib":
+            import numcodecs
+
+            compressor = numcodecs.Zlib(level=1)
+        return zarr.create_array(
+            store, chunks=chunks, zarr_format=2, compressors=compressor, **common
+        )
+    serializer: Any = "auto"
+    filters: Any = None
+    compressors: Any = None
+    shards = None
+    if kind == "zstd":
+        compressors = zarr.codecs.ZstdCodec(level=1)
+    elif kind == "gzip+crc32c":
+        compressors = [zarr.codecs.GzipCodec(level=1), zarr.codecs.Crc32cCodec()]
+    elif kind == "transpose+zstd":
+        filters = [zarr.codecs.TransposeCodec(order=tuple(reversed(range(len(shape)))))]
+        compressors = zarr.codecs.ZstdCodec(level=1)
+    elif kind == "big-endian":
+        serializer = zarr.codecs.BytesCodec(endian="big")
+    elif kind.startswith("sharding"):
+        # A shard of up to two chunks per dimension, the last shard partial.
+        shards = tuple(c * 2 for c in chunks)
+        if kind == "sharding+zstd-inner":
+            compressors = zarr.codecs.ZstdCodec(level=1)
+    return zarr.create_array(
+        store,
+        chunks=chunks,
+        shards=shards,
+        serializer=serializer,
+        filters=filters,
+        compressors=compressors,
+        **common,
+    )
+
+
+@st.composite
+def arrays_and_data(
+    draw: st.DrawFn, tmp_root: Path, codecs: list[str] = CODECS
+) -> tuple[zarr.Array[Any], np.ndarray, Any]:
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    chunks = tuple(draw(st.integers(1, n + 1)) for n in shape)
+    kind = draw(st.sampled_from(codecs))
+    dtype = draw(st.sampled_from(["i2", "f4", "u1", "f8"]))
+    if kind == "big-endian" and dtype == "u1":
+        dtype = "i4"
+    fill_value = draw(st.integers(0, 5))
+    write_empty = draw(st.booleans())
+    store = new_store(draw(st.sampled_from(STORE_KINDS)), tmp_root)
+    with pipeline(ZARRS):
+        array = create_kind(store, kind, shape, chunks, dtype, fill_value, write_empty)
+        data = np.full(shape, fill_value, dtype=dtype)
+        # Some chunks written, some left missing, some holding only the fill value.
+        region = draw(basic_indices(shape=shape, allow_ellipsis=False))
+        values = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape) % 7
+        data[region] = values[region]
+        array[region] = values[region]
+    return array, data, store

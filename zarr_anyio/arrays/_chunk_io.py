@@ -74,9 +74,14 @@ def decoded_bytes(spec: ArraySpec) -> int:
     return prod(spec.shape) * np.dtype(spec.dtype.to_native_dtype()).itemsize
 
 
-def key_of(getter: ByteGetter | ByteSetter) -> str:
-    assert isinstance(getter, StorePath)  # `blocking_store_of` saw to it
-    key = getter.path
+def key_of(getter: ByteGetter | ByteSetter | str) -> str:
+    """The store key of a chunk item's getter: a `StorePath` (`blocking_store_of` saw to it),
+    or the key itself (`._fast_read`'s items)."""
+    if isinstance(getter, str):
+        key = getter
+    else:
+        assert isinstance(getter, StorePath)
+        key = getter.path
     validate_key(key)
     return key
 

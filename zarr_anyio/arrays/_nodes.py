@@ -60,6 +60,7 @@ from zarr_anyio.storage import AnyioStore
 
 from ._blocks import stream_blocks
 from ._compat import VindexInvalidSelectionError, chunk_grid
+from ._fast_read import fast_read
 from ._pipeline import AnyioCodecPipeline
 from ._run import concurrency_floor, run_zarr
 
@@ -302,6 +303,9 @@ class AsyncArray(_Node):
     ) -> Any:
         array = self._zarr
         proto = prototype or default_buffer_prototype()
+        read = fast_read(array, indexer, out, fields, proto)
+        if read is not None:
+            return await read()
         return await run_zarr(
             lambda: array._get_selection(indexer, prototype=proto, out=out, fields=fields),
             self._floor,

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import anyio
 import anyio.abc
@@ -135,6 +135,11 @@ def _batches(
         yield range(start, min(start + size, count))
 
 
+def _same_dtype(raw: np.dtype[Any] | None, out: np.dtype[Any]) -> bool:
+    # Not ``raw == out``: NumPy takes ``None`` for float64 there.
+    return raw is not None and raw == out
+
+
 class _Read:
     """One call's read: what every chunk is, where it goes, and the blocking work on it."""
 
@@ -152,25 +157,26 @@ class _Read:
         self.out_array = out_array
         self.drop_axes = drop_axes
         self.present = [True] * len(batch)
-        self._raw: tuple[ArraySpec | None, np.dtype[Any] | None] = (None, None)
+        self._raw: tuple[object, bool] = (None, False)
 
     def direct_target(self, index: int) -> np.ndarray[Any, Any] | None:
         """The result's memory a raw chunk's bytes can be read straight into, if there is one:
         a whole chunk, no dropped axis, its place in the result a view of it (contiguous or
         not: the store fills it in C order, `BlockingStore._read_into_array_blocking`)."""
         _, spec, chunk_sel, out_sel, _ = self.batch[index]
-        last_spec, dtype = self._raw
-        if spec is not last_spec:
-            dtype = self.chain.raw_dtype(spec)
-            self._raw = (spec, dtype)
-        if dtype is None or self.drop_axes or self.out_array.dtype != dtype:
-            return None
-        if not is_whole(chunk_sel, spec.shape) or not all_slices(out_sel):
+        # Worked out once per data type (zarr makes a spec per chunk, all of one data type).
+        data_type, direct = self._raw
+        if spec.dtype is not data_type:
+            direct = (
+                not self.drop_axes
+                and bool(self.out_array.flags.writeable)
+                and _same_dtype(self.chain.raw_dtype(spec), self.out_array.dtype)
+            )
+            self._raw = (spec.dtype, direct)
+        if not direct or not is_whole(chunk_sel, spec.shape) or not all_slices(out_sel):
             return None
         view = self.out_array[out_sel]
-        if view.shape != spec.shape or not view.flags.writeable:
-            return None
-        return view
+        return view if view.shape == spec.shape else None
 
     def scatter(self, index: int, chunk: NDBuffer | None) -> None:
         # What zarr's pipeline does with a decoded chunk, on the same NDBuffer calls.
@@ -199,7 +205,9 @@ class _Read:
         limiter = store.limiter
         spec = self.batch[0][1]
         chunk_bytes = decoded_bytes(spec)
-        direct = self.chain.raw_dtype(spec) == self.out_array.dtype and not self.drop_axes
+        direct = (
+            _same_dtype(self.chain.raw_dtype(spec), self.out_array.dtype) and not self.drop_axes
+        )
         budget = DIRECT_BATCH_BYTES if direct else BATCH_BYTES
         most = max(1, min(HOPS_PER_THREAD * decode_threads(), limiter.total_tokens))
         # Small chunks read from the page cache are system calls and Python, each call letting
@@ -402,6 +410,21 @@ class AnyioCodecPipeline(CodecPipeline):
                 await reader.from_getters(fetchers_for(batch))
         return tuple(get_status(present) for present in reader.present)
 
+    async def _read_keys(
+        self,
+        store: BlockingStore,
+        batch: list[tuple[str, ArraySpec, Any, Any, bool]],
+        out: NDBuffer,
+    ) -> None:
+        """`read` of items whose first member is the chunk's key in ``store`` (a `BlockingStore`)
+        rather than a `StorePath` (`._fast_read`'s, for a chain without sharding)."""
+        assert self._chain is not None
+        out_array = out.as_ndarray_like()
+        assert isinstance(out_array, np.ndarray)
+        reader = _Read(self._chain, cast("list[ReadItem]", batch), out, out_array, ())
+        with single_error():
+            await reader.from_blocking_store(store)
+
     # ------------------------------------------------------------------ writes
 
     def _merge_and_encode(
@@ -506,15 +529,15 @@ class _Write:
         # A NumPy array (`AnyioCodecPipeline.write` saw to it): the same memory, no copy.
         self.array: np.ndarray[Any, Any] = np.asarray(value.as_ndarray_like())
         self.drop_axes = drop_axes
-        self._raw: tuple[ArraySpec | None, bool] = (None, False)
+        self._raw: tuple[object, bool] = (None, False)
 
     def is_raw(self, spec: ArraySpec) -> bool:
-        last, raw = self._raw
-        if spec is not last:
+        data_type, raw = self._raw
+        if spec.dtype is not data_type:  # once per data type, as `_Read.direct_target`
             chain = self.pipeline._chain
             assert chain is not None
             raw = chain.raw_dtype(spec) is not None
-            self._raw = (spec, raw)
+            self._raw = (spec.dtype, raw)
         return raw
 
     def whole(self, index: int) -> np.ndarray[Any, Any] | None:
