@@ -686,3 +686,53 @@ def test_a_codec_with_coroutines_only_runs_in_the_worker_thread_that_calls_it() 
     assert not worker.is_alive()
     assert [list(d) for d in decoded] == [[0, 1, 2, 3]] * 3
     assert codec.threads == ["worker"] * 6
+
+
+class _Events(zarr_anyio.LocalStore):
+    """A LocalStore that notes, per thread, each value its batches read as bytes (not straight
+    into the result): ``events[thread]`` is a list of "read" and "decoded"."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: dict[int, list[str]] = {}
+
+    def note(self, event: str) -> None:
+        self.events.setdefault(threading.get_ident(), []).append(event)
+
+    def _read_many_blocking(self, requests: Iterable[Any]) -> Generator[Any, None, None]:
+        for got in super()._read_many_blocking(requests):
+            if not isinstance(got, int):
+                self.note("read")
+            yield got
+
+
+def test_a_batch_of_chunks_read_as_bytes_holds_no_more_than_a_batch_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Raw chunks get batches of `DIRECT_BATCH_BYTES`, as they are read straight into the result;
+    # a selection that takes parts of them reads them as bytes, decoded before more than
+    # `BATCH_BYTES` of them are held.
+    from zarr_anyio.arrays import _pipeline
+
+    monkeypatch.setattr(_pipeline, "BATCH_BYTES", 256 << 10)
+    store = _Events(tmp_path / "a")
+    values = np.arange(1024 * 2048, dtype="f4").reshape(1024, 2048)
+    with pipeline(ZARRS):
+        zarr.create_array(
+            store, shape=(1024, 2048), chunks=(64, 512), dtype="f4", compressors=None
+        )[:] = values
+    real = _pipeline._Read.decode_and_scatter
+
+    def decode(reader: Any, index: int, data: Any) -> None:
+        store.note("decoded")
+        real(reader, index, data)
+
+    monkeypatch.setattr(_pipeline._Read, "decode_and_scatter", decode)
+    np.testing.assert_array_equal(opened(store, OURS)[::2, 1:], values[::2, 1:])
+    # 64 chunks of 128 KiB, 8 a batch: at most three read (384 KiB) before those are decoded.
+    for events in store.events.values():
+        run = longest = 0
+        for event in events:
+            run = run + 1 if event == "read" else 0
+            longest = max(longest, run)
+        assert 0 < longest <= 3

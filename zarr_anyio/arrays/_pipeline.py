@@ -243,24 +243,37 @@ class _Read:
 
         def work(check_cancelled: CheckCancelled, reads_done: Callable[[], None]) -> float:
             read: list[tuple[int, bytes | memoryview | None]] = []
+
+            def decode_read() -> None:
+                for position, (index, data) in enumerate(read):
+                    check_cancelled()
+                    read[position] = (index, None)  # drop the encoded bytes as we go
+                    self.decode_and_scatter(index, data)
+                read.clear()
+
             started = time.perf_counter()
             reads = store._read_many_blocking(
                 (key_of(self.batch[index][0]), self.direct_target(index)) for index in indices
             )
+            held = 0
             try:
                 for index in indices:
                     check_cancelled()
                     got = next(reads)
                     if not isinstance(got, int):  # missing, or not read into the result: decode
                         read.append((index, got))
+                        held += 0 if got is None else len(got)
+                        if held > BATCH_BYTES:
+                            # A batch sized for raw chunks read straight in (`DIRECT_BATCH_BYTES`)
+                            # whose chunks are not (parts of chunks selected): decoded as they
+                            # come, so that it holds no more than any other batch.
+                            decode_read()
+                            held = 0
             finally:
                 reads.close()
                 reads_done()
             took = time.perf_counter() - started
-            for position, (index, data) in enumerate(read):
-                check_cancelled()
-                read[position] = (index, None)  # drop the encoded bytes as we go
-                self.decode_and_scatter(index, data)
+            decode_read()
             return took
 
         return await hop_with_token(limiter, work)
