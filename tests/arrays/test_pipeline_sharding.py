@@ -8,9 +8,14 @@ makes, how many requests a shard costs (coalescing, counted at the store), and c
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import re
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ from support.arrays import (
 )
 from support.remote import KINDS, http_store
 from support.servers import HTTPServer
+from zarr_anyio.arrays import _sharding
 
 
 @pytest.fixture(params=BACKENDS)
@@ -385,3 +391,120 @@ async def test_a_cancelled_sharded_read_from_a_local_store_waits_for_its_threads
     await anyio.sleep(0.1)
     assert len(store.reads) == done
     assert store.limiter.statistics().borrowed_tokens == 0
+
+
+# ---------------------------------------------------------------- inner chunks that are their bytes
+
+RAW_DTYPES = ["u1", "i2", "f4", "f8", "c8", "bool"]
+
+
+@contextmanager
+def counting_box_copies() -> Iterator[list[int]]:
+    """Counts the shards read by `_Shard._decode_box` (all of a shard's chunks in one copy)
+    while it lasts."""
+    original = _sharding._Shard._decode_box
+    count = [0]
+
+    def counted(shard: Any, target: np.ndarray) -> None:
+        count[0] += 1
+        original(shard, target)
+
+    _sharding._Shard._decode_box = counted  # type: ignore[method-assign,assignment]
+    try:
+        yield count
+    finally:
+        _sharding._Shard._decode_box = original  # type: ignore[method-assign]
+
+
+@st.composite
+def raw_sharded_arrays(
+    draw: st.DrawFn, tmp_root: Path
+) -> tuple[zarr.Array[Any], np.ndarray, Any, bool]:
+    """An array whose inner chunks are only a ``bytes`` codec (native or not), inner chunks
+    written in any order zarr has, some shards and inner chunks missing; whether any shard
+    holds chunks whose bytes are their values (so a read of it all copies them as rows)."""
+    ndim = draw(st.integers(1, 3))
+    inner = tuple(draw(st.integers(1, 5)) for _ in range(ndim))
+    shards = tuple(n * draw(st.integers(1, 4)) for n in inner)
+    shape = tuple(draw(st.integers(1, 2 * n + 1)) for n in shards)
+    dtype = draw(st.sampled_from(RAW_DTYPES))
+    native = dtype in ("u1", "bool") or draw(st.booleans())
+    endian = sys.byteorder if native else ("big" if sys.byteorder == "little" else "little")
+    kwargs: dict[str, Any] = {}
+    if "subchunk_write_order" in inspect.signature(ShardingCodec).parameters:  # zarr >= 3.4
+        kwargs["subchunk_write_order"] = draw(
+            st.sampled_from(["morton", "unordered", "lexicographic", "colexicographic"])
+        )
+    codec = ShardingCodec(
+        chunk_shape=inner,
+        codecs=[zarr.codecs.BytesCodec(endian=endian)],
+        index_codecs=[zarr.codecs.BytesCodec(), zarr.codecs.Crc32cCodec()],
+        index_location=draw(st.sampled_from(["start", "end"])),
+        **kwargs,
+    )
+    fill_value = draw(st.sampled_from([0, 1, 3]))
+    store = new_store(draw(st.sampled_from(STORE_KINDS)), tmp_root)
+    with pipeline(ZARRS):
+        array = zarr.create_array(
+            store,
+            shape=shape,
+            chunks=shards,
+            serializer=codec,
+            compressors=None,
+            dtype=dtype,
+            fill_value=fill_value,
+            config={"write_empty_chunks": False},
+        )
+        data = np.full(shape, fill_value, dtype=dtype)
+        values = (np.arange(int(np.prod(shape))).reshape(shape) % 11 + 2).astype(dtype)
+        for _ in range(draw(st.integers(1, 3))):
+            region = draw(basic_indices(shape=shape, allow_ellipsis=False))
+            data[region] = values[region]
+            array[region] = values[region]
+        region = draw(basic_indices(shape=shape, allow_ellipsis=False))
+        data[region] = fill_value
+        array[region] = fill_value
+    fill = np.asarray(fill_value).astype(dtype)
+    stored = any(np.any(data[block] != fill) for block in _shard_blocks(shape, shards))
+    return array, data, store, native and stored
+
+
+def _shard_blocks(shape: tuple[int, ...], shards: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    starts = [range(0, n, s) for n, s in zip(shape, shards, strict=True)]
+    return [
+        tuple(slice(a, a + s) for a, s in zip(corner, shards, strict=True))
+        for corner in itertools.product(*starts)
+    ]
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_raw_inner_chunks_copied_as_rows_match_zarrs_pipeline(
+    data: st.DataObject, tmp_path: Path
+) -> None:
+    # Shards whose inner chunks are their values, read as a box (a basic selection of step 1):
+    # copied all at once, gathered by the index in whatever order they were written, cut at
+    # the box's edges, the missing ones filled. Anything else, one chunk at a time.
+    _, expected, store, rows = data.draw(raw_sharded_arrays(tmp_path))
+    ours, theirs = opened(store, OURS), opened(store, ZARRS)
+    with counting_box_copies() as copies:
+        np.testing.assert_array_equal(ours[...], expected)
+        assert (copies[0] > 0) == rows
+        for _ in range(3):
+            box = tuple(
+                slice(start, data.draw(st.integers(start + 1, n)))
+                for n in expected.shape
+                for start in [data.draw(st.integers(0, n - 1))]
+            )
+            np.testing.assert_array_equal(ours[box], theirs[box])
+            np.testing.assert_array_equal(ours[box], expected[box])
+        # An integer drops its axis; the shard's part of the selection is no box then.
+        axis = data.draw(st.integers(0, expected.ndim - 1))
+        where = data.draw(st.integers(0, expected.shape[axis] - 1))
+        dropped = tuple(where if k == axis else slice(None) for k in range(expected.ndim))
+        np.testing.assert_array_equal(ours[dropped], expected[dropped])
+        compare_reads(data, ours, theirs, expected)
