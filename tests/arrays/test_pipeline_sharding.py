@@ -456,14 +456,31 @@ def raw_sharded_arrays(
             config={"write_empty_chunks": False},
         )
         data = np.full(shape, fill_value, dtype=dtype)
-        values = (np.arange(int(np.prod(shape))).reshape(shape) % 11 + 2).astype(dtype)
-        for _ in range(draw(st.integers(1, 3))):
-            region = draw(basic_indices(shape=shape, allow_ellipsis=False))
+        # Every value told apart from the others and from the fill value: a chunk in the
+        # wrong place cannot go unseen (bool has two).
+        count = int(np.prod(shape))
+        if dtype == "bool":
+            values = (np.arange(count) % 3 == 0).reshape(shape)
+        else:
+            values = (np.arange(count) % 240 + 5).reshape(shape).astype(dtype)
+        # Often every chunk of a shard stored (all of it then copied in one), else some.
+        regions: list[Any] = [...] if draw(st.booleans()) else []
+        for _ in range(draw(st.integers(0 if regions else 1, 3))):
+            regions.append(draw(basic_indices(shape=shape, allow_ellipsis=False)))
+        for region in regions:
             data[region] = values[region]
             array[region] = values[region]
-        region = draw(basic_indices(shape=shape, allow_ellipsis=False))
-        data[region] = fill_value
-        array[region] = fill_value
+        if draw(st.booleans()):
+            region = draw(basic_indices(shape=shape, allow_ellipsis=False))
+            data[region] = fill_value
+            array[region] = fill_value
+        # Inner chunks left out here and there: the others are then not in their grid's order.
+        grid = [-(-n // c) for n, c in zip(shape, inner, strict=True)]
+        for _ in range(draw(st.integers(0, 4))):
+            corner = [draw(st.integers(0, n - 1)) * c for n, c in zip(grid, inner, strict=True)]
+            hole = tuple(slice(a, a + c) for a, c in zip(corner, inner, strict=True))
+            data[hole] = fill_value
+            array[hole] = fill_value
     fill = np.asarray(fill_value).astype(dtype)
     stored = any(np.any(data[block] != fill) for block in _shard_blocks(shape, shards))
     return array, data, store, native and stored
@@ -508,3 +525,37 @@ def test_raw_inner_chunks_copied_as_rows_match_zarrs_pipeline(
         dropped = tuple(where if k == axis else slice(None) for k in range(expected.ndim))
         np.testing.assert_array_equal(ours[dropped], expected[dropped])
         compare_reads(data, ours, theirs, expected)
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_raw_inner_chunks_out_of_grid_order_some_missing(tmp_path: Path, kind: str) -> None:
+    # zarr writes a shard's chunks in Morton order: of a 4 x 4 grid, (1, 0) before (0, 1), and
+    # with chunks left out the others move up. Boxes cut the shards' chunks at their edges.
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    with pipeline(ZARRS):
+        array = zarr.create_array(
+            store,
+            shape=(19, 22),
+            chunks=(2, 3),
+            shards=(8, 12),
+            compressors=None,
+            dtype="i4",
+            fill_value=-7,
+            config={"write_empty_chunks": False},
+        )
+        expected = np.arange(19 * 22, dtype="i4").reshape(19, 22)
+        array[...] = expected
+        for row, col in [(0, 0), (1, 2), (2, 1), (3, 3), (5, 1), (4, 6)]:
+            hole = (slice(2 * row, 2 * row + 2), slice(3 * col, 3 * col + 3))
+            expected[hole] = -7
+            array[hole] = -7
+    ours = opened(store, OURS)
+    with counting_box_copies() as copies:
+        for box in [
+            (slice(None), slice(None)),
+            (slice(1, 18), slice(2, 21)),
+            (slice(3, 6), slice(4, 5)),
+            (slice(7, 9), slice(11, 13)),
+        ]:
+            np.testing.assert_array_equal(ours[box], expected[box])
+    assert copies[0] > 0
