@@ -226,8 +226,10 @@ class _Layout:
         "chunk_spec",
         "dtype",
         "fill",
+        "index_dtype",
         "index_size",
         "index_spec",
+        "index_undo",
         "per_shard",
         "raw",
     )
@@ -238,6 +240,9 @@ class _Layout:
         self.chunk_spec: ArraySpec = codec._get_chunk_spec(spec)
         self.chunk_shape: tuple[int, ...] = tuple(self.chunk_spec.shape)
         self.index_size, self.index_spec = reader.index_layout(self.per_shard)
+        # The index too is its bytes once its checksum is checked (`SyncChain.bytes_dtype`).
+        self.index_dtype = reader.index_chain.bytes_dtype(self.index_spec)
+        self.index_undo = reader.index_chain.bytes_decoder(self.index_spec)
         self.at_start = index_at_start(codec)
         self.chain = reader.inner_chain(self.chunk_spec)
         # The dtype a chunk's decompressed bytes are seen as (`SyncChain.bytes_dtype`), and
@@ -412,9 +417,15 @@ class _Shard:
                 f"{self._where()} is corrupt: {len(data)} bytes where its index "
                 f"takes {self.index_size}; the shard is truncated"
             )
-        chunk = self.read.reader.index_chain.decode(
-            default_buffer_prototype().buffer.from_bytes(data.data), self.layout.index_spec
+        layout = self.layout
+        buffer_type = default_buffer_prototype().buffer
+        buffer = (
+            buffer_type(data) if buffer_type is cpu.Buffer else buffer_type.from_bytes(data.data)
         )
+        if layout.index_dtype is not None:
+            entries = layout.index_undo(buffer).as_numpy_array().view(layout.index_dtype)
+            return entries.reshape(-1, 2)
+        chunk = self.read.reader.index_chain.decode(buffer, layout.index_spec)
         return chunk.as_numpy_array().reshape(-1, 2)
 
     def _locate(self, index: np.ndarray[Any, np.dtype[np.uint64]]) -> bool:
