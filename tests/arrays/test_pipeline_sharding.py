@@ -54,13 +54,15 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
 
 
-INNER = ["raw", "zstd", "gzip+crc32c", "transpose+zstd", "big-endian"]
+INNER = ["raw", "zstd", "blosc", "gzip+crc32c", "transpose+zstd", "big-endian"]
 
 
 def sharding(inner: tuple[int, ...], codecs: str, index: str, location: str) -> ShardingCodec:
     chain: list[Any] = [zarr.codecs.BytesCodec()]
     if codecs == "zstd":
         chain.append(zarr.codecs.ZstdCodec(level=1))
+    elif codecs == "blosc":
+        chain.append(zarr.codecs.BloscCodec(cname="lz4", clevel=1))
     elif codecs == "gzip+crc32c":
         chain += [zarr.codecs.GzipCodec(level=1), zarr.codecs.Crc32cCodec()]
     elif codecs == "transpose+zstd":
