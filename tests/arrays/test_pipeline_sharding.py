@@ -29,6 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zarr.abc.store import ByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.codecs import ShardingCodec
+from zarr.core.buffer import cpu
+from zarr.core.sync import sync
 from zarr.testing.strategies import basic_indices
 
 import zarr_anyio
@@ -561,3 +563,32 @@ def test_raw_inner_chunks_out_of_grid_order_some_missing(tmp_path: Path, kind: s
         ]:
             np.testing.assert_array_equal(ours[box], expected[box])
     assert copies[0] > 0
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_a_shard_that_holds_no_chunk_reads_as_its_fill_value(tmp_path: Path, kind: str) -> None:
+    # zarr deletes such a shard; another writer may leave its index alone, every entry empty.
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    codec = ShardingCodec(
+        chunk_shape=(2, 2),
+        codecs=[zarr.codecs.BytesCodec()],
+        index_codecs=[zarr.codecs.BytesCodec()],
+    )
+    with pipeline(ZARRS):
+        array = zarr.create_array(
+            store,
+            shape=(8, 4),
+            chunks=(4, 4),
+            serializer=codec,
+            compressors=None,
+            dtype="i2",
+            fill_value=9,
+        )
+        array[...] = np.arange(32, dtype="i2").reshape(8, 4)
+    empty = np.full(2 * 2 * 2, 2**64 - 1, dtype="<u8").tobytes()
+    sync(store.set("c/1/0", cpu.Buffer.from_bytes(empty)))
+    expected = np.arange(32, dtype="i2").reshape(8, 4)
+    expected[4:] = 9
+    ours = opened(store, OURS)
+    np.testing.assert_array_equal(ours[...], expected)
+    np.testing.assert_array_equal(ours[3:7, 1:3], expected[3:7, 1:3])
