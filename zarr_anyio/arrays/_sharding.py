@@ -117,6 +117,13 @@ _HUGE = 2**62
 
 Bytes = np.ndarray[Any, np.dtype[np.uint8]]
 Coords = tuple[int, ...]
+# A box's chunk counts, flat indices, coordinates and runs per axis (`_Layout.box_plan`).
+_BoxPlan = tuple[
+    tuple[int, ...],
+    np.ndarray[Any, np.dtype[np.intp]],
+    list[Coords],
+    list[list[tuple[int, int, int, int, int]]],
+]
 
 
 def _as_array(data: Buffer | bytes | memoryview) -> Bytes:
@@ -233,6 +240,7 @@ class _Layout:
     __slots__ = (
         "_boxes",
         "_lock",
+        "_plans",
         "at_start",
         "chain",
         "chunk_bytes",
@@ -270,7 +278,33 @@ class _Layout:
         self.fill: Any = fill_value_or_default(self.chunk_spec)
         self.decompress = _decompressor(self.chain) if self.dtype is not None else None
         self._boxes: dict[tuple[tuple[int, int], ...], tuple[list[Any], list[bool]]] = {}
+        self._plans: dict[tuple[tuple[int, int], ...], _BoxPlan] = {}
         self._lock = threading.Lock()
+
+    def box_plan(self, box: tuple[tuple[int, int], ...]) -> _BoxPlan:
+        """A box's inner chunks: how many along each axis, their flat indices and coordinates
+        (in the grid's order), and each axis as runs (`_axis_runs`); kept like projections."""
+        found = self._plans.get(box)
+        if found is None:
+            where = tuple(
+                slice(start // size, (stop - 1) // size + 1)
+                for (start, stop), size in zip(box, self.chunk_shape, strict=True)
+            )
+            counts = tuple(s.stop - s.start for s in where)
+            flat = np.arange(prod(self.per_shard)).reshape(self.per_shard)[where].reshape(-1)
+            wanted: list[Coords] = list(
+                zip(*(a.tolist() for a in np.unravel_index(flat, self.per_shard)), strict=True)
+            )
+            runs = [
+                _axis_runs(start, stop, size)
+                for (start, stop), size in zip(box, self.chunk_shape, strict=True)
+            ]
+            found = (counts, flat, wanted, runs)
+            with self._lock:
+                if len(self._plans) > 64:
+                    self._plans.clear()
+                self._plans[box] = found
+        return found
 
     def box_projections(
         self, box: tuple[tuple[int, int], ...]
@@ -386,23 +420,18 @@ class _Shard:
         self.out_sel: Any = out_sel
         # A box (the usual selection) is planned here; any other selection by zarr's own
         # indexer over the inner grid, so that it means exactly what it means to zarr.
-        self.box = _box(chunk_sel, shape)
+        box = _box(chunk_sel, shape)
+        self.box = None if box is None else tuple(box)
         self._projections: list[tuple[Coords, Any, Any]] | None = None
         self.full: list[bool] | None = None
         self.repeated: set[Coords] = set()
         if self.box is not None:
             self.shape: tuple[int, ...] = tuple(stop - start for start, stop in self.box)
             self.sel_shape = self.shape
-            where = tuple(
-                slice(start // size, (stop - 1) // size + 1)
-                for (start, stop), size in zip(self.box, layout.chunk_shape, strict=True)
-            )
-            self.counts = tuple(s.stop - s.start for s in where)
-            grid = np.arange(prod(self.per_shard)).reshape(self.per_shard)
-            self.flat: np.ndarray[Any, np.dtype[np.intp]] = grid[where].reshape(-1)
-            self.wanted: list[Coords] = list(
-                zip(*(a.tolist() for a in np.unravel_index(self.flat, self.per_shard)), strict=True)
-            )
+            plan = layout.box_plan(self.box)
+            self.counts: tuple[int, ...] = plan[0]
+            self.flat: np.ndarray[Any, np.dtype[np.intp]] = plan[1]
+            self.wanted: list[Coords] = plan[2]
         else:
             indexer = get_indexer(
                 chunk_sel, shape=shape, chunk_grid=inner_chunk_grid(shape, layout.chunk_shape)
@@ -440,7 +469,7 @@ class _Shard:
         """Each inner chunk the selection takes: its coordinates, what of it, where that goes."""
         if self._projections is None:
             assert self.box is not None
-            self._projections, self.full = self.layout.box_projections(tuple(self.box))
+            self._projections, self.full = self.layout.box_projections(self.box)
         return self._projections
 
     # ------------------------------------------------------------------ reading, step by step
@@ -719,10 +748,8 @@ class _Shard:
         grid = grid.reshape(*self.counts, *layout.chunk_shape)
         ndim = len(self.counts)
         order = [axis for k in range(ndim) for axis in (k, ndim + k)]
-        runs = [
-            _axis_runs(start, stop, size)
-            for (start, stop), size in zip(self.box or (), layout.chunk_shape, strict=True)
-        ]
+        assert self.box is not None
+        runs = layout.box_plan(self.box)[3]
         # Per axis, a run of whole chunks or a part of one: the box's edges may cut chunks.
         for combo in product(*runs):
             source = grid[
