@@ -756,11 +756,15 @@ class _Shard:
                 tuple(slice(run[0], run[1]) for run in combo)
                 + tuple(slice(run[2], run[3]) for run in combo)
             ]
+            lengths = tuple((run[1] - run[0]) * (run[3] - run[2]) for run in combo)
             place = target[
-                tuple(
-                    slice(run[4], run[4] + (run[1] - run[0]) * (run[3] - run[2])) for run in combo
-                )
+                tuple(slice(run[4], run[4] + n) for run, n in zip(combo, lengths, strict=True))
             ]
+            # as_strided checks nothing: a place cut short by the target's end would be written
+            # past it (and a source cut short broadcast).
+            sizes = tuple(r[1] - r[0] for r in combo) + tuple(r[3] - r[2] for r in combo)
+            if place.shape != lengths or source.shape != sizes:
+                raise AssertionError(f"a run of chunks out of its box: {combo} in {target.shape}")
             # Each axis of the place split in two (chunk, within it): a view, by its strides.
             split = as_strided(
                 place,
