@@ -45,9 +45,12 @@ while a box is copied at once its grid of chunks (one per thread). A
 cancelled read leaves nothing running: every hop waits for its thread, which checks between
 inner chunks.
 
-Measured (benchmarks/pipeline.py, 64 shards of 64 inner chunks of 16 KiB, whole-array reads,
-medians of 5, 2 shared cores at load 6-8): raw 0.11-0.19 of zarr's time, 0.58-1.66 of zarrs';
-zstd(1) 0.10-0.18 of zarr's, 0.76-1.35 of zarrs'.
+Measured (64 shards of 64 inner chunks of 16 KiB from a LocalStore, medians of 9, 2 cores
+shared with another load of about one core; zarr 3.1.6 and 3.4): whole-array reads, raw
+0.13-0.14 of zarr's time and 1.5-1.6 of zarrs' (CPU 1.1-1.3 of zarrs'; was 2.3-4.0, CPU 2.2),
+zstd(1) 0.17-0.29 of zarr's, 1.6-1.8 of zarrs' (CPU 1.3-1.4; was 2.3-2.5, CPU 1.8-1.9); a
+[100:3000, 37:4001] selection about the same. numcodecs' zstd holds the GIL (≈25 µs a 16 KiB
+chunk), so its chunks decompress one at a time whatever the threads.
 
 Not here: writes of sharded arrays and nested sharding go to zarr's pipeline; so do chains with
 codecs outside the sharding codec (zarr cannot read parts of those either). The index is decoded
