@@ -8,9 +8,14 @@ makes, how many requests a shard costs (coalescing, counted at the store), and c
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import re
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zarr.abc.store import ByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.codecs import ShardingCodec
+from zarr.core.buffer import cpu
+from zarr.core.sync import sync
 from zarr.testing.strategies import basic_indices
 
 import zarr_anyio
@@ -41,6 +48,7 @@ from support.arrays import (
 )
 from support.remote import KINDS, http_store
 from support.servers import HTTPServer
+from zarr_anyio.arrays import _sharding
 
 
 @pytest.fixture(params=BACKENDS)
@@ -48,13 +56,15 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
 
 
-INNER = ["raw", "zstd", "gzip+crc32c", "transpose+zstd", "big-endian"]
+INNER = ["raw", "zstd", "blosc", "gzip+crc32c", "transpose+zstd", "big-endian"]
 
 
 def sharding(inner: tuple[int, ...], codecs: str, index: str, location: str) -> ShardingCodec:
     chain: list[Any] = [zarr.codecs.BytesCodec()]
     if codecs == "zstd":
         chain.append(zarr.codecs.ZstdCodec(level=1))
+    elif codecs == "blosc":
+        chain.append(zarr.codecs.BloscCodec(cname="lz4", clevel=1))
     elif codecs == "gzip+crc32c":
         chain += [zarr.codecs.GzipCodec(level=1), zarr.codecs.Crc32cCodec()]
     elif codecs == "transpose+zstd":
@@ -385,3 +395,200 @@ async def test_a_cancelled_sharded_read_from_a_local_store_waits_for_its_threads
     await anyio.sleep(0.1)
     assert len(store.reads) == done
     assert store.limiter.statistics().borrowed_tokens == 0
+
+
+# ---------------------------------------------------------------- inner chunks that are their bytes
+
+RAW_DTYPES = ["u1", "i2", "f4", "f8", "c8", "bool"]
+
+
+@contextmanager
+def counting_box_copies() -> Iterator[list[int]]:
+    """Counts the shards read by `_Shard._decode_box` (all of a shard's chunks in one copy)
+    while it lasts."""
+    original = _sharding._Shard._decode_box
+    count = [0]
+
+    def counted(shard: Any, target: np.ndarray) -> None:
+        count[0] += 1
+        original(shard, target)
+
+    _sharding._Shard._decode_box = counted  # type: ignore[method-assign,assignment]
+    try:
+        yield count
+    finally:
+        _sharding._Shard._decode_box = original  # type: ignore[method-assign]
+
+
+@st.composite
+def raw_sharded_arrays(
+    draw: st.DrawFn, tmp_root: Path
+) -> tuple[zarr.Array[Any], np.ndarray, Any, bool]:
+    """An array whose inner chunks are only a ``bytes`` codec (native or not), inner chunks
+    written in any order zarr has, some shards and inner chunks missing; whether any shard
+    holds chunks whose bytes are their values (so a read of it all copies them as rows)."""
+    ndim = draw(st.integers(1, 3))
+    inner = tuple(draw(st.integers(1, 5)) for _ in range(ndim))
+    shards = tuple(n * draw(st.integers(1, 4)) for n in inner)
+    shape = tuple(draw(st.integers(1, 2 * n + 1)) for n in shards)
+    dtype = draw(st.sampled_from(RAW_DTYPES))
+    native = dtype in ("u1", "bool") or draw(st.booleans())
+    endian = sys.byteorder if native else ("big" if sys.byteorder == "little" else "little")
+    kwargs: dict[str, Any] = {}
+    if "subchunk_write_order" in inspect.signature(ShardingCodec).parameters:  # zarr >= 3.4
+        kwargs["subchunk_write_order"] = draw(
+            st.sampled_from(["morton", "unordered", "lexicographic", "colexicographic"])
+        )
+    codec = ShardingCodec(
+        chunk_shape=inner,
+        codecs=[zarr.codecs.BytesCodec(endian=endian)],
+        index_codecs=[zarr.codecs.BytesCodec(), zarr.codecs.Crc32cCodec()],
+        index_location=draw(st.sampled_from(["start", "end"])),
+        **kwargs,
+    )
+    fill_value = draw(st.sampled_from([0, 1, 3]))
+    store = new_store(draw(st.sampled_from(STORE_KINDS)), tmp_root)
+    with pipeline(ZARRS):
+        array = zarr.create_array(
+            store,
+            shape=shape,
+            chunks=shards,
+            serializer=codec,
+            compressors=None,
+            dtype=dtype,
+            fill_value=fill_value,
+            config={"write_empty_chunks": False},
+        )
+        data = np.full(shape, fill_value, dtype=dtype)
+        # Every value told apart from the others and from the fill value: a chunk in the
+        # wrong place cannot go unseen (bool has two).
+        count = int(np.prod(shape))
+        if dtype == "bool":
+            values = (np.arange(count) % 3 == 0).reshape(shape)
+        else:
+            values = (np.arange(count) % 240 + 5).reshape(shape).astype(dtype)
+        # Often every chunk of a shard stored (all of it then copied in one), else some.
+        regions: list[Any] = [...] if draw(st.booleans()) else []
+        for _ in range(draw(st.integers(0 if regions else 1, 3))):
+            regions.append(draw(basic_indices(shape=shape, allow_ellipsis=False)))
+        for region in regions:
+            data[region] = values[region]
+            array[region] = values[region]
+        if draw(st.booleans()):
+            region = draw(basic_indices(shape=shape, allow_ellipsis=False))
+            data[region] = fill_value
+            array[region] = fill_value
+        # Inner chunks left out here and there: the others are then not in their grid's order.
+        grid = [-(-n // c) for n, c in zip(shape, inner, strict=True)]
+        for _ in range(draw(st.integers(0, 4))):
+            corner = [draw(st.integers(0, n - 1)) * c for n, c in zip(grid, inner, strict=True)]
+            hole = tuple(slice(a, a + c) for a, c in zip(corner, inner, strict=True))
+            data[hole] = fill_value
+            array[hole] = fill_value
+    fill = np.asarray(fill_value).astype(dtype)
+    stored = any(np.any(data[block] != fill) for block in _shard_blocks(shape, shards))
+    return array, data, store, native and stored
+
+
+def _shard_blocks(shape: tuple[int, ...], shards: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    starts = [range(0, n, s) for n, s in zip(shape, shards, strict=True)]
+    return [
+        tuple(slice(a, a + s) for a, s in zip(corner, shards, strict=True))
+        for corner in itertools.product(*starts)
+    ]
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_raw_inner_chunks_copied_as_rows_match_zarrs_pipeline(
+    data: st.DataObject, tmp_path: Path
+) -> None:
+    # Shards whose inner chunks are their values, read as a box (a basic selection of step 1):
+    # copied all at once, gathered by the index in whatever order they were written, cut at
+    # the box's edges, the missing ones filled. Anything else, one chunk at a time.
+    _, expected, store, rows = data.draw(raw_sharded_arrays(tmp_path))
+    ours, theirs = opened(store, OURS), opened(store, ZARRS)
+    with counting_box_copies() as copies:
+        np.testing.assert_array_equal(ours[...], expected)
+        assert (copies[0] > 0) == rows
+        for _ in range(3):
+            box = tuple(
+                slice(start, data.draw(st.integers(start + 1, n)))
+                for n in expected.shape
+                for start in [data.draw(st.integers(0, n - 1))]
+            )
+            np.testing.assert_array_equal(ours[box], theirs[box])
+            np.testing.assert_array_equal(ours[box], expected[box])
+        # An integer drops its axis; the shard's part of the selection is no box then.
+        axis = data.draw(st.integers(0, expected.ndim - 1))
+        where = data.draw(st.integers(0, expected.shape[axis] - 1))
+        dropped = tuple(where if k == axis else slice(None) for k in range(expected.ndim))
+        np.testing.assert_array_equal(ours[dropped], expected[dropped])
+        compare_reads(data, ours, theirs, expected)
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_raw_inner_chunks_out_of_grid_order_some_missing(tmp_path: Path, kind: str) -> None:
+    # zarr writes a shard's chunks in Morton order: of a 4 x 4 grid, (1, 0) before (0, 1), and
+    # with chunks left out the others move up. Boxes cut the shards' chunks at their edges.
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    with pipeline(ZARRS):
+        array = zarr.create_array(
+            store,
+            shape=(19, 22),
+            chunks=(2, 3),
+            shards=(8, 12),
+            compressors=None,
+            dtype="i4",
+            fill_value=-7,
+            config={"write_empty_chunks": False},
+        )
+        expected = np.arange(19 * 22, dtype="i4").reshape(19, 22)
+        array[...] = expected
+        for row, col in [(0, 0), (1, 2), (2, 1), (3, 3), (5, 1), (4, 6)]:
+            hole = (slice(2 * row, 2 * row + 2), slice(3 * col, 3 * col + 3))
+            expected[hole] = -7
+            array[hole] = -7
+    ours = opened(store, OURS)
+    with counting_box_copies() as copies:
+        for box in [
+            (slice(None), slice(None)),
+            (slice(1, 18), slice(2, 21)),
+            (slice(3, 6), slice(4, 5)),
+            (slice(7, 9), slice(11, 13)),
+        ]:
+            np.testing.assert_array_equal(ours[box], expected[box])
+    assert copies[0] > 0
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_a_shard_that_holds_no_chunk_reads_as_its_fill_value(tmp_path: Path, kind: str) -> None:
+    # zarr deletes such a shard; another writer may leave its index alone, every entry empty.
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    codec = ShardingCodec(
+        chunk_shape=(2, 2),
+        codecs=[zarr.codecs.BytesCodec()],
+        index_codecs=[zarr.codecs.BytesCodec()],
+    )
+    with pipeline(ZARRS):
+        array = zarr.create_array(
+            store,
+            shape=(8, 4),
+            chunks=(4, 4),
+            serializer=codec,
+            compressors=None,
+            dtype="i2",
+            fill_value=9,
+        )
+        array[...] = np.arange(32, dtype="i2").reshape(8, 4)
+    empty = np.full(2 * 2 * 2, 2**64 - 1, dtype="<u8").tobytes()
+    sync(store.set("c/1/0", cpu.Buffer.from_bytes(empty)))
+    expected = np.arange(32, dtype="i2").reshape(8, 4)
+    expected[4:] = 9
+    ours = opened(store, OURS)
+    np.testing.assert_array_equal(ours[...], expected)
+    np.testing.assert_array_equal(ours[3:7, 1:3], expected[3:7, 1:3])

@@ -103,6 +103,10 @@ def _blocking(
     return call
 
 
+def _same(data: Buffer) -> Buffer:
+    return data
+
+
 class _Stages:
     """The specs each codec of the chain sees for one chunk spec."""
 
@@ -165,6 +169,24 @@ class SyncChain:
             value = decode(value, bb_spec)
         assert isinstance(value, Buffer)
         return value
+
+    def bytes_decoder(self, spec: ArraySpec) -> Callable[[Buffer], Buffer]:
+        """`decode_bytes` for chunks of ``spec``, its stages resolved now: a caller decoding
+        many chunks of one spec hashes the spec (a dataclass, ≈2 µs) once, not once a chunk."""
+        steps = list(zip(reversed(self._decoders[2]), reversed(self.stages(spec).bb), strict=True))
+        if not steps:
+            return _same
+        if len(steps) == 1:
+            decode, bb_spec = steps[0]
+            return lambda data: decode(data, bb_spec)
+
+        def run(data: Buffer) -> Buffer:
+            value: Any = data
+            for decode, bb_spec in steps:
+                value = decode(value, bb_spec)
+            return value  # type: ignore[no-any-return]
+
+        return run
 
     def decode(self, data: Buffer, spec: ArraySpec) -> NDBuffer:
         stages = self.stages(spec)

@@ -8,7 +8,9 @@ coroutine per inner chunk per codec, into a temporary array of the shard's selec
 copies into the result. Here:
 
 * The shard's plan (which inner chunks, where each goes) is zarr's own indexer over the shard's
-  inner grid, so every selection kind means exactly what it means to zarr.
+  inner grid, so every selection kind means exactly what it means to zarr; but a box (slices of
+  step 1, what zarr gives each shard of a basic selection) is planned here, axis by axis, and
+  its projections kept per box (most shards of a read are the same box: the whole shard).
 * A selection that needs every inner chunk of a shard reads the whole shard in one request and
   finds the index in it; any other reads the index (one request, at the start or the end of the
   shard), then the chunks it needs, neighbours merged into one range while the gap between them
@@ -28,16 +30,27 @@ copies into the result. Here:
 * A call with fewer shards than threads (one big shard, say) decodes each shard in parts at
   once, one per thread. Inner chunks whose codecs end in a native-endian ``bytes`` codec are
   their decompressed bytes seen as an array: that codec's own decode, ≈25 µs of Python a chunk,
-  was the larger part of a 16 KiB chunk's cost.
+  was the larger part of a 16 KiB chunk's cost. Everything about a chunk's spec is resolved
+  once a shard, not once a chunk (hashing an `ArraySpec` alone took ≈2 µs); zarr's zstd and
+  blosc codecs are called as the numcodecs codec they wrap.
+* A box whose inner chunks are only that ``bytes`` codec, all of one size and in one piece of
+  the shard (as zarr writes them, in Morton or any order), is copied at once: the chunks
+  gathered into a grid in their grid's order (`np.take`), then into the box with the grid's
+  and the chunks' axes interleaved, cut at the box's edges, missing chunks filled. A few numpy
+  calls a shard, each without the GIL, where chunk by chunk took ≈4 µs of Python a chunk.
 
 Memory beside the result: the encoded bytes of the shards in flight, one per hop (at most one
-per thread) or per fetching task (at most the store's bound, and `IN_FLIGHT_BYTES` in all). A
+per thread) or per fetching task (at most the store's bound, and `IN_FLIGHT_BYTES` in all), and
+while a box is copied at once its grid of chunks (one per thread). A
 cancelled read leaves nothing running: every hop waits for its thread, which checks between
 inner chunks.
 
-Measured (benchmarks/pipeline.py, 64 shards of 64 inner chunks of 16 KiB, whole-array reads,
-medians of 5, 2 shared cores at load 6-8): raw 0.11-0.19 of zarr's time, 0.58-1.66 of zarrs';
-zstd(1) 0.10-0.18 of zarr's, 0.76-1.35 of zarrs'.
+Measured (64 shards of 64 inner chunks of 16 KiB from a LocalStore, medians of 9, 2 cores
+shared with another load of about one core; zarr 3.1.6 and 3.4): whole-array reads, raw
+0.13-0.14 of zarr's time and 1.5-1.6 of zarrs' (CPU 1.1-1.3 of zarrs'; was 2.3-4.0, CPU 2.2),
+zstd(1) 0.17-0.29 of zarr's, 1.6-1.8 of zarrs' (CPU 1.3-1.4; was 2.3-2.5, CPU 1.8-1.9); a
+[100:3000, 37:4001] selection about the same. numcodecs' zstd holds the GIL (≈25 µs a 16 KiB
+chunk), so its chunks decompress one at a time whatever the threads.
 
 Not here: writes of sharded arrays and nested sharding go to zarr's pipeline; so do chains with
 codecs outside the sharding codec (zarr cannot read parts of those either). The index is decoded
@@ -46,17 +59,22 @@ on the event loop: its codecs are fixed-size (bytes, crc32c) and never suspend.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable
+from itertools import product
 from math import prod
 from typing import Any
 
 import anyio
+import numcodecs.abc
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 from zarr.abc.store import ByteGetter, ByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodec
 from zarr.core.array_spec import ArraySpec
-from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
 from zarr.core.codec_pipeline import BatchedCodecPipeline
 from zarr.core.indexing import get_indexer
 from zarr.storage import StorePath
@@ -97,9 +115,18 @@ MIN_PART = 16
 
 # An index entry of a chunk the shard does not hold.
 _EMPTY = 2**64 - 1
+# Entries at least this large are not bytes of any shard (they would overflow as int64).
+_HUGE = 2**62
 
 Bytes = np.ndarray[Any, np.dtype[np.uint8]]
 Coords = tuple[int, ...]
+# A box's chunk counts, flat indices, coordinates and runs per axis (`_Layout.box_plan`).
+_BoxPlan = tuple[
+    tuple[int, ...],
+    np.ndarray[Any, np.dtype[np.intp]],
+    list[Coords],
+    list[list[tuple[int, int, int, int, int]]],
+]
 
 
 def _as_array(data: Buffer | bytes | memoryview) -> Bytes:
@@ -143,6 +170,8 @@ class ShardedReader:
         self.index_chain = _chain(codec.index_codecs)
         self._inner: dict[ArraySpec, SyncChain] = {}
         self._index: dict[tuple[int, ...], tuple[int, ArraySpec]] = {}
+        self._layouts: dict[ArraySpec, _Layout] = {}
+        self._lock = threading.Lock()
 
     def index_layout(self, per_shard: tuple[int, ...]) -> tuple[int, ArraySpec]:
         """The size of a shard's index and the spec it is decoded with, for shards of
@@ -163,6 +192,20 @@ class ShardedReader:
             if len(self._inner) > 16:
                 self._inner.clear()
             found = self._inner[chunk_spec] = _chain(self.codec.codecs, chunk_spec)
+        return found
+
+    def layout(self, spec: ArraySpec) -> _Layout:
+        """What shards of ``spec`` share (made once a spec: a regular grid has one)."""
+        try:
+            found = self._layouts.get(spec)
+        except TypeError:  # a spec that does not hash (an odd fill value)
+            return _Layout(self, spec)
+        if found is None:
+            found = _Layout(self, spec)
+            with self._lock:
+                if len(self._layouts) > 16:
+                    self._layouts.clear()
+                self._layouts[spec] = found
         return found
 
     async def read(
@@ -193,36 +236,244 @@ def sharded_reader(pipeline: BatchedCodecPipeline) -> ShardedReader | None:
     return ShardedReader(codec)
 
 
+class _Layout:
+    """What every shard of one spec shares (a regular grid has one spec): worked out once a
+    spec, not once a shard; read-only once made, so shared by threads."""
+
+    __slots__ = (
+        "_boxes",
+        "_lock",
+        "_plans",
+        "at_start",
+        "chain",
+        "chunk_bytes",
+        "chunk_shape",
+        "chunk_spec",
+        "decompress",
+        "dtype",
+        "fill",
+        "index_dtype",
+        "index_size",
+        "index_spec",
+        "index_undo",
+        "per_shard",
+        "raw",
+    )
+
+    def __init__(self, reader: ShardedReader, spec: ArraySpec) -> None:
+        codec = reader.codec
+        self.per_shard: tuple[int, ...] = tuple(codec._get_chunks_per_shard(spec))
+        self.chunk_spec: ArraySpec = codec._get_chunk_spec(spec)
+        self.chunk_shape: tuple[int, ...] = tuple(self.chunk_spec.shape)
+        self.index_size, self.index_spec = reader.index_layout(self.per_shard)
+        # The index too is its bytes once its checksum is checked (`SyncChain.bytes_dtype`).
+        self.index_dtype = reader.index_chain.bytes_dtype(self.index_spec)
+        self.index_undo = reader.index_chain.bytes_decoder(self.index_spec)
+        self.at_start = index_at_start(codec)
+        self.chain = reader.inner_chain(self.chunk_spec)
+        # The dtype a chunk's decompressed bytes are seen as (`SyncChain.bytes_dtype`), and
+        # whether its stored bytes already are (no bytes-to-bytes codec).
+        self.dtype = self.chain.bytes_dtype(self.chunk_spec)
+        self.raw = self.dtype is not None and not self.chain.bb
+        self.chunk_bytes = prod(self.chunk_shape) * (
+            0 if self.dtype is None else self.dtype.itemsize
+        )
+        self.fill: Any = fill_value_or_default(self.chunk_spec)
+        self.decompress = _decompressor(self.chain) if self.dtype is not None else None
+        self._boxes: dict[tuple[tuple[int, int], ...], tuple[list[Any], list[bool]]] = {}
+        self._plans: dict[tuple[tuple[int, int], ...], _BoxPlan] = {}
+        self._lock = threading.Lock()
+
+    def box_plan(self, box: tuple[tuple[int, int], ...]) -> _BoxPlan:
+        """A box's inner chunks: how many along each axis, their flat indices and coordinates
+        (in the grid's order), and each axis as runs (`_axis_runs`); kept like projections."""
+        found = self._plans.get(box)
+        if found is None:
+            where = tuple(
+                slice(start // size, (stop - 1) // size + 1)
+                for (start, stop), size in zip(box, self.chunk_shape, strict=True)
+            )
+            counts = tuple(s.stop - s.start for s in where)
+            flat = np.arange(prod(self.per_shard)).reshape(self.per_shard)[where].reshape(-1)
+            wanted: list[Coords] = list(
+                zip(*(a.tolist() for a in np.unravel_index(flat, self.per_shard)), strict=True)
+            )
+            runs = [
+                _axis_runs(start, stop, size)
+                for (start, stop), size in zip(box, self.chunk_shape, strict=True)
+            ]
+            found = (counts, flat, wanted, runs)
+            with self._lock:
+                if len(self._plans) > 64:
+                    self._plans.clear()
+                self._plans[box] = found
+        return found
+
+    def box_projections(
+        self, box: tuple[tuple[int, int], ...]
+    ) -> tuple[list[tuple[Coords, Any, Any]], list[bool]]:
+        """A box's projections (`_Shard.projections`) and which take a whole chunk; kept, as
+        most shards of a read are the same box (the whole shard), read-only once made."""
+        found = self._boxes.get(box)
+        if found is None:
+            axes = [
+                _axis_chunks(start, stop, size)
+                for (start, stop), size in zip(box, self.chunk_shape, strict=True)
+            ]
+            projections: list[tuple[Coords, Any, Any]] = []
+            full: list[bool] = []
+            for combo in product(*axes):
+                coords, chunk_sel, out_sel, whole = zip(*combo, strict=True)
+                projections.append((coords, chunk_sel, out_sel))
+                full.append(all(whole))
+            found = (projections, full)
+            with self._lock:
+                if len(self._boxes) > 64:
+                    self._boxes.clear()
+                self._boxes[box] = found
+        return found
+
+
+def _decompressor(chain: SyncChain) -> Callable[[Bytes], Any] | None:
+    """The numcodecs decode behind a chain's one bytes-to-bytes codec, if it is zarr's zstd or
+    blosc: zarr's own decode only wraps it in Buffers (from bytes, as an array, from bytes
+    again), ≈3 µs of Python a chunk held under the GIL beside numcodecs' ≈25 µs of zstd."""
+    if len(chain.bb) != 1 or type(chain.bb[0]) not in _NUMCODECS:
+        return None
+    inner = getattr(chain.bb[0], _NUMCODECS[type(chain.bb[0])], None)
+    decode = getattr(inner, "decode", None)
+    return decode if isinstance(inner, numcodecs.abc.Codec) and callable(decode) else None
+
+
+# zarr's codecs that are a numcodecs codec (their attribute holding it) and nothing more.
+_NUMCODECS: dict[type, str] = {ZstdCodec: "_zstd_codec", BloscCodec: "_blosc_codec"}
+
+
+def _box(chunk_sel: Any, shape: Coords) -> list[tuple[int, int]] | None:
+    """A shard's selection as (start, stop) per axis, if it is one non-empty box of the shard
+    (slices of step 1, as zarr gives for basic selections); else ``None``."""
+    if not shape or not isinstance(chunk_sel, tuple) or len(chunk_sel) != len(shape):
+        return None
+    box: list[tuple[int, int]] = []
+    for s, n in zip(chunk_sel, shape, strict=True):
+        if type(s) is not slice or s.step not in (1, None):
+            return None
+        start = 0 if s.start is None else s.start
+        stop = n if s.stop is None else s.stop
+        if not isinstance(start, int | np.integer) or not isinstance(stop, int | np.integer):
+            return None
+        if not 0 <= start < stop <= n:
+            return None
+        box.append((int(start), int(stop)))
+    return box
+
+
+def _axis_chunks(start: int, stop: int, size: int) -> list[tuple[int, slice, slice, bool]]:
+    """One axis of a box: each inner chunk it touches, the part of it taken, where that goes
+    in the box, and whether it is the whole chunk."""
+    found = []
+    for j in range(start // size, (stop - 1) // size + 1):
+        low, high = max(start, j * size), min(stop, (j + 1) * size)
+        found.append(
+            (
+                j,
+                slice(low - j * size, high - j * size, 1),
+                slice(low - start, high - start),
+                high - low == size,
+            )
+        )
+    return found
+
+
+def _axis_runs(start: int, stop: int, size: int) -> list[tuple[int, int, int, int, int]]:
+    """One axis of a box as runs: a run of whole inner chunks, or a part of one chunk; each
+    (first chunk, after its last chunk, part start, part stop, where it goes in the box), the
+    chunks counted from the box's first."""
+    first = start // size
+    runs = []
+    at = start
+    while at < stop:
+        j = at // size
+        if at % size == 0 and stop - at >= size:
+            count = (stop - at) // size
+            runs.append((j - first, j - first + count, 0, size, at - start))
+            at += count * size
+        else:
+            high = min(stop, (j + 1) * size)
+            runs.append((j - first, j - first + 1, at - j * size, high - j * size, at - start))
+            at = high
+    return runs
+
+
 class _Shard:
     """One shard of a read: the inner chunks it needs and where each goes, then their bytes."""
 
     def __init__(self, read: _ShardedRead, position: int) -> None:
-        reader = read.reader
-        codec = reader.codec
         _, spec, chunk_sel, out_sel, _ = read.batch[position]
         shape = tuple(spec.shape)
+        layout = read.reader.layout(spec)
         self.read = read
         self.position = position
         self.spec = spec
-        self.per_shard: tuple[int, ...] = tuple(codec._get_chunks_per_shard(spec))
-        self.chunk_spec: ArraySpec = codec._get_chunk_spec(spec)
-        self.index_size, self.index_spec = reader.index_layout(self.per_shard)
-        self.at_start = index_at_start(codec)
-        indexer = get_indexer(
-            chunk_sel, shape=shape, chunk_grid=inner_chunk_grid(shape, tuple(codec.chunk_shape))
-        )
-        self.projections = [(tuple(p[0]), p[1], p[2]) for p in indexer]
-        self.shape = tuple(indexer.shape)
-        self.sel_shape = tuple(getattr(indexer, "sel_shape", self.shape))
+        self.layout = layout
+        self.per_shard = layout.per_shard
+        self.chunk_spec = layout.chunk_spec
+        self.index_size = layout.index_size
+        self.at_start = layout.at_start
         self.out_sel: Any = out_sel
-        self.uses = Counter(coords for coords, _, _ in self.projections)
-        self.wanted = sorted(self.uses)
+        # A box (the usual selection) is planned here; any other selection by zarr's own
+        # indexer over the inner grid, so that it means exactly what it means to zarr.
+        box = _box(chunk_sel, shape)
+        self.box = None if box is None else tuple(box)
+        self._projections: list[tuple[Coords, Any, Any]] | None = None
+        self.full: list[bool] | None = None
+        self.repeated: set[Coords] = set()
+        if self.box is not None:
+            self.shape: tuple[int, ...] = tuple(stop - start for start, stop in self.box)
+            self.sel_shape = self.shape
+            plan = layout.box_plan(self.box)
+            self.counts: tuple[int, ...] = plan[0]
+            self.flat: np.ndarray[Any, np.dtype[np.intp]] = plan[1]
+            self.wanted: list[Coords] = plan[2]
+        else:
+            indexer = get_indexer(
+                chunk_sel, shape=shape, chunk_grid=inner_chunk_grid(shape, layout.chunk_shape)
+            )
+            self._projections = [(tuple(p[0]), p[1], p[2]) for p in indexer]
+            self.shape = tuple(indexer.shape)
+            self.sel_shape = tuple(getattr(indexer, "sel_shape", self.shape))
+            uses = Counter(coords for coords, _, _ in self._projections)
+            self.repeated = {coords for coords, n in uses.items() if n > 1}
+            self.wanted = sorted(uses)
+            if self.per_shard and self.wanted:
+                self.flat = np.asarray(
+                    np.ravel_multi_index(tuple(np.array(self.wanted).T), self.per_shard),
+                    dtype=np.intp,
+                ).reshape(-1)
+            else:
+                self.flat = np.zeros(len(self.wanted), dtype=np.intp)
         self.whole = len(self.wanted) == prod(self.per_shard)
         self.chunks: dict[Coords, Bytes] = {}
+        # Where each wanted chunk is (`_locate`), and whether one range holds them all.
+        self.present = np.zeros(0, dtype=np.bool_)
+        self.one_range = False
+        self.starts = self.stops = np.zeros(0, dtype=np.int64)
+        # The bytes of every wanted chunk in one piece, for `_decode_box`: the piece seen as
+        # rows of one chunk each, and the row of each wanted chunk (-1: missing).
+        self.rows: np.ndarray[Any, Any] | None = None
+        self.slots: np.ndarray[Any, np.dtype[np.intp]] | None = None
         self.ranges: list[tuple[int, int, list[tuple[int, int, Coords]]]] = []
         config = spec.config
         self.max_gap = int(getattr(config, "sharding_coalesce_max_gap_bytes", MAX_GAP))
         self.max_range = int(getattr(config, "sharding_coalesce_max_bytes", MAX_RANGE))
+
+    @property
+    def projections(self) -> list[tuple[Coords, Any, Any]]:
+        """Each inner chunk the selection takes: its coordinates, what of it, where that goes."""
+        if self._projections is None:
+            assert self.box is not None
+            self._projections, self.full = self.layout.box_projections(self.box)
+        return self._projections
 
     # ------------------------------------------------------------------ reading, step by step
 
@@ -240,17 +491,32 @@ class _Shard:
                 f"{self._where()} is corrupt: {len(data)} bytes where its index "
                 f"takes {self.index_size}; the shard is truncated"
             )
-        chunk = self.read.reader.index_chain.decode(
-            default_buffer_prototype().buffer.from_bytes(data.data), self.index_spec
+        layout = self.layout
+        buffer_type = default_buffer_prototype().buffer
+        buffer = (
+            buffer_type(data) if buffer_type is cpu.Buffer else buffer_type.from_bytes(data.data)
         )
+        if layout.index_dtype is not None:
+            entries = layout.index_undo(buffer).as_numpy_array().view(layout.index_dtype)
+            return entries.reshape(-1, 2)
+        chunk = self.read.reader.index_chain.decode(buffer, layout.index_spec)
         return chunk.as_numpy_array().reshape(-1, 2)
 
+    def _locate(self, index: np.ndarray[Any, np.dtype[np.uint64]]) -> bool:
+        """Where the wanted chunks are, as arrays (in `wanted`'s order); ``False`` if an entry
+        is too large for them (a damaged index: the span by span path reports it)."""
+        entries = index[self.flat]
+        offsets, lengths = entries[:, 0], entries[:, 1]
+        present = offsets != _EMPTY
+        if present.any() and (offsets[present].max() >= _HUGE or lengths[present].max() >= _HUGE):
+            return False
+        self.present = present
+        self.starts = np.where(present, offsets, 0).astype(np.int64)
+        self.stops = self.starts + np.where(present, lengths, 0).astype(np.int64)
+        return True
+
     def _spans(self, index: np.ndarray[Any, np.dtype[np.uint64]]) -> list[tuple[int, int, Coords]]:
-        if self.per_shard:
-            flat = np.ravel_multi_index(tuple(np.array(self.wanted).T), self.per_shard)
-        else:
-            flat = np.zeros(len(self.wanted), dtype=np.intp)
-        entries = index[np.asarray(flat, dtype=np.intp)]
+        entries = index[self.flat]
         return [
             (int(offset), int(offset) + int(length), coords)
             for coords, (offset, length) in zip(self.wanted, entries.tolist(), strict=True)
@@ -268,19 +534,89 @@ class _Shard:
                 index = self._index(data[len(data) - self.index_size :])
             # Inner chunks lie outside the index: where it is at the end, before it.
             end = len(data) if self.at_start else len(data) - self.index_size
+            if self._locate(index):
+                beyond = self.present & (self.stops > end)
+                if beyond.any():
+                    self._check_within(int(self.stops[np.argmax(beyond)]), end)
+                self._keep(data, 0)
+                return []
             for start, stop, coords in self._spans(index):
                 self._check_within(stop, end)
                 self.chunks[coords] = data[start:stop]
             return []
-        self.ranges = _coalesce(self._spans(self._index(data)), self.max_gap, self.max_range)
+        index = self._index(data)
+        self.one_range = self._locate(index) and self._one_range()
+        if self.one_range:
+            starts = self.starts[self.present]
+            self.ranges = [(int(starts.min()), int(self.stops[self.present].max()), [])]
+        else:
+            self.ranges = _coalesce(self._spans(index), self.max_gap, self.max_range)
         return [(low, high) for low, high, _ in self.ranges]
 
+    def _one_range(self) -> bool:
+        """Whether `_coalesce` would merge every wanted chunk present into one range."""
+        starts, stops = self.starts[self.present], self.stops[self.present]
+        if not len(starts):
+            return False
+        order = np.argsort(starts, kind="stable")
+        starts, stops = starts[order], stops[order]
+        gaps = starts[1:] - np.maximum.accumulate(stops)[:-1]
+        return bool((gaps <= self.max_gap).all() and stops.max() - starts[0] <= self.max_range)
+
     def range_answers(self, answers: list[Bytes]) -> None:
+        if self.one_range:
+            ((low, _, _),) = self.ranges
+            (data,) = answers
+            beyond = self.present & (self.stops - low > len(data))
+            if beyond.any():
+                first = min(
+                    zip(self.starts[beyond].tolist(), self.stops[beyond].tolist(), strict=True)
+                )
+                self._check_within(first[1] - low, len(data))
+            self._keep(data, low)
+            self.ranges = []
+            return
         for (low, _, members), data in zip(self.ranges, answers, strict=True):
             for start, stop, coords in members:
                 self._check_within(stop - low, len(data))
                 self.chunks[coords] = data[start - low : stop - low]
         self.ranges = []
+
+    def _keep(self, data: Bytes, low: int) -> None:
+        """The wanted chunks, all present ones in ``data`` (which starts at byte ``low`` of the
+        shard): as rows, if `_decode_box` can take them, else one by one."""
+        if self._as_rows(data, low):
+            return
+        starts, stops = self.starts.tolist(), self.stops.tolist()
+        wanted = self.wanted
+        for i in np.flatnonzero(self.present).tolist():
+            self.chunks[wanted[i]] = data[starts[i] - low : stops[i] - low]
+
+    def _as_rows(self, data: Bytes, low: int) -> bool:
+        layout = self.layout
+        dtype = layout.dtype
+        if self.box is None or not layout.raw or dtype != self.read.out_array.dtype:
+            return False
+        size = layout.chunk_bytes
+        present = self.present
+        starts = self.starts[present] - low
+        if not size or (self.stops[present] - self.starts[present] != size).any():
+            return False
+        slots = np.full(len(present), -1, dtype=np.intp)
+        if len(starts):
+            base = int(starts.min())
+            offsets = starts - base
+            if (offsets % size).any() or not data.flags.c_contiguous:
+                return False
+            count = int(offsets.max()) // size + 1
+            slots[present] = offsets // size
+        else:
+            base = count = 0
+        assert dtype is not None
+        rows = data[base : base + count * size].view(dtype)
+        self.rows = rows.reshape(count, prod(layout.chunk_shape))
+        self.slots = slots
+        return True
 
     def _where(self) -> str:
         return f"the shard at {key_of(self.read.batch[self.position][0])!r}"
@@ -314,7 +650,10 @@ class _Shard:
     def parts(self, shards: int) -> list[range]:
         """The shard's inner chunks (projections) in as many parts as can be decoded at once
         beside the ``shards`` other shards of the call: one part when there are enough shards
-        to keep every thread busy, else up to one per thread, of at least `MIN_PART` each."""
+        to keep every thread busy (or the chunks are copied as rows, at once), else up to one
+        per thread, of at least `MIN_PART` each."""
+        if self.rows is not None:
+            return [range(len(self.wanted))]
         count = len(self.projections)
         if not count:
             return [range(0)]
@@ -329,46 +668,122 @@ class _Shard:
         self.buffer: np.ndarray[Any, Any] | None = None
         if self.target is None:
             self.buffer = self.target = np.empty(self.shape, dtype=self.read.out_array.dtype)
+        if self.rows is None:
+            self.projections  # noqa: B018 (made here, before threads share the shard)
+
+    def _chunk_decoder(self) -> Callable[[Bytes], np.ndarray[Any, Any]]:
+        """An inner chunk's bytes to its array, everything about its spec resolved once."""
+        layout = self.layout
+        dtype, shape, spec = layout.dtype, layout.chunk_shape, layout.chunk_spec
+        if layout.raw:
+            assert dtype is not None
+            # Its bytes are its values: seen as an array, not copied.
+            return lambda data: data.view(dtype).reshape(shape)
+        buffer_type = spec.prototype.buffer
+        # zarr's CPU buffer is its array: made directly, not through `from_bytes`.
+        buffer_of: Callable[[Bytes], Buffer] = (
+            buffer_type
+            if buffer_type is cpu.Buffer
+            else lambda data: buffer_type.from_bytes(data.data)
+        )
+        if dtype is not None and layout.decompress is not None and buffer_type is cpu.Buffer:
+            decompress, as_dtype = layout.decompress, dtype
+            return lambda data: np.frombuffer(decompress(data), dtype=as_dtype).reshape(shape)
+        if dtype is not None:
+            as_dtype = dtype
+            # Bytes that are the chunk's values once decompressed are seen as an array of them:
+            # the ``bytes`` codec's own decode costs more than a 16 KiB copy.
+            undo = layout.chain.bytes_decoder(spec)
+            return lambda data: undo(buffer_of(data)).as_numpy_array().view(as_dtype).reshape(shape)
+        chain = layout.chain
+        return lambda data: chain.decode(buffer_of(data), spec).as_numpy_array()
 
     def decode(self, part: range, check_cancelled: CheckCancelled) -> None:
         """Decode a part of the inner chunks and write them where they belong (blocking);
         parts of one shard may run at once, in several threads."""
         target = self.target
         assert target is not None
-        spec = self.chunk_spec
-        chain = self.read.reader.inner_chain(spec)
-        prototype = spec.prototype
-        # Bytes that are the chunk's values once decompressed are seen as an array of them: the
-        # ``bytes`` codec's own decode costs more than a 16 KiB copy.
-        as_dtype = chain.bytes_dtype(spec)
-        fill = fill_value_or_default(spec)
+        if self.rows is not None:
+            check_cancelled()
+            self._decode_box(target)
+            return
+        decode = self._chunk_decoder()
+        fill = self.layout.fill
+        projections, full, repeated = self.projections, self.full, self.repeated
+        chunks = self.chunks
         # An inner chunk is projected once, unless the selection comes back to it (coordinates
         # out of order): only then is it kept once decoded.
         again: dict[Coords, np.ndarray[Any, Any] | None] = {}
-        for coords, chunk_sel, out_sel in self.projections[part.start : part.stop]:
+        for i in part:
+            coords, chunk_sel, out_sel = projections[i]
             check_cancelled()
             if coords in again:
                 chunk = again[coords]
             else:
-                data = self.chunks.get(coords)
-                chunk = None
-                if data is not None:
-                    buffer_in = prototype.buffer.from_bytes(data.data)
-                    if as_dtype is None:
-                        chunk = chain.decode(buffer_in, spec).as_numpy_array()
-                    else:
-                        decompressed = chain.decode_bytes(buffer_in, spec).as_numpy_array()
-                        chunk = decompressed.view(as_dtype).reshape(spec.shape)
-                if self.uses[coords] > 1:
+                data = chunks.get(coords)
+                chunk = None if data is None else decode(data)
+                if coords in repeated:
                     again[coords] = chunk
             if chunk is None:
                 target[out_sel] = fill
+            elif full is not None and full[i]:
+                target[out_sel] = chunk
             else:
                 target[out_sel] = chunk[chunk_sel]
+
+    def _decode_box(self, target: np.ndarray[Any, Any]) -> None:
+        """Every wanted chunk (their bytes are their values, all in one piece, in rows of one
+        chunk) into ``target`` at once: gathered into a grid of chunks in order, then copied
+        to the box with the grid's and the chunks' axes interleaved. A few numpy calls a shard
+        where chunk by chunk took a few a chunk."""
+        layout = self.layout
+        rows, slots = self.rows, self.slots
+        assert rows is not None
+        assert slots is not None
+        present = slots >= 0
+        if present.all():
+            grid = np.take(rows, slots, axis=0)
+        elif len(rows):
+            grid = np.take(rows, np.where(present, slots, 0), axis=0)
+            grid[~present] = layout.fill
+        else:  # a shard that holds none of them
+            grid = np.full((len(slots), rows.shape[1]), layout.fill, dtype=rows.dtype)
+        grid = grid.reshape(*self.counts, *layout.chunk_shape)
+        ndim = len(self.counts)
+        order = [axis for k in range(ndim) for axis in (k, ndim + k)]
+        assert self.box is not None
+        runs = layout.box_plan(self.box)[3]
+        # Per axis, a run of whole chunks or a part of one: the box's edges may cut chunks.
+        for combo in product(*runs):
+            source = grid[
+                tuple(slice(run[0], run[1]) for run in combo)
+                + tuple(slice(run[2], run[3]) for run in combo)
+            ]
+            lengths = tuple((run[1] - run[0]) * (run[3] - run[2]) for run in combo)
+            place = target[
+                tuple(slice(run[4], run[4] + n) for run, n in zip(combo, lengths, strict=True))
+            ]
+            # as_strided checks nothing: a place cut short by the target's end would be written
+            # past it (and a source cut short broadcast).
+            sizes = tuple(r[1] - r[0] for r in combo) + tuple(r[3] - r[2] for r in combo)
+            if place.shape != lengths or source.shape != sizes:
+                raise AssertionError(f"a run of chunks out of its box: {combo} in {target.shape}")
+            # Each axis of the place split in two (chunk, within it): a view, by its strides.
+            split = as_strided(
+                place,
+                shape=[n for run in combo for n in (run[1] - run[0], run[3] - run[2])],
+                strides=[
+                    s
+                    for run, stride in zip(combo, place.strides, strict=True)
+                    for s in ((run[3] - run[2]) * stride, stride)
+                ],
+            )
+            split[...] = source.transpose(order)
 
     def finish(self) -> None:
         """The buffer of the selection, if there is one, into the result; the bytes dropped."""
         self.chunks = {}
+        self.rows = self.slots = None
         if self.buffer is not None:
             result = self.buffer.reshape(self.sel_shape)
             if self.read.drop_axes:
