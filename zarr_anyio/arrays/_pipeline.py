@@ -10,11 +10,15 @@ chunk on the event loop (a coroutine per chunk per codec, a task per fetch) arou
 and decodes on the loop or one hop per chunk. Here the cost is per *batch*:
 
 * On a `BlockingStore` (LocalStore, ZipStore) a batch of chunks is one hop to a worker thread,
-  holding one token of the store's limiter while it reads; the thread gives the token back as soon
-  as its reads are done, then decodes and scatters the batch into the result. No task, future or
+  holding one token of the store's limiter while it reads (`BlockingStore._read_many_blocking`:
+  a LocalStore opens its root once a batch); the thread gives the token back as soon as its
+  reads are done, then decodes and scatters the batch into the result. No task, future or
   coroutine per chunk. A raw chunk (only a native-endian ``bytes`` codec) is read straight into
   its place in the result (`BlockingStore._read_into_array_blocking`): one read where that place
-  is contiguous, one ``preadv`` into its rows where it is not (`zarr_anyio.storage._scatter`).
+  is contiguous, one ``preadv`` into its rows where it is not (`zarr_anyio.storage._scatter`),
+  so a 2-D chunk costs the kernel's copy alone, not a read and a copy. Small chunks go one hop
+  at a time, large ones (or small ones whose reads are seen to wait on a device) in parallel
+  hops: see `PARALLEL_CHUNK_BYTES`.
 * On any other store (ours or zarr's, remote or in memory, and the inner chunks of a shard) a
   pool of fetching tasks (as many as the store's bound, else zarr's ``async.concurrency``) feeds
   a bounded stream; a few decoding tasks each take what has arrived, up to a batch, to a worker
@@ -42,13 +46,9 @@ sharded arrays and chains with codecs around a sharding codec (the inner chunks 
 through this pipeline, so they are decoded in our threads), an output that is not a NumPy array
 (GPU buffers), and partial encodes.
 
-Measured reads (benchmarks/pipeline.py; the tables, min / median / max, are in docs/pipeline.md):
-ahead of zarrs on the 2-D raw, strided and (zarr 3.1.6) blosc reads, level with it within the
-noise on 4 KiB chunks and (zarr 3.1.6) zstd, behind it on zarr 3.4.2's zstd and blosc and on
-sharded reads. Of a 4 KiB chunk's time through
-`zarr_anyio.api` about four fifths is zarr's own work before any pipeline is called (a StorePath,
-whose path normalisation compiles a regular expression, and an ArraySpec per chunk; its
-indexer), which no pipeline can save.
+Measured reads: benchmarks/pipeline.py; the tables (min / median / max over rounds, against
+zarr, zarrs and tensorstore) are in docs/pipeline.md. Through `zarr_anyio.api` a region of
+slices does not even go through zarr's own per-chunk Python (`._fast_read`).
 
 Writes, whole arrays into an empty folder, medians of 5 in two runs, the machine at load 5-10:
 zarr 3.1.6 raw 2-D 0.28-0.29, raw 4 KiB 1-D 0.42-0.50, zstd 2-D 0.44-0.54 of zarr's time (zarrs
