@@ -177,3 +177,30 @@ def test_chunks_of_the_other_byte_order_are_decoded_not_read_straight_in(
         )[:] = values
     np.testing.assert_array_equal(_read(store, "", slice(None), backend), values)
     np.testing.assert_array_equal(opened(store, OURS)[:], values)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_one_loop_limiter_is_taken_on_the_loop_zarrs_path_runs_on(
+    tmp_path: Path, backend: str, taken: _Taken
+) -> None:
+    # Under trio, zarr's path (the metadata read of ``open_array`` among it) runs on the
+    # bridge's asyncio loop, which an anyio.CapacityLimiter then belongs to: the fast path,
+    # reading on trio's loop, once took it there too and raised a RuntimeError.
+    values = np.arange(40 * 30, dtype="f4").reshape(40, 30)
+    with pipeline(ZARRS):
+        zarr.create_array(
+            zarr_anyio.LocalStore(tmp_path / "a"), shape=(40, 30), chunks=(8, 7), dtype="f4"
+        )[:] = values
+    limiter = anyio.CapacityLimiter(2)
+    store = zarr_anyio.LocalStore(tmp_path / "a", limiter=limiter)
+
+    async def read() -> list[Any]:
+        with zarr.config.set({"codec_pipeline.path": OURS}):
+            arr = await za.open_array(store=store, mode="r")
+        return [await arr.getitem((slice(3, 37), slice(None))), await arr.getitem(5)]
+
+    region, row = anyio.run(read, backend=backend)
+    np.testing.assert_array_equal(region, values[3:37])
+    np.testing.assert_array_equal(row, values[5])
+    assert taken.count == (1 if backend == "asyncio" else 0)
+    assert limiter.borrowed_tokens == 0

@@ -47,6 +47,7 @@ from support.arrays import (
 from zarr_anyio.arrays import AnyioCodecPipeline
 from zarr_anyio.storage import _localfs
 from zarr_anyio.storage._localfs import TEMP_FOLDER
+from zarr_anyio.storage._oscalls import PORTABLE
 
 SETTINGS = settings(
     max_examples=30,
@@ -438,7 +439,9 @@ def test_whole_raw_chunks_are_read_straight_into_the_result(
     across = 128 // chunks[1]
     assert store.into == 40 // chunks[0] * across
     rows = chunks[1] * np.dtype(dtype).itemsize
-    assert (scattered.count > 0) == (chunks[0] > 1 and rows >= 256 and chunks[1] < 128)
+    assert (scattered.count > 0) == (
+        not PORTABLE and chunks[0] > 1 and rows >= 256 and chunks[1] < 128
+    )
     # A part of a chunk goes through a buffer.
     store.into = 0
     np.testing.assert_array_equal(ours[1:39], values[1:39])
@@ -452,7 +455,8 @@ class _Calls:
 def _count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> _Calls:
     calls = _Calls()
     real = getattr(module, name)
-    assert real is not None  # this system has the call (Linux, not the portable mode)
+    if real is None:  # not on this system (the portable mode): nothing is called
+        return calls
 
     def counted(*args: Any) -> Any:
         done = real(*args)

@@ -12,13 +12,16 @@ pipeline is anyio's), not through zarr.
 The common case, else zarr's path, unchanged: a selection of slices alone (zarr's
 `SliceDimIndexer` on every axis: nothing dropped, nothing advanced), no ``out`` nor ``fields``,
 the CPU buffer prototype, a regular chunk grid, our pipeline on a chain without sharding, a
-`BlockingStore` (LocalStore, ZipStore), a non-empty result, and zarr's default of reading missing
-chunks as the fill value. What it gives is what zarr's ``_get_selection`` gives: the result
-array in the array's memory order, the fill value where a chunk is missing.
+`BlockingStore` (LocalStore, ZipStore) whose limiter can be taken on the caller's loop (not a
+one-loop anyio limiter under trio, where zarr's path runs on the bridge's asyncio loop), a
+non-empty result, and zarr's default of reading missing chunks as the fill value. What it gives
+is what zarr's ``_get_selection`` gives: the result array in the array's memory order, the fill
+value where a chunk is missing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -30,6 +33,8 @@ from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import BufferPrototype, default_buffer_prototype
 from zarr.core.indexing import BasicIndexer, OrthogonalIndexer, SliceDimIndexer
 
+from zarr_anyio._core.limit import OneLoopLimiter
+from zarr_anyio._core.loops import current_loop_key
 from zarr_anyio.storage import BlockingStore
 
 from ._compat import chunk_grid
@@ -61,6 +66,13 @@ def fast_read(
         return None
     store = array.store_path.store
     if not isinstance(store, BlockingStore):
+        return None
+    # A caller's anyio.CapacityLimiter works in one loop only. Under trio, zarr's path (and so
+    # the array's metadata reads and every other call on the store) runs on the bridge's asyncio
+    # loop: reading here, on trio's, would take it from a second loop (a RuntimeError).
+    if isinstance(store.limiter, OneLoopLimiter) and not isinstance(
+        current_loop_key(), asyncio.AbstractEventLoop
+    ):
         return None
     grid = chunk_grid(array)
     regular = getattr(grid, "is_regular", type(grid).__name__ == "RegularChunkGrid")
