@@ -740,3 +740,32 @@ def test_a_batch_of_chunks_read_as_bytes_holds_no_more_than_a_batch_of_them(
             run = run + 1 if event == "read" else 0
             longest = max(longest, run)
         assert 0 < longest <= 3
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "blosc"])
+@pytest.mark.parametrize(
+    "selection",
+    [(slice(None),), (slice(3, 29, 2), 5), (7, slice(1, 18)), (slice(2, 30), slice(4, 17))],
+    ids=["whole", "strided-dropped", "dropped", "region"],
+)
+def test_zstd_and_blosc_chunks_decoded_by_numcodecs_into_a_reused_buffer(
+    tmp_path: Path, compressor: str, selection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zarr_anyio.arrays import _pipeline
+
+    decoded = _count_calls(monkeypatch, _pipeline._Read, "_decode_plain")
+    store = zarr_anyio.LocalStore(tmp_path / "a")
+    codec: Any = (
+        zarr.codecs.ZstdCodec(level=1)
+        if compressor == "zstd"
+        else zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+    )
+    values = np.arange(30 * 20, dtype="f8").reshape(30, 20) * 1.5
+    with pipeline(ZARRS):
+        zarr.create_array(
+            store, shape=(30, 20), chunks=(7, 6), dtype="f8", compressors=codec, fill_value=-1
+        )[:21] = values[:21]  # the chunks of rows 21 on are missing
+    expected = values.copy()
+    expected[21:] = -1
+    np.testing.assert_array_equal(opened(store, OURS)[selection], expected[selection])
+    assert decoded.count > 0

@@ -198,6 +198,7 @@ def compare_reads(
 CODECS = [
     "raw",
     "zstd",
+    "blosc",
     "gzip+crc32c",
     "transpose+zstd",
     "big-endian",
@@ -238,6 +239,8 @@ def create_kind(
     shards = None
     if kind == "zstd":
         compressors = zarr.codecs.ZstdCodec(level=1)
+    elif kind == "blosc":
+        compressors = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
     elif kind == "gzip+crc32c":
         compressors = [zarr.codecs.GzipCodec(level=1), zarr.codecs.Crc32cCodec()]
     elif kind == "transpose+zstd":

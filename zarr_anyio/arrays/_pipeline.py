@@ -62,6 +62,7 @@ renamed (seven system calls, the rename the dearest); the pipeline's own Python 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Self, cast
@@ -139,6 +140,11 @@ def _batches(
         yield range(start, min(start + size, count))
 
 
+# Each worker thread's buffer for a chunk `_Read._decode_plain` decodes: reused chunk after
+# chunk, as the decoded values are copied into the result before the next is decoded.
+_decoded = threading.local()
+
+
 def _same_dtype(raw: np.dtype[Any] | None, out: np.dtype[Any]) -> bool:
     # Not ``raw == out``: NumPy takes ``None`` for float64 there.
     return raw is not None and raw == out
@@ -162,6 +168,11 @@ class _Read:
         self.drop_axes = drop_axes
         self.present = [True] * len(batch)
         self._raw: tuple[object, bool] = (None, False)
+        # A chunk of zarr's zstd or blosc over a native ``bytes`` codec: numcodecs decodes it
+        # into a buffer of this thread's, seen as the chunk (`_decode_plain`).
+        decompress = chain.decompressor()
+        self._decompress = decompress
+        self._plain: tuple[object, np.dtype[Any] | None] = (None, None)
 
     def direct_target(self, index: int) -> np.ndarray[Any, Any] | None:
         """The result's memory a raw chunk's bytes can be read straight into, if there is one:
@@ -199,8 +210,39 @@ class _Read:
             self.scatter(index, None)
             return
         spec = self.batch[index][1]
+        if self._decompress is not None and not isinstance(data, Buffer):
+            chunk = self._decode_plain(spec, data)
+            if chunk is not None:
+                _, _, chunk_sel, out_sel, _ = self.batch[index]
+                selected = chunk[chunk_sel]
+                if self.drop_axes:
+                    selected = selected.squeeze(axis=self.drop_axes)
+                self.out_array[out_sel] = selected
+                return
         buffer = data if isinstance(data, Buffer) else spec.prototype.buffer.from_bytes(data)
         self.scatter(index, self.chain.decode(buffer, spec))
+
+    def _decode_plain(
+        self, spec: ArraySpec, data: bytes | memoryview
+    ) -> np.ndarray[Any, Any] | None:
+        """A zstd or blosc chunk decoded by numcodecs straight into this thread's buffer and
+        seen as the chunk (valid until the thread decodes the next); ``None`` if the chain is
+        not just that compressor over a native ``bytes`` codec. Measured on 256 x 1 MiB blosc
+        chunks: 20% less CPU than zarr's decode, whose Buffers cost Python and whose new bytes
+        a chunk cost the kernel's zeroing of fresh pages."""
+        data_type, dtype = self._plain
+        if spec.dtype is not data_type:
+            dtype = self.chain.bytes_dtype(spec)
+            self._plain = (spec.dtype, dtype)
+        if dtype is None:
+            return None
+        assert self._decompress is not None
+        size = decoded_bytes(spec)
+        buffer: np.ndarray[Any, Any] | None = getattr(_decoded, "buffer", None)
+        if buffer is None or len(buffer) != size:
+            buffer = _decoded.buffer = np.empty(size, dtype=np.uint8)
+        self._decompress(data, out=buffer)
+        return buffer.view(dtype).reshape(spec.shape)
 
     # ------------------------------------------------------------------ from a BlockingStore
 

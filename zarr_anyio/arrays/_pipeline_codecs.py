@@ -22,8 +22,10 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numcodecs.abc
 import numpy as np
 from zarr.abc.codec import ArrayArrayCodec, ArrayBytesCodec, BytesBytesCodec, Codec
+from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.codecs.bytes import BytesCodec
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer, NDBuffer
@@ -214,6 +216,18 @@ class SyncChain:
         assert value is None or isinstance(value, Buffer)
         return value
 
+    def decompressor(self) -> Callable[..., Any] | None:
+        """The numcodecs decode (``decode(data, out=None)``) behind the chain's one
+        bytes-to-bytes codec, if it is zarr's zstd or blosc: zarr's own decode only wraps it in
+        Buffers (from bytes, as an array, from bytes again), ≈3 µs of Python a chunk held under
+        the GIL beside numcodecs' ≈25 µs of a 16 KiB zstd chunk; and ``out`` lets a caller
+        decode into memory it reuses."""
+        if len(self.bb) != 1 or type(self.bb[0]) not in _NUMCODECS:
+            return None
+        inner = getattr(self.bb[0], _NUMCODECS[type(self.bb[0])], None)
+        decode = getattr(inner, "decode", None)
+        return decode if isinstance(inner, numcodecs.abc.Codec) and callable(decode) else None
+
     def raw_dtype(self, spec: ArraySpec) -> np.dtype[Any] | None:
         """The dtype whose C-ordered bytes a stored chunk is, if the chain is only a
         native-endian ``bytes`` codec (the bytes can then be read straight into the result);
@@ -235,3 +249,7 @@ class SyncChain:
         if endian is not None and dtype.itemsize > 1 and endian != sys.byteorder:
             return None
         return dtype
+
+
+# zarr's codecs that are a numcodecs codec (their attribute holding it) and nothing more.
+_NUMCODECS: dict[type, str] = {ZstdCodec: "_zstd_codec", BloscCodec: "_blosc_codec"}

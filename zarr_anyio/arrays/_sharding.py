@@ -67,11 +67,9 @@ from math import prod
 from typing import Any
 
 import anyio
-import numcodecs.abc
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from zarr.abc.store import ByteGetter, ByteRequest, RangeByteRequest, SuffixByteRequest
-from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodec
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
@@ -279,7 +277,7 @@ class _Layout:
             0 if self.dtype is None else self.dtype.itemsize
         )
         self.fill: Any = fill_value_or_default(self.chunk_spec)
-        self.decompress = _decompressor(self.chain) if self.dtype is not None else None
+        self.decompress = self.chain.decompressor() if self.dtype is not None else None
         self._boxes: dict[tuple[tuple[int, int], ...], tuple[list[Any], list[bool]]] = {}
         self._plans: dict[tuple[tuple[int, int], ...], _BoxPlan] = {}
         self._lock = threading.Lock()
@@ -332,21 +330,6 @@ class _Layout:
                     self._boxes.clear()
                 self._boxes[box] = found
         return found
-
-
-def _decompressor(chain: SyncChain) -> Callable[[Bytes], Any] | None:
-    """The numcodecs decode behind a chain's one bytes-to-bytes codec, if it is zarr's zstd or
-    blosc: zarr's own decode only wraps it in Buffers (from bytes, as an array, from bytes
-    again), ≈3 µs of Python a chunk held under the GIL beside numcodecs' ≈25 µs of zstd."""
-    if len(chain.bb) != 1 or type(chain.bb[0]) not in _NUMCODECS:
-        return None
-    inner = getattr(chain.bb[0], _NUMCODECS[type(chain.bb[0])], None)
-    decode = getattr(inner, "decode", None)
-    return decode if isinstance(inner, numcodecs.abc.Codec) and callable(decode) else None
-
-
-# zarr's codecs that are a numcodecs codec (their attribute holding it) and nothing more.
-_NUMCODECS: dict[type, str] = {ZstdCodec: "_zstd_codec", BloscCodec: "_blosc_codec"}
 
 
 def _box(chunk_sel: Any, shape: Coords) -> list[tuple[int, int]] | None:
