@@ -42,6 +42,7 @@ from zarr_anyio._core.limit import ConcurrencyLimit, Limiter, LimiterLike, OneLo
 from zarr_anyio._core.threads import CheckCancelled, HopCoalescer, run_in_worker, timed
 
 from ._keys import check_byte_range, directory_prefix, validate_key, validate_prefix
+from ._scatter import fill_from
 
 __all__ = [
     "PAGE_SIZE",
@@ -734,10 +735,7 @@ class BlockingStore(AnyioStore):
         if into.flags.c_contiguous:
             return self._read_into_blocking(key, into.reshape(-1).view(np.uint8).data)
         data = self._read_blocking(key, None)
-        if data is None or len(data) != into.nbytes:
-            return data
-        into[...] = np.frombuffer(data, dtype=into.dtype).reshape(into.shape)
-        return len(data)
+        return None if data is None else fill_from(into, data)
 
     def _read_many_blocking(
         self, requests: Iterable[tuple[str, np.ndarray[Any, Any] | None]]

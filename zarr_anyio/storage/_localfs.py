@@ -47,7 +47,7 @@ from ._oscalls import (
     try_lock,
     unlink_at,
 )
-from ._scatter import read_scattered
+from ._scatter import fill_from, read_scattered
 
 __all__ = [
     "ON_LOOP_READ",
@@ -167,7 +167,16 @@ def read_file(
     straight into ``into`` and its length is given, one ``preadv`` into the caller's memory with
     no buffer between (see `BlockingStore._read_into_blocking`); a file of another length is
     given as bytes."""
-    opened = open_value(root, key)
+    return _read_value(open_value(root, key), byte_range, into)
+
+
+def _read_value(
+    opened: tuple[int, os.stat_result] | None,
+    byte_range: ByteRequest | None,
+    into: memoryview | None = None,
+) -> int | bytes | memoryview | None:
+    """`read_file` of a value already opened (`open_value`, `open_value_at`); the descriptor
+    is closed."""
     if opened is None:
         return None
     fd, info = opened
@@ -202,25 +211,12 @@ def read_files(
             if root_fd is None:
                 yield None
             elif into is None:
-                yield _read_whole(root_fd, key)
+                yield _read_value(open_value_at(root_fd, key), None)
             else:
                 yield _read_into_array(root_fd, key, into)
     finally:
         if root_fd is not None:
             _oscalls.close_dir(root_fd)
-
-
-def _read_whole(root_fd: DirRef, key: str) -> bytes | memoryview | None:
-    opened = open_value_at(root_fd, key)
-    if opened is None:
-        return None
-    fd, info = opened
-    try:
-        if info.st_size >= POOLED_READ:
-            return _read_into(fd, _buffers.take(info.st_size), 0)
-        return read_exact(fd, info.st_size, 0)
-    finally:
-        os.close(fd)
 
 
 def read_file_into_array(
@@ -240,6 +236,8 @@ def read_file_into_array(
 def _read_into_array(
     root_fd: DirRef, key: str, into: np.ndarray[Any, Any]
 ) -> int | bytes | memoryview | None:
+    if into.flags.c_contiguous:
+        return _read_value(open_value_at(root_fd, key), None, into.reshape(-1).view(np.uint8).data)
     opened = open_value_at(root_fd, key)
     if opened is None:
         return None
@@ -247,19 +245,11 @@ def _read_into_array(
     try:
         if info.st_size != into.nbytes:
             return read_exact(fd, info.st_size, 0)
-        if into.flags.c_contiguous:
-            done = len(_read_into(fd, into.reshape(-1).view(np.uint8).data, 0))
-        elif read_scattered is not None and (got := read_scattered(fd, into, 0)) is not None:
-            done = got
-        else:
-            data = _read_into(fd, _buffers.take(info.st_size), 0)
-            if len(data) != into.nbytes:
-                return data
-            into[...] = np.frombuffer(data, dtype=into.dtype).reshape(into.shape)
-            return len(data)
-        # Fewer: the file shrank under us, and what it held is not a whole value of that
-        # length: give what is there now, as bytes.
-        return done if done == into.nbytes else read_exact(fd, os.fstat(fd).st_size, 0)
+        if read_scattered is not None and (done := read_scattered(fd, into, 0)) is not None:
+            # Fewer: the file shrank under us, and what it held is not a whole value of that
+            # length: give what is there now, as bytes.
+            return done if done == into.nbytes else read_exact(fd, os.fstat(fd).st_size, 0)
+        return fill_from(into, _read_into(fd, _buffers.take(info.st_size), 0))
     finally:
         os.close(fd)
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._oscalls import PORTABLE
 
-__all__ = ["MIN_RUN", "read_scattered", "runs_of"]
+__all__ = ["MIN_RUN", "fill_from", "read_scattered", "runs_of"]
 
 # Runs shorter than this are read into a buffer and copied: the kernel's cost per buffer of a
 # ``preadv`` (tens of nanoseconds) passes a copy's below a few hundred bytes.
@@ -98,6 +98,15 @@ def _read_scattered(fd: int, view: np.ndarray[Any, Any], offset: int) -> int | N
         if count < run * len(group):
             break
     return done
+
+
+def fill_from(into: np.ndarray[Any, Any], data: bytes | memoryview) -> int | bytes | memoryview:
+    """``data`` copied into ``into`` (any strides, C order) if it is exactly as long, and its
+    length given; else ``data`` as it is (a value of another length: the caller decodes it)."""
+    if len(data) != into.nbytes:
+        return data
+    into[...] = np.frombuffer(data, dtype=into.dtype).reshape(into.shape)
+    return len(data)
 
 
 read_scattered: Callable[[int, np.ndarray[Any, Any], int], int | None] | None = (
