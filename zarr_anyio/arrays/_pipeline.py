@@ -170,8 +170,7 @@ class _Read:
         self._raw: tuple[object, bool] = (None, False)
         # A chunk of zarr's zstd or blosc over a native ``bytes`` codec: numcodecs decodes it
         # into a buffer of this thread's, seen as the chunk (`_decode_plain`).
-        decompress = chain.decompressor()
-        self._decompress = decompress
+        self._decompress = chain.decompressor()
         self._plain: tuple[object, np.dtype[Any] | None] = (None, None)
 
     def direct_target(self, index: int) -> np.ndarray[Any, Any] | None:
@@ -179,7 +178,16 @@ class _Read:
         a whole chunk, no dropped axis, its place in the result a view of it (contiguous or
         not: the store fills it in C order, `BlockingStore._read_into_array_blocking`)."""
         _, spec, chunk_sel, out_sel, _ = self.batch[index]
-        # Worked out once per data type (zarr makes a spec per chunk, all of one data type).
+        straight = self.straight_in(spec)
+        if not straight or not is_whole(chunk_sel, spec.shape) or not all_slices(out_sel):
+            return None
+        view = self.out_array[out_sel]
+        return view if view.shape == spec.shape else None
+
+    def straight_in(self, spec: ArraySpec) -> bool:
+        """Whether a whole chunk of ``spec`` is read straight into the result: a raw chain of
+        the result's dtype, no dropped axis, a result that can be written. Worked out once per
+        data type (zarr makes a spec per chunk, all of one data type)."""
         data_type, direct = self._raw
         if spec.dtype is not data_type:
             direct = (
@@ -188,13 +196,11 @@ class _Read:
                 and _same_dtype(self.chain.raw_dtype(spec), self.out_array.dtype)
             )
             self._raw = (spec.dtype, direct)
-        if not direct or not is_whole(chunk_sel, spec.shape) or not all_slices(out_sel):
-            return None
-        view = self.out_array[out_sel]
-        return view if view.shape == spec.shape else None
+        return direct
 
-    def scatter(self, index: int, chunk: NDBuffer | None) -> None:
-        # What zarr's pipeline does with a decoded chunk, on the same NDBuffer calls.
+    def scatter(self, index: int, chunk: NDBuffer | np.ndarray[Any, Any] | None) -> None:
+        # What zarr's pipeline does with a decoded chunk, on the same NDBuffer calls (a NumPy
+        # array takes them as well).
         _, spec, chunk_sel, out_sel, _ = self.batch[index]
         if chunk is None:
             self.out[out_sel] = fill_value_or_default(spec)
@@ -213,11 +219,7 @@ class _Read:
         if self._decompress is not None and not isinstance(data, Buffer):
             chunk = self._decode_plain(spec, data)
             if chunk is not None:
-                _, _, chunk_sel, out_sel, _ = self.batch[index]
-                selected = chunk[chunk_sel]
-                if self.drop_axes:
-                    selected = selected.squeeze(axis=self.drop_axes)
-                self.out_array[out_sel] = selected
+                self.scatter(index, chunk)
                 return
         buffer = data if isinstance(data, Buffer) else spec.prototype.buffer.from_bytes(data)
         self.scatter(index, self.chain.decode(buffer, spec))
@@ -252,8 +254,7 @@ class _Read:
         spec = self.batch[0][1]
         chunk_bytes = decoded_bytes(spec)
         raw = self.chain.raw_dtype(spec)
-        direct = _same_dtype(raw, self.out_array.dtype) and not self.drop_axes
-        budget = DIRECT_BATCH_BYTES if direct else BATCH_BYTES
+        budget = DIRECT_BATCH_BYTES if self.straight_in(spec) else BATCH_BYTES
         most = max(1, min(HOPS_PER_THREAD * decode_threads(), limiter.total_tokens))
         # Small chunks read from the page cache are system calls and Python, each call letting
         # go of the GIL: two threads at it pass the GIL to and fro at every call (two context
