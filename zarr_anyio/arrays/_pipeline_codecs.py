@@ -30,6 +30,8 @@ from zarr.codecs.bytes import BytesCodec
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer, NDBuffer
 
+from ._memo import Memo
+
 __all__ = ["SyncChain"]
 
 _local = threading.local()
@@ -147,21 +149,10 @@ class SyncChain:
             _blocking(ab, "encode"),
             [_blocking(c, "encode") for c in bb],
         )
-        self._stages: dict[ArraySpec, _Stages] = {}
-        self._lock = threading.Lock()
+        self._stages: Memo[ArraySpec, _Stages] = Memo(64)
 
     def stages(self, spec: ArraySpec) -> _Stages:
-        try:
-            found = self._stages.get(spec)
-        except TypeError:  # a spec that does not hash (an odd fill value): resolve every time
-            return _Stages(self, spec)
-        if found is None:
-            found = _Stages(self, spec)
-            with self._lock:
-                if len(self._stages) > 64:
-                    self._stages.clear()  # irregular grids: do not keep every spec
-                self._stages[spec] = found
-        return found
+        return self._stages.get(spec, lambda: _Stages(self, spec))
 
     def decode_bytes(self, data: Buffer, spec: ArraySpec) -> Buffer:
         """Only the bytes-to-bytes codecs' decode (decompression, checksums)."""

@@ -59,7 +59,6 @@ on the event loop: its codecs are fixed-size (bytes, crc32c) and never suspend.
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Callable
 from itertools import product
@@ -92,6 +91,7 @@ from ._chunk_io import (
     key_of,
 )
 from ._compat import index_at_start, inner_chunk_grid
+from ._memo import Memo
 from ._pipeline_codecs import SyncChain
 from ._pipeline_write import all_slices
 
@@ -118,6 +118,8 @@ _HUGE = 2**62
 
 Bytes = np.ndarray[Any, np.dtype[np.uint8]]
 Coords = tuple[int, ...]
+# A shard's selection as (start, stop) per axis (`_box`).
+Box = tuple[tuple[int, int], ...]
 # A box's chunk counts, flat indices, coordinates and runs per axis (`_Layout.box_plan`).
 _BoxPlan = tuple[
     tuple[int, ...],
@@ -166,10 +168,9 @@ class ShardedReader:
     def __init__(self, codec: ShardingCodec) -> None:
         self.codec = codec
         self.index_chain = _chain(codec.index_codecs)
-        self._inner: dict[ArraySpec, SyncChain] = {}
+        self._inner: Memo[ArraySpec, SyncChain] = Memo(16)
         self._index: dict[tuple[int, ...], tuple[int, ArraySpec]] = {}
-        self._layouts: dict[ArraySpec, _Layout] = {}
-        self._lock = threading.Lock()
+        self._layouts: Memo[ArraySpec, _Layout] = Memo(16)
 
     def index_layout(self, per_shard: tuple[int, ...]) -> tuple[int, ArraySpec]:
         """The size of a shard's index and the spec it is decoded with, for shards of
@@ -182,29 +183,11 @@ class ShardedReader:
         return found
 
     def inner_chain(self, chunk_spec: ArraySpec) -> SyncChain:
-        try:
-            found = self._inner.get(chunk_spec)
-        except TypeError:  # a spec that does not hash (an odd fill value)
-            return _chain(self.codec.codecs, chunk_spec)
-        if found is None:
-            if len(self._inner) > 16:
-                self._inner.clear()
-            found = self._inner[chunk_spec] = _chain(self.codec.codecs, chunk_spec)
-        return found
+        return self._inner.get(chunk_spec, lambda: _chain(self.codec.codecs, chunk_spec))
 
     def layout(self, spec: ArraySpec) -> _Layout:
         """What shards of ``spec`` share (made once a spec: a regular grid has one)."""
-        try:
-            found = self._layouts.get(spec)
-        except TypeError:  # a spec that does not hash (an odd fill value)
-            return _Layout(self, spec)
-        if found is None:
-            found = _Layout(self, spec)
-            with self._lock:
-                if len(self._layouts) > 16:
-                    self._layouts.clear()
-                self._layouts[spec] = found
-        return found
+        return self._layouts.get(spec, lambda: _Layout(self, spec))
 
     async def read(
         self,
@@ -240,7 +223,6 @@ class _Layout:
 
     __slots__ = (
         "_boxes",
-        "_lock",
         "_plans",
         "at_start",
         "chain",
@@ -278,58 +260,47 @@ class _Layout:
         )
         self.fill: Any = fill_value_or_default(self.chunk_spec)
         self.decompress = self.chain.decompressor() if self.dtype is not None else None
-        self._boxes: dict[tuple[tuple[int, int], ...], tuple[list[Any], list[bool]]] = {}
-        self._plans: dict[tuple[tuple[int, int], ...], _BoxPlan] = {}
-        self._lock = threading.Lock()
+        self._boxes: Memo[Box, tuple[list[Any], list[bool]]] = Memo(64)
+        self._plans: Memo[Box, _BoxPlan] = Memo(64)
 
-    def box_plan(self, box: tuple[tuple[int, int], ...]) -> _BoxPlan:
+    def box_plan(self, box: Box) -> _BoxPlan:
         """A box's inner chunks: how many along each axis, their flat indices and coordinates
         (in the grid's order), and each axis as runs (`_axis_runs`); kept like projections."""
-        found = self._plans.get(box)
-        if found is None:
-            where = tuple(
-                slice(start // size, (stop - 1) // size + 1)
-                for (start, stop), size in zip(box, self.chunk_shape, strict=True)
-            )
-            counts = tuple(s.stop - s.start for s in where)
-            flat = np.arange(prod(self.per_shard)).reshape(self.per_shard)[where].reshape(-1)
-            wanted: list[Coords] = list(
-                zip(*(a.tolist() for a in np.unravel_index(flat, self.per_shard)), strict=True)
-            )
-            runs = [
-                _axis_runs(start, stop, size)
-                for (start, stop), size in zip(box, self.chunk_shape, strict=True)
-            ]
-            found = (counts, flat, wanted, runs)
-            with self._lock:
-                if len(self._plans) > 64:
-                    self._plans.clear()
-                self._plans[box] = found
-        return found
+        return self._plans.get(box, lambda: self._plan(box))
 
-    def box_projections(
-        self, box: tuple[tuple[int, int], ...]
-    ) -> tuple[list[tuple[Coords, Any, Any]], list[bool]]:
+    def _plan(self, box: Box) -> _BoxPlan:
+        where = tuple(
+            slice(start // size, (stop - 1) // size + 1)
+            for (start, stop), size in zip(box, self.chunk_shape, strict=True)
+        )
+        counts = tuple(s.stop - s.start for s in where)
+        flat = np.arange(prod(self.per_shard)).reshape(self.per_shard)[where].reshape(-1)
+        wanted: list[Coords] = list(
+            zip(*(a.tolist() for a in np.unravel_index(flat, self.per_shard)), strict=True)
+        )
+        runs = [
+            _axis_runs(start, stop, size)
+            for (start, stop), size in zip(box, self.chunk_shape, strict=True)
+        ]
+        return counts, flat, wanted, runs
+
+    def box_projections(self, box: Box) -> tuple[list[tuple[Coords, Any, Any]], list[bool]]:
         """A box's projections (`_Shard.projections`) and which take a whole chunk; kept, as
         most shards of a read are the same box (the whole shard), read-only once made."""
-        found = self._boxes.get(box)
-        if found is None:
-            axes = [
-                _axis_chunks(start, stop, size)
-                for (start, stop), size in zip(box, self.chunk_shape, strict=True)
-            ]
-            projections: list[tuple[Coords, Any, Any]] = []
-            full: list[bool] = []
-            for combo in product(*axes):
-                coords, chunk_sel, out_sel, whole = zip(*combo, strict=True)
-                projections.append((coords, chunk_sel, out_sel))
-                full.append(all(whole))
-            found = (projections, full)
-            with self._lock:
-                if len(self._boxes) > 64:
-                    self._boxes.clear()
-                self._boxes[box] = found
-        return found
+        return self._boxes.get(box, lambda: self._projections(box))
+
+    def _projections(self, box: Box) -> tuple[list[tuple[Coords, Any, Any]], list[bool]]:
+        axes = [
+            _axis_chunks(start, stop, size)
+            for (start, stop), size in zip(box, self.chunk_shape, strict=True)
+        ]
+        projections: list[tuple[Coords, Any, Any]] = []
+        full: list[bool] = []
+        for combo in product(*axes):
+            coords, chunk_sel, out_sel, whole = zip(*combo, strict=True)
+            projections.append((coords, chunk_sel, out_sel))
+            full.append(all(whole))
+        return projections, full
 
 
 def _box(chunk_sel: Any, shape: Coords) -> list[tuple[int, int]] | None:
