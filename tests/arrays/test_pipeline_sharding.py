@@ -80,6 +80,29 @@ def sharding(inner: tuple[int, ...], codecs: str, index: str, location: str) -> 
     )
 
 
+def empty_sharded(
+    store: Any,
+    shape: tuple[int, ...],
+    shards: tuple[int, ...],
+    codec: ShardingCodec,
+    dtype: str,
+    fill_value: Any,
+) -> tuple[zarr.Array[Any], np.ndarray]:
+    """A new array of shards by ``codec`` that stores no chunk of only its fill value, and what
+    it reads as (the fill value throughout)."""
+    array = zarr.create_array(
+        store,
+        shape=shape,
+        chunks=shards,
+        serializer=codec,
+        compressors=None,
+        dtype=dtype,
+        fill_value=fill_value,
+        config={"write_empty_chunks": False},
+    )
+    return array, np.full(shape, fill_value, dtype=dtype)
+
+
 @st.composite
 def sharded_arrays(draw: st.DrawFn, tmp_root: Path) -> tuple[zarr.Array[Any], np.ndarray, Any]:
     ndim = draw(st.integers(1, 3))
@@ -99,17 +122,7 @@ def sharded_arrays(draw: st.DrawFn, tmp_root: Path) -> tuple[zarr.Array[Any], np
     fill_value = draw(st.integers(0, 5))
     store = new_store(draw(st.sampled_from(STORE_KINDS)), tmp_root)
     with pipeline(ZARRS):
-        array = zarr.create_array(
-            store,
-            shape=shape,
-            chunks=shards,
-            serializer=codec,
-            compressors=None,
-            dtype=dtype,
-            fill_value=fill_value,
-            config={"write_empty_chunks": False},
-        )
-        data = np.full(shape, fill_value, dtype=dtype)
+        array, data = empty_sharded(store, shape, shards, codec, dtype, fill_value)
         values = (np.arange(int(np.prod(shape))).reshape(shape) % 7).astype(dtype)
         # Some shards written, some not; inside them, inner chunks holding only the fill value
         # are left out of the shard.
@@ -449,17 +462,7 @@ def raw_sharded_arrays(
     fill_value = draw(st.sampled_from([0, 1, 3]))
     store = new_store(draw(st.sampled_from(STORE_KINDS)), tmp_root)
     with pipeline(ZARRS):
-        array = zarr.create_array(
-            store,
-            shape=shape,
-            chunks=shards,
-            serializer=codec,
-            compressors=None,
-            dtype=dtype,
-            fill_value=fill_value,
-            config={"write_empty_chunks": False},
-        )
-        data = np.full(shape, fill_value, dtype=dtype)
+        array, data = empty_sharded(store, shape, shards, codec, dtype, fill_value)
         # Every value told apart from the others and from the fill value: a chunk in the
         # wrong place cannot go unseen (bool has two).
         count = int(np.prod(shape))
