@@ -22,6 +22,9 @@ What stands in, and what it costs:
   lock file would add nothing, as a dead writer's lock file needs the same age rule to be told
   from a live one.
 - ``RWF_NOWAIT``: absent, so no read is tried on the event loop; every read goes to a thread.
+- Unnamed files (Linux's ``O_TMPFILE``, named once written through ``/proc/self/fd``): absent,
+  so a write goes through a named temporary file and a rename (three more system calls, and
+  every writer's files made in the one temporary folder).
 - ``os.replace`` onto a file another program holds open fails on Windows (``PermissionError``):
   `replace` retries a few times, then raises a ``PermissionError`` that says why.
 
@@ -63,8 +66,10 @@ __all__ = [
     "list_folder",
     "lstat_at",
     "mkdir_at",
+    "name_unnamed_at",
     "open_at",
     "open_folder_at",
+    "open_unnamed_at",
     "pread",
     "pwrite",
     "read_into",
@@ -130,6 +135,13 @@ DIR_FD = (
     <= os.supports_dir_fd
     and os.scandir in os.supports_fd
 )
+
+UNNAMED_FILES = DIR_FD and _flag("O_TMPFILE") != 0 and os.path.isdir(f"/proc/{os.getpid()}/fd")
+"""Whether a file can be made in a folder with no name, and named once written (`open_unnamed_at`,
+`name_unnamed_at`): Linux's ``O_TMPFILE``. Some file systems refuse it (see
+`UNNAMED_REFUSED`)."""
+UNNAMED_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
+"""What opening an unnamed file raises where the file system or the kernel has none."""
 
 DirRef = int | str
 """A folder: an open descriptor where the system has ``dir_fd=`` calls (`DIR_FD`), else its path."""
@@ -407,6 +419,19 @@ def link_at(source: str, source_folder: DirRef, target: str, target_folder: DirR
         )
     else:
         os.link(_join(source_folder, source), _join(target_folder, target))
+
+
+def open_unnamed_at(folder: int, mode: int = 0o666) -> int:
+    """A new file with no name in ``folder``, open for writing (`UNNAMED_FILES`). Nothing of it
+    outlives its descriptor unless `name_unnamed_at` names it."""
+    return os.open(".", os.O_WRONLY | _flag("O_TMPFILE") | O_CLOEXEC, mode, dir_fd=folder)
+
+
+def name_unnamed_at(fd: int, target: str, target_folder: int) -> None:
+    """Name the unnamed file ``fd`` ``target`` in ``target_folder`` (on its file system);
+    ``FileExistsError`` if that name is taken, never replaced. Through ``/proc``: naming the
+    descriptor itself (``AT_EMPTY_PATH``) needs a privilege."""
+    os.link(f"/proc/self/fd/{fd}", target, dst_dir_fd=target_folder, follow_symlinks=True)
 
 
 def replace_at(source: str, source_folder: DirRef, target: str, target_folder: DirRef) -> None:

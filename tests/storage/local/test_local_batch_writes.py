@@ -15,6 +15,7 @@ from zarr.core.sync import sync
 
 import zarr_anyio.storage._localfs
 from zarr_anyio import KeyConflict, LocalStore
+from zarr_anyio.storage import _oscalls
 from zarr_anyio.storage._localfs import TEMP_FOLDER, no_cancel_check
 
 PROTO = default_buffer_prototype()
@@ -88,23 +89,32 @@ def test_conflicts_in_a_batch_raise_as_a_single_write_would(tmp_path: Path) -> N
 
 def test_folders_removed_under_a_batch_are_made_again(tmp_path: Path) -> None:
     # Between two writes another writer empties the key's folder (its folder goes with its last
-    # key) and, done, removes the temporary folder the batch holds open.
+    # key) and, done, removes the temporary folder the batch holds open. A key that exists is
+    # replaced through that folder; a new one needs it only where there are no unnamed files.
     store = opened(tmp_path)
     other = opened(tmp_path)
+    sync(
+        store.set_many(
+            [("x/1", cpu.Buffer.from_bytes(b"old")), ("x/2", cpu.Buffer.from_bytes(b"old"))]
+        )
+    )
 
     def items() -> Iterator[tuple[str, memoryview | None]]:
         yield "a/b/1", memoryview(b"1")
         sync(other.delete("a/b/1"))
         assert not (tmp_path / "a").exists()
         yield "a/b/2", memoryview(b"2")
+        assert (tmp_path / TEMP_FOLDER).exists() == (not _oscalls.UNNAMED_FILES)
+        yield "x/1", memoryview(b"new")
         os.rmdir(tmp_path / TEMP_FOLDER)
+        yield "x/2", memoryview(b"new")
         yield "a/b/3", memoryview(b"3")
         sync(other.delete("a/b/2"))
         sync(other.delete("a/b/3"))
         yield "a/b/4", memoryview(b"4")
 
     store._set_many_blocking(items(), no_cancel_check)
-    assert stored(tmp_path) == {"a/b/4": b"4"}
+    assert stored(tmp_path) == {"a/b/4": b"4", "x/1": b"new", "x/2": b"new"}
     assert not (tmp_path / TEMP_FOLDER).exists()
 
 

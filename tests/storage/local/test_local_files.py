@@ -401,9 +401,12 @@ async def test_a_write_makes_the_temporary_folder_again_when_another_process_rem
 ) -> None:
     # Another process, its writes done, removes the root's temporary folder (empty) right after
     # this one made it for a write: seen with dask's worker processes writing one folder store.
+    # The key exists, so that the write needs that folder even where a new key's does not
+    # (`_localfs._write_unnamed`).
     root = tmp_path / "root"
     store = LocalStore(root)
     await store.set("zarr.json", buf(b"{}"))
+    await store.set("c/0", buf(b"old"))
     mkdir = _oscalls.mkdir_at
     removed: list[str] = []
 
@@ -595,9 +598,13 @@ def test_a_writer_killed_at_any_moment_leaves_whole_values_and_no_temporaries(
         writer.send_signal(signal.SIGKILL)
 
     run_writer(root, "stall", 1000, kill_mid_write)
-    assert len(temp_files(root)) == 1
+    # Killed with a piece of a value written: where files can be made with no name (Linux), the
+    # kernel freed it with the writer, and nothing is left; elsewhere a temporary file is, until
+    # a writable open removes it.
+    assert len(temp_files(root)) == (0 if _oscalls.UNNAMED_FILES else 1)
     check()
-    assert left_behind >= 1
+    if not _oscalls.UNNAMED_FILES:
+        assert left_behind >= 1
 
 
 # ------------------------------------------------------------------------------ a full disk

@@ -1,0 +1,186 @@
+"""A LocalStore's write made as a file with no name in the key's folder, named once written
+(Linux's ``O_TMPFILE``): while it is written nothing of it has a name anywhere, a key that
+exists keeps its old value until the new one replaces it whole, and where there are no unnamed
+files (the portable mode runs this file too, or a file system that refuses them) the write goes
+through a named temporary file instead, with the same outcome."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from zarr.core.buffer import cpu
+from zarr.core.sync import sync
+
+import zarr_anyio.storage._localfs
+from zarr_anyio import LocalStore
+from zarr_anyio.storage import _oscalls
+from zarr_anyio.storage._localfs import TEMP_FOLDER
+
+
+def every_file(root: Path) -> list[str]:
+    """Every file under ``root``, hidden ones and our temporary folder's included."""
+    return sorted(
+        os.path.relpath(os.path.join(folder, name), root)
+        for folder, _, names in os.walk(root)
+        for name in names
+    )
+
+
+class Paused:
+    """Stands in for the disk's write of one piece: once `armed`, the first piece of a value is
+    written, then the write waits until `resume`, so a test can look at the root mid-write."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.armed = False
+        self.mid_write = threading.Event()
+        self._resume = threading.Event()
+        real: Callable[[int, memoryview], int] = zarr_anyio.storage._localfs._write_piece
+
+        def piece(fd: int, data: memoryview) -> int:
+            written = real(fd, data)
+            if self.armed:
+                self.mid_write.set()
+                assert self._resume.wait(30)
+            return written
+
+        monkeypatch.setattr(zarr_anyio.storage._localfs, "_write_piece", piece)
+
+    def resume(self) -> None:
+        self._resume.set()
+
+
+@pytest.fixture
+def paused(monkeypatch: pytest.MonkeyPatch) -> Iterator[Paused]:
+    pause = Paused(monkeypatch)
+    yield pause
+    pause.resume()
+
+
+def write_in_thread(action: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as error:  # handed to the test
+            errors.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
+def test_the_system_has_unnamed_files_where_expected() -> None:
+    # Linux has them (and /proc); only the portable mode goes without. Checked so that the
+    # tests below cannot pass on the fallback alone where the fast path should run.
+    assert (not _oscalls.PORTABLE) == _oscalls.UNNAMED_FILES
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new key", "key that exists"])
+def test_a_value_being_written_has_no_name_until_it_is_whole(
+    tmp_path: Path, paused: Paused, exists: bool
+) -> None:
+    root = tmp_path / "root"
+    store = LocalStore(root)
+    if exists:
+        store.set_sync("c/0/1", cpu.Buffer.from_bytes(b"old" * 1000))
+    before = every_file(root)
+    paused.armed = True
+    value = os.urandom(3 << 20)  # three pieces: the write pauses after the first
+    thread, errors = write_in_thread(lambda: store.set_sync("c/0/1", cpu.Buffer.from_bytes(value)))
+    try:
+        assert paused.mid_write.wait(30)
+        during = every_file(root)
+        if _oscalls.UNNAMED_FILES:
+            # A third of the value is on disk, under no name at all.
+            assert during == before
+        else:
+            (temp,) = set(during) - set(before)
+            assert temp.startswith(TEMP_FOLDER + os.sep)
+        if exists:
+            assert (root / "c/0/1").read_bytes() == b"old" * 1000
+        else:
+            assert not (root / "c/0/1").exists()
+    finally:
+        paused.resume()
+        thread.join(30)
+    assert not errors
+    assert (root / "c/0/1").read_bytes() == value
+    assert every_file(root) == ["c/0/1"]
+
+
+def test_set_if_not_exists_loses_to_a_value_written_meanwhile(
+    tmp_path: Path, paused: Paused
+) -> None:
+    # The first value to be named stands: the slower writer's whole value is dropped.
+    root = tmp_path / "root"
+    store = LocalStore(root)
+    slow = os.urandom(2 << 20)
+    paused.armed = True
+    thread, errors = write_in_thread(
+        lambda: sync(store.set_if_not_exists("k", cpu.Buffer.from_bytes(slow)))
+    )
+    try:
+        assert paused.mid_write.wait(30)
+        (root / "k").write_bytes(b"first")
+    finally:
+        paused.resume()
+        thread.join(30)
+    assert not errors
+    assert (root / "k").read_bytes() == b"first"
+    assert every_file(root) == ["k"]
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new key", "key that exists"])
+def test_a_file_system_that_refuses_unnamed_files_gets_a_named_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exists: bool
+) -> None:
+    # Some file systems (and kernels before 3.11) refuse O_TMPFILE: the write goes the other
+    # way, whole, in a single call and in a batch.
+    refused: list[int] = []
+
+    def refuse(folder: int, mode: int = 0o666) -> int:
+        refused.append(folder)
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(_oscalls, "open_unnamed_at", refuse)
+    root = tmp_path / "root"
+    store = LocalStore(root)
+    if exists:
+        store.set_sync("a/1", cpu.Buffer.from_bytes(b"old"))
+        store.set_sync("b/1", cpu.Buffer.from_bytes(b"old"))
+    refused.clear()
+    store.set_sync("a/1", cpu.Buffer.from_bytes(b"one"))
+    store._set_many_blocking(
+        [("b/1", memoryview(b"two")), ("b/2", memoryview(b"three"))],
+        zarr_anyio.storage._localfs.no_cancel_check,
+    )
+    assert len(refused) == (3 if _oscalls.UNNAMED_FILES else 0)
+    assert every_file(root) == ["a/1", "b/1", "b/2"]
+    assert [(root / key).read_bytes() for key in ("a/1", "b/1", "b/2")] == [
+        b"one",
+        b"two",
+        b"three",
+    ]
+
+
+def test_a_replaced_key_keeps_no_other_name(tmp_path: Path) -> None:
+    # Replacing names the written file in the temporary folder, then moves it: neither that
+    # name nor the folder outlives the write, in a single call or in a batch.
+    root = tmp_path / "root"
+    store = LocalStore(root)
+    for round_ in range(3):
+        store.set_sync("c/0", cpu.Buffer.from_bytes(f"single {round_}".encode()))
+        store._set_many_blocking(
+            [(f"c/{i}", memoryview(f"batch {round_} {i}".encode())) for i in range(1, 4)],
+            zarr_anyio.storage._localfs.no_cancel_check,
+        )
+        assert every_file(root) == ["c/0", "c/1", "c/2", "c/3"]
+    assert (root / "c/0").read_bytes() == b"single 2"
+    assert (root / "c/3").read_bytes() == b"batch 2 3"
+    assert not (root / TEMP_FOLDER).exists()
