@@ -742,6 +742,55 @@ def test_a_batch_of_chunks_read_as_bytes_holds_no_more_than_a_batch_of_them(
         assert 0 < longest <= 3
 
 
+class _WriteHops(zarr_anyio.LocalStore):
+    """A LocalStore that counts the chunks of each batch of writes (a hop of the pipeline's)."""
+
+    hops: list[int]
+
+    def _set_many_blocking(
+        self, items: Iterable[tuple[str, memoryview | None]], check_cancelled: Any
+    ) -> None:
+        taken = list(items)
+        self.hops.append(len(taken))
+        super()._set_many_blocking(taken, check_cancelled)
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_whole_raw_chunks_are_written_in_hops_of_a_direct_reads_size(
+    tmp_path: Path, codec: str
+) -> None:
+    # Whole raw chunks hold nothing of their own in a hop: up to `DIRECT_BATCH_BYTES` of them a
+    # hop. Encoded chunks, and raw ones merged with what is stored, are held until written: up
+    # to `BATCH_BYTES` a hop, as before.
+    from zarr_anyio.arrays._pipeline import BATCH_BYTES, DIRECT_BATCH_BYTES, MAX_BATCH
+
+    store = _WriteHops(tmp_path / "a")
+    store.hops = []
+    values = np.arange(4096 * 4096, dtype="f4").reshape(4096, 4096)  # 1,024 chunks of 64 KiB
+    with pipeline(OURS):
+        arr = zarr.create_array(
+            store,
+            shape=values.shape,
+            chunks=(128, 128),
+            dtype="f4",
+            compressors=None if codec == "raw" else zarr.codecs.ZstdCodec(),
+        )
+        arr[:] = values
+        whole = list(store.hops)
+        store.hops.clear()
+        arr[1:-1] = values[1:-1] + 1  # 32 chunks at each end merged, the rest whole
+        partly = list(store.hops)
+    chunk = 128 * 128 * 4
+    assert sum(whole) == sum(partly) == 1024
+    # A whole write's chunks spread over at least four hops, so that two threads share them.
+    assert DIRECT_BATCH_BYTES // chunk >= 1024 // 4 == MAX_BATCH
+    assert max(whole) == (MAX_BATCH if codec == "raw" else BATCH_BYTES // chunk)
+    assert max(partly) == BATCH_BYTES // chunk
+    expected = values + 1
+    expected[[0, -1]] = values[[0, -1]]
+    np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], expected)
+
+
 @pytest.mark.parametrize("compressor", ["zstd", "blosc"])
 @pytest.mark.parametrize(
     "selection",

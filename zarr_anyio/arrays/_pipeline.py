@@ -558,8 +558,20 @@ class AnyioCodecPipeline(CodecPipeline):
             return
         threads = decode_threads()
         writer = _Write(self, batch, value, drop_axes)
-        ranges = _batches(len(batch), decoded_bytes(batch[0][1]), threads)
         store = blocking_store_of(batch)
+        # Whole raw chunks hold no memory of their own in a hop (their bytes are the caller's,
+        # copied one at a time at most), so a hop takes as many as a direct read's. Measured,
+        # 512 x 1 MiB raw 2-D written to a LocalStore: 4 MiB a hop 0.177 s, 16 MiB 0.150 s,
+        # 64 MiB 0.121 s.
+        budget = BATCH_BYTES
+        if (
+            store is not None
+            and store._sets_blocking
+            and all(item[4] for item in batch)
+            and writer.is_raw(batch[0][1])
+        ):
+            budget = DIRECT_BATCH_BYTES
+        ranges = _batches(len(batch), decoded_bytes(batch[0][1]), threads, budget)
         with single_error():
             if store is not None and store._sets_blocking:
                 store._check_writable()
