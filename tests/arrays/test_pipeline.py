@@ -756,12 +756,12 @@ class _WriteHops(zarr_anyio.LocalStore):
 
 
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
-def test_whole_raw_chunks_are_written_in_hops_of_a_direct_reads_size(
+def test_whole_chunks_are_written_in_hops_of_a_direct_reads_size(
     tmp_path: Path, codec: str
 ) -> None:
-    # Whole raw chunks hold nothing of their own in a hop: up to `DIRECT_BATCH_BYTES` of them a
-    # hop. Encoded chunks, and raw ones merged with what is stored, are held until written: up
-    # to `BATCH_BYTES` a hop, as before.
+    # Whole chunks are each encoded and written before the next in their hop, which holds one
+    # at a time: up to `DIRECT_BATCH_BYTES` of them a hop. A write with chunks to merge holds
+    # its batch's encoded chunks until they are written: up to `BATCH_BYTES` a hop.
     from zarr_anyio.arrays._pipeline import BATCH_BYTES, DIRECT_BATCH_BYTES, MAX_BATCH
 
     store = _WriteHops(tmp_path / "a")
@@ -784,7 +784,7 @@ def test_whole_raw_chunks_are_written_in_hops_of_a_direct_reads_size(
     assert sum(whole) == sum(partly) == 1024
     # A whole write's chunks spread over at least four hops, so that two threads share them.
     assert DIRECT_BATCH_BYTES // chunk >= 1024 // 4 == MAX_BATCH
-    assert max(whole) == (MAX_BATCH if codec == "raw" else BATCH_BYTES // chunk)
+    assert max(whole) == MAX_BATCH
     assert max(partly) == BATCH_BYTES // chunk
     expected = values + 1
     expected[[0, -1]] = values[[0, -1]]

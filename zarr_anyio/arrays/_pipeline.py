@@ -29,13 +29,14 @@ Bounds: a batch holds at most `BATCH_BYTES` of chunks (or `MAX_BATCH` chunks); a
 memory beside the result is the in-flight window, not the array. Every hop waits for its thread
 (`run_in_worker`): a cancelled read or write leaves no fetch, decode or write running.
 
-Writes go a batch at a time too: the old chunks a partial write needs are read (on a
-`BlockingStore`, in the hop, under a token), zarr's own merge and our encode run in a worker
-thread, and the batch is written in one hop under one token where the store gives blocking
-writes (`BlockingStore._set_many_blocking`: LocalStore's atomic writes, its folders opened once
-a batch), else through the store's own calls. A chunk the caller's array covers whole is not
-merged: it is encoded from that array, and a raw one is written from it in the write hop, no
-encode hop at all (`._pipeline_write`, which also says where zarr's write spends its time).
+Writes go a batch at a time too. Where the store gives blocking writes
+(`BlockingStore._set_many_blocking`: LocalStore's atomic writes, its folders opened once a
+batch), a batch of chunks the caller's array covers whole is one hop under one token, each
+chunk encoded from that array (a raw one's bytes taken as they are) and written before the next;
+a batch with chunks to merge reads the old chunks in a hop, runs zarr's own merge and our
+encode, and is written in a second hop. Other stores: the old chunks through the store's own
+calls, the merge and encode in a worker thread, the writes through the store's own calls
+(`._pipeline_write` says where zarr's write spends its time).
 
 Reads of sharded arrays (a chain that is one sharding codec) are `._sharding`'s: one index read
 per shard, the wanted inner chunks as coalesced byte ranges, decoded in worker threads straight
@@ -50,14 +51,9 @@ Measured reads: benchmarks/pipeline.py; the tables (min / median / max over roun
 zarr, zarrs and tensorstore) are in docs/pipeline.md. Through `zarr_anyio.api` a region of
 slices does not even go through zarr's own per-chunk Python (`._fast_read`).
 
-Writes, whole arrays into an empty folder, medians of 5 in two runs, the machine at load 5-10:
-zarr 3.1.6 raw 2-D 0.28-0.29, raw 4 KiB 1-D 0.42-0.50, zstd 2-D 0.44-0.54 of zarr's time (zarrs
-0.15-0.22, 0.27-0.32, 0.44-0.54); zarr 3.4, whose own writes got up to 3 times faster (its
-empty-chunk test stops early, and it writes without its event loop to a store with blocking
-calls), 0.74-0.98, 0.48-0.60, 0.94-1.12 (zarrs 0.54-0.63, 0.34-0.35, 0.64-0.65): with no core
-idle, threads cannot help, and the copy and the kernel's write are the same work as zarr's. Of
-a 4 KiB chunk's write the file system is most: a temporary file created, locked, written and
-renamed (seven system calls, the rename the dearest); the pipeline's own Python is ≈60 µs.
+Measured writes (whole arrays into an empty folder): the table in docs/pipeline.md. Of a 4 KiB
+chunk's write the file system is most: a file with no name created, written, named and closed
+(`storage._localfs._write_unnamed`); the pipeline's own Python is ≈60 µs.
 """
 
 from __future__ import annotations
@@ -559,17 +555,12 @@ class AnyioCodecPipeline(CodecPipeline):
         threads = decode_threads()
         writer = _Write(self, batch, value, drop_axes)
         store = blocking_store_of(batch)
-        # Whole raw chunks hold no memory of their own in a hop (their bytes are the caller's,
-        # copied one at a time at most), so a hop takes as many as a direct read's. Measured,
+        # Whole chunks written to a BlockingStore hold one encoded chunk at a time in a hop
+        # (`_Write.to_blocking_store`), so a hop takes as many as a direct read's. Measured,
         # 512 x 1 MiB raw 2-D written to a LocalStore: 4 MiB a hop 0.177 s, 16 MiB 0.150 s,
         # 64 MiB 0.121 s.
         budget = BATCH_BYTES
-        if (
-            store is not None
-            and store._sets_blocking
-            and all(item[4] for item in batch)
-            and writer.is_raw(batch[0][1])
-        ):
+        if store is not None and store._sets_blocking and all(item[4] for item in batch):
             budget = DIRECT_BATCH_BYTES
         ranges = _batches(len(batch), decoded_bytes(batch[0][1]), threads, budget)
         with single_error():
@@ -658,13 +649,28 @@ class _Write:
         return contiguous(chunk).reshape(-1).view(np.uint8).data
 
     async def to_blocking_store(self, store: BlockingStore, indices: range) -> None:
-        """One hop reads the old chunks (holding a token) and encodes; one hop writes them all
-        (holding a token). Raw chunks that need no merge are one hop: their bytes are the
-        caller's, a copy at most, which is part of the write."""
+        """Chunks the caller's value covers whole: one hop (holding a token) encodes each and
+        writes it before the next, so a hop holds one encoded chunk at a time (a raw chunk's
+        bytes are the caller's, a copy at most). Measured, 256 x 1 MiB zstd(1) 2-D: 0.200 s
+        in an encoding hop and then a writing one, 4 MiB a hop; 0.180 s in one; 0.149 s in one
+        taking 64 MiB (`AnyioCodecPipeline.write`): the writes' system calls no longer wait for
+        the GIL while the other thread encodes, and the loop hands out a quarter as many hops.
+
+        A batch with chunks to merge: one hop reads the old chunks (holding a token) and encodes
+        them all, one writes them (holding a token)."""
         limiter = store.limiter
+
+        def encoded() -> Iterator[tuple[str, memoryview | None]]:
+            for index in indices:
+                yield key_of(self.batch[index][0]), self.stored(index, self.prepare(index, None))
+
+        if all(self.batch[index][4] for index in indices):
+            await hop_with_token(
+                limiter,
+                lambda check_cancelled, _: store._set_many_blocking(encoded(), check_cancelled),
+            )
+            return
         prepared: list[tuple[int, Buffer | _Raw | None]] = []
-        complete = all(self.batch[index][4] for index in indices)
-        in_one_hop = complete and self.is_raw(self.batch[indices[0]][1])
 
         def prepare_all(check_cancelled: CheckCancelled, reads_done: Callable[[], None]) -> None:
             old: dict[int, bytes | memoryview | None] = {}
@@ -679,23 +685,15 @@ class _Write:
                 check_cancelled()
                 prepared.append((index, self.prepare(index, old.pop(index, None))))
 
-        if not complete:
-            await hop_with_token(limiter, prepare_all)
-        elif not in_one_hop:
-            await run_in_worker(lambda check_cancelled: prepare_all(check_cancelled, lambda: None))
+        await hop_with_token(limiter, prepare_all)
 
-        def items() -> Iterator[tuple[str, memoryview | None]]:
-            if in_one_hop:
-                for index in indices:
-                    key = key_of(self.batch[index][0])
-                    yield key, self.stored(index, self.prepare(index, None))
-                return
+        def merged() -> Iterator[tuple[str, memoryview | None]]:
             for position, (index, data) in enumerate(prepared):
                 prepared[position] = (index, None)  # drop the encoded bytes as we go
                 yield key_of(self.batch[index][0]), self.stored(index, data)
 
         await hop_with_token(
-            limiter, lambda check_cancelled, _: store._set_many_blocking(items(), check_cancelled)
+            limiter, lambda check_cancelled, _: store._set_many_blocking(merged(), check_cancelled)
         )
 
     async def through_setters(self, fetchers: int, indices: range) -> None:
