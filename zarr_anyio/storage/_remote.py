@@ -502,12 +502,15 @@ class RemoteStore(AnyioStore):
                         self.retry_budget.refund(last_cost)
                         return result
             # A failure waits without its token: it says nothing of load. Nor does it keep its
-            # bulk call's worker meanwhile (`_Pool`), unless it is a throttle in a fixed window:
-            # there no pace keeps the server from being sent the freed place at once, and lent,
-            # it went to another request refused while the server's count was spent (a fixed
-            # window of 7 against a token bucket of 300/s answering Retry-After: 1 had 8
-            # requests at a time waiting out a second, 32 refused in a read where 4 were).
-            with _Pool.lend(not throttle or adaptive):
+            # bulk call's worker meanwhile (`_Pool`), nor does a throttle told when to come
+            # back in an adaptive window, whose pace keeps the server from being sent the
+            # freed place at once. In a fixed window there is no pace: lent, the place went
+            # to another request refused while the server's count was spent (a fixed window
+            # of 7 against a token bucket of 300/s answering Retry-After: 1 had 8 requests at
+            # a time waiting out a second, 32 refused in a read where 4 were). A throttle
+            # above a window that has shrunk keeps it too: the window is smaller now.
+            lent = not throttle or (adaptive and failure.retry_after is not None)
+            with _Pool.lend(lent):
                 await anyio.sleep(wait)
 
     async def _attempt(
