@@ -612,6 +612,9 @@ class _Pool:
         self._lent = 0  # of them, waiting out a retry without a token
         self._done = False  # the items have run out
         self._group: TaskGroup | None = None
+        # Its event loop's thread: a request made in another thread (a context copied into a
+        # worker thread, a blocking call there) is no request of this call's workers.
+        self._thread = threading.get_ident()
 
     async def run(self) -> None:
         with single_error():
@@ -661,7 +664,7 @@ class _Pool:
         """While a request of the current bulk call waits without its token: another worker
         takes its place (none outside a bulk call, nor unless ``lent``)."""
         pool = _Pool._current.get()
-        if pool is None or not lent:
+        if pool is None or not lent or pool._thread != threading.get_ident():
             yield
             return
         pool._lent += 1
