@@ -46,10 +46,10 @@ throttled one (measured: 128 in flight against a server admitting 300 requests/s
   climbing.
 * **Retry-After**: a throttle that says when to come back costs its request that long (one
   refused in a read's last second holds the whole read), so refusals are made seldom: the pace
-  starts a step below the rate answered (x 0.97) and does not grow until the wait and four
-  seconds more have passed; its request waits without its token and without its bulk call's
-  worker (the store's part), so the pace, not a window of sleeping requests, sets the rate
-  meanwhile.
+  starts a step below the rate answered (x 0.97) and does not probe upward until the wait and
+  four seconds more have passed (it returns to the rate that held once the wait has passed);
+  its request waits without its token and without its bulk call's worker (the store's part),
+  so the pace, not a window of sleeping requests, sets the rate meanwhile.
 * **Growth after a decrease** follows CUBIC (the curve the AWS SDKs' adaptive retry mode uses for
   its sending rate), in wall-clock seconds: W(t) = W_max + C (t - K)^3, back to the window that
   was throttled (W_max) quickly, then flat around it, then probing beyond. Throttling by request
@@ -205,6 +205,8 @@ class AdaptiveLimiter(Limiter):
         self._returning: tuple[float, float] | None = None
         # The pace does not grow before this (a Retry-After's wait).
         self._hold_until = -math.inf
+        # Nor probe upward before this (a Retry-After's wait, and `RETRY_AFTER_QUIET` more).
+        self._quiet_until = -math.inf
         self.decreases = 0
 
     @property
@@ -394,7 +396,11 @@ class AdaptiveLimiter(Limiter):
             self._pace = pace  # the server said when to come back: no probing before then
             return
         clean = max(0.0, now - max(self._last_decrease, self._hold_until))
-        pace += PACE_GROWTH * 2 ** min(clean / PACE_DOUBLING, 16.0)
+        if now >= self._quiet_until:
+            # Past a Retry-After's quiet, probing starts gently again, as after a throttle.
+            probing = max(0.0, now - max(self._last_decrease, self._quiet_until))
+            pace += PACE_GROWTH * 2 ** min(probing / PACE_DOUBLING, 16.0)
+        # The return to the rate that held is no probing: the quiet does not hold it.
         pace = self._return(now, pace, clean)
         # Twice the rate throttled, or twice the rate that held, whichever is more: a return
         # to 300 requests/s from a pace throttled at 100 is no sign that the limit is gone.
@@ -436,7 +442,11 @@ class AdaptiveLimiter(Limiter):
         # ``Retry-After: 1`` was refused every 1-1.5 s, in its last second in most runs:
         # 80-88%. With the step and the quiet, refused only in its first 1.4 s: 97-99%.
         # A step of x beta, 0.9, cost more than it saved: 80-86%, at 250 requests/s.)
-        self._hold_until = max(self._hold_until, now + seconds + RETRY_AFTER_QUIET)
+        # (The quiet holds probing only, not the return to the rate that held: a server that
+        # lowered its limit for two seconds, refusing with Retry-After: 1, and raised it again
+        # was read at 52-57% of what it admitted with the return held too, 79-80% before.)
+        self._hold_until = max(self._hold_until, now + seconds)
+        self._quiet_until = max(self._quiet_until, now + seconds + RETRY_AFTER_QUIET)
 
     def _paced(self) -> bool:
         # While the pace binds (the window holds more than the pace keeps in flight), the
