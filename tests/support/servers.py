@@ -152,6 +152,7 @@ class Faults:
     retry_after: str | None = None  # the Retry-After header of 429 and 503 answers
     limit_status: int = 503  # how the limits refuse: 503 SlowDown or 429 Too Many Requests
     hang_first: int = 0  # the first n requests hang until `release()` (or `hang_for` s)
+    hang_from: int = 1  # ... counted from this request (2: the second to the n+1-th)
     hang_for: float = 60.0
     message: str = "Please reduce your request rate."  # the S3 error message of a 503
     ignore_range: bool = False  # answer a range request with 200 and the whole object
@@ -238,7 +239,8 @@ class HTTPServer:
                     server.times.append(now)
                     server.paths.append(self.path)
                     faults = server.faults
-                    hang = server.requests <= faults.hang_first
+                    first = faults.hang_from
+                    hang = first <= server.requests < first + faults.hang_first
                     server.admission.arrives(self.path, now)
                     fault = "429" if server.requests <= faults.too_many_first else faults.pick()
                     wait = 0.0

@@ -21,16 +21,26 @@ in one task group and raises its first failure as itself (``_base.single_error``
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import aclosing
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+)
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 import anyio
+from anyio.abc import TaskGroup
 
 from zarr_anyio._core.adaptive import DEFAULT_CEILING, AdaptiveLimiter, Outcome
+from zarr_anyio._core.errors import single_error
 from zarr_anyio._core.fork import reset_in_child
 from zarr_anyio._core.limit import LimiterLike
 
@@ -281,7 +291,8 @@ class RemoteStore(AnyioStore):
         workers: int | None = None,
     ) -> None:
         # As many workers as the window may grow to: the window, not the pool, bounds requests.
-        await super()._for_each(items, action, workers or self.max_concurrency)
+        # A request waiting out a retry without its token lends its worker (`_Pool`).
+        await _Pool(iter(items), action, workers or self.max_concurrency).run()
 
     def _read_parallelism(self) -> int:
         return self.max_concurrency
@@ -403,6 +414,7 @@ class RemoteStore(AnyioStore):
         retrying: Exception | None = None  # the error the next attempt retries
         while True:
             limiter = self._limit.current()
+            adaptive = isinstance(limiter, AdaptiveLimiter)
             async with limiter:
                 # A throttled request retries under the token it holds (see below); a failed
                 # one leaves this loop, and the token, to wait.
@@ -489,8 +501,17 @@ class RemoteStore(AnyioStore):
                     else:
                         self.retry_budget.refund(last_cost)
                         return result
-            # A failure waits without its token: it says nothing of load.
-            await anyio.sleep(wait)
+            # A failure waits without its token: it says nothing of load. Nor does it keep its
+            # bulk call's worker meanwhile (`_Pool`), nor does a throttle told when to come
+            # back in an adaptive window, whose pace keeps the server from being sent the
+            # freed place at once. In a fixed window there is no pace: lent, the place went
+            # to another request refused while the server's count was spent (a fixed window
+            # of 7 against a token bucket of 300/s answering Retry-After: 1 had 8 requests at
+            # a time waiting out a second, 32 refused in a read where 4 were). A throttle
+            # above a window that has shrunk keeps it too: the window is smaller now.
+            lent = not throttle or (adaptive and failure.retry_after is not None)
+            with _Pool.lend(lent):
+                await anyio.sleep(wait)
 
     async def _attempt(
         self,
@@ -561,6 +582,105 @@ class RemoteStore(AnyioStore):
             )
             return None
         return self.retry.delay(retry_number, failure.retry_after), cost
+
+
+class _Pool:
+    """The workers of a remote store's bulk call (`RemoteStore._for_each`): ``workers`` of them
+    pull items from one iterator, as `AnyioStore._for_each`'s do, and a request that waits out a
+    retry without its token lends its worker meanwhile (`lend`): another starts, so ``workers``
+    keep sending while it waits, and the first one back to pull an item while more than
+    ``workers`` are at work leaves. At most twice ``workers`` run at once.
+
+    Without the loan, requests told ``Retry-After: 1`` kept their workers asleep for that second
+    and the window went as many tokens short: measured against a token bucket of 300
+    requests/s answering 429 with ``Retry-After: 1``, an adaptive window at ceiling 32 whose
+    first round trip had 26 requests refused sent 264 requests/s for the read's first second
+    (6 workers left), where lending them it sent 300.
+    """
+
+    _current: contextvars.ContextVar[_Pool | None] = contextvars.ContextVar(
+        "zarr_anyio_pool", default=None
+    )
+
+    def __init__(
+        self, items: Iterator[T], action: Callable[[T], Awaitable[None]], workers: int
+    ) -> None:
+        self._items: Iterator[Any] = items
+        self._action: Callable[[Any], Awaitable[None]] = action
+        self._workers = max(1, workers)
+        self._running = 0  # worker tasks started and not yet ended
+        self._lent = 0  # of them, waiting out a retry without a token
+        self._done = False  # the items have run out
+        self._group: TaskGroup | None = None
+        # Its event loop's thread: a request made in another thread (a context copied into a
+        # worker thread, a blocking call there) is no request of this call's workers.
+        self._thread = threading.get_ident()
+
+    async def run(self) -> None:
+        with single_error():
+            async with anyio.create_task_group() as group:
+                self._group = group
+                token = _Pool._current.set(self)
+                try:
+                    # Started as they find items: a call of three items starts three.
+                    for _ in range(self._workers):
+                        item = self._next()
+                        if item is _NONE:
+                            break
+                        self._start(item)
+                finally:
+                    _Pool._current.reset(token)
+
+    def _start(self, item: Any) -> None:
+        """Start a worker on ``item`` (`_NONE`: on the next item it pulls)."""
+        assert self._group is not None
+        self._running += 1
+        self._group.start_soon(self._work, item)
+
+    def _next(self) -> Any:
+        if self._done:
+            return _NONE
+        item = next(self._items, _NONE)
+        self._done = item is _NONE
+        return item
+
+    async def _work(self, item: Any) -> None:
+        try:
+            while True:
+                if item is _NONE:
+                    item = self._next()
+                    if item is _NONE:
+                        return
+                await self._action(item)
+                item = _NONE
+                if self._running - self._lent > self._workers:
+                    return  # more at work than the pool's size: a retry's wait has ended
+        finally:
+            self._running -= 1
+
+    @staticmethod
+    @contextmanager
+    def lend(lent: bool = True) -> Iterator[None]:
+        """While a request of the current bulk call waits without its token: another worker
+        takes its place (none outside a bulk call, nor unless ``lent``)."""
+        pool = _Pool._current.get()
+        if pool is None or not lent or pool._thread != threading.get_ident():
+            yield
+            return
+        pool._lent += 1
+        try:
+            if (
+                not pool._done
+                and pool._running - pool._lent < pool._workers
+                and pool._running < 2 * pool._workers
+            ):
+                pool._start(_NONE)  # it pulls its item itself: an error there is its own
+            yield
+        finally:
+            pool._lent -= 1
+
+
+_NONE: Any = object()
 
 
 class _PastDeadline(Exception):

@@ -221,6 +221,38 @@ async def test_retry_after_is_read_from_s3fs(http_server: HTTPServer) -> None:
     assert http_server.times[1] - http_server.times[0] >= 0.95
 
 
+async def test_a_request_waiting_out_a_retry_after_lends_its_worker(
+    http_server: HTTPServer,
+) -> None:
+    # Two workers for a window of two: the first request is told to come back in 3 s, the
+    # second hangs until the test lets it go. The refused request waits without its token,
+    # and without its worker: another worker takes the free token and sends the next key at
+    # once. (Before, the sleeping request kept its worker, so the window went a token short
+    # for its wait: nothing more was sent until its own retry, 3 s later. Against a token
+    # bucket of 300/s answering Retry-After: 1, that was 264 requests/s for the second after
+    # each refusal.)
+    objects = fill(http_server, 6)
+    http_server.faults = Faults(
+        too_many_first=1, retry_after="3", hang_first=1, hang_from=2, hang_for=30
+    )
+    store = http_store("fsspec", http_server, retry=QUICK, max_concurrency=2)
+    assert store.max_concurrency == 2
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read_all, store, objects)
+        with anyio.fail_after(20):
+            while http_server.requests < 3:
+                await anyio.sleep(0.01)
+        third = http_server.paths[2]
+        http_server.release()
+    refused, hung = http_server.paths[:2]
+    assert http_server.answers[0] == 429
+    # The third request is a key of its own, not the refused one's retry.
+    assert third not in (refused, hung)
+    assert http_server.paths.count(refused) == 2
+    assert http_server.admission.early == 0  # and the retry came when it was told
+    assert store.stats().throttled == 1
+
+
 async def test_obstore_retries_a_429_without_its_headers(http_server: HTTPServer) -> None:
     objects = fill(http_server, 1)
     http_server.faults = Faults(too_many_first=1, retry_after="1")
