@@ -783,7 +783,16 @@ def _write_unnamed(
         except FileExistsError:
             if exclusive:
                 return True  # the first writer's value stands, as `_write_through`'s link
-            with temp_folder(fd) as (temp_dir, temp):
+            with contextlib.ExitStack() as using:
+                try:
+                    temp_dir, temp = using.enter_context(temp_folder(fd))
+                except OSError as error:
+                    if error.errno != errno.EXDEV:
+                        raise
+                    # The key's folder is another file system than the root (a mount point
+                    # inside it): the file is named beside the key, for the instant before it
+                    # moves, rather than written again into a named file there.
+                    temp_dir, temp = dir_fd, _name_temp(dir_fd, fd)[0]
                 try:
                     _oscalls.replace_at(temp, temp_dir, name, dir_fd)
                 except BaseException:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,3 +185,66 @@ def test_a_replaced_key_keeps_no_other_name(tmp_path: Path) -> None:
     assert (root / "c/0").read_bytes() == b"single 2"
     assert (root / "c/3").read_bytes() == b"batch 2 3"
     assert not (root / TEMP_FOLDER).exists()
+
+
+@pytest.fixture
+def other_file_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A root whose folder ``m`` is another file system: a tmpfs mounted there (as root), or,
+    elsewhere, a folder whose files cannot be named in the root's temporary folder (`EXDEV`,
+    as the kernel answers across file systems)."""
+    root = tmp_path / "root"
+    (root / "m").mkdir(parents=True)
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(root / "m")])
+        try:
+            yield root
+        finally:
+            subprocess.run(["umount", str(root / "m")], check=True)
+        return
+    real = _oscalls.name_unnamed_at
+
+    def name_unnamed_at(fd: int, target: str, target_folder: int) -> None:
+        if os.readlink(f"/proc/self/fd/{target_folder}").endswith(TEMP_FOLDER):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        real(fd, target, target_folder)
+
+    monkeypatch.setattr(_oscalls, "name_unnamed_at", name_unnamed_at)
+    yield root
+
+
+@pytest.mark.parametrize("how", ["single", "batch"])
+def test_a_key_replaced_on_another_file_system_is_written_once_under_no_name(
+    other_file_system: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # The file made with no name in the key's folder cannot be named in the root's temporary
+    # folder (another file system): it is named beside the key for the instant before it
+    # moves, not written a second time into a named file there, which a writer killed
+    # meanwhile would leave for ever (no open cleans the key's folders).
+    root = other_file_system
+    store = LocalStore(root)
+    store.set_sync("m/k", cpu.Buffer.from_bytes(b"old"))
+    seen: list[list[str]] = []
+    written = [0]
+    real: Callable[[int, memoryview], int] = zarr_anyio.storage._localfs._write_piece
+
+    def piece(fd: int, data: memoryview) -> int:
+        seen.append(every_file(root))
+        count = real(fd, data)
+        written[0] += count
+        return count
+
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "_write_piece", piece)
+    value = os.urandom(3 << 20)
+    if how == "single":
+        store.set_sync("m/k", cpu.Buffer.from_bytes(value))
+    else:
+        store._set_many_blocking(
+            [("m/k", memoryview(value)), ("m/new", memoryview(b"new"))],
+            zarr_anyio.storage._localfs.no_cancel_check,
+        )
+    assert (root / "m/k").read_bytes() == value
+    expected = ["m/k"] if how == "single" else ["m/k", "m/new"]
+    assert every_file(root) == expected
+    if _oscalls.UNNAMED_FILES:
+        assert written[0] == len(value) + (0 if how == "single" else 3)
+        assert all(files in (["m/k"], expected) for files in seen), seen
