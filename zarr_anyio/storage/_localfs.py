@@ -1323,8 +1323,15 @@ def _remove_folder(dir_fd: DirRef, name: str, check_cancelled: CheckCancelled) -
         return
     with _opened(fd):
         _empty_folder(fd, check_cancelled)
-    with contextlib.suppress(FileNotFoundError):
+    try:
         _oscalls.rmdir_at(name, dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        # A write put a key in it since it was emptied: that write came after this delete,
+        # and its key stays (with the folders on its way).
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
 
 
 def delete_tree(root: str, prefix: str, check_cancelled: CheckCancelled) -> None:
