@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
@@ -818,3 +819,24 @@ def test_zstd_and_blosc_chunks_decoded_by_numcodecs_into_a_reused_buffer(
     expected[21:] = -1
     np.testing.assert_array_equal(opened(store, OURS)[selection], expected[selection])
     assert decoded.count > 0
+
+
+def test_a_write_of_chunks_in_folders_of_their_own_does_not_run_out_of_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An array chunked by rows puts each chunk in a folder of its own (c/<row>/0). Batches of
+    # 256 chunks, as many at once as there are cores: each batch held its folders open to its
+    # end, and 8 cores' batches needed more than the 1024 descriptors a process gets by
+    # default. Here, 8 batches at once (as on 8 cores) with 256 descriptors to spare.
+    monkeypatch.setattr("zarr_anyio.arrays._pipeline.decode_threads", lambda: 8)
+    store = zarr_anyio.LocalStore(tmp_path / "a")
+    values = np.arange(20_000, dtype="u2").reshape(20_000, 1)
+    with pipeline(OURS):
+        array = zarr.create_array(store, shape=(20_000, 1), chunks=(1, 1), dtype="u2")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 256, hard))
+    try:
+        array[:] = values
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    np.testing.assert_array_equal(opened(store, ZARRS)[:], values)
