@@ -248,3 +248,58 @@ def test_a_key_replaced_on_another_file_system_is_written_once_under_no_name(
     if _oscalls.UNNAMED_FILES:
         assert written[0] == len(value) + (0 if how == "single" else 3)
         assert all(files in (["m/k"], expected) for files in seen), seen
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A root whose folder ``c`` (holding the key ``c/0``) cannot be written: a read-only bind
+    mount (as root, to whom permissions are no obstacle), or, elsewhere, a folder of mode 555."""
+    root = tmp_path / "root"
+    LocalStore(root).set_sync("c/0", cpu.Buffer.from_bytes(b"old"))
+    folder = root / "c"
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True)
+            yield root
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)
+        return
+    folder.chmod(0o555)
+    try:
+        yield root
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("key", ["c/0", "c/1"], ids=["key that exists", "new key"])
+@pytest.mark.parametrize("how", ["single", "batch", "if not exists"])
+def test_a_folder_that_cannot_be_written_refuses_the_write_naming_the_key(
+    read_only_folder: Path, key: str, how: str
+) -> None:
+    # The unnamed file cannot be made there: the folder's own error (EROFS, EACCES), naming
+    # the key and the store, and nothing changed or left anywhere.
+    root = read_only_folder
+    store = LocalStore(root)
+    value = cpu.Buffer.from_bytes(b"new")
+
+    def write() -> None:
+        if how == "single":
+            store.set_sync(key, value)
+        elif how == "batch":
+            store._set_many_blocking(
+                [("d/0", memoryview(b"d")), (key, memoryview(b"new"))],
+                zarr_anyio.storage._localfs.no_cancel_check,
+            )
+        else:
+            sync(store.set_if_not_exists(key, value))
+
+    if how == "if not exists" and key == "c/0":
+        write()  # the key exists: nothing to write, nothing refused
+    else:
+        with pytest.raises(OSError, match=f"cannot write key '{key}'") as raised:
+            write()
+        assert raised.value.errno in (errno.EROFS, errno.EACCES)
+        assert str(root) in str(raised.value)
+    assert (root / "c/0").read_bytes() == b"old"
+    assert every_file(root) == (["c/0", "d/0"] if how == "batch" else ["c/0"])
