@@ -8,8 +8,11 @@ zarr's API cannot show: the store's bound, cancellation, errors.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import resource
+import subprocess
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
@@ -830,3 +833,90 @@ def test_zstd_and_blosc_chunks_decoded_by_numcodecs_into_a_reused_buffer(
     expected[21:] = -1
     np.testing.assert_array_equal(opened(store, OURS)[selection], expected[selection])
     assert decoded.count > 0
+
+
+def test_a_write_of_chunks_in_folders_of_their_own_does_not_run_out_of_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An array chunked by rows puts each chunk in a folder of its own (c/<row>/0). Batches of
+    # 256 chunks, as many at once as there are cores: each batch held its folders open to its
+    # end, and 8 cores' batches needed more than the 1024 descriptors a process gets by
+    # default. Here, 8 batches at once (as on 8 cores) with 256 descriptors to spare.
+    monkeypatch.setattr("zarr_anyio.arrays._pipeline.decode_threads", lambda: 8)
+    store = zarr_anyio.LocalStore(tmp_path / "a")
+    values = np.arange(20_000, dtype="u2").reshape(20_000, 1)
+    with pipeline(OURS):
+        array = zarr.create_array(store, shape=(20_000, 1), chunks=(1, 1), dtype="u2")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 256, hard))
+    try:
+        array[:] = values
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    np.testing.assert_array_equal(opened(store, ZARRS)[:], values)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A folder on a 2 MiB tmpfs (as root), or, elsewhere, one whose writes fail with ENOSPC
+    once 2 MiB are written."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+        try:
+            yield disk
+        finally:
+            subprocess.run(["umount", "-l", str(disk)], check=True)
+        return
+    budget = [2 << 20]
+
+    def write_piece(fd: int, piece: memoryview) -> int:
+        if len(piece) > budget[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        budget[0] -= len(piece)
+        return os.write(fd, piece)
+
+    monkeypatch.setattr(_localfs, "_write_piece", write_piece)
+    yield disk
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("how", ["api", "zarr", "partial"])
+async def test_a_write_that_fills_the_disk_raises_enospc_and_keeps_each_chunk_whole(
+    small_disk: Path, compressed: bool, how: str
+) -> None:
+    # 40 chunks of 64 KiB that do not compress, on a disk of 2 MiB holding 20 old ones: the
+    # write fails part way with the disk's own error, every chunk holds its old value or its
+    # new one (or none yet), and nothing of ours is left.
+    import zarr_anyio.api as za
+
+    store = zarr_anyio.LocalStore(small_disk / "root")
+    compressors = zarr.codecs.ZstdCodec(level=1) if compressed else None
+    array = await za.create_array(
+        store, shape=(40, 16384), chunks=(1, 16384), dtype="u4", compressors=compressors
+    )
+    old = np.arange(40 * 16384, dtype="u4").reshape(40, 16384)
+    await array.setitem(slice(0, 20), old[:20])
+    new = np.random.default_rng(0).integers(0, 2**32, size=(40, 16384), dtype="u4")
+    with pytest.raises(OSError, match="No space left") as raised:
+        if how == "api":
+            await array.setitem(slice(None), new)
+        elif how == "partial":  # every chunk merged with its old value
+            await array.setitem((slice(None), slice(5, 16380)), new[:, 5:16380])
+        else:
+            await anyio.to_thread.run_sync(lambda: opened(store, OURS).__setitem__(..., new))
+    assert type(raised.value) is OSError
+    assert raised.value.errno == errno.ENOSPC
+    got = np.asarray(await anyio.to_thread.run_sync(lambda: opened(store, ZARRS)[:]))
+    merged = old.copy()
+    merged[:20, 5:16380] = new[:20, 5:16380]
+    partly_new = np.zeros_like(new)
+    partly_new[:, 5:16380] = new[:, 5:16380]
+    for row in range(40):
+        before = old[row] if row < 20 else np.zeros(16384, "u4")
+        after = (merged if row < 20 else partly_new)[row] if how == "partial" else new[row]
+        assert (got[row] == before).all() or (got[row] == after).all(), row
+    left = [name for _, folders, files in os.walk(small_disk) for name in folders + files]
+    assert not [name for name in left if "\\" in name]

@@ -783,7 +783,16 @@ def _write_unnamed(
         except FileExistsError:
             if exclusive:
                 return True  # the first writer's value stands, as `_write_through`'s link
-            with temp_folder(fd) as (temp_dir, temp):
+            with contextlib.ExitStack() as using:
+                try:
+                    temp_dir, temp = using.enter_context(temp_folder(fd))
+                except OSError as error:
+                    if error.errno != errno.EXDEV:
+                        raise
+                    # The key's folder is another file system than the root (a mount point
+                    # inside it): the file is named beside the key, for the instant before it
+                    # moves, rather than written again into a named file there.
+                    temp_dir, temp = dir_fd, _name_temp(dir_fd, fd)[0]
                 try:
                     _oscalls.replace_at(temp, temp_dir, name, dir_fd)
                 except BaseException:
@@ -956,6 +965,14 @@ class Staged:
 # 83% of 6,000 writes needed one start, the rest fewer each time (a third as many per extra
 # start), at most 9.
 _WRITE_TRIES = 100
+# Starts made at once; each later one waits first, a little longer each time (`_WRITE_PAUSE`
+# more). A folder whose remover is between removing it and removing its name stays where its
+# name leads, a dead folder no file can be made in, for as long as that thread is off the CPU:
+# on a busy machine, longer than a hundred starts at once take where the first thing a start
+# tries is making a file in it (an unnamed file, refused at once). Three threads writing and
+# deleting keys of one folder gave up on a write in one run of 8 that way.
+_EAGER_TRIES = 10
+_WRITE_PAUSE = 20e-6
 
 
 def write_file(
@@ -969,7 +986,9 @@ def write_file(
 ) -> None:
     """Write ``key`` (or put the ``staged`` file there, ``value`` unused); an error says which
     store and which key (never a temporary of ours)."""
-    for _ in range(_WRITE_TRIES):
+    for tries in range(_WRITE_TRIES):
+        if tries >= _EAGER_TRIES:
+            time.sleep(_WRITE_PAUSE * (tries - _EAGER_TRIES + 1))
         try:
             if _write_once(
                 root,
@@ -1055,6 +1074,13 @@ def _write_once(
     return True
 
 
+_BATCH_FOLDERS = 8
+"""Folders a batch keeps open at most. Each open one is a descriptor, and batches run in
+parallel: a pipeline's batches of 256 chunks that each have a folder of their own (an array
+chunked by rows, say) held 256 each, and 8 of them at once ran out of the 1024 descriptors a
+process gets by default (EMFILE)."""
+
+
 class _Batch:
     """What consecutive writes of one store share: the root, its temporary folder (held in use
     once, not made and removed around every write) and the keys' folders, each opened once.
@@ -1134,6 +1160,9 @@ class _Batch:
     def _folder(self, folder: str) -> DirRef:
         found = self._folders.get(folder)
         if found is None:
+            if len(self._folders) >= _BATCH_FOLDERS:
+                # The one opened first: a batch's keys come in order, folder after folder.
+                _oscalls.close_dir(self._folders.pop(next(iter(self._folders))))
             found = self._folders[folder] = _make_folders(self._root(), folder)
         return found
 
@@ -1314,8 +1343,15 @@ def _remove_folder(dir_fd: DirRef, name: str, check_cancelled: CheckCancelled) -
         return
     with _opened(fd):
         _empty_folder(fd, check_cancelled)
-    with contextlib.suppress(FileNotFoundError):
+    try:
         _oscalls.rmdir_at(name, dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        # A write put a key in it since it was emptied: that write came after this delete,
+        # and its key stays (with the folders on its way).
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
 
 
 def delete_tree(root: str, prefix: str, check_cancelled: CheckCancelled) -> None:

@@ -4,7 +4,9 @@ changes under the batch between two writes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,3 +142,26 @@ def test_a_batch_stopped_mid_write_leaves_old_values_and_no_temporary_file(
         store._set_many_blocking([("c/0", value), ("c/1", value)], check_cancelled)
     assert stored(tmp_path) == {"c/0": bytes(value), "c/1": b"old"}
     assert not (tmp_path / TEMP_FOLDER).exists()
+
+
+@contextlib.contextmanager
+def descriptors_to_spare(count: int) -> Iterator[None]:
+    """While it lasts, this process may open only ``count`` more files (RLIMIT_NOFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + count, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_batch_keeps_few_folders_open_however_many_its_keys_have(tmp_path: Path) -> None:
+    # Each key in a folder of its own (an array chunked by rows): a batch held every folder it
+    # had opened to its end, one descriptor each, and ran out of them (EMFILE).
+    store = opened(tmp_path)
+    items = [(f"c/{i}/0", memoryview(b"%d" % i)) for i in range(1000)]
+    items += [("c/5/0", memoryview(b"again")), ("c/999/1", memoryview(b"last"))]
+    with descriptors_to_spare(64):
+        store._set_many_blocking(items, no_cancel_check)
+    expected = {f"c/{i}/0": b"%d" % i for i in range(1000)}
+    assert stored(tmp_path) == expected | {"c/5/0": b"again", "c/999/1": b"last"}

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from zarr.core.buffer import cpu, default_buffer_prototype
 
+import zarr_anyio.storage._localfs
 from support import unprivileged
 from zarr_anyio import KeyConflict, LocalStore
 
@@ -262,3 +263,31 @@ def test_writers_and_deleters_racing_on_one_folder_never_fail(tmp_path: Path) ->
         thread.join()
     assert errors == []
     assert everything(tmp_path) == []
+
+
+@pytest.mark.parametrize("prefix", ["c", "c/0"])
+async def test_a_key_written_into_a_folder_delete_dir_is_emptying_stays_and_nothing_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefix: str
+) -> None:
+    # Another writer's key lands in the folder after `delete_dir` listed it: that write came
+    # after the delete, so its key stays, and the delete, which could not remove the folder
+    # holding it, does not fail (it raised ENOTEMPTY, naming no key nor store).
+    root = tmp_path / "root"
+    store = LocalStore(root)
+    await store.set_many([("c/0/0", buf(b"a")), ("c/0/1", buf(b"b")), ("d", buf(b"d"))])
+    real = zarr_anyio.storage._localfs._unlink_at
+    late = LocalStore(root)
+
+    def unlink_at(name: str, dir_fd: int | str) -> None:
+        if not late_written:
+            late_written.append(True)
+            late.set_sync("c/0/9", buf(b"late"))
+        real(name, dir_fd)
+
+    late_written: list[bool] = []
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "_unlink_at", unlink_at)
+    await store.delete_dir(prefix)
+    assert late_written
+    assert sorted([key async for key in store.list()]) == ["c/0/9", "d"]
+    assert await value(store, "c/0/9") == b"late"
+    assert everything(root) == ["c", "c/0", "c/0/9", "d"]

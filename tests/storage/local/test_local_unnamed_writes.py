@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,3 +185,121 @@ def test_a_replaced_key_keeps_no_other_name(tmp_path: Path) -> None:
     assert (root / "c/0").read_bytes() == b"single 2"
     assert (root / "c/3").read_bytes() == b"batch 2 3"
     assert not (root / TEMP_FOLDER).exists()
+
+
+@pytest.fixture
+def other_file_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A root whose folder ``m`` is another file system: a tmpfs mounted there (as root), or,
+    elsewhere, a folder whose files cannot be named in the root's temporary folder (`EXDEV`,
+    as the kernel answers across file systems)."""
+    root = tmp_path / "root"
+    (root / "m").mkdir(parents=True)
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(root / "m")])
+        try:
+            yield root
+        finally:
+            subprocess.run(["umount", str(root / "m")], check=True)
+        return
+    real = _oscalls.name_unnamed_at
+
+    def name_unnamed_at(fd: int, target: str, target_folder: int) -> None:
+        if os.readlink(f"/proc/self/fd/{target_folder}").endswith(TEMP_FOLDER):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        real(fd, target, target_folder)
+
+    monkeypatch.setattr(_oscalls, "name_unnamed_at", name_unnamed_at)
+    yield root
+
+
+@pytest.mark.parametrize("how", ["single", "batch"])
+def test_a_key_replaced_on_another_file_system_is_written_once_under_no_name(
+    other_file_system: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # The file made with no name in the key's folder cannot be named in the root's temporary
+    # folder (another file system): it is named beside the key for the instant before it
+    # moves, not written a second time into a named file there, which a writer killed
+    # meanwhile would leave for ever (no open cleans the key's folders).
+    root = other_file_system
+    store = LocalStore(root)
+    store.set_sync("m/k", cpu.Buffer.from_bytes(b"old"))
+    seen: list[list[str]] = []
+    written = [0]
+    real: Callable[[int, memoryview], int] = zarr_anyio.storage._localfs._write_piece
+
+    def piece(fd: int, data: memoryview) -> int:
+        seen.append(every_file(root))
+        count = real(fd, data)
+        written[0] += count
+        return count
+
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "_write_piece", piece)
+    value = os.urandom(3 << 20)
+    if how == "single":
+        store.set_sync("m/k", cpu.Buffer.from_bytes(value))
+    else:
+        store._set_many_blocking(
+            [("m/k", memoryview(value)), ("m/new", memoryview(b"new"))],
+            zarr_anyio.storage._localfs.no_cancel_check,
+        )
+    assert (root / "m/k").read_bytes() == value
+    expected = ["m/k"] if how == "single" else ["m/k", "m/new"]
+    assert every_file(root) == expected
+    if _oscalls.UNNAMED_FILES:
+        assert written[0] == len(value) + (0 if how == "single" else 3)
+        assert all(files in (["m/k"], expected) for files in seen), seen
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A root whose folder ``c`` (holding the key ``c/0``) cannot be written: a read-only bind
+    mount (as root, to whom permissions are no obstacle), or, elsewhere, a folder of mode 555."""
+    root = tmp_path / "root"
+    LocalStore(root).set_sync("c/0", cpu.Buffer.from_bytes(b"old"))
+    folder = root / "c"
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True)
+            yield root
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)
+        return
+    folder.chmod(0o555)
+    try:
+        yield root
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("key", ["c/0", "c/1"], ids=["key that exists", "new key"])
+@pytest.mark.parametrize("how", ["single", "batch", "if not exists"])
+def test_a_folder_that_cannot_be_written_refuses_the_write_naming_the_key(
+    read_only_folder: Path, key: str, how: str
+) -> None:
+    # The unnamed file cannot be made there: the folder's own error (EROFS, EACCES), naming
+    # the key and the store, and nothing changed or left anywhere.
+    root = read_only_folder
+    store = LocalStore(root)
+    value = cpu.Buffer.from_bytes(b"new")
+
+    def write() -> None:
+        if how == "single":
+            store.set_sync(key, value)
+        elif how == "batch":
+            store._set_many_blocking(
+                [("d/0", memoryview(b"d")), (key, memoryview(b"new"))],
+                zarr_anyio.storage._localfs.no_cancel_check,
+            )
+        else:
+            sync(store.set_if_not_exists(key, value))
+
+    if how == "if not exists" and key == "c/0":
+        write()  # the key exists: nothing to write, nothing refused
+    else:
+        with pytest.raises(OSError, match=f"cannot write key '{key}'") as raised:
+            write()
+        assert raised.value.errno in (errno.EROFS, errno.EACCES)
+        assert str(root) in str(raised.value)
+    assert (root / "c/0").read_bytes() == b"old"
+    assert every_file(root) == (["c/0", "d/0"] if how == "batch" else ["c/0"])
