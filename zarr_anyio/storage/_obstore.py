@@ -134,6 +134,15 @@ def _is_range_error(error: Exception) -> bool:
     return http_status(error) == 416
 
 
+def _whole_body_sent(error: Exception) -> bool:
+    """Whether obstore refused a 200 with the whole object to a range request."""
+    import obstore
+
+    return isinstance(error, obstore.exceptions.NotSupportedError) or (
+        "non-partial response when range requested" in str(error)
+    )
+
+
 def _is_panic(error: BaseException) -> bool:
     """obstore's async API reports a panic of its Rust code as ``RustPanic`` (a class that
     ``pyo3_async_runtimes`` makes and exports nowhere, so it is known by its name)."""
@@ -316,14 +325,16 @@ class ObjectStore(RemoteStore):
                 return await self._fetch_and_cut(key, byte_range)
             try:
                 result = await obstore.get_async(self.store, key, options=_options(byte_range))
-            except obstore.exceptions.NotSupportedError:
-                # obstore's HTTPStore refuses the whole body that a server which ignores Range
-                # sends (200): cut the range out of the object, as FsspecStore does, and ask
-                # this server for whole objects from now on.
-                if byte_range is None:
+            except Exception as error:
+                # obstore refuses the whole body that a server which ignores Range sends (200):
+                # its HTTPStore with NotSupportedError, its S3Store (and the others) with
+                # object_store's "non-partial response". Cut the range out of the object, as
+                # FsspecStore does, and ask this server for whole objects from now on: unless
+                # the object is empty, whose whole body is every range of it (moto's S3
+                # answers a range of an empty object so).
+                if byte_range is None or not _whole_body_sent(error):
                     raise
-                self._ranges_ignored = True
-                return await self._fetch_and_cut(key, byte_range)
+                return await self._fetch_and_cut(key, byte_range, ignored=True)
             return memoryview(await result.bytes_async())
         except FileNotFoundError:
             return None
@@ -337,10 +348,16 @@ class ObjectStore(RemoteStore):
             await obstore.head_async(self.store, key)
             return memoryview(b"")
 
-    async def _fetch_and_cut(self, key: str, byte_range: ByteRequest) -> memoryview:
+    async def _fetch_and_cut(
+        self, key: str, byte_range: ByteRequest, *, ignored: bool = False
+    ) -> memoryview:
+        """``byte_range`` cut out of the whole object; ``ignored``: the server sent it whole
+        to a range request, so ask it for whole objects from now on (unless it is empty)."""
         import obstore
 
         whole = memoryview(await (await obstore.get_async(self.store, key)).bytes_async())
+        if ignored and len(whole):
+            self._ranges_ignored = True
         start, stop = span(byte_range, len(whole))
         return whole[start:stop]
 
@@ -394,13 +411,12 @@ class ObjectStore(RemoteStore):
                 )
             except FileNotFoundError:
                 return
-            except obstore.exceptions.NotSupportedError:
-                # A server that ignores Range (see _fetch): each range cut from the object.
-                self._ranges_ignored = True
-                for index in indexes:
-                    await fetch_single(index)
-                return
             except Exception as error:
+                if _whole_body_sent(error):
+                    # A server that ignores Range (see _fetch): each range cut from the object.
+                    for index in indexes:
+                        await fetch_single(index)
+                    return
                 _refuse_unexpected_range(error, key)
                 # obstore's get_ranges panics when a range starts past the end of the object
                 # (it slices the merged answer); over HTTP that range may also be a 416. Either

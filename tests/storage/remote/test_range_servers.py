@@ -16,7 +16,7 @@ import zarr
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 
-from support.servers import Faults, HTTPServer
+from support.servers import Faults, HTTPServer, S3Server
 from zarr_anyio import FsspecStore, ObjectStore, RangeNotHonoured, RemoteStore
 from zarr_anyio.storage._http_range import _check_partial
 
@@ -163,3 +163,69 @@ def test_content_ranges_that_do_not(
 ) -> None:
     with pytest.raises(RangeNotHonoured):
         _check_partial(byte_range, content_range, length)
+
+
+@pytest.mark.anyio
+async def test_ranges_of_an_empty_object_that_s3_answers_whole_are_empty(
+    s3_server: S3Server,
+) -> None:
+    # moto's S3 answers a range of an empty object with 200 and its (empty) whole body, which
+    # obstore refuses ("non-partial response"): every range of it is nothing, as zarr's own
+    # stores give, and the store goes on asking this server for ranges.
+    store = ObjectStore(s3_server.obstore(s3_server.new_bucket()))
+    await store.set("empty", PROTO.buffer.from_bytes(b""))
+    await store.set("k", PROTO.buffer.from_bytes(DATA))
+    ranges: list[ByteRequest] = [
+        OffsetByteRequest(35),
+        OffsetByteRequest(0),
+        RangeByteRequest(0, 10),
+        RangeByteRequest(73, 100),
+        SuffixByteRequest(59),
+    ]
+    for byte_range in ranges:
+        value = await store.get("empty", PROTO, byte_range)
+        assert value is not None
+        assert value.to_bytes() == b"", byte_range
+    partial = await store.get_partial_values(
+        PROTO,
+        [("empty", r) for r in ranges] + [("k", RangeByteRequest(4, 12)), ("empty", None)],
+    )
+    assert [None if value is None else value.to_bytes() for value in partial] == [b""] * len(
+        ranges
+    ) + [
+        DATA[4:12],
+        b"",
+    ]
+    assert not store._ranges_ignored
+    value = await store.get("k", PROTO, RangeByteRequest(200, 300))
+    assert value is not None
+    assert value.to_bytes() == DATA[200:]
+    await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_s3_store_whose_server_ignores_range_gives_just_the_asked_bytes(
+    http_server: HTTPServer,
+) -> None:
+    # obstore's S3Store (not only its HTTPStore) over a server that answers a range with 200
+    # and the whole object: the asked bytes, cut from it.
+    from obstore.store import S3Store
+
+    http_server.objects["bucket/k"] = DATA
+    http_server.faults = Faults(ignore_range=True)
+    s3 = S3Store(
+        "bucket",
+        endpoint=http_server.url,
+        access_key_id="testing",
+        secret_access_key="testing",
+        region="us-east-1",
+        client_options={"allow_http": True},
+        retry_config={"max_retries": 0},
+    )
+    store = ObjectStore(s3, read_only=True)
+    for byte_range in RANGES:
+        value = await store.get("k", PROTO, byte_range)
+        assert value is not None
+        assert value.to_bytes() == expected(byte_range), byte_range
+    assert store._ranges_ignored
+    await store.aclose()
