@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 import zarr_anyio.storage._local
+import zarr_anyio.storage._localfs
 from support.doubles import ConcurrencyProbe
 from support.servers import HTTPServer, S3Server
 
@@ -53,3 +58,29 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], ConcurrencyProbe]:
         return double
 
     return install
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A folder on a 2 MiB tmpfs (as root), or, elsewhere, one whose LocalStore writes fail with
+    ENOSPC once 2 MiB are written."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+        try:
+            yield disk
+        finally:
+            # Lazily, so a failing test that left a file open cannot leave the mount behind.
+            subprocess.run(["umount", "-l", str(disk)], check=True)
+        return
+    budget = [2 << 20]
+
+    def write_piece(fd: int, piece: memoryview) -> int:
+        if len(piece) > budget[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        budget[0] -= len(piece)
+        return os.write(fd, piece)
+
+    monkeypatch.setattr(zarr_anyio.storage._localfs, "_write_piece", write_piece)
+    yield disk

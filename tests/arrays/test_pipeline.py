@@ -548,7 +548,6 @@ def test_reads_in_a_forked_child(tmp_path: Path) -> None:
 def test_zarr_finds_the_pipeline_by_its_entry_point_in_a_fresh_process(tmp_path: Path) -> None:
     # Selected by configuration alone, in a process that never imported zarr_anyio (a dask
     # worker, say): zarr looks it up among the installed packages' entry points.
-    import subprocess
     import sys
 
     script = (
@@ -854,31 +853,6 @@ def test_a_write_of_chunks_in_folders_of_their_own_does_not_run_out_of_descripto
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     np.testing.assert_array_equal(opened(store, ZARRS)[:], values)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A folder on a 2 MiB tmpfs (as root), or, elsewhere, one whose writes fail with ENOSPC
-    once 2 MiB are written."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() == 0:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
-        try:
-            yield disk
-        finally:
-            subprocess.run(["umount", "-l", str(disk)], check=True)
-        return
-    budget = [2 << 20]
-
-    def write_piece(fd: int, piece: memoryview) -> int:
-        if len(piece) > budget[0]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        budget[0] -= len(piece)
-        return os.write(fd, piece)
-
-    monkeypatch.setattr(_localfs, "_write_piece", write_piece)
-    yield disk
 
 
 @pytest.mark.anyio

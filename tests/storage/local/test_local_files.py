@@ -610,31 +610,6 @@ def test_a_writer_killed_at_any_moment_leaves_whole_values_and_no_temporaries(
 # ------------------------------------------------------------------------------ a full disk
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A folder on a 2 MiB tmpfs (as root), or, elsewhere, one whose writes fail with ENOSPC
-    after the first MiB."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() == 0:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
-        try:
-            yield disk
-        finally:
-            subprocess.run(["umount", str(disk)], check=True)
-        return
-    budget = [2 << 20]
-
-    def write_piece(fd: int, piece: memoryview) -> int:
-        if len(piece) > budget[0]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        budget[0] -= len(piece)
-        return os.write(fd, piece)
-
-    monkeypatch.setattr(zarr_anyio.storage._localfs, "_write_piece", write_piece)
-    yield disk
-
-
 async def test_a_full_disk_fails_the_write_and_keeps_the_old_value(small_disk: Path) -> None:
     store = LocalStore(small_disk / "root")
     old = b"old value" * 10_000
