@@ -136,7 +136,7 @@ DIR_FD = (
     and os.scandir in os.supports_fd
 )
 
-UNNAMED_FILES = DIR_FD and _flag("O_TMPFILE") != 0 and os.path.isdir(f"/proc/{os.getpid()}/fd")
+UNNAMED_FILES = DIR_FD and _flag("O_TMPFILE") != 0 and os.path.isdir("/proc/self/fd")
 """Whether a file can be made in a folder with no name, and named once written (`open_unnamed_at`,
 `name_unnamed_at`): Linux's ``O_TMPFILE``. Some file systems refuse it (see
 `UNNAMED_REFUSED`)."""
