@@ -435,11 +435,12 @@ def counting_box_copies() -> Iterator[list[int]]:
 
 @st.composite
 def raw_sharded_arrays(
-    draw: st.DrawFn, tmp_root: Path
+    draw: st.DrawFn, tmp_root: Path, zstd: bool = False
 ) -> tuple[zarr.Array[Any], np.ndarray, Any, bool]:
-    """An array whose inner chunks are only a ``bytes`` codec (native or not), inner chunks
-    written in any order zarr has, some shards and inner chunks missing; whether any shard
-    holds chunks whose bytes are their values (so a read of it all copies them as rows)."""
+    """An array whose inner chunks are only a ``bytes`` codec (native or not), and zstd if
+    ``zstd``, inner chunks written in any order zarr has, some shards and inner chunks missing;
+    whether any shard holds chunks whose bytes are their values once decompressed (so a read of
+    it all copies them as rows, decompressed into them first)."""
     ndim = draw(st.integers(1, 3))
     inner = tuple(draw(st.integers(1, 5)) for _ in range(ndim))
     shards = tuple(n * draw(st.integers(1, 4)) for n in inner)
@@ -454,7 +455,10 @@ def raw_sharded_arrays(
         )
     codec = ShardingCodec(
         chunk_shape=inner,
-        codecs=[zarr.codecs.BytesCodec(endian=endian)],
+        codecs=[
+            zarr.codecs.BytesCodec(endian=endian),
+            *([zarr.codecs.ZstdCodec(level=1)] if zstd else []),
+        ],
         index_codecs=[zarr.codecs.BytesCodec(), zarr.codecs.Crc32cCodec()],
         index_location=draw(st.sampled_from(["start", "end"])),
         **kwargs,
@@ -502,18 +506,20 @@ def _shard_blocks(shape: tuple[int, ...], shards: tuple[int, ...]) -> list[tuple
 
 
 @settings(
-    max_examples=80,
+    max_examples=50,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(data=st.data())
+@pytest.mark.parametrize("zstd", [False, True], ids=["raw", "zstd"])
 def test_raw_inner_chunks_copied_as_rows_match_zarrs_pipeline(
-    data: st.DataObject, tmp_path: Path
+    data: st.DataObject, tmp_path: Path, zstd: bool
 ) -> None:
-    # Shards whose inner chunks are their values, read as a box (a basic selection of step 1):
-    # copied all at once, gathered by the index in whatever order they were written, cut at
-    # the box's edges, the missing ones filled. Anything else, one chunk at a time.
-    _, expected, store, rows = data.draw(raw_sharded_arrays(tmp_path))
+    # Shards whose inner chunks are their values (zstd: once decompressed, each frame straight
+    # into its row), read as a box (a basic selection of step 1): copied all at once, gathered
+    # by the index in whatever order they were written, cut at the box's edges, the missing
+    # ones filled. Anything else, one chunk at a time.
+    _, expected, store, rows = data.draw(raw_sharded_arrays(tmp_path, zstd))
     ours, theirs = opened(store, OURS), opened(store, ZARRS)
     with counting_box_copies() as copies:
         np.testing.assert_array_equal(ours[...], expected)
@@ -595,3 +601,64 @@ def test_a_shard_that_holds_no_chunk_reads_as_its_fill_value(tmp_path: Path, kin
     ours = opened(store, OURS)
     np.testing.assert_array_equal(ours[...], expected)
     np.testing.assert_array_equal(ours[3:7, 1:3], expected[3:7, 1:3])
+
+
+# ---------------------------------------------------------------- inner chunks that are zstd frames
+
+
+def _zstd_sharded(store: Any) -> tuple[zarr.Array[Any], np.ndarray]:
+    """Two shards of 4 x 4 inner chunks, each a zstd frame over a native ``bytes`` codec."""
+    codec = ShardingCodec(
+        chunk_shape=(2, 3),
+        codecs=[zarr.codecs.BytesCodec(), zarr.codecs.ZstdCodec(level=1)],
+    )
+    values = np.arange(16 * 12, dtype="f4").reshape(16, 12)
+    with pipeline(ZARRS):
+        array = zarr.create_array(
+            store,
+            shape=values.shape,
+            chunks=(8, 12),
+            serializer=codec,
+            compressors=None,
+            dtype="f4",
+        )
+        array[...] = values
+    return array, values
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_a_damaged_zstd_inner_chunk_raises_the_codecs_own_error(tmp_path: Path, kind: str) -> None:
+    # A frame libzstd refuses goes to the codec's own decode: the error is zarr's, not one of
+    # ours, and no values come back for it.
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    _zstd_sharded(store)
+    shard = sync(store.get("c/1/0", prototype=cpu.buffer_prototype))
+    assert shard is not None
+    data = bytearray(shard.to_bytes())
+    magic = b"\x28\xb5\x2f\xfd"
+    third = [m.start() for m in re.finditer(re.escape(magic), bytes(data))][2]
+    data[third : third + 4] = b"\0\0\0\0"  # no longer a zstd frame
+    sync(store.set("c/1/0", cpu.Buffer.from_bytes(bytes(data))))
+    with pytest.raises(RuntimeError, match=r"[Zz]std") as theirs:
+        opened(store, ZARRS)[...]
+    with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+        opened(store, OURS)[...]
+    np.testing.assert_array_equal(opened(store, OURS)[:8], np.arange(96, dtype="f4").reshape(8, 12))
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_zstd_inner_chunks_without_libzstd_at_hand_decode_one_by_one(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where libzstd is not to be had through ctypes (`_zstd.decompress_into` is None: Windows,
+    # the portable mode), each chunk goes through the codec's own decode, into the result.
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    _, values = _zstd_sharded(store)
+    with counting_box_copies() as copies:
+        np.testing.assert_array_equal(opened(store, OURS)[...], values)
+    assert copies[0] == 2
+    monkeypatch.setattr(_sharding, "decompress_into", None)
+    with counting_box_copies() as copies:
+        np.testing.assert_array_equal(opened(store, OURS)[...], values)
+        np.testing.assert_array_equal(opened(store, OURS)[3:13, 1:11], values[3:13, 1:11])
+    assert copies[0] == 0

@@ -59,6 +59,7 @@ on the event loop: its codecs are fixed-size (bytes, crc32c) and never suspend.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable
 from itertools import product
@@ -69,6 +70,7 @@ import anyio
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from zarr.abc.store import ByteGetter, ByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.codecs import ZstdCodec
 from zarr.codecs.sharding import ShardingCodec
 from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
@@ -94,6 +96,7 @@ from ._compat import index_at_start, inner_chunk_grid
 from ._memo import Memo
 from ._pipeline_codecs import SyncChain
 from ._pipeline_write import all_slices
+from ._zstd import decompress_into
 
 __all__ = ["IN_FLIGHT_BYTES", "MAX_GAP", "MAX_RANGE", "MIN_PART", "ShardedReader", "sharded_reader"]
 
@@ -110,6 +113,10 @@ IN_FLIGHT_BYTES = 256 << 20
 # split into parts of at least this many inner chunks: a hop costs about what decoding a few
 # small chunks does.
 MIN_PART = 16
+# A hop on a BlockingStore reads and decodes shards one after another up to this many bytes of
+# them (decoded), as `_pipeline`'s hops take chunks: a trip to the event loop a shard cost ≈0.25
+# ms of Python under the GIL, beside the threads' decoding.
+HOP_BYTES = 64 << 20
 
 # An index entry of a chunk the shard does not hold.
 _EMPTY = 2**64 - 1
@@ -232,6 +239,7 @@ class _Layout:
         "decompress",
         "dtype",
         "fill",
+        "frames",
         "index_dtype",
         "index_size",
         "index_spec",
@@ -260,6 +268,14 @@ class _Layout:
         )
         self.fill: Any = fill_value_or_default(self.chunk_spec)
         self.decompress = self.chain.decompressor() if self.dtype is not None else None
+        # Whether a chunk is one zstd frame over a native ``bytes`` codec, which libzstd can
+        # decompress straight into a row of a grid of chunks (`_Shard._as_frames`).
+        self.frames = (
+            decompress_into is not None
+            and self.dtype is not None
+            and len(self.chain.bb) == 1
+            and type(self.chain.bb[0]) is ZstdCodec
+        )
         self._boxes: Memo[Box, tuple[list[Any], list[bool]]] = Memo(64)
         self._plans: Memo[Box, _BoxPlan] = Memo(64)
 
@@ -416,6 +432,10 @@ class _Shard:
         # rows of one chunk each, and the row of each wanted chunk (-1: missing).
         self.rows: np.ndarray[Any, Any] | None = None
         self.slots: np.ndarray[Any, np.dtype[np.intp]] | None = None
+        # Or the zstd frames of every wanted chunk in one piece, each to be decompressed into
+        # its row of `rows` (`_as_frames`): the piece, and each chunk's (start, length) in it
+        # (``None``: missing).
+        self.frames: tuple[Bytes, list[tuple[int, int] | None]] | None = None
         self.ranges: list[tuple[int, int, list[tuple[int, int, Coords]]]] = []
         config = spec.config
         self.max_gap = int(getattr(config, "sharding_coalesce_max_gap_bytes", MAX_GAP))
@@ -539,7 +559,7 @@ class _Shard:
     def _keep(self, data: Bytes, low: int) -> None:
         """The wanted chunks, all present ones in ``data`` (which starts at byte ``low`` of the
         shard): as rows, if `_decode_box` can take them, else one by one."""
-        if self._as_rows(data, low):
+        if self._as_rows(data, low) or self._as_frames(data, low):
             return
         starts, stops = self.starts.tolist(), self.stops.tolist()
         wanted = self.wanted
@@ -570,6 +590,27 @@ class _Shard:
         rows = data[base : base + count * size].view(dtype)
         self.rows = rows.reshape(count, prod(layout.chunk_shape))
         self.slots = slots
+        return True
+
+    def _as_frames(self, data: Bytes, low: int) -> bool:
+        if (
+            self.box is None
+            or not self.layout.frames
+            or self.layout.dtype != self.read.out_array.dtype
+            or not data.flags.c_contiguous
+        ):
+            return False
+        starts = (self.starts - low).tolist()
+        lengths = (self.stops - self.starts).tolist()
+        self.frames = (
+            data,
+            [
+                (start, length) if present else None
+                for start, length, present in zip(
+                    starts, lengths, self.present.tolist(), strict=True
+                )
+            ],
+        )
         return True
 
     def _where(self) -> str:
@@ -608,7 +649,7 @@ class _Shard:
         per thread, of at least `MIN_PART` each."""
         if self.rows is not None:
             return [range(len(self.wanted))]
-        count = len(self.projections)
+        count = len(self.wanted) if self.frames is not None else len(self.projections)
         if not count:
             return [range(0)]
         threads = decode_threads()
@@ -622,7 +663,12 @@ class _Shard:
         self.buffer: np.ndarray[Any, Any] | None = None
         if self.target is None:
             self.buffer = self.target = np.empty(self.shape, dtype=self.read.out_array.dtype)
-        if self.rows is None:
+        if self.frames is not None:
+            # Every part decompresses its frames into its rows; `finish` copies the grid.
+            layout = self.layout
+            assert layout.dtype is not None
+            self.rows = np.empty((len(self.wanted), prod(layout.chunk_shape)), layout.dtype)
+        elif self.rows is None:
             self.projections  # noqa: B018 (made here, before threads share the shard)
 
     def _chunk_decoder(self) -> Callable[[Bytes], np.ndarray[Any, Any]]:
@@ -657,6 +703,9 @@ class _Shard:
         parts of one shard may run at once, in several threads."""
         target = self.target
         assert target is not None
+        if self.frames is not None:
+            self._decompress_rows(part, check_cancelled)
+            return
         if self.rows is not None:
             check_cancelled()
             self._decode_box(target)
@@ -685,17 +734,40 @@ class _Shard:
             else:
                 target[out_sel] = chunk[chunk_sel]
 
+    def _decompress_rows(self, part: range, check_cancelled: CheckCancelled) -> None:
+        """The frames of a part of the wanted chunks, each into its row (blocking); a missing
+        chunk's row filled. A frame libzstd does not decompress to exactly a chunk goes to the
+        codec's own decode: its result, or its error, is zarr's."""
+        rows, frames = self.rows, self.frames
+        assert rows is not None
+        assert frames is not None
+        assert decompress_into is not None
+        data, where = frames
+        size = self.layout.chunk_bytes
+        source, target = data.ctypes.data, rows.ctypes.data
+        decode: Callable[[Bytes], np.ndarray[Any, Any]] | None = None
+        for i in part:
+            if not i % MIN_PART:
+                check_cancelled()
+            spot = where[i]
+            if spot is None:
+                rows[i] = self.layout.fill
+            elif not decompress_into(target + i * size, size, source + spot[0], spot[1]):
+                decode = decode or self._chunk_decoder()
+                rows[i] = decode(data[spot[0] : spot[0] + spot[1]]).reshape(-1)
+
     def _decode_box(self, target: np.ndarray[Any, Any]) -> None:
-        """Every wanted chunk (their bytes are their values, all in one piece, in rows of one
-        chunk) into ``target`` at once: gathered into a grid of chunks in order, then copied
-        to the box with the grid's and the chunks' axes interleaved. A few numpy calls a shard
-        where chunk by chunk took a few a chunk."""
+        """Every wanted chunk (their values in rows of one chunk: the shard's own bytes, or
+        frames decompressed) into ``target`` at once: gathered into a grid of chunks in order
+        (unless the rows are one, `slots` ``None``), then copied to the box with the grid's and
+        the chunks' axes interleaved. A few numpy calls a shard where chunk by chunk took a few
+        a chunk."""
         layout = self.layout
         rows, slots = self.rows, self.slots
         assert rows is not None
-        assert slots is not None
-        present = slots >= 0
-        if present.all():
+        if slots is None:
+            grid = rows
+        elif (present := slots >= 0).all():
             grid = np.take(rows, slots, axis=0)
         elif len(rows):
             grid = np.take(rows, np.where(present, slots, 0), axis=0)
@@ -737,7 +809,9 @@ class _Shard:
     def finish(self) -> None:
         """The buffer of the selection, if there is one, into the result; the bytes dropped."""
         self.chunks = {}
-        self.rows = self.slots = None
+        if self.frames is not None and self.target is not None:
+            self._decode_box(self.target)
+        self.rows = self.slots = self.frames = None
         if self.buffer is not None:
             result = self.buffer.reshape(self.sel_shape)
             if self.read.drop_axes:
@@ -780,32 +854,35 @@ class _ShardedRead:
         await store._ensure_open()
         limiter = store.limiter
         positions = iter(range(len(self.batch)))
+        taking = threading.Lock()
+        taken = [False]  # every shard taken
 
-        def work(
-            position: int, check_cancelled: CheckCancelled, io_done: Callable[[], None]
+        def next_position() -> int | None:
+            with taking:
+                position = next(positions, None)
+                taken[0] = position is None
+                return position
+
+        def one(
+            position: int, check_cancelled: CheckCancelled
         ) -> tuple[_Shard, list[range]] | None:
             """Read a shard and decode it; or, if it is to be decoded in parts, give them."""
             shard = _Shard(self, position)
             key = key_of(self.batch[position][0])
-            try:
+            check_cancelled()
+            first = store._read_blocking(key, shard.first_request())
+            if not first:  # no shard (zarr 3.1 takes an empty one for none too)
+                shard.missing()
+                return None
+            answers: list[Bytes] = []
+            for low, high in shard.first_answer(_as_array(first)):
                 check_cancelled()
-                first = store._read_blocking(key, shard.first_request())
-                if not first:  # no shard (zarr 3.1 takes an empty one for none too)
-                    io_done()
+                data = store._read_blocking(key, RangeByteRequest(low, high))
+                if data is None:  # deleted since its index was read
                     shard.missing()
                     return None
-                answers: list[Bytes] = []
-                for low, high in shard.first_answer(_as_array(first)):
-                    check_cancelled()
-                    data = store._read_blocking(key, RangeByteRequest(low, high))
-                    if data is None:  # deleted since its index was read
-                        io_done()
-                        shard.missing()
-                        return None
-                    answers.append(_as_array(data))
-                shard.range_answers(answers)
-            finally:
-                io_done()
+                answers.append(_as_array(data))
+            shard.range_answers(answers)
             shard.prepare()
             parts = shard.parts(len(self.batch))
             if len(parts) > 1:
@@ -814,16 +891,32 @@ class _ShardedRead:
             shard.finish()
             return None
 
+        def work(
+            check_cancelled: CheckCancelled, io_done: Callable[[], None]
+        ) -> tuple[_Shard, list[range]] | None:
+            """Shards one after the other, each taken when the last is done, until there are
+            none left or the hop has decoded `HOP_BYTES`: the hoppers share them out
+            among themselves without a trip to the event loop per shard (≈0.25 ms of the
+            loops' Python each, under the GIL the decoding threads want too). The hop holds its
+            token throughout, as a batch of chunks does (`_pipeline._Read._hop`)."""
+            decoded = 0
+            try:
+                while decoded < HOP_BYTES and (position := next_position()) is not None:
+                    left = one(position, check_cancelled)
+                    if left is not None:
+                        return left
+                    decoded += decoded_bytes(self.batch[position][1])
+            finally:
+                io_done()
+            return None
+
         # A shard's other parts, when there are too few shards for the threads, are decoded in
         # hops of their own, beside the hoppers'.
         decoding = anyio.CapacityLimiter(decode_threads())
 
         async def hopper() -> None:
-            for position in positions:  # shared: each hopper takes the next shard
-                left = await hop_with_token(
-                    limiter,
-                    lambda check, done: work(position, check, done),  # noqa: B023
-                )
+            while not taken[0]:
+                left = await hop_with_token(limiter, work)
                 if left is not None:
                     await left[0].decode_in_parts(left[1], decoding)
 
