@@ -183,6 +183,7 @@ class CountingDisk(zarr_anyio.LocalStore):
         self.delay = 0.0
         self.reads: list[tuple[str, ByteRequest | None]] = []
         self.running = 0
+        self.most = 0  # the most reads ever running at once
         self.lock = threading.Lock()
 
     def _read_blocking(self, key: str, byte_range: ByteRequest | None) -> Any:
@@ -191,6 +192,7 @@ class CountingDisk(zarr_anyio.LocalStore):
         with self.lock:
             self.reads.append((key, byte_range))
             self.running += 1
+            self.most = max(self.most, self.running)
         try:
             time.sleep(self.delay)
             return super()._read_blocking(key, byte_range)
@@ -260,6 +262,40 @@ async def test_a_shard_costs_one_hop_and_two_reads_on_a_local_store(tmp_path: Pa
     store.reads.clear()
     np.testing.assert_array_equal(await arr.getitem(slice(None)), _expected())
     assert sorted(store.reads, key=str) == [(f"c/{i}", None) for i in range(4)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tokens", [1, 4])
+async def test_a_hop_on_a_local_store_takes_shard_after_shard(
+    tmp_path: Path, tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hops share the shards out among themselves in their threads, each taking the next
+    # when it is done with one, up to `HOP_BYTES` of them a hop: a trip to the loop per hop,
+    # not per shard. Every shard is read once, and no more reads run at once than the store
+    # has tokens.
+    store = CountingDisk(tmp_path / "a", max_concurrency=tokens)
+    arr = await za.create_array(
+        store, shape=(64 * 16,), chunks=(4,), shards=(16,), dtype="i4", compressors=None
+    )
+    await arr.setitem(slice(None), np.arange(64 * 16))
+    hops = [0]
+    original = _sharding.hop_with_token
+
+    async def counted(*args: Any) -> Any:
+        hops[0] += 1
+        return await original(*args)
+
+    monkeypatch.setattr(_sharding, "hop_with_token", counted)
+    keys = sorted(f"c/{i}" for i in range(64))
+    for hop_bytes, fewest, most in [(None, 1, 2), (3 * 64, 22, 24)]:  # a shard: 64 bytes
+        if hop_bytes is not None:
+            monkeypatch.setattr(_sharding, "HOP_BYTES", hop_bytes)
+        store.reads.clear()
+        hops[0] = store.most = 0
+        np.testing.assert_array_equal(await arr.getitem(...), np.arange(64 * 16))
+        assert sorted(key for key, _ in store.reads) == keys
+        assert fewest <= hops[0] <= (most if tokens > 1 else fewest + 1)
+        assert store.most <= tokens
 
 
 @pytest.mark.anyio
