@@ -279,7 +279,7 @@ async def test_a_hop_on_a_local_store_takes_shard_after_shard(
     )
     await arr.setitem(slice(None), np.arange(64 * 16))
     hops = [0]
-    original = _sharding.hop_with_token
+    original = _sharding.hop_with_token  # type: ignore[attr-defined]
 
     async def counted(*args: Any) -> Any:
         hops[0] += 1
