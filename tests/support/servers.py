@@ -460,10 +460,20 @@ class CountingProxy:
                         self.rfile.readline()
                     self.rfile.readline()
                     return b"".join(parts)
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                if len(body) < length:
+                    # The client went away mid-body (a killed copy): S3 would never take the
+                    # request, so it is not passed on cut short either.
+                    raise ConnectionError(f"{len(body)} of {length} bytes of a request's body")
+                return body
 
             def _forward(self) -> None:
-                body = self._body()
+                try:
+                    body = self._body()
+                except (ConnectionError, ValueError):  # ValueError: a chunked body cut short
+                    self.close_connection = True
+                    return
                 with proxy._lock:
                     proxy.log.append((self.command, self.path))
                     proxy.in_flight += 1
