@@ -16,8 +16,8 @@ can: HTTP/1.1 with keep-alive on a bare ``asyncio.Protocol`` (uvloop's loop wher
 every answer's head made once, each answer written by a timer (``loop.call_at``) ``delay``
 seconds after its request arrived, in the order the requests came on its connection. Measured
 against aiohttp's web server, which it replaced, serving 2,000 chunks of 64 KiB at 64 in flight:
-≈100-120 µs of CPU a request there, ≈30-40 here (≈10 of it the kernel's); one request alone
-takes 20.3 ms where aiohttp's took 21.5 (docs/pipeline.md, "Remote").
+≈100-120 µs of CPU a request there, ≈30-40 here (≈10 of it the kernel's); a request alone on a
+new connection takes 21.1-21.3 ms where aiohttp's took 21.5 (docs/pipeline.md, "Remote").
 """
 
 from __future__ import annotations
