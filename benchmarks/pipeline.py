@@ -18,6 +18,8 @@ Workloads (reads; the local ones from a folder hot in the page cache):
 
 Readers, each run in every round, rounds interleaved in a new order each time:
 
+* remote only: aiohttp alone and obstore alone (the same GETs, ``window`` at a time, nothing
+  else done with them): what the server gives a client that does nothing else, through either.
 * zarr: zarr's sync ``arr[sel]``, its `BatchedCodecPipeline`, its LocalStore (remote: its
   FsspecStore over HTTP; also its ObjectStore over obstore's HTTPStore).
 * ours (sync API): zarr's sync ``arr[sel]`` with ``codec_pipeline.path`` set to ours, on a
@@ -50,7 +52,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,7 @@ ZARRS = "zarrs.ZarrsCodecPipeline"
 MIB = 1 << 20
 LATENCY = 0.02
 BARE = "aiohttp alone (no zarr)"
+OBSTORE_ALONE = "obstore alone (no zarr)"
 
 # Optional readers, not in any extra (pip install zarrs tensorstore): imported by name, so that
 # the type check is the same whether or not they are installed.
@@ -270,7 +273,8 @@ def remote_runs(
         "ObjectStore": lambda: zarr.storage.ObjectStore(http_store(), read_only=True),
     }
     runs: dict[str, Callable[[], float]] = {
-        BARE: lambda: loop.run(bare_gets(url, work.count, window))
+        BARE: lambda: loop.run(bare_gets(url, work.count, window)),
+        OBSTORE_ALONE: lambda: loop.run(obstore_gets(http_store(), work.count, window)),
     }
     for kind in ("FsspecStore", "ObjectStore"):
         zarr_name = "zarr" if kind == "FsspecStore" else f"zarr, {kind}"
@@ -299,6 +303,23 @@ def remote_runs(
     return runs
 
 
+async def obstore_gets(store: Any, count: int, window: int) -> float:
+    """Seconds for ``count`` GETs of the chunks through obstore's async API (``get_async``,
+    then ``bytes_async``: what an ObjectStore makes of each), ``window`` at a time: the most a
+    reader on obstore can get from this server on this machine."""
+    import obstore
+
+    numbers = iter(range(count))
+
+    async def worker() -> None:
+        for number in numbers:
+            await (await obstore.get_async(store, f"c/{number}")).bytes_async()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(window)))
+    return time.perf_counter() - start
+
+
 async def bare_gets(url: str, count: int, window: int) -> float:
     """Seconds for ``count`` GETs of the chunks, ``window`` at a time, on one aiohttp session:
     what the server gives a client that does nothing else (on 2 shared cores the server's own
@@ -325,6 +346,8 @@ class Measured:
     walls: dict[str, float]  # medians, seconds
     window: int = 0
     alone: float = 0.0  # seconds one request takes with nothing else in flight
+    fastest: dict[str, float] = field(default_factory=dict)  # each reader's least, seconds
+    slowest: dict[str, float] = field(default_factory=dict)  # and most
 
 
 def bench_read(
@@ -365,7 +388,9 @@ def bench_read(
     walls = {name: statistics.median(got) for name, got in results.items()}
     if not work.remote:
         return Measured(work, ratios(results, "zarr"), walls)
-    return Measured(work, ratios(results, "zarr"), walls, window, alone)
+    fastest = {name: min(got) for name, got in results.items()}
+    slowest = {name: max(got) for name, got in results.items()}
+    return Measured(work, ratios(results, "zarr"), walls, window, alone, fastest, slowest)
 
 
 def report(measured: Measured, repeat: int) -> list[str]:
@@ -426,8 +451,8 @@ def markdown(chosen: list[Measured]) -> list[str]:
 
 
 def markdown_remote(m: Measured) -> list[str]:
-    """A row per reader: its ratio to zarr, its rate as a share of the window and of what
-    aiohttp alone got from the same server."""
+    """A row per reader: its ratio to zarr, its rate as a share of the window (median, and
+    its slowest and fastest round) and of what aiohttp alone got from the same server."""
     ideal = m.window / LATENCY
     lines = [
         f"| reader ({m.work.count} chunks, window {m.window}) | / zarr | of the window "
@@ -436,9 +461,11 @@ def markdown_remote(m: Measured) -> list[str]:
     ]
     for name, wall in m.walls.items():
         low, middle, high = m.ratios[name]
+        share = m.work.count / ideal  # seconds at the window's pace
         lines.append(
-            f"| {name} | {middle:.2f} ({low:.2f}-{high:.2f}) | "
-            f"{m.work.count / wall / ideal:.0%} | {m.walls[BARE] / wall:.0%} |"
+            f"| {name} | {middle:.2f} ({low:.2f}-{high:.2f}) | {share / wall:.0%} "
+            f"({share / m.slowest[name]:.0%}-{share / m.fastest[name]:.0%}) | "
+            f"{m.walls[BARE] / wall:.0%} |"
         )
     return lines
 

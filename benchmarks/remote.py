@@ -17,9 +17,9 @@
 4. Throttling servers (``throttling.py``): a rate limit, a concurrency limit, an unthrottled
    200 ms server; the adaptive window against fixed ones and zarr's stores.
 
-moto's server and the latency-bound server (`slow_http.py`, on aiohttp) run in processes of
-their own. On a 2-core machine the servers still share the CPU with
-the client at high concurrency: read the ratios.
+moto's server and the latency-bound server (`slow_http.py`, a bare asyncio protocol) run in
+processes of their own. On a 2-core machine the servers still share the CPU with the client at
+high concurrency: read the ratios.
 """
 
 from __future__ import annotations

@@ -33,15 +33,17 @@ class _Taken:
 
 @pytest.fixture
 def taken(monkeypatch: pytest.MonkeyPatch) -> _Taken:
-    """How many reads went the fast way (each is one `_read_keys` of the pipeline)."""
+    """How many reads went the fast way (each is one `_read_keys` of the pipeline, or one
+    `_read_remote_keys` for a store that is no BlockingStore)."""
     seen = _Taken()
-    real = AnyioCodecPipeline._read_keys
+    for name in ("_read_keys", "_read_remote_keys"):
+        real = getattr(AnyioCodecPipeline, name)
 
-    async def counted(self: AnyioCodecPipeline, *args: Any) -> None:
-        seen.count += 1
-        await real(self, *args)
+        async def counted(self: AnyioCodecPipeline, *args: Any, real: Any = real) -> None:
+            seen.count += 1
+            await real(self, *args)
 
-    monkeypatch.setattr(AnyioCodecPipeline, "_read_keys", counted)
+        monkeypatch.setattr(AnyioCodecPipeline, name, counted)
     return seen
 
 
@@ -83,22 +85,16 @@ def test_slices_read_as_zarr_reads_them(
     assert got.flags.f_contiguous == theirs.flags.f_contiguous
 
 
-@pytest.mark.parametrize("kind", ["local", "zip"])
-@pytest.mark.parametrize("zarr_format", [2, 3])
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_it_is_taken_for_a_blocking_store_and_fills_missing_chunks(
-    tmp_path: Path, kind: str, zarr_format: int, backend: str, taken: _Taken
+def _reads_each_fast_with_missing_chunks(
+    store: Any, path: str, zarr_format: int, backend: str, taken: _Taken
 ) -> None:
-    store: Any = (
-        zarr_anyio.LocalStore(tmp_path / "a")
-        if kind == "local"
-        else zarr_anyio.ZipStore(tmp_path / "a.zip", mode="a")
-    )
+    """An array at ``path`` with its last chunks missing reads as zarr's does, each region of
+    slices the fast way."""
     values = np.arange(30 * 20, dtype="i4").reshape(30, 20)
     with pipeline(ZARRS):
         array = zarr.create_array(
             store,
-            name="in/a/group",
+            name=path,
             shape=(30, 20),
             chunks=(7, 6),
             dtype="i4",
@@ -111,9 +107,23 @@ def test_it_is_taken_for_a_blocking_store_and_fills_missing_chunks(
     selections: list[Any] = [(slice(None),), (slice(3, 25, 2), slice(None, None, 3)), Ellipsis]
     for selection in selections:
         taken.count = 0
-        got = _read(store, "in/a/group", selection, backend)
+        got = _read(store, path, selection, backend)
         np.testing.assert_array_equal(got, expected[selection])
         assert taken.count == 1
+
+
+@pytest.mark.parametrize("kind", ["local", "zip"])
+@pytest.mark.parametrize("zarr_format", [2, 3])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_it_is_taken_for_a_blocking_store_and_fills_missing_chunks(
+    tmp_path: Path, kind: str, zarr_format: int, backend: str, taken: _Taken
+) -> None:
+    store: Any = (
+        zarr_anyio.LocalStore(tmp_path / "a")
+        if kind == "local"
+        else zarr_anyio.ZipStore(tmp_path / "a.zip", mode="a")
+    )
+    _reads_each_fast_with_missing_chunks(store, "in/a/group", zarr_format, backend, taken)
     if kind == "zip":
         store.close()
 
@@ -143,12 +153,12 @@ def test_other_selections_go_zarrs_way(
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_stores_without_blocking_reads_and_sharded_arrays_go_zarrs_way(
+def test_sharded_arrays_and_zarrs_stores_go_zarrs_way(
     tmp_path: Path, backend: str, taken: _Taken
 ) -> None:
     values = np.arange(32 * 32, dtype="u2").reshape(32, 32)
     for store, shards in [
-        (zarr_anyio.MemoryStore(), None),
+        (zarr.storage.MemoryStore(), None),
         (zarr_anyio.LocalStore(tmp_path / "sharded"), (16, 16)),
     ]:
         with pipeline(ZARRS):
@@ -157,6 +167,31 @@ def test_stores_without_blocking_reads_and_sharded_arrays_go_zarrs_way(
             ] = values
         np.testing.assert_array_equal(_read(store, "", slice(None), backend), values)
     assert taken.count == 0
+
+
+def _other_stores(tmp_path: Path, limiter: Any = None) -> dict[str, Any]:
+    """zarr_anyio stores that are no BlockingStore: in memory, fsspec's (memory, a sync file
+    system), obstore's (its async API: awaited on the bridge's loop under trio)."""
+    from obstore.store import MemoryStore as ObstoreMemory
+
+    bound: dict[str, Any] = {} if limiter is None else {"limiter": limiter}
+    return {
+        "memory": zarr_anyio.MemoryStore(**bound),
+        "fsspec": zarr_anyio.FsspecStore.from_url(
+            f"memory://{tmp_path.name}/fast", adaptive=False, **bound
+        ),
+        "obstore": zarr_anyio.ObjectStore(ObstoreMemory(), adaptive=False, **bound),
+    }
+
+
+@pytest.mark.parametrize("kind", ["memory", "fsspec", "obstore"])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_it_is_taken_for_other_zarr_anyio_stores_and_fills_missing_chunks(
+    tmp_path: Path, kind: str, backend: str, taken: _Taken
+) -> None:
+    # Their chunks are fetched by the pipeline's tasks, on the loop the store's requests are
+    # made on: under trio, the bridge's asyncio loop (obstore's futures are asyncio's).
+    _reads_each_fast_with_missing_chunks(_other_stores(tmp_path)[kind], "", 3, backend, taken)
 
 
 @pytest.mark.parametrize("dtype", ["f8", "i4", "f4"])
@@ -203,4 +238,28 @@ def test_a_one_loop_limiter_is_taken_on_the_loop_zarrs_path_runs_on(
     np.testing.assert_array_equal(region, values[3:37])
     np.testing.assert_array_equal(row, values[5])
     assert taken.count == (1 if backend == "asyncio" else 0)
+    assert limiter.borrowed_tokens == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", "fsspec", "obstore"])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_one_loop_limiter_of_another_store_is_taken_where_zarrs_path_takes_it(
+    tmp_path: Path, kind: str, backend: str, taken: _Taken
+) -> None:
+    # The fast path of a store that is no BlockingStore reads on the caller's loop under
+    # asyncio and on the bridge's under trio, where zarr's path takes the limiter too.
+    limiter = anyio.CapacityLimiter(2)
+    store = _other_stores(tmp_path, limiter)[kind]
+    values = np.arange(40 * 30, dtype="f4").reshape(40, 30)
+    with pipeline(ZARRS):
+        zarr.create_array(store, shape=(40, 30), chunks=(8, 7), dtype="f4")[:] = values
+
+    async def read() -> Any:
+        with zarr.config.set({"codec_pipeline.path": OURS}):
+            arr = await za.open_array(store=store, mode="r")
+        return await arr.getitem((slice(3, 37), slice(None)))
+
+    taken.count = 0
+    np.testing.assert_array_equal(anyio.run(read, backend=backend), values[3:37])
+    assert taken.count == 1
     assert limiter.borrowed_tokens == 0

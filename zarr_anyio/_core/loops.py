@@ -17,10 +17,11 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
+import sniffio
 
 from .fork import reset_in_child
 
-__all__ = ["LoopLocal", "current_loop_key", "wait_out", "waker"]
+__all__ = ["LoopLocal", "current_loop_key", "running_asyncio_loop", "wait_out", "waker"]
 
 T = TypeVar("T")
 
@@ -30,6 +31,17 @@ def current_loop_key() -> Any:
     token = anyio.lowlevel.current_token()
     # anyio >= 4.11 wraps the native token; older releases return it bare.
     return getattr(token, "native_token", token)
+
+
+def running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop if the caller is an asyncio task, else ``None`` (trio, in guest
+    mode too): what `current_loop_key` tells apart, without anyio's and sniffio's look-ups
+    when no other library has said it runs (≈0.3 µs a call against ≈2.5), for the paths taken
+    once a request."""
+    if sniffio.thread_local.name is None and sniffio.current_async_library_cvar.get() is None:
+        return asyncio._get_running_loop()
+    key = current_loop_key()
+    return key if isinstance(key, asyncio.AbstractEventLoop) else None
 
 
 def waker(caller: Any) -> Callable[[Callable[[], object]], None]:

@@ -14,16 +14,23 @@ The common case, else zarr's path, unchanged: a selection of slices alone (zarr'
 the CPU buffer prototype, a regular chunk grid, our pipeline on a chain without sharding, a
 `BlockingStore` (LocalStore, ZipStore) whose limiter can be taken on the caller's loop (not a
 one-loop anyio limiter under trio, where zarr's path runs on the bridge's asyncio loop), a
-non-empty result, and zarr's default of reading missing chunks as the fill value. What it gives
-is what zarr's ``_get_selection`` gives: the result array in the array's memory order, the fill
-value where a chunk is missing.
+non-empty result, and zarr's default of reading missing chunks as the fill value. What it
+gives is what zarr's ``_get_selection`` gives: the result array in the array's memory order, the
+fill value where a chunk is missing.
+
+Any other zarr_anyio store (a remote one) takes this path too: its chunks are fetched by the
+pipeline's fetching tasks on the loop its requests are made on (an fsspec filesystem's; else
+the caller's under asyncio, the bridge's under trio, where obstore's futures can be awaited):
+one hop for the read, not one a request. zarr's items held the first request back by their
+Python: ≈15 ms for 2,000 chunks (zarr 3.1 and 3.4 alike), 2.4% of such a read at 64 requests in
+flight and 20 ms a request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from math import prod
 from typing import Any
@@ -33,9 +40,10 @@ from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import BufferPrototype, default_buffer_prototype
 from zarr.core.indexing import BasicIndexer, OrthogonalIndexer, SliceDimIndexer
 
+from zarr_anyio._core.bridge import bridge_loop, run_on_loop
 from zarr_anyio._core.limit import OneLoopLimiter
 from zarr_anyio._core.loops import current_loop_key
-from zarr_anyio.storage import BlockingStore
+from zarr_anyio.storage import AnyioStore, BlockingStore
 
 from ._compat import chunk_grid
 from ._pipeline import AnyioCodecPipeline
@@ -65,13 +73,22 @@ def fast_read(
     if type(pipeline) is not AnyioCodecPipeline or pipeline._chain is None:
         return None
     store = array.store_path.store
-    if not isinstance(store, BlockingStore):
+    if not isinstance(store, AnyioStore):
         return None
-    # A caller's anyio.CapacityLimiter works in one loop only. Under trio, zarr's path (and so
-    # the array's metadata reads and every other call on the store) runs on the bridge's asyncio
-    # loop: reading here, on trio's, would take it from a second loop (a RuntimeError).
-    if isinstance(store.limiter, OneLoopLimiter) and not isinstance(
-        current_loop_key(), asyncio.AbstractEventLoop
+    caller = current_loop_key()
+    on_asyncio = isinstance(caller, asyncio.AbstractEventLoop)
+    # Where the chunks are fetched: a BlockingStore's on the caller's loop (its reads are hops
+    # to threads); another store's on the loop its requests are made on (an fsspec
+    # filesystem's), else on the caller's under asyncio and the bridge's under trio (obstore's
+    # futures are asyncio's): one hop for the read, not one a request.
+    home = None if isinstance(store, BlockingStore) else store._requests_loop()
+    if home is None and not on_asyncio and not isinstance(store, BlockingStore):
+        home = bridge_loop()
+    # A caller's anyio.CapacityLimiter works in one loop only: the one zarr's path takes it
+    # from (the caller's under asyncio, the bridge's under trio, as the array's metadata reads
+    # did). Reading on another would take it from a second loop (a RuntimeError).
+    if isinstance(store.limiter, OneLoopLimiter) and (home or caller) is not (
+        caller if on_asyncio else bridge_loop()
     ):
         return None
     grid = chunk_grid(array)
@@ -82,7 +99,12 @@ def fast_read(
         return None
 
     async def read() -> Any:
-        return await _read(array, pipeline, store, indexer, tuple(grid.chunk_shape), config)
+        def make() -> Coroutine[Any, Any, Any]:
+            return _read(array, pipeline, store, indexer, tuple(grid.chunk_shape), config)
+
+        if home is not None and home is not caller:
+            return await run_on_loop(make, home)
+        return await make()
 
     return read
 
@@ -90,7 +112,7 @@ def fast_read(
 async def _read(
     array: zarr.AsyncArray[Any],
     pipeline: AnyioCodecPipeline,
-    store: BlockingStore,
+    store: AnyioStore,
     indexer: Any,
     chunk_shape: tuple[int, ...],
     config: Any,
@@ -128,5 +150,8 @@ async def _read(
         for combo in itertools.product(*per_dim):
             coords, chunk_sel, out_sel, complete = zip(*combo, strict=True)
             items.append((prefix + encode(coords), spec, chunk_sel, out_sel, all(complete)))
-    await pipeline._read_keys(store, items, out)
+    if isinstance(store, BlockingStore):
+        await pipeline._read_keys(store, items, out)
+    else:
+        await pipeline._read_remote_keys(store, items, out)
     return out.as_ndarray_like()

@@ -14,6 +14,7 @@ store, calls that skip key validation, the read-only check and opening.
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 from collections.abc import (
     AsyncGenerator,
@@ -357,6 +358,12 @@ class AnyioStore(Store, abc.ABC):
     def _read_parallelism(self) -> int:
         """How many steps of a bulk read run at once; every token unless the backend knows."""
         return self._limit.total_tokens
+
+    def _requests_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The asyncio loop every request of this store is made on, if it has one (a caller
+        on another loop hops to it and back for each request): a caller with many requests
+        to make can run them all there, one hop for the lot. ``None``: made on the caller's."""
+        return None
 
     async def _backend_get_batch(
         self, requests: list[tuple[str, ByteRequest | None]], prototype: BufferPrototype

@@ -30,7 +30,7 @@ import anyio
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
-from zarr_anyio._core.bridge import run_blocking, run_on_loop
+from zarr_anyio._core.bridge import bridge_loop, run_blocking, run_on_loop
 from zarr_anyio._core.extras import require_for_url
 from zarr_anyio._core.fork import at_fork_in_child, keep_inherited
 from zarr_anyio._core.threads import run_in_worker
@@ -335,6 +335,12 @@ class FsspecStore(RemoteStore):
         asynchronous = getattr(fs, "asynchronous", False)
         loop: asyncio.AbstractEventLoop | None = None if asynchronous else fs.loop
         return loop
+
+    def _requests_loop(self) -> asyncio.AbstractEventLoop | None:
+        # An async filesystem's requests are made on its loop: its own, or the bridge's.
+        if not self._filesystem().async_impl:
+            return None
+        return self._loop() or bridge_loop()
 
     async def _fs(self, method: str, *args: Any, _sent: int = 0, **kwargs: Any) -> Any:
         """Call ``fs.<method>`` (or its coroutine ``fs._<method>``) as one request (that sends

@@ -11,7 +11,6 @@ bridge against 190-250 µs in threads; 1 MiB objects 538 and 578 µs against ~1,
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import errno
@@ -39,7 +38,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 
 from zarr_anyio._core.bridge import run_on_loop
 from zarr_anyio._core.fork import at_fork_in_child
-from zarr_anyio._core.loops import current_loop_key
+from zarr_anyio._core.loops import running_asyncio_loop
 from zarr_anyio._core.threads import run_in_worker
 
 from . import _live
@@ -296,7 +295,7 @@ class ObjectStore(RemoteStore):
         """One obstore request (``make()`` awaits its async API), as one `_request` (as one
         `_request_once`, never retried, if not ``retried``; without a timeout if ``patient``)."""
         _check_runtime()
-        call = make if isinstance(current_loop_key(), asyncio.AbstractEventLoop) else None
+        call = make if running_asyncio_loop() is not None else None
 
         def start() -> Awaitable[T]:
             return call() if call is not None else run_on_loop(make)
