@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import Any
 
 import pytest
 
@@ -183,13 +184,18 @@ DROP = ((2.0, 100.0), (4.0, 300.0))
 
 
 def against(
-    window: AdaptiveLimiter, limits: Limits, seconds: float, latency: float = 0.02
+    window: AdaptiveLimiter,
+    limits: Limits,
+    seconds: float,
+    latency: float = 0.02,
+    start: float = 0.0,
 ) -> list[tuple[float, bool]]:
     """The limiter in front of a server of ``limits`` (the benchmarks' and the loopback
-    servers' own policy) for ``seconds`` of a clock stepped by the millisecond, with always a
-    request to send: each holds a token from its booking to its answer, waits its turn under
-    the pace, and is admitted (answered ``latency`` later) or refused (at once). Gives the
-    server's answers, (when, admitted)."""
+    servers' own policy) for ``seconds`` of a clock stepped by the millisecond from ``start``
+    (a fixed window resets on the clock's whole seconds), with always a request to send: each
+    holds a token from its booking to its answer, waits its turn under the pace, and is
+    admitted (answered ``latency`` later) or refused (at once). Gives the server's answers,
+    (when, admitted)."""
     admission = Admission()
     booked: list[float] = []  # when each booked request goes out
     # (when answered, admitted, when sent, epoch, in flight)
@@ -197,7 +203,7 @@ def against(
     answers: list[tuple[float, bool]] = []
     held = 0
     for tick in range(1, round(seconds * 1000) + 1):
-        now = tick / 1000
+        now = start + tick / 1000
         while answering and answering[0][0] <= now:
             when, admitted, sent, epoch, in_flight = heapq.heappop(answering)
             outcome = Outcome.ANSWERED if admitted else Outcome.THROTTLED
@@ -249,6 +255,82 @@ def test_the_pace_returns_fast_to_the_rate_that_held_before_a_drop() -> None:
     assert back >= 0.85 * 300 * 2.5
     # Quickly back, and no hammering: the return is refused rarely once the rate has held.
     assert refused_between(answers, 4.5, 7.0) <= 0.05 * back
+
+
+@pytest.mark.parametrize("start", [0.0, 0.8, 0.9])
+def test_a_fixed_window_is_not_taken_for_more_than_its_count(start: float) -> None:
+    # The benchmarks' fixed window: 300 requests in each second of the clock, refused at once
+    # beyond. A second of answers that holds two of its counts (slow start's burst across a
+    # reset, late in a second) measured 450-650 a second, and a pace probing upward, stepped
+    # down at each refusal, ratcheted the rate that held up a tenth a second; each return went
+    # back there, and each second's count was spent early (started at 0.8 s: 323 refused in
+    # the 4 s after the first two, the pace up to 635; now about a hundred, at most 444, as
+    # for a read that starts early in a second).
+    window = AdaptiveLimiter(128, initial=32)
+    paces: list[float] = []
+    record = window.record
+
+    def noting(*args: Any, **kwargs: Any) -> None:
+        record(*args, **kwargs)
+        if window.pace is not None and kwargs["now"] > start + 2:
+            paces.append(window.pace)
+
+    window.record = noting  # type: ignore[method-assign]
+    answers = against(window, Limits(window=300, window_kind="fixed"), 6.0, start=start)
+    admitted = admitted_between(answers, start + 2, start + 6)
+    assert admitted >= 0.95 * 1200
+    assert refused_between(answers, start + 2, start + 6) <= 0.1 * admitted
+    assert max(paces) < 1.6 * 300
+
+
+def drop_to_100(window: AdaptiveLimiter) -> float:
+    """A second at 300 requests/s and a throttle, a second at 100 and refusals close
+    together, answers between, that take the pace to it; gives the time of the last."""
+    now = answer_a_second(window, 0.0, 300, 0.02)
+    throttle(window, now)
+    now = answer_a_second(window, now, 100, 0.02)
+    for _ in range(3):
+        throttle(window, now)
+        now += 0.01
+        window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=now)
+        now += 0.01
+    assert window.pace == pytest.approx(100, rel=0.05)
+    return now
+
+
+def test_refusals_soon_after_a_return_do_not_take_the_pace_to_the_lagging_second() -> None:
+    # Back at the rate that held (300 requests/s), refusals with answers between (a token
+    # bucket whose burst the return spent) each set the pace to the last second's rate, which
+    # still counts the low rate before the return: 156 a second here, held for a third of a
+    # second until the next return (the drop server's reads lost 0.1-0.3 s there). For a
+    # second after a return began, the rate is what was answered since it began.
+    window = AdaptiveLimiter(128, initial=32)
+    now = drop_to_100(window)
+    now = answer_at_pace(window, now, RETURN_AFTER + RETURN_TIME + 0.05, 0.02)
+    assert window.pace == pytest.approx(300, rel=0.1)
+    for _ in range(3):
+        throttle(window, now)
+        now += 0.005
+        window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=now)
+        now += 0.005
+    assert window.pace is not None
+    assert window.pace > 0.8 * 300
+
+
+def test_the_first_refused_return_waits_longer_and_aims_as_high() -> None:
+    # A server that lowers its limit for two seconds refuses the return made once the pace has
+    # come down to the low rate; the next return waits twice as long, and still aims at the
+    # rate that held (a step lower, 270, left the pace short of 300 once the server came back;
+    # later refused returns still aim lower: the next test).
+    window = AdaptiveLimiter(128, initial=32)
+    now = drop_to_100(window)
+    now = answer_at_pace(window, now, RETURN_AFTER + 0.05, 0.02)
+    assert window.pace is not None
+    assert window.pace > 150  # on the way back
+    throttle(window, now)
+    now = answer_at_pace(window, now + 0.01, 2 * RETURN_AFTER + RETURN_TIME + 0.05, 0.02)
+    assert window.pace is not None
+    assert window.pace >= 300
 
 
 def test_a_limit_that_dropped_for_good_is_forgotten_in_a_few_returns() -> None:
