@@ -35,10 +35,12 @@ __all__ = [
     "get_status",
     "hop_with_token",
     "key_of",
+    "store_of",
     "zarr_merge",
 ]
 
 T = TypeVar("T")
+S = TypeVar("S", bound=AnyioStore)
 
 # zarr >= 3.4 keeps the chunk helpers in a module of their own, where the merge is a function;
 # in zarr 3.1 the merge is a method of the batched pipeline.
@@ -114,10 +116,10 @@ async def hop_with_token(
         give_back()
 
 
-def blocking_store_of(batch: Sequence[ReadItem | WriteItem]) -> BlockingStore | None:
-    """The one BlockingStore every chunk of the batch is a key of, if there is one."""
+def store_of(batch: Sequence[ReadItem | WriteItem], kind: type[S]) -> S | None:
+    """The one store of ``kind`` every chunk of the batch is a key of, if there is one."""
     first = batch[0][0]
-    if not isinstance(first, StorePath) or not isinstance(first.store, BlockingStore):
+    if not isinstance(first, StorePath) or not isinstance(first.store, kind):
         return None
     store = first.store
     for item in batch:
@@ -125,6 +127,11 @@ def blocking_store_of(batch: Sequence[ReadItem | WriteItem]) -> BlockingStore | 
         if not isinstance(getter, StorePath) or getter.store is not store:
             return None
     return store
+
+
+def blocking_store_of(batch: Sequence[ReadItem | WriteItem]) -> BlockingStore | None:
+    """The one BlockingStore every chunk of the batch is a key of, if there is one."""
+    return store_of(batch, BlockingStore)  # type: ignore[type-abstract]
 
 
 def fetchers_for(batch: list[ReadItem] | list[WriteItem]) -> int:

@@ -73,7 +73,6 @@ from zarr.core.array_spec import ArraySpec
 from zarr.core.buffer import Buffer, NDBuffer
 from zarr.core.codec_pipeline import BatchedCodecPipeline
 from zarr.registry import register_pipeline
-from zarr.storage import StorePath
 
 from zarr_anyio._core.bridge import run_on_loop
 from zarr_anyio._core.errors import single_error
@@ -93,6 +92,7 @@ from ._chunk_io import (
     get_status,
     hop_with_token,
     key_of,
+    store_of,
     zarr_merge,
 )
 from ._pipeline_codecs import SyncChain
@@ -133,8 +133,7 @@ PROBE_CHUNKS = 4
 # decoding task and taken in a hop to a worker thread, it cost the stream's hand-over, the hop,
 # the thread's wake-up and its GIL (2,000 x 64 KiB over HTTP, 64 in flight: the api's read cost
 # ≈70 µs of CPU a chunk more than the store's own gets, zarr's items included). Larger chunks
-# go to the threads: a copy of a few MiB
-# would hold the loop up.
+# go to the threads: a copy of a few MiB would hold the loop up.
 INLINE_COPY_BYTES = 256 << 10
 
 
@@ -429,11 +428,8 @@ class _Read:
 def _requests_loop(batch: list[ReadItem]) -> asyncio.AbstractEventLoop | None:
     """The loop the requests of a batch's store are all made on, if it has one
     (`AnyioStore._requests_loop`) and the batch is of that one store."""
-    first = batch[0][0]
-    if not isinstance(first, StorePath) or not isinstance(first.store, AnyioStore):
-        return None
-    store = first.store
-    if any(not isinstance(item[0], StorePath) or item[0].store is not store for item in batch):
+    store = store_of(batch, AnyioStore)  # type: ignore[type-abstract]
+    if store is None:
         return None
     # A caller's anyio limiter works on the loop that first took it: zarr's, here.
     if isinstance(store.limiter, OneLoopLimiter):

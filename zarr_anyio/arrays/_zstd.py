@@ -13,10 +13,11 @@ between.
 
 libzstd is the one numcodecs' own ``zstd`` extension is built with: it exports zstd's functions
 (on Linux, where its symbols are visible). Where it does not, on a 32-bit system, and in the
-portable mode, `decompress_into` is ``None`` and callers use the codec's own decode. A frame
-that does not decompress to exactly the size asked (several frames, damage) returns ``False``:
-the caller gives it to the codec's own decode, so what such a chunk decodes to, or the error it
-raises, stays numcodecs' (zarr's).
+portable mode, `decompress_into` is ``None`` and callers use the codec's own decode. A chunk
+that does not decompress to exactly the size asked (damage, a frame of another size) returns
+``False`` (frames in a row are decompressed one after another, as zstd defines them): the caller
+gives it to the codec's own decode, so what such a chunk decodes to, or the error it raises,
+stays numcodecs' (zarr's).
 """
 
 from __future__ import annotations
