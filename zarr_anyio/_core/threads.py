@@ -93,14 +93,25 @@ async def run_in_worker(function: Callable[[CheckCancelled], T]) -> T:
         if stop.is_set():
             raise _StopRequested
 
-    if not isinstance(loop, asyncio.AbstractEventLoop):
-        return await _run_in_worker_trio(function, check_cancelled, stop, waker(loop))
+    # The result comes back in a box that the caller empties, not as the pool future's result:
+    # the worker thread holds its future until it next runs, which may be after the caller has
+    # let go of the result (a part of a copy, a slot of the read pool: its slot would count as
+    # in use while the next part is read).
+    box: list[T] = []
 
-    future = loop.run_in_executor(_shared_executor(), function, check_cancelled)
+    def call(check: CheckCancelled) -> None:
+        box.append(function(check))
+
+    if not isinstance(loop, asyncio.AbstractEventLoop):
+        await _run_in_worker_trio(call, check_cancelled, stop, waker(loop))
+        return box.pop()
+
+    future = loop.run_in_executor(_shared_executor(), call, check_cancelled)
     try:
         # shield: a cancelled caller must not cancel the future, which would stop our waiting
         # for the thread without stopping the thread.
-        return await asyncio.shield(future)
+        await asyncio.shield(future)
+        return box.pop()
     except asyncio.CancelledError:
         stop.set()
         ended = anyio.Event()
@@ -112,11 +123,11 @@ async def run_in_worker(function: Callable[[CheckCancelled], T]) -> T:
 
 
 async def _run_in_worker_trio(
-    function: Callable[[CheckCancelled], T],
+    function: Callable[[CheckCancelled], None],
     check_cancelled: CheckCancelled,
     stop: threading.Event,
     wake: Callable[[Callable[[], object]], None],
-) -> T:
+) -> None:
     # The same pool as under asyncio, its end signalled through the trio token: ~30 µs a hop
     # here, against ~100 µs for trio's own thread hand-off (anyio.to_thread).
     ended = anyio.Event()
@@ -128,7 +139,7 @@ async def _run_in_worker_trio(
         stop.set()
         await wait_out(ended)
         raise
-    return future.result()
+    future.result()  # raises what the call raised
 
 
 # What a hop to a worker thread costs on a small machine, and how much of a hop's time we allow
