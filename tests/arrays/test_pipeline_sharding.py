@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numcodecs
 import numpy as np
 import pytest
 import zarr
@@ -48,7 +49,7 @@ from support.arrays import (
 )
 from support.remote import KINDS, http_store
 from support.servers import HTTPServer
-from zarr_anyio.arrays import _sharding
+from zarr_anyio.arrays import _sharding, _zstd
 
 
 @pytest.fixture(params=BACKENDS)
@@ -642,11 +643,16 @@ def test_a_shard_that_holds_no_chunk_reads_as_its_fill_value(tmp_path: Path, kin
 # ---------------------------------------------------------------- inner chunks that are zstd frames
 
 
-def _zstd_sharded(store: Any) -> tuple[zarr.Array[Any], np.ndarray]:
-    """Two shards of 4 x 4 inner chunks, each a zstd frame over a native ``bytes`` codec."""
+def _zstd_sharded(store: Any, checksum: bool = True) -> tuple[zarr.Array[Any], np.ndarray]:
+    """Two shards of 4 x 4 inner chunks, each a zstd frame over a native ``bytes`` codec; the
+    index with no checksum if not ``checksum`` (for a test to write it again)."""
     codec = ShardingCodec(
         chunk_shape=(2, 3),
         codecs=[zarr.codecs.BytesCodec(), zarr.codecs.ZstdCodec(level=1)],
+        index_codecs=[
+            zarr.codecs.BytesCodec(),
+            *([zarr.codecs.Crc32cCodec()] if checksum else []),
+        ],
     )
     values = np.arange(16 * 12, dtype="f4").reshape(16, 12)
     with pipeline(ZARRS):
@@ -698,3 +704,135 @@ def test_zstd_inner_chunks_without_libzstd_at_hand_decode_one_by_one(
         np.testing.assert_array_equal(opened(store, OURS)[...], values)
         np.testing.assert_array_equal(opened(store, OURS)[3:13, 1:11], values[3:13, 1:11])
     assert copies[0] == 0
+
+
+def _relaid(store: Any, key: str, order: list[int], gap: int = 0) -> None:
+    """The shard at ``key`` (4 x 4 inner chunks, its index at the end, no checksum) written
+    again with its chunks in ``order`` (flat indices of its grid), ``gap`` junk bytes before
+    each."""
+    shard = sync(store.get(key, prototype=cpu.buffer_prototype))
+    assert shard is not None
+    data = shard.to_bytes()
+    index = np.frombuffer(data[-16 * 16 :], dtype="<u8").reshape(16, 2)
+    laid = bytearray()
+    relaid = np.array(index)
+    for flat in order:
+        start, length = index[flat]
+        laid += b"\xaa" * gap
+        relaid[flat] = (len(laid), length)
+        laid += data[int(start) : int(start + length)]
+    laid += relaid.astype("<u8").tobytes()
+    sync(store.set(key, cpu.Buffer.from_bytes(bytes(laid))))
+
+
+def counting_decompressions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How often libzstd is called for a read from now on: frame by frame, or a shard's
+    frames at once."""
+    original = _zstd.decompress_into
+    assert original is not None
+    calls = [0]
+
+    def counted(target: int, size: int, source: int, length: int) -> bool:
+        calls[0] += 1
+        return original(target, size, source, length)
+
+    monkeypatch.setattr(_sharding, "decompress_into", counted)
+    return calls
+
+
+MORTON_4X4 = [0, 4, 1, 5, 8, 12, 9, 13, 2, 6, 3, 7, 10, 14, 11, 15]
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+@pytest.mark.parametrize(
+    ("order", "gap", "calls"),
+    [
+        pytest.param(MORTON_4X4, 0, 1, id="morton"),  # as zarr writes them
+        pytest.param(list(range(16)), 0, 1, id="grid-order"),
+        pytest.param(list(reversed(range(16))), 0, 16, id="reversed"),
+        pytest.param(MORTON_4X4, 3, 16, id="morton-with-gaps"),
+        pytest.param(list(range(16)), 1, 16, id="grid-order-with-gaps"),
+    ],
+)
+def test_a_whole_shard_of_frames_back_to_back_is_one_call(
+    tmp_path: Path,
+    kind: str,
+    order: list[int],
+    gap: int,
+    calls: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Frames that lie back to back, in the grid's order or in zarr's own (Morton), are
+    # decompressed by one call a shard; the Morton order's rows copied into the box as a view
+    # (a box of whole chunks). In any other order, or apart, one call a frame.
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    _, values = _zstd_sharded(store, checksum=False)
+    for key in ["c/0/0", "c/1/0"]:
+        _relaid(store, key, order, gap)
+    np.testing.assert_array_equal(opened(store, ZARRS)[...], values)
+    made = counting_decompressions(monkeypatch)
+    np.testing.assert_array_equal(opened(store, OURS)[...], values)
+    assert made[0] == 2 * calls
+    # A box that cuts chunks: the grid's order is still copied from, Morton's is not.
+    made[0] = 0
+    np.testing.assert_array_equal(opened(store, OURS)[1:15, 2:11], values[1:15, 2:11])
+    assert made[0] == 2 * (1 if order == list(range(16)) and not gap else 16)
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_a_frame_of_another_size_among_back_to_back_frames_fails_as_in_zarr(
+    tmp_path: Path, kind: str
+) -> None:
+    # Two frames among frames back to back that decompress to a chunk and a half and half a
+    # chunk: decompressed at once, the shard's frames would still fill its rows exactly (the
+    # chunks after them shifted). The frames' headers tell, and the read fails as zarr's does.
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    _, values = _zstd_sharded(store, checksum=False)
+    shard = sync(store.get("c/0/0", prototype=cpu.buffer_prototype))
+    assert shard is not None
+    data = shard.to_bytes()
+    index = np.frombuffer(data[-16 * 16 :], dtype="<u8").reshape(16, 2)
+    frames = [data[int(start) : int(start + length)] for start, length in index]
+    frames[4] = numcodecs.Zstd(level=1).encode(np.zeros(9, dtype="f4"))
+    frames[5] = numcodecs.Zstd(level=1).encode(np.zeros(3, dtype="f4"))
+    laid = b"".join(frames)
+    starts = np.cumsum([0] + [len(frame) for frame in frames[:-1]])
+    relaid = np.stack([starts, [len(frame) for frame in frames]], axis=1).astype("<u8")
+    sync(store.set("c/0/0", cpu.Buffer.from_bytes(laid + relaid.tobytes())))
+    with pytest.raises(Exception) as theirs:  # noqa: PT011 (whatever zarr raises)
+        opened(store, ZARRS)[...]
+    with pytest.raises(type(theirs.value)):
+        opened(store, OURS)[...]
+    np.testing.assert_array_equal(opened(store, OURS)[8:], values[8:])
+
+
+@pytest.mark.parametrize("count", [0, 1, 100, 255, 256, 1000, 65_791, 65_792, 300_000])
+def test_the_size_a_zstd_frame_declares_is_read_as_libzstd_reads_it(count: int) -> None:
+    # numcodecs' frames declare their size in a field of 1, 2 (the value less 256), 4 or 8
+    # bytes, after a window byte or not; frames of one size, alike byte for byte, are taken
+    # at once, any frame unlike the first is not.
+    frame = numcodecs.Zstd(level=1).encode(np.arange(count, dtype="u1"))
+    data = np.frombuffer(frame * 3, dtype=np.uint8)
+    starts = np.arange(3, dtype=np.int64) * len(frame)
+    lengths = np.full(3, len(frame), dtype=np.int64)
+    assert _zstd.declared_size(data, starts, lengths) == count
+    other = numcodecs.Zstd(level=1).encode(np.arange(count + 300, dtype="u2"))
+    mixed = np.frombuffer(frame + other, dtype=np.uint8)
+    assert _zstd.declared_size(mixed, starts[:2], np.array([len(frame), len(other)])) is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\x28\xb5\x2f\xfd\x00\x58",  # no size declared (a streamed frame)
+        b"\x28\xb5\x2f\xfd\x21\x40",  # a dictionary
+        b"\x28\xb5\x2f\xfd\x28\x40",  # the reserved bit
+        b"\x28\xb5\x2f\xfe\x20\x40",  # no zstd magic (a skippable frame's, say)
+        b"\x28\xb5\x2f\xfd\x60",  # cut short
+    ],
+    ids=["no-size", "dictionary", "reserved-bit", "no-magic", "cut-short"],
+)
+def test_a_frame_that_declares_no_plain_size_is_not_taken_at_once(header: bytes) -> None:
+    data = np.frombuffer(header + b"\0" * 8, dtype=np.uint8)
+    starts, lengths = np.zeros(1, dtype=np.int64), np.array([len(header)], dtype=np.int64)
+    assert _zstd.declared_size(data, starts, lengths) is None

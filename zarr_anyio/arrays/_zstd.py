@@ -27,9 +27,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from zarr_anyio.storage._oscalls import PORTABLE
 
-__all__ = ["decompress_into"]
+__all__ = ["declared_size", "decompress_into"]
 
 
 def _libzstd() -> Any | None:
@@ -40,7 +42,7 @@ def _libzstd() -> Any | None:
 
         library = ctypes.CDLL(numcodecs.zstd.__file__)
         create, free = library.ZSTD_createDCtx, library.ZSTD_freeDCtx
-        decompress, is_error = library.ZSTD_decompressDCtx, library.ZSTD_isError
+        decompress = library.ZSTD_decompressDCtx
     except (ImportError, OSError, AttributeError, TypeError):
         return None
     create.argtypes, create.restype = [], ctypes.c_void_p
@@ -53,7 +55,6 @@ def _libzstd() -> Any | None:
         ctypes.c_size_t,
     ]
     decompress.restype = ctypes.c_size_t
-    is_error.argtypes, is_error.restype = [ctypes.c_size_t], ctypes.c_uint
     return library
 
 
@@ -76,7 +77,7 @@ _threads = threading.local()
 
 
 def _decompress_into(library: Any) -> Callable[[int, int, int, int], bool]:
-    run, is_error = library.ZSTD_decompressDCtx, library.ZSTD_isError
+    run = library.ZSTD_decompressDCtx
 
     def decompress_into(target: int, size: int, source: int, length: int) -> bool:
         """The frame of ``length`` bytes at address ``source`` into the ``size`` bytes at
@@ -85,8 +86,9 @@ def _decompress_into(library: Any) -> Callable[[int, int, int, int], bool]:
         context: _Context | None = getattr(_threads, "zstd", None)
         if context is None:
             context = _threads.zstd = _Context(library)
-        got = run(context.pointer, target, size, source, length)
-        return not is_error(got) and got == size
+        # An error is a code within 120 of the largest size_t, never a size asked for: no
+        # second call (and second wait for the GIL) to ask `ZSTD_isError`.
+        return bool(run(context.pointer, target, size, source, length) == size)
 
     return decompress_into
 
@@ -97,3 +99,53 @@ decompress_into: Callable[[int, int, int, int], bool] | None = (
 )
 """``decompress_into(target, size, source, length)``, or ``None`` where libzstd is not to be
 had this way."""
+
+
+_MAGIC = b"\x28\xb5\x2f\xfd"
+# The width of Frame_Content_Size for each value of its flag (the top two bits of the frame
+# header's descriptor); the flag's 0 means 1 byte in a single-segment frame, else none.
+_SIZE_WIDTHS = (0, 2, 4, 8)
+_HEADER_BYTES = 14  # magic, descriptor, window, content size: dictionaries are refused
+
+
+def _declared(header: bytes) -> tuple[int, int] | None:
+    """The content size a zstd frame's header declares (RFC 8878, 3.1.1.1), and the header's
+    length up to it; ``None`` if it is no frame, names no size or a dictionary."""
+    if len(header) < 6 or header[:4] != _MAGIC:
+        return None
+    descriptor = header[4]
+    if descriptor & 0b1011:  # the reserved bit, or a dictionary
+        return None
+    single_segment = (descriptor >> 5) & 1
+    width = _SIZE_WIDTHS[descriptor >> 6] or single_segment
+    at = 6 - single_segment  # after the window descriptor, which a single segment has not
+    if not width or len(header) < at + width:
+        return None
+    value = int.from_bytes(header[at : at + width], "little")
+    return value + (256 if width == 2 else 0), at + width
+
+
+def declared_size(
+    data: np.ndarray[Any, np.dtype[np.uint8]],
+    starts: np.ndarray[Any, np.dtype[np.int64]],
+    lengths: np.ndarray[Any, np.dtype[np.int64]],
+) -> int | None:
+    """The content size that the header of each zstd frame at ``starts`` in ``data`` declares
+    alike, byte for byte; ``None`` if one is no frame, names none, or any two differ.
+
+    libzstd holds a frame that declares its size to exactly that size (an error otherwise),
+    so frames that each declare a chunk's size can be decompressed back to back in one call
+    and still each give one chunk. The frames of a shard's chunks, all of one size, have
+    headers alike: one is read, and the others compared with it in a few numpy calls (each
+    read on its own took ≈50 µs a shard of 64, more than the one call saves)."""
+    if not len(starts):
+        return None
+    first = int(starts[0])
+    declared = _declared(bytes(data[first : first + _HEADER_BYTES]))
+    if declared is None:
+        return None
+    size, length = declared
+    if int(lengths.min()) < length:
+        return None
+    headers = data[starts[:, None] + np.arange(length)]
+    return size if (headers == headers[0]).all() else None
