@@ -836,3 +836,42 @@ def test_a_frame_that_declares_no_plain_size_is_not_taken_at_once(header: bytes)
     data = np.frombuffer(header + b"\0" * 8, dtype=np.uint8)
     starts, lengths = np.zeros(1, dtype=np.int64), np.array([len(header)], dtype=np.int64)
     assert _zstd.declared_size(data, starts, lengths) is None
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_entries_that_cut_frames_where_their_header_recurs_fail_as_in_zarr(
+    tmp_path: Path, kind: str
+) -> None:
+    # Two frames back to back, the index's entries cut at a copy of the first frame's header
+    # inside the first (its chunk incompressible, so its bytes are there as they are): each
+    # entry begins with a header alike, the entries lie back to back, and decompressed at once
+    # the frames fill the rows. But no entry is a frame: zarr fails, and so must we (found by
+    # a helper attacking the one call a shard).
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    n = 4096
+    values = np.random.default_rng(0).integers(0, 256, 2 * n).astype("u1")
+    header = numcodecs.Zstd(level=1).encode(values[:n])[:16]
+    values[100:116] = np.frombuffer(header, dtype="u1")
+    codec = ShardingCodec(
+        chunk_shape=(n,),
+        codecs=[zarr.codecs.BytesCodec(), zarr.codecs.ZstdCodec(level=1)],
+        index_codecs=[zarr.codecs.BytesCodec()],
+    )
+    with pipeline(ZARRS):
+        array = zarr.create_array(
+            store, shape=(2 * n,), chunks=(2 * n,), serializer=codec, compressors=None, dtype="u1"
+        )
+        array[...] = values
+    np.testing.assert_array_equal(opened(store, OURS)[...], values)
+    shard = sync(store.get("c/0", prototype=cpu.buffer_prototype))
+    assert shard is not None
+    data = shard.to_bytes()
+    index = np.frombuffer(data[-32:], dtype="<u8").reshape(2, 2)
+    cut = data.find(data[:8], 1)
+    assert 0 < cut < int(index[0, 1])
+    entries = np.array([(0, cut), (cut, int(index[1].sum()) - cut)], dtype="<u8")
+    sync(store.set("c/0", cpu.Buffer.from_bytes(data[:-32] + entries.tobytes())))
+    with pytest.raises(RuntimeError, match=r"[Zz]std") as theirs:
+        opened(store, ZARRS)[...]
+    with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+        opened(store, OURS)[...]

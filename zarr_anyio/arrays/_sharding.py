@@ -669,11 +669,11 @@ class _Shard:
         starts: np.ndarray[Any, np.dtype[np.int64]],
         lengths: np.ndarray[Any, np.dtype[np.int64]],
     ) -> None:
-        """If every wanted chunk is there, their frames lie back to back, each declares a
-        chunk's size, and they lie in the grid's order or in zarr's (Morton) over whole chunks,
-        they are decompressed in one call (`run`), into rows in the order they lie: a call a
-        frame cost ≈1.5 µs of Python each under the GIL, which the decoding threads share.
-        Else frame by frame, as before."""
+        """If every wanted chunk is there, their frames lie back to back, each entry of the
+        index is one frame (by its blocks) and declares a chunk's size, and they lie in the
+        grid's order or in zarr's (Morton) over whole chunks, they are decompressed in one
+        call (`run`), into rows in the order they lie: a call a frame cost ≈1.5 µs of Python
+        each under the GIL, which the decoding threads share. Else frame by frame."""
         if not self.present.all() or not len(starts):
             return
         in_place = np.argsort(starts, kind="stable")

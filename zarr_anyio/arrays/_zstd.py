@@ -108,9 +108,17 @@ _SIZE_WIDTHS = (0, 2, 4, 8)
 _HEADER_BYTES = 14  # magic, descriptor, window, content size: dictionaries are refused
 
 
-def _declared(header: bytes) -> tuple[int, int] | None:
-    """The content size a zstd frame's header declares (RFC 8878, 3.1.1.1), and the header's
-    length up to it; ``None`` if it is no frame, names no size or a dictionary."""
+# Blocks of a frame (RFC 8878, 3.1.1.2): a 3-byte header, its lowest bit "last block", then
+# two bits of type (raw, RLE, compressed, reserved), then the size. An RLE block holds 1 byte.
+_BLOCK_HEADER = 3
+_MOST_BLOCKS = 64  # walked in step for every frame at once; more, and frame by frame it is
+_BLOCK_BYTES = np.arange(_BLOCK_HEADER)
+
+
+def _declared(header: bytes) -> tuple[int, int, bool] | None:
+    """The content size a zstd frame's header declares (RFC 8878, 3.1.1.1), the header's
+    length, and whether a checksum ends the frame; ``None`` if it is no frame, names no size
+    or a dictionary."""
     if len(header) < 6 or header[:4] != _MAGIC:
         return None
     descriptor = header[4]
@@ -122,7 +130,37 @@ def _declared(header: bytes) -> tuple[int, int] | None:
     if not width or len(header) < at + width:
         return None
     value = int.from_bytes(header[at : at + width], "little")
-    return value + (256 if width == 2 else 0), at + width
+    return value + (256 if width == 2 else 0), at + width, bool(descriptor & 0b100)
+
+
+def _frames_end_where_they_should(
+    data: np.ndarray[Any, np.dtype[np.uint8]],
+    starts: np.ndarray[Any, np.dtype[np.int64]],
+    ends: np.ndarray[Any, np.dtype[np.int64]],
+    checksum: bool,
+) -> bool:
+    """Whether the frame whose blocks start at each of ``starts`` ends exactly at its entry
+    of ``ends``, by its blocks' headers, walked for every frame at once: libzstd
+    decompressing frames one after another starts each where the last ended, which must be
+    where the index says each chunk starts."""
+    at, ends = starts, ends - (4 if checksum else 0)
+    for _ in range(_MOST_BLOCKS):
+        if (at + _BLOCK_HEADER > ends).any():
+            return False
+        header = data[at[:, None] + _BLOCK_BYTES].astype(np.int64)
+        value = header[:, 0] | header[:, 1] << 8 | header[:, 2] << 16
+        kind = (value >> 1) & 3
+        if (kind == 3).any():
+            return False
+        at = at + _BLOCK_HEADER + np.where(kind == 1, 1, value >> 3)
+        last = (value & 1).astype(np.bool_)
+        if last.all():  # a chunk of up to 128 KiB is one block: once round
+            return bool((at == ends).all())
+        # Frames of several blocks: the ones that go on, a block further.
+        if ((at == ends) != last).any():
+            return False
+        at, ends = at[~last], ends[~last]
+    return False
 
 
 def declared_size(
@@ -130,22 +168,28 @@ def declared_size(
     starts: np.ndarray[Any, np.dtype[np.int64]],
     lengths: np.ndarray[Any, np.dtype[np.int64]],
 ) -> int | None:
-    """The content size that the header of each zstd frame at ``starts`` in ``data`` declares
-    alike, byte for byte; ``None`` if one is no frame, names none, or any two differ.
+    """The content size that each of the zstd frames at ``starts`` in ``data``, ``lengths``
+    bytes long, declares alike, their headers byte for byte; ``None`` if one is no frame,
+    names no size, is not one frame exactly as long as its length, or any two headers differ.
 
     libzstd holds a frame that declares its size to exactly that size (an error otherwise),
-    so frames that each declare a chunk's size can be decompressed back to back in one call
-    and still each give one chunk. The frames of a shard's chunks, all of one size, have
-    headers alike: one is read, and the others compared with it in a few numpy calls (each
-    read on its own took ≈50 µs a shard of 64, more than the one call saves)."""
+    so such frames, back to back, can be decompressed in one call and still each give one
+    chunk. The frames of a shard's chunks, all of one size, have headers alike: one is read,
+    and the others compared with it, and every frame's blocks walked, in a few numpy calls
+    (each frame's header read on its own took ≈50 µs a shard of 64, more than the one call
+    saves)."""
     if not len(starts):
         return None
     first = int(starts[0])
     declared = _declared(bytes(data[first : first + _HEADER_BYTES]))
     if declared is None:
         return None
-    size, length = declared
+    size, length, checksum = declared
     if int(lengths.min()) < length:
         return None
     headers = data[starts[:, None] + np.arange(length)]
-    return size if (headers == headers[0]).all() else None
+    if not (headers == headers[0]).all():
+        return None
+    if not _frames_end_where_they_should(data, starts + length, starts + lengths, checksum):
+        return None
+    return size
