@@ -283,6 +283,49 @@ def test_a_fixed_window_is_not_taken_for_more_than_its_count(start: float) -> No
     assert max(paces) < 1.6 * 300
 
 
+def test_a_second_that_holds_a_fixed_windows_reset_is_not_taken_for_its_rate() -> None:
+    # A fixed window of 300 a second: one count spent by 0.9 s, the next left unspent (200
+    # answers: the tokens asleep in their backoffs at the reset), the next spent in half a
+    # second. The last second's answers say 400 a second; paced there, and returned to as the
+    # rate that held, every later second's count went early. Two seconds' answers, over two,
+    # are the check: 316.
+    window = AdaptiveLimiter(128, initial=32)
+    now = 0.0
+    for start, count, span in ((0.0, 300, 0.9), (1.0, 200, 1.0), (2.0, 300, 0.5)):
+        for i in range(1, count + 1):
+            now = start + span * i / count
+            window.record(Outcome.ANSWERED, 0.02, window.epoch, round(window.window), now=now)
+    throttle(window, now)
+    assert window.pace is not None
+    assert window.pace < 1.1 * 300
+    # Where no two seconds of answers are behind, the last second is the rate, as before.
+    young = AdaptiveLimiter(128, initial=32)
+    now = answer_a_second(young, 0.0, 300, 0.02)
+    throttle(young, now)
+    assert young.pace == pytest.approx(300)
+
+
+def test_beyond_the_rate_that_held_the_pace_grows_only_as_answers_keep_up() -> None:
+    # After a throttle at 300 a second, a second and a half of answers at half that (a fixed
+    # window's second whose count went unspent, the tokens asleep in their backoffs): no
+    # refusal, but no sign that the server admits more either. The pace's doubling growth
+    # ran on regardless (to 500 here), and the next second's count went early.
+    window = AdaptiveLimiter(128, initial=32)
+    now = answer_a_second(window, 0.0, 300, 0.02)
+    throttle(window, now)
+    assert window.pace == pytest.approx(300)
+    start = now
+    for i in range(1, 226):
+        now = start + i / 150
+        window.record(Outcome.ANSWERED, 0.02, window.epoch, round(window.window), now=now)
+    assert window.pace is not None
+    assert window.pace <= 1.01 * 300
+    # Answers that keep up with the pace: it probes on.
+    now = answer_at_pace(window, now, 2.0, 0.02)
+    assert window.pace is not None
+    assert window.pace > 1.1 * 300
+
+
 def drop_to_100(window: AdaptiveLimiter) -> float:
     """A second at 300 requests/s and a throttle, a second at 100 and refusals close
     together, answers between, that take the pace to it; gives the time of the last."""
