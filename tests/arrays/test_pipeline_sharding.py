@@ -643,12 +643,15 @@ def test_a_shard_that_holds_no_chunk_reads_as_its_fill_value(tmp_path: Path, kin
 # ---------------------------------------------------------------- inner chunks that are zstd frames
 
 
-def _zstd_sharded(store: Any, checksum: bool = True) -> tuple[zarr.Array[Any], np.ndarray]:
-    """Two shards of 4 x 4 inner chunks, each a zstd frame over a native ``bytes`` codec; the
-    index with no checksum if not ``checksum`` (for a test to write it again)."""
+def _zstd_sharded(
+    store: Any, checksum: bool = True, zstd: bool = True
+) -> tuple[zarr.Array[Any], np.ndarray]:
+    """Two shards of 4 x 4 inner chunks, each a zstd frame over a native ``bytes`` codec (or
+    the bytes alone, if not ``zstd``); the index with no checksum if not ``checksum`` (for a
+    test to write it again)."""
     codec = ShardingCodec(
         chunk_shape=(2, 3),
-        codecs=[zarr.codecs.BytesCodec(), zarr.codecs.ZstdCodec(level=1)],
+        codecs=[zarr.codecs.BytesCodec(), *([zarr.codecs.ZstdCodec(level=1)] if zstd else [])],
         index_codecs=[
             zarr.codecs.BytesCodec(),
             *([zarr.codecs.Crc32cCodec()] if checksum else []),
@@ -875,3 +878,38 @@ def test_entries_that_cut_frames_where_their_header_recurs_fail_as_in_zarr(
         opened(store, ZARRS)[...]
     with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
         opened(store, OURS)[...]
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+@pytest.mark.parametrize(
+    ("order", "copied_as"),
+    [
+        pytest.param(MORTON_4X4, "morton", id="morton"),  # as zarr writes them
+        pytest.param(list(range(16)), "grid", id="grid-order"),
+        pytest.param(list(reversed(range(16))), "gathered", id="reversed"),
+    ],
+)
+def test_a_whole_raw_shard_is_copied_without_gathering_its_chunks_first(
+    tmp_path: Path, kind: str, order: list[int], copied_as: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Raw inner chunks as they lie in the shard: in the grid's order they are the grid, in
+    # zarr's (Morton) a view of it; in any other order they are gathered into the grid first.
+    store: Any = zarr_anyio.LocalStore(tmp_path) if kind == "local" else zarr_anyio.MemoryStore()
+    _, values = _zstd_sharded(store, checksum=False, zstd=False)
+    for key in ["c/0/0", "c/1/0"]:
+        _relaid(store, key, order)
+    copies: list[str] = []
+    decode_box = _sharding._Shard._decode_box
+
+    def noted(shard: Any, target: np.ndarray) -> None:
+        gathered = shard.slots is not None and shard.morton is None
+        copies.append("morton" if shard.morton else "gathered" if gathered else "grid")
+        decode_box(shard, target)
+
+    monkeypatch.setattr(_sharding._Shard, "_decode_box", noted)
+    np.testing.assert_array_equal(opened(store, OURS)[...], values)
+    assert copies == [copied_as] * 2
+    copies.clear()
+    # A box that cuts chunks: the grid's order is still copied from, Morton's gathered.
+    np.testing.assert_array_equal(opened(store, OURS)[1:15, 2:11], values[1:15, 2:11])
+    assert copies == ["gathered" if copied_as == "morton" else copied_as] * 2
