@@ -65,9 +65,9 @@ every hop waits for its thread, which checks between inner chunks.
 
 Measured (64 shards of 64 inner chunks of 16 KiB from a LocalStore, a 4096 x 4096 float32
 array, whole reads through the api, zarrs' pipeline in the same rounds; `benchmarks/
-pipeline.py`, docs/pipeline.md): raw 0.87-0.98 of zarrs' time, zstd(1) 0.98-1.08 (1.4-1.6 and
-2.3 before the frames went through libzstd and a hop took many shards); the CPU of a read below
-zarrs' (zstd 84-88 ms against 91-99, raw 46-52 against 50-53, at a load of 2-4).
+pipeline.py`, docs/pipeline.md): raw 0.87-0.97 of zarrs' time, zstd(1) 0.86-0.91 (0.87-0.98
+and 0.98-1.08 before a shard's frames went in one call and its rows were copied without a
+gather; 1.4-1.6 and 2.3 before the frames went through libzstd and a hop took many shards).
 
 Not here: writes of sharded arrays and nested sharding go to zarr's pipeline; so do chains with
 codecs outside the sharding codec (zarr cannot read parts of those either). The index is decoded
