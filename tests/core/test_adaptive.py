@@ -183,6 +183,23 @@ DROP = ((2.0, 100.0), (4.0, 300.0))
 """300 requests/s, 100 from 2 s after the first request, 300 again from 4 s."""
 
 
+def test_the_servers_token_bucket_refills_at_its_new_rate_once_the_rate_rises() -> None:
+    # The policy the fake clock and the loopback servers share. A client that spent the burst
+    # and sends at about the bucket's 100 a second keeps it empty; once the rate rises to 300, the
+    # bucket refills at 300, so a client that sends just under it is refused nothing (a
+    # bucket that kept the slots it had booked at 100 a second refused the first 60 ms).
+    limits = Limits(rate=100, burst=10, rate_changes=((1.0, 300.0),))
+    admission = Admission()
+    admission.arrives("first", 0.0)
+    verdicts = [admission.judge(limits, 0.0, 1).refused for _ in range(10)]
+    verdicts += [admission.judge(limits, i / 99, 1).refused for i in range(1, 99)]
+    verdicts += [admission.judge(limits, 1.0 + i / 290, 1).refused for i in range(290)]
+    assert not any(verdicts)
+    # Past the burst, at the new rate as at the old, it refuses.
+    assert admission.judge(limits, 2.0, 1).refused is False
+    assert any(admission.judge(limits, 2.0, 1).refused for _ in range(12))
+
+
 def against(
     window: AdaptiveLimiter,
     limits: Limits,
@@ -303,6 +320,36 @@ def test_a_second_that_holds_a_fixed_windows_reset_is_not_taken_for_its_rate() -
     now = answer_a_second(young, 0.0, 300, 0.02)
     throttle(young, now)
     assert young.pace == pytest.approx(300)
+
+
+def test_a_throttle_that_finds_the_window_full_paces_at_what_the_window_sends() -> None:
+    # A cap on requests in flight (48, 100 ms each: 480 requests/s). The window, not a rate,
+    # is the limit: a second of answers while it grew to 48 is 400 requests/s (the server
+    # held 40 at once), where 48 in flight send 480.
+    window = AdaptiveLimiter(128, initial=48)
+    now = 0.0
+    for i in range(400):
+        now = (i + 1) / 400
+        # Each sent with 23 in flight: the window is not grown past the 48 it starts at.
+        window.record(Outcome.ANSWERED, 0.1, window.epoch, 23, now=now)
+    assert window.window == 48
+    assert window.admitted(now) == pytest.approx(40)
+    throttle(window, now)
+    # Paced at what the window sends after its decrease (43.2 in flight at 100 ms), not at
+    # the second's 400 answers.
+    assert window.window == pytest.approx(43.2)
+    assert window.pace == pytest.approx(432)
+    # Answers at the window's rate, clean for a third of a second, and the window full again:
+    # the next throttle steps the window down, and leaves the pace where it was.
+    for _ in range(160):
+        now += 1 / 480
+        window.record(Outcome.ANSWERED, 0.1, window.epoch, 23, now=now)
+    before = window.pace
+    assert before is not None
+    throttle(window, now)
+    after = window.pace
+    assert after is not None
+    assert after >= before
 
 
 def test_beyond_the_rate_that_held_the_pace_grows_only_as_answers_keep_up() -> None:

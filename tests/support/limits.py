@@ -56,6 +56,7 @@ class Admission:
     queued: int = 0  # requests that waited for a place
     early: int = 0  # requests that came back sooner than a Retry-After asked
     _next_slot: float = 0.0
+    _slot_rate: float | None = None  # the rate `_next_slot` was booked at
     _window: collections.deque[float] = field(default_factory=collections.deque)
     _places: list[float] = field(default_factory=list)  # when each busy place comes free
     _not_before: dict[str, float] = field(default_factory=dict)
@@ -97,6 +98,13 @@ class Admission:
         if rate is not None:
             # A token bucket (GCRA): admitted if its slot is within the burst.
             interval = 1.0 / rate
+            if self._slot_rate is not None and self._slot_rate != rate:
+                # The rate changed: the tokens the bucket is short refill at the new rate
+                # (kept as a time booked ahead at the old rate, a bucket whose rate rose from
+                # 100 to 300 a second refused for the 60 ms of the slow refill it had booked).
+                ahead = max(0.0, self._next_slot - now)
+                self._next_slot = now + ahead * self._slot_rate / rate
+            self._slot_rate = rate
             slot = max(self._next_slot, now)
             if slot - now > (limits.burst - 1) * interval:
                 return True

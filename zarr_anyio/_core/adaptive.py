@@ -38,7 +38,10 @@ throttled one (measured: 128 in flight against a server admitting 300 requests/s
   pace, spread, not as one burst at the start of the next second. While the pace binds with
   room to spare (the window over twice what the pace keeps in flight), the window does not
   grow (its requests wait their turns holding tokens, which proves nothing); pacing ends once
-  twice the throttled rate is answered cleanly (or twice the rate that held, below).
+  twice the throttled rate is answered cleanly (or twice the rate that held, below). A
+  throttle that finds the window full of requests the server held (`WINDOW_BOUND`: a cap on
+  requests in flight, not a rate) paces no lower than what the window sends after its decrease
+  and does not step the pace down: the window's decrease is the step.
 * **Return to the rate that held**: a server that lowers its limit for a while and raises it
   again (300 requests/s, 100, 300) leaves the pace at the low rate, and probing up from it took
   seconds. So the pace remembers the rate that held (the highest answered over a second when a
@@ -161,6 +164,9 @@ RETRY_AFTER_QUIET = 4.0
 RETURN_TIME = 0.3
 """Seconds a return takes from its start to the rate that held (a concave curve: most of the
 way in the first tenth of a second, then gently up to it)."""
+WINDOW_BOUND = 0.8
+"""A throttle found the window bound (its requests, not a rate, the limit: a cap on requests in
+flight) when the server was seen to hold at least this share of it (`admitted`)."""
 
 
 class Outcome(enum.Enum):
@@ -386,6 +392,16 @@ class AdaptiveLimiter(Limiter):
                 # Nor is a second that holds a slow start shorter than a second (above).
                 return
             rate = answered = self._answered_rate(now, first)
+            # Against a cap on requests in flight (48 at 100 ms) the window binds, not a rate:
+            # the last second's answers, counted while the window grew, put the pace below what
+            # the window sent (386 requests/s where it sent 450), and each later throttle,
+            # stepping the pace down a tenth, held it below (a fake-clock replay: 89.6% of the
+            # server's 480, the window at the cap). So a throttle that finds the window full of
+            # requests the server held paces no lower than what the window sends after its
+            # decrease, and does not step the pace down: the window's decrease is the step.
+            sending = self._window_sends()
+            if sending is not None:
+                rate = max(rate, sending)
             if self._returning is not None and self._pace is not None:
                 # Refused on the way back: the server has not (yet) come back to the rate
                 # that held. The next return waits twice as long, and aims a step lower (as
@@ -411,7 +427,7 @@ class AdaptiveLimiter(Limiter):
                 # down to the last second's rate, which lags a pace that was climbing (after a
                 # return from 100 to 300 requests/s the second still counts the low rate, and
                 # a stray refusal there took the pace back to 200).
-                rate = max(rate, self._beta * self._pace)
+                rate = max(rate, (1.0 if sending is not None else self._beta) * self._pace)
             # The rate that held is a rate answered, not a pace stepped down from: a pace
             # probing upward, stepped down at each refusal, ratcheted it up against a fixed
             # window (300, 400, 425, 443, 454 requests/s, one a second, against 300), and
@@ -433,6 +449,13 @@ class AdaptiveLimiter(Limiter):
             self._pace = max(self._pace / 2, self._pace_floor)
         if self._pace is not None:
             self._next_send = min(self._next_send, now + 1 / self._pace)
+
+    def _window_sends(self) -> float | None:
+        """What the window sends a second, if a throttle found it bound (`WINDOW_BOUND`)."""
+        latency = self._short_latency
+        if not latency or self._answered_time / SEEN_HORIZON < WINDOW_BOUND * self._w_max:
+            return None
+        return self._window / latency
 
     def _answered_rate(self, now: float, first: float) -> float:
         rate = len(self._answers) / SEEN_HORIZON

@@ -353,11 +353,15 @@ class Retry:
         if any(not delay >= 0 for delay in delays):
             raise ValueError(f"delays must be numbers of seconds, not negative, got {delays}")
 
-    def delay(self, retry_number: int, retry_after: float | None = None) -> float:
+    def delay(
+        self, retry_number: int, retry_after: float | None = None, *, most: float | None = None
+    ) -> float:
         """How long to wait before retry number ``retry_number`` (0 for the first); throttles
-        count their own retries (the n-th throttle of a request waits as the n-th retry)."""
+        count their own retries (the n-th throttle of a request waits as the n-th retry).
+        ``most`` lowers ``max_delay`` for this wait (not a ``Retry-After``)."""
+        bound = self.max_delay if most is None else min(self.max_delay, most)
         # Capped exponent: a request throttled a thousand times must not overflow a float.
-        wait = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** min(retry_number, 64)))
+        wait = random.uniform(0, min(bound, self.base_delay * 2 ** min(retry_number, 64)))
         if retry_after is not None:
             wait = max(wait, min(retry_after, self.max_retry_after))
         return wait

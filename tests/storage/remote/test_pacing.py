@@ -37,6 +37,7 @@ from zarr_anyio import (
     open_store_async,
 )
 from zarr_anyio._core.bridge import run_blocking
+from zarr_anyio.storage._remote import PACED_WAIT_MOST
 from zarr_anyio.storage._retry import describe
 
 pytestmark = pytest.mark.anyio
@@ -309,6 +310,38 @@ async def test_a_throttled_request_goes_again_under_its_own_token(
     (second,) = {path for path in http_server.paths if path != first}
     assert http_server.paths == [first] * 4 + [second]
     assert http_server.answers == [429] * 3 + [200] * 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_under_an_adaptive_window_a_throttled_request_waits_at_most_half_a_second(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # It waits holding its token: after a window limiter's spent second, the tokens of its
+    # refused requests, asleep up to `max_delay` (2 s), held the window shut once the server
+    # admitted again. The window's pace spaces the retries; a fixed window, which has none,
+    # keeps the whole backoff.
+    waits: list[tuple[float | None, float]] = []
+
+    class Recording(Retry):
+        def delay(
+            self, retry_number: int, retry_after: float | None = None, *, most: float | None = None
+        ) -> float:
+            wait = super().delay(retry_number, retry_after, most=most)
+            waits.append((most, wait))
+            return wait
+
+    retry = Recording(base_delay=0.1, max_delay=5.0)
+    objects = fill(http_server, 1)
+    http_server.faults = Faults(too_many_first=4)
+    await read_all(http_store(kind, http_server, retry=retry), objects)
+    assert [most for most, _ in waits] == [PACED_WAIT_MOST] * 4
+    assert all(wait <= PACED_WAIT_MOST for _, wait in waits)
+    waits.clear()
+    http_server.reset()
+    objects = fill(http_server, 1)
+    http_server.faults = Faults(too_many_first=2)
+    await read_all(http_store(kind, http_server, retry=retry, adaptive=False), objects)
+    assert [most for most, _ in waits] == [None] * 2
 
 
 @pytest.mark.parametrize("kind", KINDS)
