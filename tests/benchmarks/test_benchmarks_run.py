@@ -38,12 +38,15 @@ def test_remote_benchmark_script_runs_quick() -> None:
     assert "zarr.storage.ObjectStore" in done.stdout.split("## HTTP")[1]
 
 
-def run_throttling(*options: str) -> subprocess.CompletedProcess[str]:
-    """`benchmarks/throttling.py` on a few reads, at ceiling 32; it must succeed."""
+def run_throttling(
+    *options: str, script: str = "throttling.py"
+) -> subprocess.CompletedProcess[str]:
+    """`benchmarks/throttling.py` (or ``script``) on a few reads, at ceiling 32; it must
+    succeed."""
     done = subprocess.run(
         [
             sys.executable,
-            str(TOP / "benchmarks" / "throttling.py"),
+            str(TOP / "benchmarks" / script),
             *("--count", "30", "--ceilings", "32", *options),
         ],
         capture_output=True,
@@ -94,3 +97,11 @@ def test_throttling_benchmark_judges_a_ceiling_below_the_server_by_what_it_allow
     rows = [line for line in sliding.stdout.splitlines() if line.startswith("| ")]
     assert rows
     assert not any("(" in row for row in rows)
+
+
+def test_the_throttling_replay_runs_every_kind() -> None:
+    done = run_throttling("--seeds", "2", script="throttling_replay.py")
+    rows = [line.split(" | ")[0] for line in done.stdout.splitlines() if line.startswith("| ")]
+    kinds = ["rate", "sliding", "fixed", "concurrency", "drop"]
+    assert rows == ["| kind", *(f"| {kind}" for kind in kinds)]
+    assert all(line.endswith(" of 2 |") for line in done.stdout.splitlines()[2:])

@@ -1,0 +1,164 @@
+"""The throttling matrix replayed on a fake clock: many seeds of a bulk read in seconds, where
+`throttling.py` takes minutes a read and shares the machine with its servers.
+
+    python benchmarks/throttling_replay.py                      # every kind, ceilings 32/128/256
+    python benchmarks/throttling_replay.py --only drop --seeds 100 --load-ms 15
+
+A read of ``count`` requests goes through the store's own adaptive window (`AdaptiveLimiter`)
+and the store's retry loop as `storage/_remote.py` runs it: each request takes a token, waits its
+turn under the pace and is judged by the servers' own policy (``tests/support/limits.py``); a
+refused one backs off (`Retry.delay`, bounded by `PACED_WAIT_MOST`) holding its token, unless
+the window has shrunk below the tokens held. Answers take the server's latency plus up to 5 ms,
+refusals 1-3 ms; ``--load-ms`` adds an exponential delay of that mean to each (a loaded client).
+No CPU is modelled: the replay says what the rules do, `throttling.py` what a machine does.
+
+Each row: the median share of what the server admits (as `throttling.py` judges it: at a
+ceiling that bounds the rate, of what the server admits at that ceiling), its 10th
+percentile and least, the share of requests refused (median, 90th percentile, most), and how
+many seeds missed the target (under 90% / over 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import heapq
+import itertools
+import random
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.limits import Admission, Limits
+from throttling import KINDS as SERVERS
+from throttling import Kind
+from zarr_anyio import AdaptiveLimiter, Retry
+from zarr_anyio._core.adaptive import Outcome
+from zarr_anyio.storage._remote import PACED_WAIT_MOST
+
+# The servers of `throttling.py` (its `KINDS`: latency, rate, what a ceiling is judged by), as
+# the limits their options set; queue and retry-after are left to it.
+LIMITS = {
+    "rate": Limits(rate=300, burst=10),
+    "sliding": Limits(window=300),
+    "fixed": Limits(window=300, window_kind="fixed"),
+    "concurrency": Limits(concurrency=48),
+    "drop": Limits(rate=300, burst=10, rate_changes=SERVERS["drop"].rate_changes),
+}
+
+
+@dataclass(frozen=True)
+class Read:
+    share: float  # of what the server admitted over the read
+    refused: float  # share of the requests sent
+
+
+def replay(name: str, count: int, ceiling: int, seed: int, load: float = 0.0) -> Read:
+    """One bulk read of ``count`` requests from the server ``name``, started at a random point
+    of a clock second."""
+    kind: Kind = SERVERS[name]
+    limits = LIMITS[name]
+    jitter = random.Random(seed)
+    random.seed(seed)  # `Retry.delay`'s own
+    retry = Retry()
+    window = AdaptiveLimiter(ceiling)
+    admission = Admission()
+    order = itertools.count()
+    # (when, order, event, request, sent, epoch, held)
+    events: list[tuple[float, int, str, int, float, int, int]] = []
+    waiting = collections.deque(range(count))  # for a token
+    throttles = [0] * count
+    held = in_server = answered = refused = sent = 0
+    start = now = last = 1000 + jitter.random()
+
+    def push(when: float, event: str, request: int, at: float = 0.0, holding: int = 0) -> None:
+        heapq.heappush(events, (when, next(order), event, request, at, window.epoch, holding))
+
+    def take_tokens() -> None:
+        nonlocal held
+        while waiting and held < window.total_tokens:
+            held += 1
+            request = waiting.popleft()
+            push(now + window.reserve(now=now), "send", request)
+
+    def delay() -> float:
+        return jitter.expovariate(1 / load) if load else 0.0
+
+    take_tokens()
+    while events:
+        now, _, event, request, at, epoch, holding = heapq.heappop(events)
+        if event == "send":
+            sent += 1
+            admission.arrives(str(request), now)
+            if admission.judge(limits, now, in_server + 1).refused:
+                push(now + 0.001 + 0.002 * jitter.random() + delay(), "refused", request, now, held)
+            else:
+                in_server += 1
+                served = now + kind.latency + 0.005 * jitter.random()
+                push(served, "served", request, now, held)
+        elif event == "served":  # the server's place is free; the client hears of it later
+            in_server -= 1
+            heapq.heappush(
+                events, (now + delay(), next(order), "answer", request, at, epoch, holding)
+            )
+        elif event == "answer":
+            window.record(Outcome.ANSWERED, now - at, epoch, holding, now=now)
+            held -= 1
+            answered += 1
+            last = now
+            take_tokens()
+        elif event == "refused":
+            refused += 1
+            window.record(Outcome.THROTTLED, now - at, epoch, holding, now=now)
+            wait = retry.delay(throttles[request], most=PACED_WAIT_MOST)
+            throttles[request] += 1
+            if held > window.total_tokens:  # the window shrank: wait without the token
+                held -= 1
+                push(now + wait, "queue", request)
+                take_tokens()
+            else:
+                push(now + wait, "retry", request)
+        elif event == "retry":
+            push(now + window.reserve(now=now), "send", request)
+        else:  # "queue"
+            waiting.append(request)
+            take_tokens()
+    return Read(count / kind.admits(last - start, ceiling), refused / sent)
+
+
+def summary(reads: list[Read]) -> str:
+    shares = sorted(read.share for read in reads)
+    refused = sorted(read.refused for read in reads)
+    tenth = len(reads) // 10
+    return (
+        f"{statistics.median(shares):.1%} (p10 {shares[tenth]:.1%}, least {shares[0]:.1%}) / "
+        f"{statistics.median(refused):.1%} (p90 {refused[-1 - tenth]:.1%}, most {refused[-1]:.1%})"
+        f" | {sum(s < 0.9 for s in shares)}+{sum(r > 0.1 for r in refused)} of {len(reads)}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(LIMITS), help="comma-separated kinds")
+    parser.add_argument("--count", type=int, default=1500, help="x2 for the 480/s servers")
+    parser.add_argument("--ceilings", default="32,128,256", help="comma-separated")
+    parser.add_argument("--seeds", type=int, default=40)
+    parser.add_argument("--load-ms", type=float, default=0.0)
+    options = parser.parse_args(argv)
+    print("| kind | ceiling | share of what it admits / refused | seeds missing |")
+    print("|---|---|---|---|")
+    for name in options.only.split(","):
+        for ceiling in (int(c) for c in options.ceilings.split(",")):
+            count = options.count * SERVERS[name].reads
+            reads = [
+                replay(name, count, ceiling, seed, options.load_ms / 1000)
+                for seed in range(options.seeds)
+            ]
+            print(f"| {name} | {ceiling} | {summary(reads)} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
