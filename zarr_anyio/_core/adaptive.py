@@ -399,7 +399,8 @@ class AdaptiveLimiter(Limiter):
             # server's 480, the window at the cap). So a throttle that finds the window full of
             # requests the server held paces no lower than what the window sends after its
             # decrease, and does not step the pace down: the window's decrease is the step.
-            sending = self._window_sends()
+            # (Not when told when to come back: a refusal there costs a second.)
+            sending = None if told else self._window_sends()
             if sending is not None:
                 rate = max(rate, sending)
             if self._returning is not None and self._pace is not None:
