@@ -3,10 +3,10 @@ is made.
 
 Each attempt holds a token of the store's window while it is on the wire, waits its turn under
 the rate limit and its turn under the window's pace (after a throttle), and has ``timeout``
-seconds to answer; a throttled request keeps its token while it waits and goes again under it
-(so the window bounds what a server that refuses at once is sent) unless the window has shrunk
-below the tokens held, a failed one gives it back. Its outcome feeds the adaptive window
-(`AdaptiveLimiter`) and the store's counters (`stats()`).
+seconds to answer; a throttled request keeps its token while it waits (in an adaptive window at
+most `PACED_WAIT_MOST`) and goes again under it (so the window bounds what a server that refuses
+at once is sent) unless the window has shrunk below the tokens held, a failed one gives it back.
+Its outcome feeds the adaptive window (`AdaptiveLimiter`) and the store's counters (`stats()`).
 
 Two kinds of refusal are retried, differently. A **throttle** (429, 503, S3's ``SlowDown``) is
 pacing: the window shrinks, the request waits (backoff with jitter, or the server's
