@@ -229,6 +229,37 @@ async def test_delete_dir_is_a_node_not_a_string_prefix(store: AnyioStore) -> No
     assert await collect(store.list()) == []
 
 
+async def delete_dir_of_a_key_leaves_the_key(store: AnyioStore) -> None:
+    await fill(store, {"x": b"1", "xy/c/0": b"2", "y/c/0": b"3"})
+    await store.delete_dir("x")
+    await store.delete_dir("x/")
+    assert await collect(store.list()) == ["x", "xy/c/0", "y/c/0"]
+    assert await store.get("x", PROTO) is not None
+    await store.delete_dir("y")
+    assert await collect(store.list()) == ["x", "xy/c/0"]
+
+
+async def test_delete_dir_of_a_key_leaves_the_key(store: AnyioStore) -> None:
+    # delete_dir(p) deletes the keys under the node p ("p/…"), never a key named p itself, as
+    # zarr's MemoryStore does. fsspec's find() of a path that is a file gives that file, so
+    # FsspecStore's delete_dir("x") deleted the key "x" (on S3, local files and memory alike).
+    await delete_dir_of_a_key_leaves_the_key(store)
+
+
+@pytest.mark.parametrize("filesystem", ["memory", "file"])
+async def test_fsspec_delete_dir_of_a_key_leaves_the_key(filesystem: str, tmp_path: Path) -> None:
+    import fsspec
+
+    if filesystem == "memory":
+        # One memory file system per process: a root of this test's own.
+        fs = fsspec.filesystem("memory", skip_instance_cache=True)
+        store = FsspecStore(fs, path=f"/{tmp_path.name}")
+    else:
+        fs = fsspec.filesystem("file", auto_mkdir=True, skip_instance_cache=True)
+        store = FsspecStore(fs, path=str(tmp_path / "store"))
+    await delete_dir_of_a_key_leaves_the_key(store)
+
+
 async def test_set_if_not_exists_keeps_the_first(store: AnyioStore) -> None:
     await store.set_if_not_exists("k", buf(b"first"))
     await store.set_if_not_exists("k", buf(b"second"))

@@ -376,7 +376,9 @@ class FsspecStore(RemoteStore):
         return await self._request_once(start, sent=sent, patient=patient)
 
     async def _files_under(self, folder: str) -> list[str]:
-        """Every file under ``folder`` (a path in ``fs``), as paths in ``fs``."""
+        """Every file under ``folder`` (a path in ``fs``), as paths in ``fs``; ``[folder]`` if
+        ``folder`` is a file itself (fsspec's ``find`` gives that file: memory, local, and s3fs
+        when nothing is under it)."""
         try:
             found = await self._fs("find", folder, withdirs=False, detail=False)
         except self.allowed_exceptions:
@@ -710,7 +712,12 @@ class FsspecStore(RemoteStore):
     async def _backend_delete_dir(self, prefix: str) -> None:
         # Never ``fs.rm(paths)``: it expands glob patterns, and "a*", "a[b]" or "a?" are node
         # names zarr allows, whose deletion then took their siblings with them.
-        paths = await self._files_under(self._path(prefix.rstrip("/")))
+        folder = self._path(prefix.rstrip("/"))
+        paths = await self._files_under(folder)
+        # The node's keys ("x/…"), never a key "x" itself, which `find` gives when "x" is one.
+        inside = self._filesystem()._strip_protocol(folder).rstrip("/")
+        if inside:  # not the file system's root, under which everything is
+            paths = [path for path in paths if str(path).startswith(inside + "/")]
         if hasattr(self.fs, "_bulk_delete") and self.fs.async_impl:
             # s3fs: one DeleteObjects request per 1,000 keys, taking paths literally.
             batches = [
