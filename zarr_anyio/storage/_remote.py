@@ -80,9 +80,9 @@ limiter's spent second the tokens of its refused requests, asleep up to 2 s, hel
 when the server admitted again (a sliding window's first second: 7 tokens asleep, 170 requests
 of the 300 it admitted in the second after; a fake-clock replay of the benchmark's servers read
 14 sliding windows in 40 under 90% of their rate). Hammering is kept off by the window's pace,
-which halves with each throttle that no answer follows. Not shorter: at 0.5 s the real fixed
-window's and sliding window's reads through FsspecStore were refused 10-12% of their requests
-(7-9% at 1 s and at 2 s), the tokens probing a spent count more often."""
+which halves with each throttle that no answer follows. Not shorter: at 0.5 s FsspecStore's
+reads of the real fixed window at ceilings 128 and 256 were refused 10-12% of their requests in
+every run (7-11% at 1 s, 8-10% at 2 s), the tokens probing a spent count more often."""
 
 
 @dataclass(frozen=True)
