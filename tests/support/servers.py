@@ -41,7 +41,16 @@ def s3fs_at(endpoint: str, *, client_retries: bool = False, **options: Any) -> A
     )
     if not client_retries:
         fs.retries = 1
+    if not options.get("asynchronous", False):
+        # s3fs closes a sync filesystem's client when it is collected, on the event loop
+        # running in the collecting thread if there is one: a test's loop, not fsspec's, where
+        # the client lives (in CI: "got Future attached to a different loop", raised into a
+        # copy test). Kept until the process exits, they are closed on fsspec's own loop.
+        _SYNC_FILESYSTEMS.append(fs)
     return fs
+
+
+_SYNC_FILESYSTEMS: list[Any] = []
 
 
 class S3Server:

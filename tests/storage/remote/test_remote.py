@@ -5,6 +5,8 @@ Every count here is the server's own (requests received, most in flight at once)
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import socket
 import threading
 import urllib.parse
@@ -560,3 +562,19 @@ async def test_a_filesystem_the_caller_passed_is_left_open(http_server: HTTPServ
     assert store.fs._session is session  # type: ignore[attr-defined]
     assert not session.closed
     await run_on_loop(session.close)
+
+
+def test_a_sync_s3fs_of_the_tests_is_never_closed_on_a_tests_event_loop(
+    s3_server: S3Server,
+) -> None:
+    # s3fs closes a sync filesystem's client when it is collected, on the event loop running
+    # in the collecting thread if there is one, not on fsspec's, where the client lives: in
+    # CI the task raised "got Future attached to a different loop" into a copy test.
+    bucket = s3_server.new_bucket()
+
+    async def drop_one() -> list[str]:
+        s3_server.s3fs(skip_instance_cache=True).pipe_file(f"{bucket}/k", b"x")
+        gc.collect()
+        return [task.get_coro().__qualname__ for task in asyncio.all_tasks()]  # type: ignore[union-attr]
+
+    assert not any("ClientCreatorContext" in name for name in asyncio.run(drop_one()))
