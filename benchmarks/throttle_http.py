@@ -55,10 +55,9 @@ class Counts:
         self.answers: list[tuple[float, bool]] = []  # (time, admitted)
 
 
-async def serve(args: argparse.Namespace) -> None:
-    body = b"x" * args.size
-    counts = Counts()
-    limits = Limits(
+def limits_of(args: argparse.Namespace) -> Limits:
+    """What a server started with ``args`` (`parser`'s) admits."""
+    return Limits(
         rate=args.rate or None,
         burst=args.burst,
         rate_changes=tuple(
@@ -71,6 +70,12 @@ async def serve(args: argparse.Namespace) -> None:
         window=args.window or None,
         window_kind=args.window_kind,
     )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    body = b"x" * args.size
+    counts = Counts()
+    limits = limits_of(args)
     refusal_body, refusal_type = (
         (b"Too Many Requests", "text/plain")
         if args.status == 429
@@ -140,7 +145,7 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.cleanup()
 
 
-def main() -> None:
+def options_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--delay", type=float, default=0.02)
     parser.add_argument("--size", type=int, default=4096)
@@ -158,7 +163,11 @@ def main() -> None:
         default=[],
         help="T:R,... (R requests/s from T s after the first request)",
     )
-    asyncio.run(serve(parser.parse_args()))
+    return parser
+
+
+def main() -> None:
+    asyncio.run(serve(options_parser().parse_args()))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from throttle_http import limits_of, options_parser
+
 from support.limits import Admission, Limits
 from throttling import KINDS as SERVERS
 from throttling import Kind
@@ -38,15 +40,14 @@ from zarr_anyio import AdaptiveLimiter, Retry
 from zarr_anyio._core.adaptive import Outcome
 from zarr_anyio.storage._remote import PACED_WAIT_MOST
 
-# The servers of `throttling.py` (its `KINDS`: latency, rate, what a ceiling is judged by), as
-# the limits their options set; queue and retry-after are left to it.
-LIMITS = {
-    "rate": Limits(rate=300, burst=10),
-    "sliding": Limits(window=300),
-    "fixed": Limits(window=300, window_kind="fixed"),
-    "concurrency": Limits(concurrency=48),
-    "drop": Limits(rate=300, burst=10, rate_changes=SERVERS["drop"].rate_changes),
-}
+# The servers of `throttling.py` (its `KINDS`: their options, latency, rate, what a ceiling is
+# judged by) that refuse without saying when to come back; queue and retry-after are left to it.
+REPLAYED = ["rate", "sliding", "fixed", "concurrency", "drop"]
+
+
+def limits(name: str) -> Limits:
+    """What the server ``name`` admits: the limits its options start it with."""
+    return limits_of(options_parser().parse_args(SERVERS[name].options))
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def replay(name: str, count: int, ceiling: int, seed: int, load: float = 0.0) ->
     """One bulk read of ``count`` requests from the server ``name``, started at a random point
     of a clock second."""
     kind: Kind = SERVERS[name]
-    limits = LIMITS[name]
+    server_limits = limits(name)
     jitter = random.Random(seed)
     random.seed(seed)  # `Retry.delay`'s own
     retry = Retry()
@@ -92,7 +93,7 @@ def replay(name: str, count: int, ceiling: int, seed: int, load: float = 0.0) ->
         if event == "send":
             sent += 1
             admission.arrives(str(request), now)
-            if admission.judge(limits, now, in_server + 1).refused:
+            if admission.judge(server_limits, now, in_server + 1).refused:
                 push(now + 0.001 + 0.002 * jitter.random() + delay(), "refused", request, now, held)
             else:
                 in_server += 1
@@ -141,7 +142,7 @@ def summary(reads: list[Read]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=",".join(LIMITS), help="comma-separated kinds")
+    parser.add_argument("--only", default=",".join(REPLAYED), help="comma-separated kinds")
     parser.add_argument("--count", type=int, default=1500, help="x2 for the 480/s servers")
     parser.add_argument("--ceilings", default="32,128,256", help="comma-separated")
     parser.add_argument("--seeds", type=int, default=40)

@@ -22,6 +22,9 @@ import requests
 
 from .limits import Admission, Limits
 
+# The sync s3fs filesystems `s3fs_at` made, kept until the process exits (see there).
+_SYNC_FILESYSTEMS: list[Any] = []
+
 
 def s3fs_at(endpoint: str, *, client_retries: bool = False, **options: Any) -> Any:
     """An s3fs filesystem speaking to the S3 server (or proxy, or fake) at ``endpoint``, with
@@ -48,9 +51,6 @@ def s3fs_at(endpoint: str, *, client_retries: bool = False, **options: Any) -> A
         # copy test). Kept until the process exits, they are closed on fsspec's own loop.
         _SYNC_FILESYSTEMS.append(fs)
     return fs
-
-
-_SYNC_FILESYSTEMS: list[Any] = []
 
 
 class S3Server:
