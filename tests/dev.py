@@ -5,6 +5,7 @@
     python3 tests/dev.py lint     # install, then ruff and mypy --strict
     python3 tests/dev.py bench    # install, then run the benchmarks
     python3 tests/dev.py docs     # install, then build the documentation site (warnings fail)
+    python3 tests/dev.py setup    # install only
 
     python3 tests/dev.py test --oldest-zarr   # the same, with the oldest zarr pyproject allows
     python3 tests/dev.py test --portable      # the local and zip stores' tests, with none of
@@ -86,7 +87,7 @@ def _workers(extra: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"demo", "test", "lint", "bench", "docs"}:
+    if not argv or argv[0] not in {"setup", "demo", "test", "lint", "bench", "docs"}:
         print(__doc__)
         return 2
     job, extra = argv[0], argv[1:]
@@ -100,6 +101,8 @@ def main(argv: list[str]) -> int:
         env = {**os.environ, "ZARR_ANYIO_PORTABLE": "1"}
         extra = [*PORTABLE_TESTS, *extra]
     py = str(_ensure_venv(pins))
+    if job == "setup":
+        return 0
     if job == "demo":
         return _run(py, "-m", "zarr_anyio.cli", "demo", *extra)
     if job == "test":
