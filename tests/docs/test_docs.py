@@ -12,8 +12,8 @@ find the loopback servers the tests start through the environment (``S3_ENDPOINT
 in their place in the page, in the same folder, line by line in bash: ``$ command`` runs the command
 (``zarr-anyio`` is the console script installed beside this Python); it must exit 0, and the
 lines shown under it must appear in what it printed (stdout and stderr), in order, with every
-number taken as any number (sizes, times and counts vary from machine to machine). A line
-``...`` stands for any lines.
+number taken as any number, a size in any unit (sizes, times and counts vary from machine to
+machine). A line ``...`` stands for any lines.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ BLOCK = re.compile(r"^```(python|console)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # A block that begins with a comment naming a file (``# cluster.py``) is that file, run by itself;
 # the page's other python blocks are one script, ``page.py``.
 SCRIPT_NAME = re.compile(r"# ([\w-]+\.py)\n")
-NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# A number with its unit of bytes, if it has one: a copy stopped early under load copied only
+# metadata, "(568B)" where the page shows "(325kB)".
+NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[kMGT]i?B\b|B\b)?")
 TEST_FILE = re.compile(r"`(tests/[\w/]+\.py)`")
 
 
