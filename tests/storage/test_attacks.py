@@ -59,6 +59,9 @@ def test_a_thread_interrupted_while_waiting_in_blocking_loses_no_token() -> None
             time.sleep(0.005)
         signal.pthread_kill(main, signal.SIGINT)
 
+    # Ctrl-C as Python answers it by default: a handler left by an earlier test in this
+    # process (an event loop's, ...) would take the signal instead, and the wait went on for ever.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     poker = threading.Thread(target=interrupt)
     poker.start()
     try:
@@ -66,6 +69,7 @@ def test_a_thread_interrupted_while_waiting_in_blocking_loses_no_token() -> None
             pass
     finally:
         poker.join()
+        signal.signal(signal.SIGINT, previous)
     limiter.release()
     assert limiter.statistics().tasks_waiting == 0
     assert limiter.statistics().borrowed_tokens == 0

@@ -234,6 +234,7 @@ class HTTPServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             disable_nagle_algorithm = True  # headers and body go out without a 40 ms stall
+            _left = True  # whether the request being answered has left the count in flight
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -267,7 +268,9 @@ class HTTPServer:
 
             def _leave(self) -> None:
                 with server._lock:
-                    server.in_flight -= 1
+                    if not self._left:
+                        self._left = True
+                        server.in_flight -= 1
 
             def _answer(
                 self, status: int, body: bytes = b"", headers: dict[str, str] | None = None
@@ -290,7 +293,18 @@ class HTTPServer:
             def _handle(self, method: str) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                self._left = False
                 fault, hang, queued = self._enter()
+                try:
+                    self._respond(method, body, fault, hang, queued)
+                finally:
+                    # A request that fails half-way (a client gone, a bad Range) leaves the
+                    # count too: a count left high refuses the next test's requests.
+                    self._leave()
+
+            def _respond(
+                self, method: str, body: bytes, fault: str | None, hang: bool, queued: float
+            ) -> None:
                 faults = server.faults
                 if hang:
                     server._release.wait(faults.hang_for)
@@ -421,6 +435,14 @@ class HTTPServer:
 
     def reset(self) -> None:
         self.release()
+        # The requests an earlier test left (released from a hang, or still in their delay)
+        # finish first: counted in flight, they would refuse this test's under a concurrency
+        # limit.
+        deadline = time.monotonic() + 10
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.in_flight:
+            raise AssertionError(f"{self.in_flight} requests of an earlier test still in flight")
         with self._lock:
             self.objects.clear()
             self.pages.clear()

@@ -40,7 +40,8 @@ from zarr_anyio._core.bridge import run_blocking
 from zarr_anyio.storage._remote import PACED_WAIT_MOST
 from zarr_anyio.storage._retry import describe
 
-pytestmark = pytest.mark.anyio
+# Counted in real time against the loopback server: CI runs these apart (`timing`).
+pytestmark = [pytest.mark.anyio, pytest.mark.timing]
 PROTO = default_buffer_prototype()
 
 

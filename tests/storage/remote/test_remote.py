@@ -33,7 +33,8 @@ from zarr_anyio import (
 from zarr_anyio._core.bridge import run_on_loop
 from zarr_anyio.storage._retry import http_status, is_transient
 
-pytestmark = pytest.mark.anyio
+# Counted in real time against the loopback server: CI runs these apart (`timing`).
+pytestmark = [pytest.mark.anyio, pytest.mark.timing]
 PROTO = default_buffer_prototype()
 
 

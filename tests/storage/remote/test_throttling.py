@@ -29,7 +29,8 @@ from zarr_anyio import (
 from zarr_anyio._core.adaptive import Outcome
 from zarr_anyio.storage._retry import describe, is_transient, parse_retry_after
 
-pytestmark = pytest.mark.anyio
+# Counted in real time against the loopback server: CI runs these apart (`timing`).
+pytestmark = [pytest.mark.anyio, pytest.mark.timing]
 PROTO = default_buffer_prototype()
 
 
