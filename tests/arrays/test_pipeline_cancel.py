@@ -313,9 +313,12 @@ async def assert_quiet_after(case: Case) -> None:
         seen = case.started()
         await anyio.sleep(0.01)
     assert case.started() <= io + case.in_transit
-    io = case.started()
-    await anyio.sleep(0.02)  # what a leftover thread or task would do, it would do by now
-    assert case.started() == io
+    await anyio.sleep(0.1)  # what a leftover thread or task would do, it would do by now
+    # Still no more than were on their way: a fetch left running sends one request after another
+    # (a millisecond each here). Not "none once the count stood still": on a loaded machine,
+    # requests sent before the cancel reached the server's count after it had stood still for
+    # 10 ms (CI: 3 more in the next 20 ms).
+    assert case.started() <= io + case.in_transit
     assert CODEC_WORK.started == codec
     assert case.running() == 0
     limiter = case.store.limiter
