@@ -304,6 +304,34 @@ async def test_when_only_the_rewrite_fails_the_deletion_is_in_the_directory(
 
 # --------------------------------------------------------------------- 5. kill -9, recovery
 
+
+def test_a_writer_killed_in_its_first_member_leaves_a_file_the_next_writer_opens(
+    tmp_path: Path,
+) -> None:
+    # Promise (docs/local.md, "A crash loses only what was not whole"). Killed before its first
+    # member was whole, a new archive's writer left a local header and part of a value: every
+    # later opening raised "not a zip file", so no writer could go on (CI, a loaded machine).
+    path = tmp_path / "torn.zip"
+    whole = io.BytesIO()
+    with zipfile.ZipFile(whole, "w") as archive:
+        archive.writestr("k0", b"x" * 100_000)
+    path.write_bytes(whole.getvalue()[:50_000])  # the header and half the value
+    with pytest.raises(zipfile.BadZipFile):  # read, there is no archive in it
+        ZipStore(path, mode="r").get_sync("k0")
+    store = ZipStore(path, mode="a")
+    with pytest.warns(UserWarning, match="50000 bytes that hold no whole member"):
+        missing = store.get_sync("k0")
+    assert missing is None
+    store.set_sync("k1", buf(b"after"))
+    store.close()
+    with zipfile.ZipFile(path) as archive:
+        assert archive.namelist() == ["k1"]
+        assert archive.testzip() is None
+    again = ZipStore(path, mode="r").get_sync("k1")
+    assert again is not None
+    assert again.to_bytes() == b"after"
+
+
 WRITER = r"""
 import os, random, sys, time
 import anyio
