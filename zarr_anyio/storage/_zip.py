@@ -76,7 +76,6 @@ from ._fileio import read_exact
 from ._filelock import same_file, try_lock, unlock
 from ._keys import byte_range_slice, names_under, validate_key
 from ._zipformat import (
-    LOCAL_MAGIC,
     PIECE,
     data_offset,
     directory_record,
@@ -552,15 +551,7 @@ class ZipStore(BlockingStore):
             return _Session(fd, Contents([]), end=0, dirty=True)
         contents = read_contents(fd, size)
         if contents is None:
-            contents = recover(fd, size)
-        if contents is None and self._zmode != "r" and _oscalls.pread(fd, 4, 0) == LOCAL_MAGIC:
-            # A new archive whose writer died in its first member (kill -9 before anything
-            # was whole, or before its first close): it holds nothing whole, and a writable
-            # opening goes on from there, the torn bytes left behind as a recovery leaves them.
-            # Refused, no writer could open that file again (a read still refuses it: there is
-            # no archive in it to read).
-            contents = Contents([], recovered=True)
-            contents.dropped.append(f"{size} bytes that hold no whole member")
+            contents = recover(fd, size, writable=self._zmode != "r")
         if contents is None:
             raise zipfile.BadZipFile(
                 f"{self.path} is not a zip file (or is damaged beyond recovery: it holds "

@@ -139,9 +139,13 @@ def read_contents(fd: int, size: int) -> Contents | None:
     return Contents(infos, comment)
 
 
-def recover(fd: int, size: int) -> Contents | None:
+def recover(fd: int, size: int, *, writable: bool = False) -> Contents | None:
     """Every whole member of a damaged file (see the module docstring); ``None`` if it holds
-    neither a directory nor a whole member, which is to say it is not a zip file."""
+    neither a directory nor a whole member, which is to say it is not a zip file. Unless
+    ``writable`` and the file begins with a local header: a new archive whose writer died in
+    its first member (kill -9 before anything was whole) holds nothing whole, and a writable
+    opening goes on from there (refused, no writer could open that file again; a read still
+    refuses it, as there is no archive in it to read)."""
     found = _last_directory(fd, size)
     contents = Contents([], recovered=True)
     start = 0
@@ -150,7 +154,9 @@ def recover(fd: int, size: int) -> Contents | None:
         contents.found_directory = True
     region = _Region(fd, start, size)
     position, junk = start, 0
+    begins_with_member = False
     for candidate in _signatures(fd, LOCAL_MAGIC, start, size):
+        begins_with_member = begins_with_member or candidate == 0
         if candidate < position:
             continue  # inside a member already kept
         junk += candidate - position
@@ -167,7 +173,7 @@ def recover(fd: int, size: int) -> Contents | None:
     junk += max(0, size - position)
     if junk:
         contents.dropped.append(f"{junk} bytes that hold no whole member")
-    if not contents.infos and found is None:
+    if not contents.infos and found is None and not (writable and begins_with_member):
         return None
     return contents
 
