@@ -34,7 +34,7 @@ class Side:
     def files(self, server: S3Server) -> dict[str, bytes]:
         if self.folder is not None:
             return files_of(self.folder)
-        fs = server.s3fs(skip_instance_cache=True)
+        fs = server.setup_fs()
         root = str(self.s3_root)
         return {path[len(root) + 1 :]: fs.cat_file(path) for path in fs.find(root)}
 
@@ -42,7 +42,7 @@ class Side:
         if self.folder is not None:
             (self.folder / key).write_bytes(data)
         else:
-            server.s3fs(skip_instance_cache=True).pipe_file(f"{self.s3_root}/{key}", data)
+            server.setup_fs().pipe_file(f"{self.s3_root}/{key}", data)
 
 
 def object_gets(log: list[tuple[str, str]]) -> set[str]:
@@ -64,7 +64,7 @@ def sides(tmp_path: Path, server: S3Server, way: str, endpoint: str) -> tuple[Si
     bucket = server.new_bucket()
     src = make_hierarchy(tmp_path / "src.zarr")
     if way.startswith("s3"):
-        server.s3fs(skip_instance_cache=True).put(str(src), f"{bucket}/src.zarr", recursive=True)
+        server.setup_fs().put(str(src), f"{bucket}/src.zarr", recursive=True)
         source = Side(f"s3://{bucket}/src.zarr", f"{bucket}/src.zarr", None)
     else:
         source = Side(str(src), None, src)
@@ -157,7 +157,7 @@ def test_a_value_uploaded_in_parts_has_no_md5_and_is_compared_by_its_bytes(
     options = ["--backend", backend, *s3_options(s3_server.endpoint, backend), "--max-memory"]
     options.append("8M")
     assert run_cli("copy", str(src), url, *options, "--quiet").returncode == 0
-    fs = s3_server.s3fs(skip_instance_cache=True)
+    fs = s3_server.setup_fs()
     assert "-" in fs.info(f"{bucket}/data.zarr/c/0")["ETag"]
 
     same = run_cli("copy", str(src), url, *options, "--skip-existing", "--json")

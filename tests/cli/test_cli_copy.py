@@ -49,7 +49,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 def bucket_files(server: S3Server, bucket: str, root: str) -> dict[str, bytes]:
     """What moto holds under ``bucket/root``, asked of moto itself (not through the CLI)."""
-    fs = server.s3fs(skip_instance_cache=True)
+    fs = server.setup_fs()
     paths = fs.find(f"{bucket}/{root}")
     return {path[len(bucket) + len(root) + 2 :]: fs.cat_file(path) for path in paths}
 

@@ -77,7 +77,7 @@ def zip_place(tmp_path: Path) -> Place:
 
 def s3_place(server: S3Server, backend: str) -> Place:
     bucket = server.new_bucket()
-    fs = server.s3fs(skip_instance_cache=True)
+    fs = server.setup_fs()
     root = f"{bucket}/dst.zarr"
 
     def files() -> dict[str, bytes]:
@@ -319,7 +319,7 @@ def test_verify_reads_back_what_the_destination_kept(
 
 
 def s3_place_files(server: S3Server, bucket: str) -> dict[str, bytes]:
-    fs = server.s3fs(skip_instance_cache=True)
+    fs = server.setup_fs()
     root = f"{bucket}/data.zarr"
     return {path[len(root) + 1 :]: fs.cat_file(path) for path in fs.find(root)}
 

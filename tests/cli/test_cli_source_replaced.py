@@ -105,7 +105,7 @@ def test_an_s3_value_replaced_after_its_stream_broke_is_never_copied_torn(
     # value and 13 MiB of the new, on both backends. Each ranged part is now taken only while
     # the object's ETag is the one the stream began with.
     bucket = s3_server.new_bucket()
-    fs = s3_server.s3fs(skip_instance_cache=True)
+    fs = s3_server.setup_fs()
     fs.put(str(make_hierarchy(tmp_path / "h.zarr")), f"{bucket}/src.zarr", recursive=True)
     fs.pipe_file(f"{bucket}/src.zarr/c/big", OLD)
     dst = tmp_path / "dst.zarr"

@@ -141,7 +141,7 @@ def test_a_value_larger_than_the_budget_goes_to_s3_in_a_multipart_upload(
     assert peak - at_rest < 48 * MiB, (peak - at_rest) / MiB
     uploads = [path for method, path in proxy.log if method == "PUT" and "partNumber=" in path]
     assert len(uploads) >= 96 // 8, proxy.log
-    fs = s3_server.s3fs(skip_instance_cache=True)
+    fs = s3_server.setup_fs()
     assert hashlib.md5(fs.cat_file(f"{bucket}/data.zarr/c/0")).hexdigest() == (keys_of(src)["c/0"])
 
 
@@ -158,7 +158,7 @@ def test_values_from_s3_larger_than_the_budget_cost_the_budget_and_no_copies_of_
     # with obstore (s3fs: 20-27 MiB); each piece now goes once into a reused part: 21-28 MiB
     # (s3fs: 12-17 MiB).
     bucket = s3_server.new_bucket()
-    fs = s3_server.s3fs(skip_instance_cache=True)
+    fs = s3_server.setup_fs()
     fs.put(str(big_array(tmp_path / "big.zarr", 48, chunks=4)), f"{bucket}/big", recursive=True)
     fs.put(str(big_array(tmp_path / "small.zarr", 1)), f"{bucket}/small", recursive=True)
     options = ["--backend", backend, *s3_options(s3_server.endpoint, backend)]
@@ -217,7 +217,7 @@ def test_a_copy_killed_mid_value_into_a_folder_shows_nothing_of_it_and_resumes(
 ) -> None:
     src = big_array(tmp_path / "src.zarr", 48)
     bucket = s3_server.new_bucket()
-    s3_server.s3fs(skip_instance_cache=True).put(str(src), f"{bucket}/data.zarr", recursive=True)
+    s3_server.setup_fs().put(str(src), f"{bucket}/data.zarr", recursive=True)
     url = f"s3://{bucket}/data.zarr"
     dst = tmp_path / "dst.zarr"
     options = ["--backend", backend, *s3_options(s3_server.endpoint, backend)]
@@ -253,7 +253,7 @@ def test_a_copy_killed_mid_value_into_s3_shows_nothing_of_it_and_resumes(
     src = big_array(tmp_path / "src.zarr", 48)
     bucket = s3_server.new_bucket()
     url = f"s3://{bucket}/data.zarr"
-    fs = s3_server.s3fs(skip_instance_cache=True)
+    fs = s3_server.setup_fs()
     with CountingProxy(s3_server.endpoint) as proxy:
         options = ["--backend", backend, *s3_options(proxy.url, backend)]
 
@@ -323,7 +323,7 @@ async def test_a_value_read_in_parts_goes_on_with_ranged_reads_when_the_connecti
 ) -> None:
     bucket = s3_server.new_bucket()
     data = np.arange(10 * MiB // 4, dtype="int32").tobytes()
-    s3_server.s3fs(skip_instance_cache=True).pipe_file(f"{bucket}/data/k", data)
+    s3_server.setup_fs().pipe_file(f"{bucket}/data/k", data)
     proxy = CuttingProxy(s3_server.endpoint)
     with proxy:
         store = s3_store(backend, proxy.url, bucket)
@@ -359,7 +359,7 @@ async def test_a_value_copied_in_parts_holds_one_part_at_a_time(
         await src.set("c/0", cpu.Buffer.from_bytes(data))
     else:
         bucket = s3_server.new_bucket()
-        s3_server.s3fs(skip_instance_cache=True).pipe_file(f"{bucket}/data/c/0", data)
+        s3_server.setup_fs().pipe_file(f"{bucket}/data/c/0", data)
         src = s3_store(source, s3_server.endpoint, bucket)
     dst = zarr_anyio.LocalStore(tmp_path / "dst")
     options = CopyOptions(max_bytes=8 * MiB)
@@ -384,7 +384,7 @@ def test_the_default_copy_of_values_from_s3_holds_its_default_budget(
     # default of 64M it added 75 MiB; a part kept alive beside the next, or an arena a thread,
     # each added 4-5 MiB at the default of 4M.
     bucket = s3_server.new_bucket()
-    fs = s3_server.s3fs(skip_instance_cache=True)
+    fs = s3_server.setup_fs()
     fs.put(str(big_array(tmp_path / "big.zarr", 8, chunks=16)), f"{bucket}/big", recursive=True)
     fs.put(str(big_array(tmp_path / "small.zarr", 1)), f"{bucket}/small", recursive=True)
     options = ["--backend", "obstore", *s3_options(s3_server.endpoint, "obstore"), "--quiet"]

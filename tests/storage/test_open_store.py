@@ -160,7 +160,7 @@ def test_an_s3_url_opens_as_zarr_opens_it(
     for _ in range(2):
         bucket = s3_server.new_bucket()
         if state == "data":
-            fs = s3_server.s3fs()
+            fs = s3_server.setup_fs()
             for key, value in DATA.items():
                 fs.pipe_file(f"{bucket}/root/{key}", value)
         urls.append(f"s3://{bucket}/root")

@@ -79,6 +79,12 @@ class S3Server:
     def s3fs(self, **options: Any) -> Any:
         return s3fs_at(self.endpoint, **options)
 
+    def setup_fs(self) -> Any:
+        """A sync s3fs filesystem for a test's own setup and checks, not under test: with the
+        clients' retries on, since one connect timeout to moto under CI's load failed a test in
+        its setup."""
+        return s3fs_at(self.endpoint, client_retries=True, skip_instance_cache=True)
+
     def obstore(self, bucket: str, **options: Any) -> Any:
         from obstore.store import S3Store
 
