@@ -16,6 +16,8 @@ import pytest
 from support.limits import Admission, Limits
 from zarr_anyio import AdaptiveLimiter
 from zarr_anyio._core.adaptive import (
+    PACE_FLOOR,
+    PROBE_LEAST,
     RETRY_AFTER_QUIET,
     RETRY_AFTER_STEP,
     RETURN_AFTER,
@@ -31,6 +33,17 @@ def answer_a_second(window: AdaptiveLimiter, start: float, rate: int, latency: f
     for i in range(rate):
         now = start + (i + 1) / rate
         window.record(Outcome.ANSWERED, latency, window.epoch, round(window.window), now=now)
+    return now
+
+
+def answer_counts(window: AdaptiveLimiter, counts: tuple[tuple[float, int, float], ...]) -> float:
+    """For each (start, count, span): ``count`` answers of 20 ms, evenly over ``span`` seconds
+    from ``start``, the whole window in use; gives the time of the last."""
+    now = 0.0
+    for start, count, span in counts:
+        for i in range(1, count + 1):
+            now = start + span * i / count
+            window.record(Outcome.ANSWERED, 0.02, window.epoch, round(window.window), now=now)
     return now
 
 
@@ -80,17 +93,19 @@ def test_a_throttle_paces_attempts_at_the_admitted_rate() -> None:
     # Turns are booked 1/300 s apart, in order, whoever asks.
     turns = [window.reserve(now=now) for _ in range(4)]
     assert turns == pytest.approx([0, 1 / 300, 2 / 300, 3 / 300])
-    # Refused again with no answer between: probing halves its pace, down to a tenth.
+    # Refused again with no answer between: probing halves its pace, down to `PACE_FLOOR`.
     paces: list[float | None] = []
     for i in range(8):
         throttle(window, now + 0.01 * (i + 1))
         paces.append(window.pace)
     assert paces[:3] == pytest.approx([150, 75, 37.5])
-    assert paces[-1] == pytest.approx(30)
+    assert paces[-1] == pytest.approx(PACE_FLOOR * 300)
     # Turns booked at the old pace do not hold back one booked after the pace fell.
-    assert window.reserve(now=now + 0.1) <= 1 / 30
-    # The first answer: the server admits again, at the pace it began at.
-    window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=now + 0.2)
+    assert window.reserve(now=now + 0.1) <= 1 / (PACE_FLOOR * 300)
+    # The first answer: the server admits again, at the pace it began at. (Within
+    # `SPENT_GAP` of the answer before: after a longer gap the pace is checked against the
+    # last second's answers, as a fixed window's reset ends the gap.)
+    window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=now + 0.09)
     assert window.pace is not None
     assert window.pace >= 300
 
@@ -152,16 +167,19 @@ def test_the_pace_probes_gently_after_a_throttle_then_faster() -> None:
 def test_less_than_a_second_of_answers_is_no_rate_to_pace_at() -> None:
     # 30 answers in the first tenth of a second: counted over the second that is 30/s against
     # a server admitting 300/s; counted over their span it is as much our own backoff's rate
-    # as the server's. Neither is paced at; a second of answers is.
+    # as the server's. Neither is paced at; a second of answers is. Until the next answer the
+    # spent count is only probed (`PROBE_LEAST`), and that answer ends the probing.
     window = AdaptiveLimiter(128, initial=32)
     for i in range(1, 31):
         window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=i / 300)
     throttle(window, 0.1)
+    assert window.pace == PROBE_LEAST
+    window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=0.101)
     assert window.pace is None
-    assert window.reserve(now=0.1) == 0.0
-    now = answer_a_second(window, 0.1, 300, 0.02)
+    assert window.reserve(now=0.101) == 0.0
+    now = answer_a_second(window, 0.101, 300, 0.02)
     throttle(window, now)
-    assert window.pace == pytest.approx(300)
+    assert window.pace == pytest.approx(300, abs=1)
 
 
 def test_slow_start_doubles_at_most_every_fifth_of_a_second() -> None:
@@ -307,11 +325,7 @@ def test_a_second_that_holds_a_fixed_windows_reset_is_not_taken_for_its_rate() -
     # rate that held, every later second's count went early. Two seconds' answers, over two,
     # are the check: 316.
     window = AdaptiveLimiter(128, initial=32)
-    now = 0.0
-    for start, count, span in ((0.0, 300, 0.9), (1.0, 200, 1.0), (2.0, 300, 0.5)):
-        for i in range(1, count + 1):
-            now = start + span * i / count
-            window.record(Outcome.ANSWERED, 0.02, window.epoch, round(window.window), now=now)
+    now = answer_counts(window, ((0.0, 300, 0.9), (1.0, 200, 1.0), (2.0, 300, 0.5)))
     throttle(window, now)
     assert window.pace is not None
     assert window.pace < 1.1 * 300
@@ -320,6 +334,69 @@ def test_a_second_that_holds_a_fixed_windows_reset_is_not_taken_for_its_rate() -
     now = answer_a_second(young, 0.0, 300, 0.02)
     throttle(young, now)
     assert young.pace == pytest.approx(300)
+
+
+def test_a_spent_count_is_probed_gently_before_there_is_a_rate() -> None:
+    # A read that starts half-way through a fixed window's second: slow start spends the
+    # count in a tenth of a second, and the rest of that second refuses everything. There is
+    # no rate to pace at yet (less than a second of answers), but the window's tokens need not
+    # each hammer the spent count: it is probed at `PACE_FLOOR` of the answers a second, or
+    # `PROBE_LEAST`, until it admits again: at most twice that, as a refusal brings the next
+    # turn to one turn from now (as under any pace: `reserve`). (Without backoffs, as here,
+    # the tokens probed it some 2,000 times in those three tenths of a second.)
+    window = AdaptiveLimiter(128, initial=32)
+    answers = against(window, Limits(window=300, window_kind="fixed"), 0.9, start=0.5)
+    assert admitted_between(answers, 0.5, 1.0) == 300
+    spent_from = max(when for when, admitted in answers if admitted and when < 1.0)
+    probes = refused_between(answers, spent_from + 0.03, 1.0)
+    most = (1.0 - spent_from) * max(PROBE_LEAST, PACE_FLOOR * 300)
+    assert probes <= 2 * most + 2
+    # The count reset at 1.0 s: the first answer after it ends the probing.
+    assert admitted_between(answers, 1.0, 1.1) > 0
+    assert window.pace is None or window.pace > PROBE_LEAST
+
+
+def test_a_window_brought_down_to_the_last_second_is_not_taken_for_bound() -> None:
+    # A fixed window of 300 a second, whose reset-holding second answered 400 (as in the
+    # test above). The throttles that follow, each sent after the decrease before and
+    # refused in a millisecond, each a new episode, bring the window down to what that second
+    # held: the window then looks full of requests the server held (`WINDOW_BOUND`), and what
+    # it sends (8 at 20 ms: 400 a second) is that same second's double count. It is checked
+    # as the rate answered is: paced at 400, every later second's count went early.
+    window = AdaptiveLimiter(128, initial=32)
+    now = answer_counts(window, ((0.0, 300, 0.9), (1.0, 200, 1.0), (2.0, 300, 0.5)))
+    for _ in range(40):
+        now += 0.001
+        throttle(window, now)
+        now += 0.001
+        window.record(Outcome.ANSWERED, 0.02, window.epoch - 1, 1, now=now)
+    assert window.window == pytest.approx(window.admitted(now), rel=0.05)
+    assert window.pace is not None
+    assert window.pace < 1.1 * 300
+
+
+def test_after_a_spent_count_the_pace_is_checked_against_the_second_before_its_reset() -> None:
+    # A fixed window of 300 a second, a read started late in a second: slow start's burst
+    # spends one count, the next second is climbed slowly, and the count after the reset at
+    # 2 s goes early. The throttle at 2.3 s, less than two seconds after the first answer
+    # (`RATE_CHECK` has nothing to check by), finds 425 answers in the last second: two
+    # counts' worth. Paced there, and returned to as the rate that held, every later second's
+    # count went early. The count is spent until the reset at 3 s; the first answer after that
+    # gap came at a reset, so the second before it holds one count, and the pace is checked
+    # against it.
+    window = AdaptiveLimiter(128, initial=32)
+    for i in range(1, 301):
+        window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=0.8 + 0.1 * i / 300)
+    throttle(window, 0.9)
+    now = answer_counts(window, ((1.0, 250, 1.0), (2.0, 250, 0.3)))
+    throttle(window, now)
+    assert window.pace == pytest.approx(425, rel=0.02)
+    while now < 3.0:
+        now += 0.01
+        throttle(window, now)
+    window.record(Outcome.ANSWERED, 0.02, window.epoch, 1, now=3.02)
+    assert window.pace is not None
+    assert window.pace < 1.1 * 300
 
 
 def test_a_throttle_that_finds_the_window_full_paces_at_what_the_window_sends() -> None:
