@@ -399,6 +399,27 @@ def test_after_a_spent_count_the_pace_is_checked_against_the_second_before_its_r
     assert window.pace < 1.1 * 300
 
 
+@pytest.mark.parametrize(("refused_until", "answered_at"), [(2.5, 2.52), (1.05, 1.87)])
+def test_an_outage_or_our_own_slow_probing_is_not_taken_for_a_reset(
+    refused_until: float, answered_at: float
+) -> None:
+    # 300 answers a second, then a run of throttles, then the server admits again. The check
+    # after a spent count (above) is not for these: after 1.5 s of refusals (an outage) the
+    # last second holds only the new answer, and a pace restored to it (or the rate that held
+    # taken down to it) held a client at a request a second; nor for a gap our own halved pace
+    # made, refused last 0.8 s before the answered request went (a slow server probed at a
+    # request a second). Either way the first answer restores the pace the run began at.
+    window = AdaptiveLimiter(128, initial=8)
+    now = answer_a_second(window, 0.0, 300, 0.02)
+    while now < refused_until:
+        now += 0.01
+        throttle(window, now)
+    assert window.pace is not None
+    assert window.pace < 30
+    window.record(Outcome.ANSWERED, 0.02, window.epoch, 1, now=answered_at)
+    assert window.pace == pytest.approx(300, rel=0.02)
+
+
 def test_a_throttle_that_finds_the_window_full_paces_at_what_the_window_sends() -> None:
     # A cap on requests in flight (48, 100 ms each: 480 requests/s). The window, not a rate,
     # is the limit: a second of answers while it grew to 48 is 400 requests/s (the server

@@ -30,8 +30,9 @@ throttled one (measured: 128 in flight against a server admitting 300 requests/s
   if more: a second that holds a fixed window's reset can hold two of its counts; the AWS
   SDKs' adaptive mode paces its sending rate the same way), each further throttle with no
   answer between halves that pace (down to 3%: the server's count is spent, and probing backs
-  off), the first answer restores it (after a spent count, no higher than the second before
-  it answered: that second ends at a fixed window's reset, and holds one of its counts), and
+  off), the first answer restores it (after a spent count early in a read, no higher than the
+  second before it answered: that second ends at a fixed window's reset, and holds one of its
+  counts), and
   every answer raises it by a tenth of an attempt a second (10% a
   second) right after a throttle, that growth doubling for every 0.3 s without one (a limit
   that holds is probed gently, one that has risen is found in seconds); beyond the rate that
@@ -161,8 +162,9 @@ PROBE_LEAST = 10.0
 `PACE_FLOOR` of the answers so far a second, and no less often than this a second: a handful of
 answers is no rate to probe by."""
 SPENT_GAP = 0.1
-"""Seconds without an answer that say the server's count was spent: the first answer after
-them came at its reset (`_speed_up`)."""
+"""Seconds without an answer that say the server's count was spent, if it refused until just
+before (within twice this of sending the answered request) and for less than a second: the
+first answer after them came at its reset (`_speed_up`)."""
 RATE_CHECK = 2.0
 """Seconds of answers a throttle's rate is checked against, once there are that many: a fixed
 window (a count reset on the clock's second) admits up to two counts in a second that holds its
@@ -258,14 +260,19 @@ class AdaptiveLimiter(Limiter):
         # The highest rate answered when a run of throttles began: the rate that held before
         # the server dropped its limit, which the pace returns to once answers run clean.
         self._held = 0.0
-        # The rate that held before the current run of throttles raised it, and whether the
-        # run's pace was what the window sends (`_window_sends`): the check of both once the
-        # server admits again after a spent count (`_speed_up`).
+        # The rate that held before the current run of throttles raised it, whether the run's
+        # pace was what the window sends (`_window_sends`), and whether its rate had less than
+        # `RATE_CHECK` to be checked by: the check of both once the server admits again after
+        # a spent count (`_speed_up`).
         self._held_before = 0.0
         self._streak_bound = False
-        # When the last answer came, and how long after the one before it.
+        self._streak_unchecked = False
+        # When the last answer came, how long after the one before it, and when it was sent;
+        # when the last throttle came.
         self._last_answer_at = -math.inf
         self._answer_gap = 0.0
+        self._answer_sent = -math.inf
+        self._last_throttle = -math.inf
         self._return_after = RETURN_AFTER
         # When a slow start shorter than a second ended (-inf: none did): its answers, bunched
         # by a fixed window's reset, are no rate for a second after it.
@@ -341,6 +348,8 @@ class AdaptiveLimiter(Limiter):
                 now = time.monotonic()
             self._forget_answers(now)
             if outcome in (Outcome.THROTTLED, Outcome.TIMED_OUT):
+                if outcome is Outcome.THROTTLED:
+                    self._last_throttle = now
                 new_episode = epoch == self._epoch
                 clean = now - self._last_decrease
                 self._decrease(now, new_episode=new_episode)
@@ -452,7 +461,6 @@ class AdaptiveLimiter(Limiter):
             if sending is not None:
                 sending = self._checked(sending, now, first)
                 rate = max(rate, sending)
-            self._streak_bound = sending is not None and sending >= rate
             if self._returning is not None and self._pace is not None:
                 # Refused on the way back: the server has not (yet) come back to the rate
                 # that held. The next return waits twice as long, and aims a step lower (as
@@ -490,6 +498,8 @@ class AdaptiveLimiter(Limiter):
                 # Told when to come back: at the rate just answered the server refuses again
                 # within a fraction of a second (see `_told_to_wait`).
                 rate *= RETRY_AFTER_STEP
+            self._streak_bound = sending is not None and sending >= rate
+            self._streak_unchecked = now - first < RATE_CHECK
             self._streak_rate = rate
             self._pace = rate
             self._probing = False
@@ -529,6 +539,17 @@ class AdaptiveLimiter(Limiter):
             rate = min(rate, max(self._held, len(self._answered_at) / RATE_CHECK))
         return rate
 
+    def _after_spent_count(self) -> bool:
+        """Whether the answer just noted ends a spent count: none for `SPENT_GAP` but less than
+        a second (a fixed window resets within one: a longer gap is an outage, and its last
+        second holds next to nothing), the server refusing until just before the answered
+        request went (a gap our own pace made, probing a slow server at a request a second,
+        says nothing of a reset)."""
+        return (
+            SPENT_GAP <= self._answer_gap < SEEN_HORIZON
+            and self._answer_sent - self._last_throttle <= 2 * SPENT_GAP
+        )
+
     def _speed_up(self, now: float) -> None:
         pace = self._pace
         if pace is None:
@@ -541,18 +562,22 @@ class AdaptiveLimiter(Limiter):
         if self._streak_rate is not None:
             # The first answer after a run of throttles: the server admits again.
             streak_rate = self._streak_rate
-            if self._answer_gap >= SPENT_GAP:
-                # After a spent count (no answer for `SPENT_GAP`), this first answer came at
-                # the count's reset, so the last second holds one count of a fixed window (and
-                # no more than a sliding window's): what the run of throttles took for the
-                # rate that held, and paces at, is checked against it. Measured over a second
-                # that held a reset, before two seconds of answers were behind to check it
-                # (`RATE_CHECK`), they were 503 requests/s against 300, and every later
-                # second's count went early: 148 refused in 4 s on the fake clock, 52 checked.
+            if self._streak_unchecked and self._after_spent_count():
+                # After a spent count this first answer came at the count's reset, so the last
+                # second holds one count of a fixed window (and no more than a sliding
+                # window's): what the run of throttles took for the rate that held, and paces
+                # at, is checked against it. Measured over a second that held a reset, before
+                # two seconds of answers were behind to check it (`RATE_CHECK`), they were 503
+                # requests/s against 300, and every later second's count went early: 148
+                # refused in 4 s on the fake clock, 52 checked. A second holds at most two
+                # counts, so neither is taken below half of what it was. Later, the two
+                # seconds' check does this (and a 503 storm of half a second in a long read,
+                # its last second half empty, halved an app-limited client's rate for good).
                 period = len(self._answers) / SEEN_HORIZON
-                self._held = max(self._held_before, min(self._held, period))
+                held = min(self._held, max(period, self._held / 2))
+                self._held = max(self._held_before, held)
                 if not self._streak_bound:
-                    streak_rate = min(streak_rate, max(period, self._held))
+                    streak_rate = min(streak_rate, max(period, self._held, streak_rate / 2))
             pace = max(pace, streak_rate)
             self._streak_rate = None
             self._next_send = min(self._next_send, now + 1 / pace)
@@ -681,6 +706,7 @@ class AdaptiveLimiter(Limiter):
         latency = min(latency, SEEN_HORIZON)
         self._answer_gap = now - self._last_answer_at
         self._last_answer_at = now
+        self._answer_sent = now - latency
         if self._first_answer is None:
             self._first_answer = now
             self._first_sent = now - latency
