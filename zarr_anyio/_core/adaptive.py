@@ -267,11 +267,7 @@ class AdaptiveLimiter(Limiter):
         self._held_before = 0.0
         self._streak_bound = False
         self._streak_unchecked = False
-        # When the last answer came, how long after the one before it, and when it was sent;
-        # when the last throttle came.
-        self._last_answer_at = -math.inf
-        self._answer_gap = 0.0
-        self._answer_sent = -math.inf
+        # When the last throttle came.
         self._last_throttle = -math.inf
         self._return_after = RETURN_AFTER
         # When a slow start shorter than a second ended (-inf: none did): its answers, bunched
@@ -544,10 +540,15 @@ class AdaptiveLimiter(Limiter):
         a second (a fixed window resets within one: a longer gap is an outage, and its last
         second holds next to nothing), the server refusing until just before the answered
         request went (a gap our own pace made, probing a slow server at a request a second,
-        says nothing of a reset)."""
+        says nothing of a reset). Read from the last second's answers: an answer before the
+        one before it within that second is a gap under a second."""
+        answers = self._answers
+        if len(answers) < 2:
+            return False
+        (before, _), (answered, latency) = answers[-2], answers[-1]
         return (
-            SPENT_GAP <= self._answer_gap < SEEN_HORIZON
-            and self._answer_sent - self._last_throttle <= 2 * SPENT_GAP
+            answered - before >= SPENT_GAP
+            and answered - latency - self._last_throttle <= 2 * SPENT_GAP
         )
 
     def _speed_up(self, now: float) -> None:
@@ -704,9 +705,6 @@ class AdaptiveLimiter(Limiter):
         # Only the part of its time inside the horizon: a 30 s answer says nothing of the
         # last second's capacity beyond that second.
         latency = min(latency, SEEN_HORIZON)
-        self._answer_gap = now - self._last_answer_at
-        self._last_answer_at = now
-        self._answer_sent = now - latency
         if self._first_answer is None:
             self._first_answer = now
             self._first_sent = now - latency
