@@ -347,6 +347,18 @@ def run_kind(
     return run
 
 
+def beside_oracle(run: Run, cell: Cell) -> str:
+    """The oracle's share in the same run, by the same client library, beside a cell that
+    missed: what this machine got against that server, knowing its limit. Under load the
+    client's own delays cost even the oracle (100 ms answers take longer to be heard), and a
+    miss the oracle shares is the machine's, not the window's."""
+    library = cell.client.split(",")[0]
+    for other in run.cells:
+        if other.client.startswith(f"{library}, oracle") and other.seconds is not None:
+            return f" (the oracle: {other.judged:.0%})"
+    return ""
+
+
 def table(runs: list[Run]) -> list[str]:
     """The matrix: one row a client, one column a kind of server, "share / throttled"."""
     clients = list(dict.fromkeys(cell.client for run in runs for cell in run.cells))
@@ -361,7 +373,7 @@ def table(runs: list[Run]) -> list[str]:
             f"| {client} | " + " | ".join(cell.cell() if cell else "" for cell in cells) + " |"
         )
     missed = [
-        f"{run.kind}: {cell.client}"
+        f"{run.kind}: {cell.client}{beside_oracle(run, cell)}"
         for run in runs
         for cell in run.cells
         if cell.targeted and cell.misses

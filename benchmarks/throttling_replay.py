@@ -9,8 +9,11 @@ and the store's retry loop as `storage/_remote.py` runs it: each request takes a
 turn under the pace and is judged by the servers' own policy (``tests/support/limits.py``); a
 refused one backs off (`Retry.delay`, bounded by `PACED_WAIT_MOST`) holding its token, unless
 the window has shrunk below the tokens held. Answers take the server's latency plus up to 5 ms,
-refusals 1-3 ms; ``--load-ms`` adds an exponential delay of that mean to each (a loaded client).
-No CPU is modelled: the replay says what the rules do, `throttling.py` what a machine does.
+refusals 1-3 ms; ``--load-ms`` adds an exponential delay of that mean to each (a loaded client);
+``--share`` runs the client only that share of the time, in slices of ``--slice-ms``
+(exponential), so what it hears or sends while off waits for its next slice: answers come in
+bunches, as they do to a client sharing its cores. No CPU cost is modelled: the replay says what
+the rules do, `throttling.py` what a machine does.
 
 Each row: the median share of what the server admits (as `throttling.py` judges it: at a
 ceiling that bounds the rate, of what the server admits at that ceiling), its 10th
@@ -56,7 +59,39 @@ class Read:
     refused: float  # share of the requests sent
 
 
-def replay(name: str, count: int, ceiling: int, seed: int, load: float = 0.0) -> Read:
+@dataclass
+class Scheduler:
+    """When a client that runs ``share`` of the time, in exponential slices of ``slice`` seconds
+    on average, is next on the CPU."""
+
+    jitter: random.Random
+    share: float = 1.0
+    slice: float = 0.004
+    # The client is off from ``off`` to ``on`` (the next such interval, or the last past one).
+    off: float = -1.0
+    on: float = -1.0
+
+    def awake(self, when: float) -> float:
+        """``when``, or the end of the interval the client is off in then."""
+        if self.share >= 1:
+            return when
+        while self.on <= when:
+            on_for = self.jitter.expovariate(1 / self.slice)
+            off_for = self.jitter.expovariate(self.share / ((1 - self.share) * self.slice))
+            self.off = max(self.on, when - self.jitter.random() * self.slice) + on_for
+            self.on = self.off + off_for
+        return self.on if when >= self.off else when
+
+
+def replay(
+    name: str,
+    count: int,
+    ceiling: int,
+    seed: int,
+    load: float = 0.0,
+    share: float = 1.0,
+    slice_ms: float = 4.0,
+) -> Read:
     """One bulk read of ``count`` requests from the server ``name``, started at a random point
     of a clock second."""
     kind: Kind = SERVERS[name]
@@ -73,8 +108,11 @@ def replay(name: str, count: int, ceiling: int, seed: int, load: float = 0.0) ->
     throttles = [0] * count
     held = in_server = answered = refused = sent = 0
     start = now = last = 1000 + jitter.random()
+    client = Scheduler(random.Random(seed + 1_000_003), share, slice_ms / 1000)
 
     def push(when: float, event: str, request: int, at: float = 0.0, holding: int = 0) -> None:
+        # Every event but the server's own happens in the client, when it is on the CPU.
+        when = when if event == "served" else client.awake(when)
         heapq.heappush(events, (when, next(order), event, request, at, window.epoch, holding))
 
     def take_tokens() -> None:
@@ -101,9 +139,8 @@ def replay(name: str, count: int, ceiling: int, seed: int, load: float = 0.0) ->
                 push(served, "served", request, now, held)
         elif event == "served":  # the server's place is free; the client hears of it later
             in_server -= 1
-            heapq.heappush(
-                events, (now + delay(), next(order), "answer", request, at, epoch, holding)
-            )
+            when = client.awake(now + delay())
+            heapq.heappush(events, (when, next(order), "answer", request, at, epoch, holding))
         elif event == "answer":
             window.record(Outcome.ANSWERED, now - at, epoch, holding, now=now)
             held -= 1
@@ -147,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ceilings", default="32,128,256", help="comma-separated")
     parser.add_argument("--seeds", type=int, default=40)
     parser.add_argument("--load-ms", type=float, default=0.0)
+    parser.add_argument("--share", type=float, default=1.0, help="of the CPU, the client's")
+    parser.add_argument("--slice-ms", type=float, default=4.0)
     options = parser.parse_args(argv)
     print("| kind | ceiling | share of what it admits / refused | seeds missing |")
     print("|---|---|---|---|")
@@ -154,7 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         for ceiling in (int(c) for c in options.ceilings.split(",")):
             count = options.count * SERVERS[name].reads
             reads = [
-                replay(name, count, ceiling, seed, options.load_ms / 1000)
+                replay(
+                    name,
+                    count,
+                    ceiling,
+                    seed,
+                    options.load_ms / 1000,
+                    options.share,
+                    options.slice_ms,
+                )
                 for seed in range(options.seeds)
             ]
             print(f"| {name} | {ceiling} | {summary(reads)} |", flush=True)

@@ -16,6 +16,7 @@ import pytest
 from support.limits import Admission, Limits
 from zarr_anyio import AdaptiveLimiter
 from zarr_anyio._core.adaptive import (
+    PACE_CREDIT,
     PACE_FLOOR,
     PROBE_LEAST,
     RETRY_AFTER_QUIET,
@@ -108,6 +109,34 @@ def test_a_throttle_paces_attempts_at_the_admitted_rate() -> None:
     window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=now + 0.09)
     assert window.pace is not None
     assert window.pace >= 300
+
+
+def test_turns_missed_while_the_client_was_busy_are_taken_late_up_to_the_credit() -> None:
+    # A client sharing its cores hears answers in bunches: paced a turn apart, a bunch's next
+    # requests waited their turns holding the window's tokens, which a cap on requests in
+    # flight counts as requests not sent.
+    window = AdaptiveLimiter(128, initial=32)
+    now = answer_a_second(window, 0.0, 300, 0.02)
+    throttle(window, now)
+    assert window.pace == pytest.approx(300)
+    # Pacing just began: no turn was missed before it.
+    assert [window.reserve(now=now) for _ in range(3)] == pytest.approx([0, 1 / 300, 2 / 300])
+    # Busy for 0.1 s, the client then hears a bunch of answers at once: the turns it missed
+    # go at once, as many as `PACE_CREDIT` holds (6 at 300 a second), the rest a turn apart.
+    later = now + 0.1
+    credit = round(PACE_CREDIT * 300)
+    bunch = [window.reserve(now=later) for _ in range(credit + 3)]
+    assert bunch == pytest.approx([0.0] * (credit + 1) + [1 / 300, 2 / 300], abs=1e-9)
+    # Over time the rate is still the pace: bunches of 10 every 10 ms, 1,000 asked a second,
+    # send no more in a second than the pace and the credit.
+    start = later + 1
+    sent = [
+        at + window.reserve(now=at)
+        for at in (start + i / 100 for i in range(100))
+        for _ in range(10)
+    ]
+    in_a_second = sum(start <= when < start + 1 for when in sent)
+    assert 300 <= in_a_second <= 300 + credit + 1
 
 
 def slow_down(window: AdaptiveLimiter, now: float) -> None:
