@@ -24,13 +24,14 @@ many seeds missed the target (under 90% / over 10%).
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import heapq
 import itertools
 import random
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -62,25 +63,31 @@ class Read:
 @dataclass
 class Scheduler:
     """When a client that runs ``share`` of the time, in exponential slices of ``slice`` seconds
-    on average, is next on the CPU."""
+    on average, is next on the CPU: a fixed schedule of the times it is off, laid out as far as
+    asked, so an instant is on or off whatever was asked before."""
 
     jitter: random.Random
     share: float = 1.0
     slice: float = 0.004
-    # The client is off from ``off`` to ``on`` (the next such interval, or the last past one).
-    off: float = -1.0
-    on: float = -1.0
+    # The client is off from ``offs[i]`` to ``ons[i]``, and on from ``ons[i]`` to ``offs[i + 1]``.
+    offs: list[float] = field(default_factory=list)
+    ons: list[float] = field(default_factory=list)
 
     def awake(self, when: float) -> float:
         """``when``, or the end of the interval the client is off in then."""
         if self.share >= 1:
             return when
-        while self.on <= when:
-            on_for = self.jitter.expovariate(1 / self.slice)
-            off_for = self.jitter.expovariate(self.share / ((1 - self.share) * self.slice))
-            self.off = max(self.on, when - self.jitter.random() * self.slice) + on_for
-            self.on = self.off + off_for
-        return self.on if when >= self.off else when
+        if not self.ons:
+            self.offs.append(when - 1.0)  # a second of schedule before the first instant asked
+            self.ons.append(when - 1.0)
+        while self.ons[-1] <= when:
+            off = self.ons[-1] + self.jitter.expovariate(1 / self.slice)
+            self.offs.append(off)
+            self.ons.append(
+                off + self.jitter.expovariate(self.share / ((1 - self.share) * self.slice))
+            )
+        i = bisect.bisect_right(self.offs, when) - 1
+        return self.ons[i] if i >= 0 and when < self.ons[i] else when
 
 
 def replay(

@@ -120,6 +120,38 @@ def test_the_replay_models_a_client_sharing_its_cores() -> None:
     assert replayed_share("--share", "0.3") < replayed_share() - 1
 
 
+SCHEDULE = """
+import random, sys
+sys.path.insert(0, sys.argv[1])
+from throttling_replay import Scheduler
+for share in (0.3, 0.5, 0.7):
+    client = Scheduler(random.Random(1), share, 0.004)
+    client.awake(999.0)
+    asked = random.Random(2)
+    instants = [1000 + 10 * asked.random() for _ in range(20000)]
+    first = [client.awake(when) for when in instants]
+    again = [client.awake(when) for when in reversed(instants)][::-1]
+    on = sum(woke == when for woke, when in zip(first, instants)) / len(instants)
+    print(share, on, first == again, all(woke >= when for woke, when in zip(first, instants)))
+"""
+
+
+def test_the_replays_client_runs_its_share_of_the_time_whatever_is_asked_first() -> None:
+    # The schedule is a fixed function of time: asked in any order, an instant is on or off
+    # the same, and the client is on its share of the time.
+    done = subprocess.run(
+        [sys.executable, "-c", SCHEDULE, str(TOP / "benchmarks")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    for line in done.stdout.splitlines():
+        share, on, same, never_earlier = line.split()
+        assert abs(float(on) - float(share)) < 0.02, line
+        assert same == never_earlier == "True", line
+
+
 def test_the_throttling_replay_runs_every_kind() -> None:
     done = run_throttling("--seeds", "2", script=REPLAY)
     rows = [line.split(" | ")[0] for line in done.stdout.splitlines() if line.startswith("| ")]

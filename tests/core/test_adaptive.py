@@ -137,6 +137,12 @@ def test_turns_missed_while_the_client_was_busy_are_taken_late_up_to_the_credit(
     ]
     in_a_second = sum(start <= when < start + 1 for when in sent)
     assert 300 <= in_a_second <= 300 + credit + 1
+    # A pace lowered (refused again, no answer between) starts without credit, however long
+    # the client has not sent: a throttle is no time for a burst.
+    idle = max(sent) + 1
+    throttle(window, idle)
+    assert window.pace == pytest.approx(150)
+    assert [window.reserve(now=idle) for _ in range(3)] == pytest.approx([0, 1 / 150, 2 / 150])
 
 
 def slow_down(window: AdaptiveLimiter, now: float) -> None:

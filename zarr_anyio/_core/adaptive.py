@@ -199,8 +199,8 @@ rate, not a gap between each two sends. A client sharing its cores hears answers
 (its process waited for the CPU while they came), and paced one turn apart the bunch's next
 requests waited their turns holding the window's tokens: against a cap of 48 in flight, 75% of
 requests waited, 10-13 ms each (traced, load 2 on 2 cores: 76-79% of what the server admitted,
-a fixed window of 48 got 90-92%). With the credit the rate over any second is still the pace,
-and at most this many seconds' turns more.)"""
+a fixed window of 48 got 90-92%). While a pace holds, no second sends more than the pace and
+this many seconds' turns; the credit does not outlive a pace (`_book`)."""
 WINDOW_BOUND = 0.8
 """A throttle found the window bound (its requests, not a rate, the limit: a cap on requests in
 flight) when the server was seen to hold at least this share of it (`admitted`)."""
@@ -525,12 +525,14 @@ class AdaptiveLimiter(Limiter):
             self._pace = max(self._pace / 2, self._pace_floor)
         self._book(now, began)
 
-    def _book(self, now: float, began: bool) -> None:
-        """The next turn under a pace just set: one at most a turn away (a turn booked at a pace
-        since lowered does not hold back the next), and none of the credit for turns not taken
-        (`PACE_CREDIT`) if pacing just ``began``: no turn was missed before it."""
+    def _book(self, now: float, began: bool = False) -> None:
+        """The next turn under a pace just set: now if pacing just ``began``, else at most a
+        turn away (a turn booked at a pace since lowered does not hold back the next). No credit
+        for turns not taken (`PACE_CREDIT`) outlives a pace: they were turns of another, and a
+        throttle or a spent count's first answer is no time for a burst."""
         if self._pace is not None:
-            self._next_send = now if began else min(self._next_send, now + 1 / self._pace)
+            next_send = now if began else max(self._next_send, now)
+            self._next_send = min(next_send, now + 1 / self._pace)
 
     def _window_sends(self) -> float | None:
         """What the window sends a second, if a throttle found it bound (`WINDOW_BOUND`)."""
@@ -603,7 +605,8 @@ class AdaptiveLimiter(Limiter):
                     streak_rate = min(streak_rate, max(period, self._held, streak_rate / 2))
             pace = max(pace, streak_rate)
             self._streak_rate = None
-            self._next_send = min(self._next_send, now + 1 / pace)
+            self._pace = pace
+            self._book(now)
         # Probe upward by PACE_GROWTH of the pace per second of answers; twice the rate that
         # was throttled, answered cleanly, says that limit is gone: pacing ends. (Not "once
         # the window could not send that fast anyway": a client whose own CPU is the
