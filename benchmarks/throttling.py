@@ -461,7 +461,7 @@ def plot(runs: list[Run], count: int, path: Path) -> str:
         3, 1, figsize=(10, 4 + 0.3 * len(clients) + 5), height_ratios=[len(clients) / 3, 1, 1]
     )
     shares = [
-        [found[(run.kind, c)].share if (run.kind, c) in found else float("nan") for run in runs]
+        [found[(run.kind, c)].judged if (run.kind, c) in found else float("nan") for run in runs]
         for c in clients
     ]
     grid.imshow(shares, cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
@@ -473,7 +473,11 @@ def plot(runs: list[Run], count: int, path: Path) -> str:
     grid.set_xticks(range(len(runs)), [run.kind for run in runs])
     grid.set_yticks(range(len(clients)), clients, fontsize=7)
     grid.xaxis.tick_top()
-    grid.set_title("share of what the server admits / share of requests throttled", fontsize=9)
+    grid.set_title(
+        "share of what the server admits / share of requests throttled"
+        " (coloured by the share judged: at a ceiling that bounds the rate, in brackets)",
+        fontsize=9,
+    )
     window.step([t - started for t, _ in samples], [w for _, w in samples], where="post")
     window.axhline(6, color="grey", linestyle=":", label="300 req/s x 20 ms = 6")
     window.axhline(2, color="silver", linestyle=":", label="100 req/s x 20 ms = 2")

@@ -430,7 +430,6 @@ class AdaptiveLimiter(Limiter):
         # was just seen to answer, which smooths a burst into the server's rate and spreads
         # throttled requests' retries (they come back paced, not as one burst at the start of
         # the next second, which a fixed window refuses again).
-        began = self._pace is None
         if self._streak_rate is None:
             first = self._first_sent
             if (
@@ -451,7 +450,7 @@ class AdaptiveLimiter(Limiter):
                     answered = len(self._answers) / SEEN_HORIZON
                     self._pace = max(PROBE_LEAST, PACE_FLOOR * answered)
                     self._probing = True
-                    self._book(now, began)
+                    self._book(now)
                 return
             rate = answered = self._answered_rate(now, first)
             # Against a cap on requests in flight (48 at 100 ms) the window binds, not a rate:
@@ -523,16 +522,15 @@ class AdaptiveLimiter(Limiter):
             # limiter refuses the rest of its second however few are sent), so probing backs
             # off, halving the pace down to its floor, and the first answer restores it.
             self._pace = max(self._pace / 2, self._pace_floor)
-        self._book(now, began)
+        self._book(now)
 
-    def _book(self, now: float, began: bool = False) -> None:
-        """The next turn under a pace just set: now if pacing just ``began``, else at most a
-        turn away (a turn booked at a pace since lowered does not hold back the next). No credit
-        for turns not taken (`PACE_CREDIT`) outlives a pace: they were turns of another, and a
-        throttle or a spent count's first answer is no time for a burst."""
+    def _book(self, now: float) -> None:
+        """The next turn under a pace just set: at most a turn away (a turn booked at a pace
+        since lowered does not hold back the next), and not before now. No credit for turns not
+        taken (`PACE_CREDIT`) outlives a pace: they were turns of another (or of none, before
+        pacing began), and a throttle or a spent count's first answer is no time for a burst."""
         if self._pace is not None:
-            next_send = now if began else max(self._next_send, now)
-            self._next_send = min(next_send, now + 1 / self._pace)
+            self._next_send = min(max(self._next_send, now), now + 1 / self._pace)
 
     def _window_sends(self) -> float | None:
         """What the window sends a second, if a throttle found it bound (`WINDOW_BOUND`)."""
