@@ -474,8 +474,7 @@ def plot(runs: list[Run], count: int, path: Path) -> str:
     grid.set_yticks(range(len(clients)), clients, fontsize=7)
     grid.xaxis.tick_top()
     grid.set_title(
-        "share of what the server admits / share of requests throttled"
-        " (coloured by the share judged: at a ceiling that bounds the rate, in brackets)",
+        "share of what the server admits / of requests throttled (colour: the share judged)",
         fontsize=9,
     )
     window.step([t - started for t, _ in samples], [w for _, w in samples], where="post")
