@@ -97,10 +97,10 @@ def replay(
     seed: int,
     load: float = 0.0,
     share: float = 1.0,
-    slice_ms: float = 4.0,
+    cpu_slice: float = 0.004,
 ) -> Read:
     """One bulk read of ``count`` requests from the server ``name``, started at a random point
-    of a clock second."""
+    of a clock second; ``load`` and ``cpu_slice`` in seconds (`Scheduler`)."""
     kind: Kind = SERVERS[name]
     server_limits = limits(name)
     jitter = random.Random(seed)
@@ -115,7 +115,7 @@ def replay(
     throttles = [0] * count
     held = in_server = answered = refused = sent = 0
     start = now = last = 1000 + jitter.random()
-    client = Scheduler(random.Random(seed + 1_000_003), share, slice_ms / 1000)
+    client = Scheduler(random.Random(seed + 1_000_003), share, cpu_slice)
 
     def push(when: float, event: str, request: int, at: float = 0.0, holding: int = 0) -> None:
         # Every event but the server's own happens in the client, when it is on the CPU.
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed,
                     options.load_ms / 1000,
                     options.share,
-                    options.slice_ms,
+                    options.slice_ms / 1000,
                 )
                 for seed in range(options.seeds)
             ]
