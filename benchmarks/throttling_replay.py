@@ -122,12 +122,34 @@ def replay(
         when = when if event == "served" else client.awake(when)
         heapq.heappush(events, (when, next(order), event, request, at, window.epoch, holding))
 
+    # A request asleep on its turn is booked again when the pace is raised at once, if that
+    # comes sooner (`AdaptiveLimiter.take_turn`): its "send" events are stamped, and only the
+    # latest stamp of each is sent.
+    stamps = [0] * count
+    turns: dict[int, float] = {}  # request: the turn it is asleep on
+    raises = window.raises
+
+    def book(request: int) -> None:
+        stamps[request] += 1
+        turn = now + window.reserve(now=now)
+        if request in turns:
+            turn = min(turn, turns[request])
+        if turn > now:
+            turns[request] = turn
+        push(turn, "send", request, holding=stamps[request])
+
+    def book_again_if_raised() -> None:
+        nonlocal raises
+        if window.raises != raises:
+            raises = window.raises
+            for request in sorted(turns, key=turns.__getitem__):
+                book(request)
+
     def take_tokens() -> None:
         nonlocal held
         while waiting and held < window.total_tokens:
             held += 1
-            request = waiting.popleft()
-            push(now + window.reserve(now=now), "send", request)
+            book(waiting.popleft())
 
     def delay() -> float:
         return jitter.expovariate(1 / load) if load else 0.0
@@ -136,6 +158,9 @@ def replay(
     while events:
         now, _, event, request, at, epoch, holding = heapq.heappop(events)
         if event == "send":
+            if holding != stamps[request]:
+                continue  # booked again since
+            turns.pop(request, None)
             sent += 1
             admission.arrives(str(request), now)
             if admission.judge(server_limits, now, in_server + 1).refused:
@@ -150,6 +175,7 @@ def replay(
             heapq.heappush(events, (when, next(order), "answer", request, at, epoch, holding))
         elif event == "answer":
             window.record(Outcome.ANSWERED, now - at, epoch, holding, now=now)
+            book_again_if_raised()
             held -= 1
             answered += 1
             last = now
@@ -166,7 +192,7 @@ def replay(
             else:
                 push(now + wait, "retry", request)
         elif event == "retry":
-            push(now + window.reserve(now=now), "send", request)
+            book(request)
         else:  # "queue"
             waiting.append(request)
             take_tokens()

@@ -143,7 +143,10 @@ import threading
 import time
 from typing import Any
 
-from .limit import Limiter, copy_in_process
+import anyio
+
+from .limit import Limiter, Waiter, copy_in_process
+from .loops import current_loop_key, waker
 
 __all__ = ["DEFAULT_CEILING", "AdaptiveLimiter", "Outcome"]
 
@@ -264,6 +267,12 @@ class AdaptiveLimiter(Limiter):
         self._next_send = 0.0
         # The pace is only a probe's, before there is a rate: the first answer ends it.
         self._probing = False
+        # Attempts asleep on their turns (`take_turn`), woken to book again when the pace is
+        # raised at once (`_raise_pace`); `_raises` counts those raises, `_to_wake` holds the
+        # woken until the lock is let go.
+        self._turn_waiters: set[Waiter] = set()
+        self._to_wake: list[Waiter] = []
+        self._raises = 0
         # The rate answered when the current run of throttles began (None: answers came since
         # the last throttle): the least the pace backs off to.
         self._streak_rate: float | None = None
@@ -326,19 +335,63 @@ class AdaptiveLimiter(Limiter):
         """Attempts a second while pacing after a throttle, or ``None`` while not pacing."""
         return self._pace
 
+    @property
+    def raises(self) -> int:
+        """How many times the pace was raised at once (the server admits again): a turn booked
+        before one is booked again (`take_turn`)."""
+        return self._raises
+
     def reserve(self, now: float | None = None) -> float:
         """Book the next attempt's turn under the pace: seconds to wait before sending it
         (0 while not pacing). Turns are reservations, so no attempt overtakes another."""
         with self._state:
-            if now is None:
-                now = time.monotonic()
-            if self._pace is None:
-                return 0.0
-            # Turns not taken while the client was busy elsewhere are taken late, up to
-            # `PACE_CREDIT` of them (`_book`).
-            start = max(self._next_send, now - PACE_CREDIT)
-            self._next_send = start + 1 / self._pace
-            return max(0.0, start - now)
+            return self._reserve(time.monotonic() if now is None else now)
+
+    def _reserve(self, now: float) -> float:
+        if self._pace is None:
+            return 0.0
+        # Turns not taken while the client was busy elsewhere are taken late, up to
+        # `PACE_CREDIT` of them (`_book`).
+        start = max(self._next_send, now - PACE_CREDIT)
+        self._next_send = start + 1 / self._pace
+        return max(0.0, start - now)
+
+    async def take_turn(self, not_after: float | None = None) -> bool:
+        """Book the next attempt's turn under the pace (`reserve`) and wait for it; ``False``,
+        having waited nothing, if it falls after ``not_after`` (`time.monotonic`).
+
+        A pace raised at once while it waits (the first answer after a spent count, or after a
+        run of throttles) books its turn again under the new pace, if that comes sooner: turns
+        booked while a spent count was probed (10 a second) held their tokens asleep for up to
+        2.5 s after the server admitted again (traced: a window of 26, 8-47 answers a tenth of
+        a second where it could answer 100)."""
+        with self._state:
+            now = time.monotonic()
+            end = now + self._reserve(now)
+            raises = self._raises
+        if not_after is not None and end > not_after:
+            return False
+        while end > now:
+            event = anyio.Event()
+            waiter = Waiter(event, waker(current_loop_key()))
+            with self._state:
+                if raises == self._raises:
+                    self._turn_waiters.add(waiter)
+                else:
+                    waiter.granted = True  # raised before it could sleep
+            if not waiter.granted:
+                try:
+                    with anyio.move_on_after(end - now):
+                        await event.wait()
+                finally:
+                    with self._state:
+                        self._turn_waiters.discard(waiter)
+            now = time.monotonic()
+            if waiter.granted:
+                with self._state:
+                    end = min(end, now + self._reserve(now))
+                    raises = self._raises
+        return True
 
     def record(
         self,
@@ -355,39 +408,59 @@ class AdaptiveLimiter(Limiter):
         `time.monotonic` clock (default: now); ``retry_after``: the seconds a throttling
         answer asked to wait (its ``Retry-After``), if it said."""
         with self._state:
-            if now is None:
-                now = time.monotonic()
-            self._forget_answers(now)
-            if outcome in (Outcome.THROTTLED, Outcome.TIMED_OUT):
-                if outcome is Outcome.THROTTLED:
-                    self._last_throttle = now
-                new_episode = epoch == self._epoch
-                clean = now - self._last_decrease
-                self._decrease(now, new_episode=new_episode)
-                told = retry_after is not None and retry_after > 0
-                if new_episode:
-                    self._slow_to_admitted(now, clean, told=told)
-                if retry_after is not None and told:
-                    self._told_to_wait(now, retry_after)
-            elif outcome is Outcome.ANSWERED:
-                self._note_latency(latency)
-                self._note_answer(now, latency)
-                self._speed_up(now)
-                if in_flight * 2 < self._window or self._queueing() or self._paced():
-                    return
-                if self._returning is not None:
-                    # On the way back to the rate that held, the pace bounds the rate: the
-                    # window follows it one per answer, where CUBIC would regrow it from what
-                    # the low rate taught it (2-3 in flight at 20 ms is 100-150 requests/s,
-                    # and it capped the return).
-                    self._window = min(float(self._ceiling), self._window + 1)
-                else:
-                    self._grow(now)
-            else:
-                return
-            tokens = max(1, min(self._ceiling, round(self._window)))
-        if tokens != self.total_tokens:
+            tokens = self._record(
+                outcome,
+                latency,
+                epoch,
+                in_flight,
+                time.monotonic() if now is None else now,
+                retry_after,
+            )
+            woken, self._to_wake = self._to_wake, []
+        for waiter in woken:
+            waiter.notify()
+        if tokens is not None and tokens != self.total_tokens:
             self.total_tokens = tokens
+
+    def _record(
+        self,
+        outcome: Outcome,
+        latency: float,
+        epoch: int,
+        in_flight: int,
+        now: float,
+        retry_after: float | None,
+    ) -> int | None:
+        """`record`, under the lock: the window's new token count (``None``: unchanged)."""
+        self._forget_answers(now)
+        if outcome in (Outcome.THROTTLED, Outcome.TIMED_OUT):
+            if outcome is Outcome.THROTTLED:
+                self._last_throttle = now
+            new_episode = epoch == self._epoch
+            clean = now - self._last_decrease
+            self._decrease(now, new_episode=new_episode)
+            told = retry_after is not None and retry_after > 0
+            if new_episode:
+                self._slow_to_admitted(now, clean, told=told)
+            if retry_after is not None and told:
+                self._told_to_wait(now, retry_after)
+        elif outcome is Outcome.ANSWERED:
+            self._note_latency(latency)
+            self._note_answer(now, latency)
+            self._speed_up(now)
+            if in_flight * 2 < self._window or self._queueing() or self._paced():
+                return None
+            if self._returning is not None:
+                # On the way back to the rate that held, the pace bounds the rate: the
+                # window follows it one per answer, where CUBIC would regrow it from what
+                # the low rate taught it (2-3 in flight at 20 ms is 100-150 requests/s,
+                # and it capped the return).
+                self._window = min(float(self._ceiling), self._window + 1)
+            else:
+                self._grow(now)
+        else:
+            return None
+        return max(1, min(self._ceiling, round(self._window)))
 
     # ------------------------------------------------------------------ the control law
 
@@ -532,6 +605,14 @@ class AdaptiveLimiter(Limiter):
         if self._pace is not None:
             self._next_send = min(max(self._next_send, now), now + 1 / self._pace)
 
+    def _raise_pace(self) -> None:
+        # Turns booked under the pace that was are booked again under this one (`take_turn`).
+        self._raises += 1
+        for waiter in self._turn_waiters:
+            waiter.granted = True
+        self._to_wake.extend(self._turn_waiters)
+        self._turn_waiters.clear()
+
     def _window_sends(self) -> float | None:
         """What the window sends a second, if a throttle found it bound (`WINDOW_BOUND`)."""
         latency = self._short_latency
@@ -581,6 +662,7 @@ class AdaptiveLimiter(Limiter):
             # The server admits again: a probe's pace was no rate (`_slow_to_admitted`).
             self._pace = None
             self._probing = False
+            self._raise_pace()
             return
         if self._streak_rate is not None:
             # The first answer after a run of throttles: the server admits again.
@@ -601,9 +683,10 @@ class AdaptiveLimiter(Limiter):
                 self._held = max(self._held_before, held)
                 if not self._streak_bound:
                     streak_rate = min(streak_rate, max(period, self._held, streak_rate / 2))
-            pace = max(pace, streak_rate)
             self._streak_rate = None
-            self._pace = pace
+            if streak_rate > pace:
+                pace = self._pace = streak_rate
+                self._raise_pace()
             self._book(now)
         # Probe upward by PACE_GROWTH of the pace per second of answers; twice the rate that
         # was throttled, answered cleanly, says that limit is gone: pacing ends. (Not "once
@@ -638,6 +721,7 @@ class AdaptiveLimiter(Limiter):
         # to 300 requests/s from a pace throttled at 100 is no sign that the limit is gone.
         if pace > 2 * max(self._paced_from, self._held):
             self._pace = self._returning = None
+            self._raise_pace()
         else:
             self._pace = pace
 
@@ -753,6 +837,9 @@ class AdaptiveLimiter(Limiter):
         # The window is knowledge of the server, kept; the lock may have been held by a thread
         # the child does not have.
         self._state = threading.Lock()
+        # Their tasks were the parent's.
+        self._turn_waiters = set()
+        self._to_wake = []
         super()._after_fork_in_child()
 
     # ------------------------------------------------------------------ identity

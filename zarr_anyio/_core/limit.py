@@ -61,8 +61,9 @@ class LimiterStatistics:
     tasks_waiting: int
 
 
-class _Waiter:
-    """One task (or thread) queued for a token; ``granted`` once a token was handed to it."""
+class Waiter:
+    """One task (or thread) waiting: queued for a token, or asleep on its turn under an adaptive
+    window's pace; ``granted`` once a token was handed to it, or its turn is to be booked again."""
 
     __slots__ = ("event", "given_back", "granted", "thread", "wake")
 
@@ -120,7 +121,7 @@ class Limiter:
     def __init__(self, total_tokens: int = DEFAULT_MAX_CONCURRENCY) -> None:
         self._total = _check_total(total_tokens)
         self._borrowed = 0
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: deque[Waiter] = deque()
         self._lock = threading.Lock()
         # Who this is, for its copies in other processes (see copy_in_process).
         self._origin = os.getpid()
@@ -170,7 +171,7 @@ class Limiter:
     async def acquire(self) -> None:
         """Take a token, waiting for one in FIFO order; a checkpoint either way."""
         await anyio.lowlevel.checkpoint_if_cancelled()
-        waiter = self._take_or_queue(lambda: _Waiter(anyio.Event(), waker(current_loop_key())))
+        waiter = self._take_or_queue(lambda: Waiter(anyio.Event(), waker(current_loop_key())))
         if waiter is None:
             try:
                 await anyio.lowlevel.cancel_shielded_checkpoint()
@@ -189,7 +190,7 @@ class Limiter:
     @contextmanager
     def blocking(self) -> Iterator[None]:
         """Hold a token for a block of blocking code in a plain thread (no event loop)."""
-        waiter = self._take_or_queue(lambda: _Waiter(threading.Event()))
+        waiter = self._take_or_queue(lambda: Waiter(threading.Event()))
         if waiter is not None:
             try:
                 waiter.event.wait()
@@ -223,7 +224,7 @@ class Limiter:
 
     # ------------------------------------------------------------------ internals
 
-    def _take_or_queue(self, make_waiter: Callable[[], _Waiter]) -> _Waiter | None:
+    def _take_or_queue(self, make_waiter: Callable[[], Waiter]) -> Waiter | None:
         """Take a token if one is free and nobody waits (``None``), else queue a waiter."""
         with self._lock:
             if not self._waiters and self._borrowed < self._total:
@@ -233,8 +234,8 @@ class Limiter:
             self._waiters.append(waiter)
             return waiter
 
-    def _grant_locked(self) -> list[_Waiter]:
-        woken: list[_Waiter] = []
+    def _grant_locked(self) -> list[Waiter]:
+        woken: list[Waiter] = []
         while self._waiters and self._borrowed < self._total:
             waiter = self._waiters.popleft()
             waiter.granted = True
@@ -242,14 +243,14 @@ class Limiter:
             woken.append(waiter)
         return woken
 
-    def _notify(self, woken: list[_Waiter]) -> None:
+    def _notify(self, woken: list[Waiter]) -> None:
         for waiter in woken:
             if not waiter.notify() and self._give_back(waiter):
                 # Its loop is gone, so it will never run to give the token back: we do (once:
                 # its coroutine may still be closed later, and abandon it).
                 self.release()
 
-    def _give_back(self, waiter: _Waiter) -> bool:
+    def _give_back(self, waiter: Waiter) -> bool:
         """Whether the caller is the one to release ``waiter``'s granted token."""
         with self._lock:
             if waiter.given_back:
@@ -257,7 +258,7 @@ class Limiter:
             waiter.given_back = True
             return True
 
-    def _abandon(self, waiter: _Waiter) -> None:
+    def _abandon(self, waiter: Waiter) -> None:
         """A waiter stopped waiting (cancelled): leave the queue, or pass on its token."""
         with self._lock:
             if not waiter.granted:

@@ -545,11 +545,11 @@ class RemoteStore(AnyioStore):
         if self.rate_limit is not None:
             await self.rate_limit.acquire()
         adaptive = limiter if isinstance(limiter, AdaptiveLimiter) else None
-        turn = adaptive.reserve() if adaptive is not None else 0.0
-        if not_after is not None and time.monotonic() + turn > not_after:
+        if adaptive is not None:
+            if not await adaptive.take_turn(not_after):
+                raise _PastDeadline
+        elif not_after is not None and time.monotonic() > not_after:
             raise _PastDeadline
-        if turn > 0:
-            await anyio.sleep(turn)
         epoch = adaptive.epoch if adaptive is not None else 0
         in_flight = adaptive.borrowed_tokens if adaptive is not None else 0
         self._counters.add(requests=1, sent=sent)
