@@ -50,7 +50,10 @@ throttled one (measured: 128 in flight against a server admitting 300 requests/s
   heard in a bunch, after its process waited for the CPU) are taken late, up to
   `PACE_CREDIT`'s worth (0.02 s of turns), where each of the bunch's requests waited a turn
   holding a token (against 48 in flight at load 2: 76-79% of what the server admitted, where
-  a fixed window of 48 got 90-92%).
+  a fixed window of 48 got 90-92%). A pace raised at once (a spent count's first answer, the
+  first answer after a run of throttles, pacing's end) books again the turns attempts are
+  asleep on (`take_turn`): booked a tenth of a second apart while a spent count was probed,
+  they held the window's tokens for up to 2.5 s after the server admitted again.
 * **Return to the rate that held**: a server that lowers its limit for a while and raises it
   again (300 requests/s, 100, 300) leaves the pace at the low rate, and probing up from it took
   seconds. So the pace remembers the rate that held (the highest answered over a second when a
