@@ -8,12 +8,15 @@ times around now; what is asserted is that every turn came long before the low p
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
+import trio
+import trio.testing
 
 from zarr_anyio import AdaptiveLimiter
+from zarr_anyio._core import adaptive
 from zarr_anyio._core.adaptive import PROBE_LEAST, Outcome
 
 pytestmark = pytest.mark.anyio
@@ -22,10 +25,16 @@ ASLEEP = 20
 """Attempts asleep on their turns: under a pace of 10 a second, the last is booked ~2 s out."""
 
 
+def limiter_clock() -> float:
+    """The limiter's clock: `time.monotonic`, unless a test patched it (`on_a_mock_clock`)."""
+    clock: float = getattr(adaptive, "time").monotonic()  # noqa: B009 (mypy: not exported)
+    return clock
+
+
 def probing(window: AdaptiveLimiter) -> None:
     """Less than a second of answers, then a throttle: the spent count is probed at
     `PROBE_LEAST` a second until the next answer, which ends the pace."""
-    now = time.monotonic()
+    now = limiter_clock()
     for i in range(30):
         window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=now - 0.1 + i / 300)
     window.record(Outcome.THROTTLED, 0.001, window.epoch, 32, now=now)
@@ -35,7 +44,7 @@ def probing(window: AdaptiveLimiter) -> None:
 def throttled_again_and_again(window: AdaptiveLimiter) -> None:
     """A second of answers at 300 a second, then throttles with no answer between: each halves
     the pace, to 300/16; the next answer restores it to 300."""
-    now = time.monotonic()
+    now = limiter_clock()
     for i in range(300):
         window.record(Outcome.ANSWERED, 0.02, window.epoch, 8, now=now - 1.1 + i / 300)
     for i in range(5):
@@ -84,3 +93,91 @@ async def test_a_turn_past_the_deadline_is_not_waited_for() -> None:
         scope.cancel()
         past = not await window.take_turn(not_after=time.monotonic() + 0.01)
     assert past
+
+
+async def test_an_attempt_cancelled_on_its_turn_leaves_no_sleeper_behind() -> None:
+    window = AdaptiveLimiter(128, initial=32)
+    probing(window)
+    with anyio.move_on_after(0.05):
+        for _ in range(5):
+            await window.take_turn()
+    assert window._turn_waiters == {}
+
+
+class _MockMonotonic:
+    """`time` for the limiter, its monotonic clock trio's (a MockClock's virtual time)."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    @staticmethod
+    def monotonic() -> float:
+        return trio.current_time()
+
+
+def on_a_mock_clock(monkeypatch: pytest.MonkeyPatch, main: Callable[[], Awaitable[None]]) -> None:
+    """``main`` under trio's MockClock (time jumps whenever every task sleeps), the limiter's
+    clock patched to it: turns come to the microsecond, whatever the machine's load."""
+    monkeypatch.setattr(adaptive, "time", _MockMonotonic())
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_turn_is_waited_for_on_the_event_loops_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A test's clock moves faster than `time.monotonic` (trio's MockClock jumps): turns waited
+    # for on the latter spun, each wait ending at once, until real time reached the turn (six
+    # turns at 10 a second took 235 s of the mock clock and half a second of the CPU).
+    monkeypatch.setattr(adaptive, "time", time)  # the limiter on the real clock, the loop not
+
+    async def main() -> None:
+        window = AdaptiveLimiter(128, initial=32)
+        probing(window)
+        started = trio.current_time()
+        for _ in range(6):
+            await window.take_turn()
+        # Real time stands still while the mock clock jumps, so each turn is a tenth of a
+        # second further than the last: 1.5 s in all, where the spin took hundreds.
+        assert trio.current_time() - started < 5.0
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_turn_booked_again_is_never_later_nor_past_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The pace restored a millisecond before a sleeper's turn: the next free turn of the new
+    # pace is further off than that, and the sleeper keeps its own.
+    async def main() -> None:
+        window = AdaptiveLimiter(128, initial=32)
+        throttled_again_and_again(window)
+        pace = window.pace
+        assert pace is not None
+        sent: list[float] = []
+        window.reserve()
+        wait = window.reserve()  # a turn to come: the next are a turn of the pace apart
+        assert wait > 0
+        first = trio.current_time() + wait + 1 / pace
+        booked = [first + i / pace for i in range(20)]
+        not_after = booked[-1] + 1e-6
+
+        async def attempt() -> None:
+            # trio starts tasks in no fixed order: which attempt has which turn is not known,
+            # the turns are.
+            assert await window.take_turn(not_after)
+            sent.append(trio.current_time())
+
+        async with trio.open_nursery() as tasks:
+            for _ in range(20):
+                tasks.start_soon(attempt)
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(booked[3] - trio.current_time() - 0.001)
+            window.record(Outcome.ANSWERED, 0.02, window.epoch, 8)
+            assert window.raises == 1
+            assert window.pace is not None
+            assert window.pace > 10 * pace
+        # Every turn came no later than booked (the k-th send by the k-th turn), none past the
+        # deadline, and those after the raise sooner.
+        sent.sort()
+        assert all(when <= turn + 1e-9 for when, turn in zip(sent, booked, strict=True))
+        assert sent[-1] < booked[-1] - 1 / pace
+
+    on_a_mock_clock(monkeypatch, main)

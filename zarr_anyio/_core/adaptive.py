@@ -270,10 +270,10 @@ class AdaptiveLimiter(Limiter):
         self._next_send = 0.0
         # The pace is only a probe's, before there is a rate: the first answer ends it.
         self._probing = False
-        # Attempts asleep on their turns (`take_turn`), woken to book again when the pace is
-        # raised at once (`_raise_pace`); `_raises` counts those raises, `_to_wake` holds the
-        # woken until the lock is let go.
-        self._turn_waiters: set[Waiter] = set()
+        # Attempts asleep on their turns (`take_turn`), each with its turn (a one-item list:
+        # booked again in place when the pace is raised at once, `_book_again`); `_raises`
+        # counts those raises, `_to_wake` holds the woken until the lock is let go.
+        self._turn_waiters: dict[Waiter, list[float]] = {}
         self._to_wake: list[Waiter] = []
         self._raises = 0
         # The rate answered when the current run of throttles began (None: answers came since
@@ -370,31 +370,43 @@ class AdaptiveLimiter(Limiter):
         a second where it could answer 100)."""
         with self._state:
             now = time.monotonic()
-            end = now + self._reserve(now)
+            turn = [now + self._reserve(now)]
             raises = self._raises
-        if not_after is not None and end > not_after:
+        if not_after is not None and turn[0] > not_after:
             return False
-        while end > now:
+        if turn[0] <= now:
+            return True
+        # Waited for on the event loop's own clock, which a test's clock may move faster than
+        # `time.monotonic` (trio's MockClock): waited for on the monotonic one, each wait ended
+        # at once and the loop spun until real time reached the turn.
+        deadline = anyio.current_time() + (turn[0] - now)
+        while True:
+            booked = turn[0]
             event = anyio.Event()
             waiter = Waiter(event, waker(current_loop_key()))
             with self._state:
-                if raises == self._raises:
-                    self._turn_waiters.add(waiter)
+                asleep = raises == self._raises
+                if asleep:
+                    self._turn_waiters[waiter] = turn
                 else:
-                    waiter.granted = True  # raised before it could sleep
-            if not waiter.granted:
+                    # Raised between its booking and its sleep: booked again here.
+                    now = time.monotonic()
+                    turn[0] = min(booked, now + self._reserve(now))
+                    raises = self._raises
+            if asleep:
                 try:
-                    with anyio.move_on_after(end - now):
+                    with anyio.move_on_at(deadline) as sleep:
                         await event.wait()
                 finally:
                     with self._state:
-                        self._turn_waiters.discard(waiter)
-            now = time.monotonic()
-            if waiter.granted:
-                with self._state:
-                    end = min(end, now + self._reserve(now))
-                    raises = self._raises
-        return True
+                        self._turn_waiters.pop(waiter, None)
+                        raises = self._raises
+                if sleep.cancelled_caught:
+                    return True
+            # Booked again, no later than it was.
+            deadline -= booked - turn[0]
+            if deadline <= anyio.current_time():
+                return True
 
     def record(
         self,
@@ -411,14 +423,12 @@ class AdaptiveLimiter(Limiter):
         `time.monotonic` clock (default: now); ``retry_after``: the seconds a throttling
         answer asked to wait (its ``Retry-After``), if it said."""
         with self._state:
-            tokens = self._record(
-                outcome,
-                latency,
-                epoch,
-                in_flight,
-                time.monotonic() if now is None else now,
-                retry_after,
-            )
+            if now is None:
+                now = time.monotonic()
+            raises = self._raises
+            tokens = self._record(outcome, latency, epoch, in_flight, now, retry_after)
+            if self._raises != raises:
+                self._book_again(now)
             woken, self._to_wake = self._to_wake, []
         for waiter in woken:
             waiter.notify()
@@ -609,11 +619,17 @@ class AdaptiveLimiter(Limiter):
             self._next_send = min(max(self._next_send, now), now + 1 / self._pace)
 
     def _raise_pace(self) -> None:
-        # Turns booked under the pace that was are booked again under this one (`take_turn`).
+        # Turns booked under the pace that was are booked again under this one (`record`).
         self._raises += 1
-        for waiter in self._turn_waiters:
-            waiter.granted = True
-        self._to_wake.extend(self._turn_waiters)
+
+    def _book_again(self, now: float) -> None:
+        """Book again the turns attempts are asleep on (`take_turn`), in their order: each
+        keeps the earlier of its turn and the next free one. In the order their tasks happened
+        to wake, a turn due soon could be booked after later ones, and the old schedule and the
+        new were sent together (2.2 times the pace in the first tenth of a second)."""
+        for waiter, turn in sorted(self._turn_waiters.items(), key=lambda item: item[1][0]):
+            turn[0] = min(turn[0], now + self._reserve(now))
+            self._to_wake.append(waiter)
         self._turn_waiters.clear()
 
     def _window_sends(self) -> float | None:
@@ -840,8 +856,12 @@ class AdaptiveLimiter(Limiter):
         # The window is knowledge of the server, kept; the lock may have been held by a thread
         # the child does not have.
         self._state = threading.Lock()
-        # Their tasks were the parent's.
-        self._turn_waiters = set()
+        # The attempts asleep on their turns in the forking thread's event loop go on in the
+        # child (as the tokens' own waiters do, `Limiter`); the other threads' are gone.
+        here = threading.get_ident()
+        self._turn_waiters = {
+            waiter: turn for waiter, turn in self._turn_waiters.items() if waiter.thread == here
+        }
         self._to_wake = []
         super()._after_fork_in_child()
 

@@ -62,8 +62,8 @@ class LimiterStatistics:
 
 
 class Waiter:
-    """One task (or thread) waiting: queued for a token, or asleep on its turn under an adaptive
-    window's pace; ``granted`` once a token was handed to it, or its turn is to be booked again."""
+    """One task (or thread) waiting: queued for a token (``granted`` once a token was handed to
+    it), or asleep on its turn under an adaptive window's pace (`AdaptiveLimiter.take_turn`)."""
 
     __slots__ = ("event", "given_back", "granted", "thread", "wake")
 
