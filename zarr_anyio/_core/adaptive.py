@@ -272,9 +272,8 @@ class AdaptiveLimiter(Limiter):
         self._probing = False
         # Attempts asleep on their turns (`take_turn`), each with its turn (a one-item list:
         # booked again in place when the pace is raised at once, `_book_again`); `_raises`
-        # counts those raises, `_to_wake` holds the woken until the lock is let go.
+        # counts those raises.
         self._turn_waiters: dict[Waiter, list[float]] = {}
-        self._to_wake: list[Waiter] = []
         self._raises = 0
         # The rate answered when the current run of throttles began (None: answers came since
         # the last throttle): the least the pace backs off to.
@@ -363,11 +362,11 @@ class AdaptiveLimiter(Limiter):
         """Book the next attempt's turn under the pace (`reserve`) and wait for it; ``False``,
         having waited nothing, if it falls after ``not_after`` (`time.monotonic`).
 
-        A pace raised at once while it waits (the first answer after a spent count, or after a
-        run of throttles) books its turn again under the new pace, if that comes sooner: turns
-        booked while a spent count was probed (10 a second) held their tokens asleep for up to
-        2.5 s after the server admitted again (traced: a window of 26, 8-47 answers a tenth of
-        a second where it could answer 100)."""
+        A pace raised at once while it waits (the first answer after a spent count or after a
+        run of throttles, or pacing's end) books its turn again under the new pace, if that
+        comes sooner: turns booked while a spent count was probed (10 a second) held their
+        tokens asleep for up to 2.5 s after the server admitted again (traced: a window of 26,
+        8-47 answers a tenth of a second where it could answer 100)."""
         with self._state:
             now = time.monotonic()
             turn = [now + self._reserve(now)]
@@ -427,9 +426,7 @@ class AdaptiveLimiter(Limiter):
                 now = time.monotonic()
             raises = self._raises
             tokens = self._record(outcome, latency, epoch, in_flight, now, retry_after)
-            if self._raises != raises:
-                self._book_again(now)
-            woken, self._to_wake = self._to_wake, []
+            woken = self._book_again(now) if self._raises != raises else []
         for waiter in woken:
             waiter.notify()
         if tokens is not None and tokens != self.total_tokens:
@@ -622,15 +619,17 @@ class AdaptiveLimiter(Limiter):
         # Turns booked under the pace that was are booked again under this one (`record`).
         self._raises += 1
 
-    def _book_again(self, now: float) -> None:
+    def _book_again(self, now: float) -> list[Waiter]:
         """Book again the turns attempts are asleep on (`take_turn`), in their order: each
         keeps the earlier of its turn and the next free one. In the order their tasks happened
         to wake, a turn due soon could be booked after later ones, and the old schedule and the
-        new were sent together (2.2 times the pace in the first tenth of a second)."""
-        for waiter, turn in sorted(self._turn_waiters.items(), key=lambda item: item[1][0]):
+        new were sent together (2.2 times the pace in the first tenth of a second). Gives the
+        waiters, to be woken once the lock is let go."""
+        asleep = sorted(self._turn_waiters.items(), key=lambda item: item[1][0])
+        for _, turn in asleep:
             turn[0] = min(turn[0], now + self._reserve(now))
-            self._to_wake.append(waiter)
         self._turn_waiters.clear()
+        return [waiter for waiter, _ in asleep]
 
     def _window_sends(self) -> float | None:
         """What the window sends a second, if a throttle found it bound (`WINDOW_BOUND`)."""
@@ -862,7 +861,6 @@ class AdaptiveLimiter(Limiter):
         self._turn_waiters = {
             waiter: turn for waiter, turn in self._turn_waiters.items() if waiter.thread == here
         }
-        self._to_wake = []
         super()._after_fork_in_child()
 
     # ------------------------------------------------------------------ identity
