@@ -389,8 +389,7 @@ class AdaptiveLimiter(Limiter):
                     self._turn_waiters[waiter] = turn
                 else:
                     # Raised between its booking and its sleep: booked again here.
-                    now = time.monotonic()
-                    turn[0] = min(booked, now + self._reserve(now))
+                    self._book_sooner(turn, time.monotonic())
                     raises = self._raises
             if asleep:
                 try:
@@ -627,9 +626,14 @@ class AdaptiveLimiter(Limiter):
         waiters, to be woken once the lock is let go."""
         asleep = sorted(self._turn_waiters.items(), key=lambda item: item[1][0])
         for _, turn in asleep:
-            turn[0] = min(turn[0], now + self._reserve(now))
+            self._book_sooner(turn, now)
         self._turn_waiters.clear()
         return [waiter for waiter, _ in asleep]
+
+    def _book_sooner(self, turn: list[float], now: float) -> None:
+        # The earlier of the turn booked and the next free one (which is taken either way: the
+        # pace is never exceeded by a turn booked again).
+        turn[0] = min(turn[0], now + self._reserve(now))
 
     def _window_sends(self) -> float | None:
         """What the window sends a second, if a throttle found it bound (`WINDOW_BOUND`)."""
