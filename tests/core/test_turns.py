@@ -7,6 +7,7 @@ times around now; what is asserted is that every turn came long before the low p
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -17,7 +18,7 @@ import trio.testing
 
 from zarr_anyio import AdaptiveLimiter
 from zarr_anyio._core import adaptive
-from zarr_anyio._core.adaptive import PROBE_LEAST, Outcome
+from zarr_anyio._core.adaptive import PACE_LEAD, PROBE_LEAST, Outcome
 
 pytestmark = pytest.mark.anyio
 
@@ -53,7 +54,26 @@ def throttled_again_and_again(window: AdaptiveLimiter) -> None:
     assert window.pace < 20
 
 
-@pytest.mark.parametrize("slowed", [probing, throttled_again_and_again])
+def pacing_about_to_end(window: AdaptiveLimiter) -> None:
+    """A second of answers, a throttle five seconds ago, and answers since that fall just short
+    of keeping up with the pace (`PACE_LEAD`): the next answer lets the pace grow, five seconds
+    clean doubling its growth to thousands a second, past twice the rate throttled, which ends
+    pacing."""
+    now = limiter_clock()
+    for i in range(30):
+        window.record(Outcome.ANSWERED, 0.02, window.epoch, 8, now=now - 6.2 + i / 30)
+    window.record(Outcome.THROTTLED, 0.001, window.epoch, 8, now=now - 5.1)
+    pace = window.pace
+    assert pace is not None
+    # Within the second before the test's own answer (0.2 s after this): each keeps the
+    # pace under `PACE_LEAD` times the last second's answers, so none grows it.
+    answers = math.floor(pace / PACE_LEAD)
+    for i in range(answers):
+        window.record(Outcome.ANSWERED, 0.02, window.epoch, 8, now=now - 0.55 + i * 0.5 / answers)
+    assert window.pace == pace
+
+
+@pytest.mark.parametrize("slowed", [probing, throttled_again_and_again, pacing_about_to_end])
 async def test_turns_booked_under_a_low_pace_are_booked_again_when_the_server_admits(
     slowed: Callable[[AdaptiveLimiter], None],
 ) -> None:
@@ -76,6 +96,8 @@ async def test_turns_booked_under_a_low_pace_are_booked_again_when_the_server_ad
         admitted = time.monotonic()
         window.record(Outcome.ANSWERED, 0.02, window.epoch, 32, now=admitted)
         assert window.raises >= 1
+        if slowed is pacing_about_to_end:
+            assert window.pace is None
     # Booked under the low pace, the last turn was (ASLEEP - 1) / pace after the first: ~2 s
     # or more. Booked again, every turn came within a few of the new pace's turns (or at
     # once, the pace ended).
