@@ -36,6 +36,7 @@ from zarr_anyio import (
     Retry,
     open_store_async,
 )
+from zarr_anyio._core.adaptive import Outcome
 from zarr_anyio._core.bridge import run_blocking
 from zarr_anyio.storage._remote import PACED_WAIT_MOST
 from zarr_anyio.storage._retry import describe
@@ -311,6 +312,41 @@ async def test_a_throttled_request_goes_again_under_its_own_token(
     (second,) = {path for path in http_server.paths if path != first}
     assert http_server.paths == [first] * 4 + [second]
     assert http_server.answers == [429] * 3 + [200] * 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_request_whose_window_shrank_while_it_waited_its_turn_waits_for_a_token_again(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # Four reads under a window of 4 and a probe's pace (a turn every 0.1 s), against a server
+    # that holds 2 at a time for a second and refuses beyond. The first read is sent at once,
+    # the others wait their turns holding tokens when refusals (fed to the window here, as
+    # another store sharing it would) shrink it to 2. Sent anyway, the third and fourth found
+    # the server full and were refused: against 48 places, such refusals after slow start's
+    # burst each began an episode of their own, and the window stayed at half the server's
+    # places for a second. A request whose turn comes with more tokens out than the window
+    # holds gives its token back and waits for one again.
+    objects = fill(http_server, 4, size=64)
+    http_server.faults = Faults(delay=1.0, concurrency_limit=2)
+    window = AdaptiveLimiter(4, initial=4)
+    for _ in range(3):
+        window.record(Outcome.ANSWERED, 0.01, window.epoch, 1)
+    window.record(Outcome.THROTTLED, 0.001, window.epoch, 1)
+    assert window.pace is not None
+    assert window.total_tokens == 4
+    store = http_store(kind, http_server, limiter=window)
+
+    async def shrink() -> None:
+        while window.borrowed_tokens < 4:
+            await anyio.sleep(0.001)
+        while window.total_tokens > 2:
+            window.record(Outcome.THROTTLED, 0.001, window.epoch, 4)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read_all, store, objects)
+        tg.start_soon(shrink)
+    assert http_server.answers == [200] * 4
+    assert http_server.most_in_flight == 2
 
 
 @pytest.mark.parametrize("kind", KINDS)
