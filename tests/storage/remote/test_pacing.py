@@ -350,6 +350,43 @@ async def test_a_request_whose_window_shrank_while_it_waited_its_turn_waits_for_
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_a_step_never_retried_waits_for_a_token_again_too(
+    http_server: HTTPServer, kind: str
+) -> None:
+    # A step that a repeat would get wrong (a streamed read's next part, an upload's part:
+    # `_request_once`) whose window shrank below the tokens out while it waited its turn is not
+    # sent either: it gives its token back, and is sent once, when the window has room.
+    window = AdaptiveLimiter(4, initial=4)
+    for _ in range(3):
+        window.record(Outcome.ANSWERED, 0.01, window.epoch, 1)
+    window.record(Outcome.THROTTLED, 0.001, window.epoch, 1)
+    window.reserve()  # the step's turn is a tenth of a second away
+    store = http_store(kind, http_server, limiter=window)
+    sent: list[tuple[int, int]] = []
+
+    async def step() -> str:
+        sent.append((window.borrowed_tokens, window.total_tokens))
+        return "answered"
+
+    async def three_others() -> None:
+        while window.borrowed_tokens < 1:
+            await anyio.sleep(0.001)
+        for _ in range(3):
+            window.acquire_nowait()
+        while window.total_tokens > 2:
+            window.record(Outcome.THROTTLED, 0.001, window.epoch, 4)
+        await anyio.sleep(0.3)  # past the step's turn
+        assert sent == []
+        for _ in range(3):
+            window.release()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(three_others)
+        assert await store._request_once(step) == "answered"
+    assert sent == [(1, 2)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_under_an_adaptive_window_a_throttled_request_waits_at_most_a_second(
     http_server: HTTPServer, kind: str
 ) -> None:
