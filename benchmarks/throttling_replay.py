@@ -4,16 +4,17 @@
     python benchmarks/throttling_replay.py                      # every kind, ceilings 32/128/256
     python benchmarks/throttling_replay.py --only drop --seeds 100 --load-ms 15
 
-A read of ``count`` requests goes through the store's own adaptive window (`AdaptiveLimiter`)
-and the store's retry loop as `storage/_remote.py` runs it: each request takes a token, waits its
-turn under the pace and is judged by the servers' own policy (``tests/support/limits.py``); a
-refused one backs off (`Retry.delay`, bounded by `PACED_WAIT_MOST`) holding its token, unless
-the window has shrunk below the tokens held. Answers take the server's latency plus up to 5 ms,
+A read of ``count`` requests goes through the store's own adaptive window (`AdaptiveLimiter`) and
+the store's retry loop as `storage/_remote.py` runs it: each request takes a token, waits its turn
+under the pace (given back unsent, to queue for one again, if the window has shrunk below the
+tokens held meanwhile) and is judged by the servers' own policy (``tests/support/limits.py``); a
+refused one backs off (`Retry.delay`, bounded by `PACED_WAIT_MOST`) holding its token, unless the
+window has shrunk below the tokens held. Answers take the server's latency plus up to 5 ms,
 refusals 1-3 ms; ``--load-ms`` adds an exponential delay of that mean to each (a loaded client);
-``--share`` runs the client only that share of the time, in slices of ``--slice-ms``
-(exponential), so what it hears or sends while off waits for its next slice: answers come in
-bunches, as they do to a client sharing its cores. No CPU cost is modelled: the replay says what
-the rules do, `throttling.py` what a machine does.
+``--share`` runs the client only that share of the time, in slices of ``--slice-ms`` (exponential),
+so what it hears or sends while off waits for its next slice: answers come in bunches, as they do
+to a client sharing its cores. No CPU cost is modelled: the replay says what the rules do,
+`throttling.py` what a machine does.
 
 Each row: the median share of what the server admits (as `throttling.py` judges it: at a
 ceiling that bounds the rate, of what the server admits at that ceiling), its 10th
@@ -161,6 +162,11 @@ def replay(
             if holding != stamps[request]:
                 continue  # booked again since
             turns.pop(request, None)
+            if held > window.total_tokens:  # the window shrank: the token goes back, unsent
+                held -= 1
+                waiting.append(request)
+                take_tokens()
+                continue
             sent += 1
             admission.arrives(str(request), now)
             if admission.judge(server_limits, now, in_server + 1).refused:

@@ -556,6 +556,32 @@ def test_the_first_refused_return_waits_longer_and_aims_as_high() -> None:
     assert window.pace >= 300
 
 
+def test_the_second_refused_return_waits_as_long_as_the_first_and_later_ones_twice_as_long() -> (
+    None
+):
+    # A server that lowers its limit for two seconds refuses two returns in them, the second
+    # often just before it comes back: doubled again, the wait for the third ran 0.8 s past
+    # it (the drop server's reads at 87-89%, one in 14). Waits after the last refusal until
+    # a return lifts the pace: 0.2 s clean for the first, then 0.4, 0.4, 0.8 (each plus the
+    # curve's rise to 150 a second).
+    window = AdaptiveLimiter(128, initial=32)
+    now = drop_to_100(window)
+    waits = []
+    for _ in range(4):
+        start = now
+        while (window.pace or 0.0) <= 150:
+            now += 1 / (window.pace or 1000.0)
+            window.record(Outcome.ANSWERED, 0.02, window.epoch, round(window.window), now=now)
+            assert now - start < 3.0
+        waits.append(now - start)
+        throttle(window, now)
+    rise = waits[0] - RETURN_AFTER
+    assert 0 < rise < 0.05
+    assert waits[1:] == pytest.approx(
+        [2 * RETURN_AFTER + rise, 2 * RETURN_AFTER + rise, 4 * RETURN_AFTER + rise], abs=0.03
+    )
+
+
 def test_a_limit_that_dropped_for_good_is_forgotten_in_a_few_returns() -> None:
     # The rate that held is a memory, not a target: each return the server refuses waits
     # twice as long as the last and aims a step lower, so a server that stays at 100 is not
