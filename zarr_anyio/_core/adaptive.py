@@ -574,9 +574,11 @@ class AdaptiveLimiter(Limiter):
                 # requests refused, 9.3% before).
                 if self._refused_returns:
                     self._held *= self._beta
+                if self._refused_returns != 1:
+                    # Doubled from the wait that was (not 2 ** the count: a server refusing
+                    # every return for 41 minutes would overflow the float).
+                    self._return_after = min(2 * self._return_after, RETURN_AFTER_MOST)
                 self._refused_returns += 1
-                doublings = max(1, self._refused_returns - 1)
-                self._return_after = min(RETURN_AFTER * 2**doublings, RETURN_AFTER_MOST)
                 self._returning = None
             elif self._pace is not None and now - self._return_began < SEEN_HORIZON:
                 # Refused within a second of a return's start: the last second still counts
