@@ -64,11 +64,10 @@ throttled one (measured: 128 in flight against a server admitting 300 requests/s
   far as answers keep up. A return the server refuses makes the next wait twice as long (up to
   2.4 s; the second refused in a row keeps the first's 0.4 s: a limit lowered for two seconds
   refuses two, the second often just before it comes back), and each one after the first also
-  aims a tenth lower, so a limit that fell for good
-  is forgotten in a few returns. A throttle within a second of a return's start takes the pace
-  to the rate answered since it began, and one after answers ran clean for 0.2 s a step down
-  from where it was (x ``beta``), rather than to the last second's rate, which lags a pace
-  that was climbing.
+  aims a tenth lower, so a limit that fell for good is forgotten in a few returns. A throttle
+  within a second of a return's start takes the pace to the rate answered since it began, and
+  one after answers ran clean for 0.2 s a step down from where it was (x ``beta``), rather than
+  to the last second's rate, which lags a pace that was climbing.
 * **Retry-After**: a throttle that says when to come back costs its request that long (one
   refused in a read's last second holds the whole read), so refusals are made seldom: the pace
   starts a step below the rate answered (x 0.97) and does not probe upward until the wait and
@@ -295,8 +294,9 @@ class AdaptiveLimiter(Limiter):
         self._streak_unchecked = False
         # When the last throttle came.
         self._last_throttle = -math.inf
-        self._return_after = RETURN_AFTER
-        self._refused_returns = 0  # in a row, since the last return that reached its rate
+        # Returns refused in a row, since the last that reached its rate: how long the next
+        # waits (`_return_wait`).
+        self._refused_returns = 0
         # When a slow start shorter than a second ended (-inf: none did): its answers, bunched
         # by a fixed window's reset, are no rate for a second after it.
         self._slow_start_ended = -math.inf
@@ -574,10 +574,6 @@ class AdaptiveLimiter(Limiter):
                 # requests refused, 9.3% before).
                 if self._refused_returns:
                     self._held *= self._beta
-                if self._refused_returns != 1:
-                    # Doubled from the wait that was (not 2 ** the count: a server refusing
-                    # every return for 41 minutes would overflow the float).
-                    self._return_after = min(2 * self._return_after, RETURN_AFTER_MOST)
                 self._refused_returns += 1
                 self._returning = None
             elif self._pace is not None and now - self._return_began < SEEN_HORIZON:
@@ -768,12 +764,12 @@ class AdaptiveLimiter(Limiter):
         # (measured: 72-75% of what such a server admitted). CUBIC remembers the window that
         # was throttled and returns to it fast, then probes beyond; the pace remembers the
         # rate that held (the highest answered when a run of throttles began) and, once
-        # answers have run clean for `_return_after` seconds, returns to it along a concave
+        # answers have run clean for `_return_wait` seconds, returns to it along a concave
         # curve in `RETURN_TIME`; beyond it the doubling growth probes on, as far as answers
         # keep up (`PACE_LEAD`).
         held = self._held
         if self._returning is None:
-            if pace >= RETURN_BELOW * held or clean < self._return_after:
+            if pace >= RETURN_BELOW * held or clean < self._return_wait():
                 return pace
             self._returning = (now, pace)
             self._return_began = now
@@ -782,9 +778,17 @@ class AdaptiveLimiter(Limiter):
         target = held - (held - start) * (1 - progress) ** 3
         if progress >= 1:
             self._returning = None
-            self._return_after = RETURN_AFTER
             self._refused_returns = 0
         return max(pace, target)
+
+    def _return_wait(self) -> float:
+        """Seconds clean before a return: `RETURN_AFTER`, twice that after the first refused
+        return in a row and after the second, doubling after each later one, up to
+        `RETURN_AFTER_MOST` (the doublings bounded: a server refusing every return for 41
+        minutes would otherwise overflow the float)."""
+        refused = self._refused_returns
+        doublings = 0 if not refused else max(1, refused - 1)
+        return min(RETURN_AFTER * 2.0 ** min(doublings, 16), RETURN_AFTER_MOST)
 
     def _told_to_wait(self, now: float, seconds: float) -> None:
         # A refusal that says when to come back costs its request that long: one in a read's

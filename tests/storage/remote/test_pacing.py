@@ -314,6 +314,24 @@ async def test_a_throttled_request_goes_again_under_its_own_token(
     assert http_server.answers == [429] * 3 + [200] * 2
 
 
+def window_at_a_probes_pace() -> AdaptiveLimiter:
+    """A window of 4 that has been throttled before a second of answers: paced at a probe's
+    10 turns a second, its tokens all free."""
+    window = AdaptiveLimiter(4, initial=4)
+    for _ in range(3):
+        window.record(Outcome.ANSWERED, 0.01, window.epoch, 1)
+    window.record(Outcome.THROTTLED, 0.001, window.epoch, 1)
+    assert window.pace is not None
+    assert window.total_tokens == 4
+    return window
+
+
+def shrink_to_two(window: AdaptiveLimiter) -> None:
+    """Refusals fed to ``window`` (as another store sharing it would) until it holds 2."""
+    while window.total_tokens > 2:
+        window.record(Outcome.THROTTLED, 0.001, window.epoch, 4)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_request_whose_window_shrank_while_it_waited_its_turn_waits_for_a_token_again(
     http_server: HTTPServer, kind: str
@@ -328,19 +346,13 @@ async def test_a_request_whose_window_shrank_while_it_waited_its_turn_waits_for_
     # holds gives its token back and waits for one again.
     objects = fill(http_server, 4, size=64)
     http_server.faults = Faults(delay=1.0, concurrency_limit=2)
-    window = AdaptiveLimiter(4, initial=4)
-    for _ in range(3):
-        window.record(Outcome.ANSWERED, 0.01, window.epoch, 1)
-    window.record(Outcome.THROTTLED, 0.001, window.epoch, 1)
-    assert window.pace is not None
-    assert window.total_tokens == 4
+    window = window_at_a_probes_pace()
     store = http_store(kind, http_server, limiter=window)
 
     async def shrink() -> None:
         while window.borrowed_tokens < 4:
             await anyio.sleep(0.001)
-        while window.total_tokens > 2:
-            window.record(Outcome.THROTTLED, 0.001, window.epoch, 4)
+        shrink_to_two(window)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(read_all, store, objects)
@@ -356,10 +368,7 @@ async def test_a_step_never_retried_waits_for_a_token_again_too(
     # A step that a repeat would get wrong (a streamed read's next part, an upload's part:
     # `_request_once`) whose window shrank below the tokens out while it waited its turn is not
     # sent either: it gives its token back, and is sent once, when the window has room.
-    window = AdaptiveLimiter(4, initial=4)
-    for _ in range(3):
-        window.record(Outcome.ANSWERED, 0.01, window.epoch, 1)
-    window.record(Outcome.THROTTLED, 0.001, window.epoch, 1)
+    window = window_at_a_probes_pace()
     window.reserve()  # the step's turn is a tenth of a second away
     store = http_store(kind, http_server, limiter=window)
     sent: list[tuple[int, int]] = []
@@ -373,8 +382,7 @@ async def test_a_step_never_retried_waits_for_a_token_again_too(
             await anyio.sleep(0.001)
         for _ in range(3):
             window.acquire_nowait()
-        while window.total_tokens > 2:
-            window.record(Outcome.THROTTLED, 0.001, window.epoch, 4)
+        shrink_to_two(window)
         await anyio.sleep(0.3)  # past the step's turn
         assert sent == []
         for _ in range(3):
